@@ -3,6 +3,13 @@
 
 __version__ = "0.1.0.dev0"
 
+from .continual import (
+    ContinualSplit,
+    ContinualTask,
+    class_incremental_split,
+    domain_incremental_split,
+    task_incremental_split,
+)
 from .merging import (
     DEFAULT_SCALING_COEFS,
     MERGE_METHODS,
@@ -14,6 +21,13 @@ from .merging import (
     random_mix,
     task_arithmetic,
     ties,
+)
+from .metrics import (
+    accuracy_compute_metrics,
+    compute_continual_metrics,
+    format_matrix,
+    load_continual_metric,
+    plot_accuracy_matrix,
 )
 from .scaling import (
     DEFAULT_SCALING_COEF_GRID,
@@ -33,22 +47,32 @@ __all__ = [
     "DEFAULT_SCALING_COEFS",
     "DEFAULT_SCALING_COEF_GRID",
     "MERGE_METHODS",
+    "ContinualSplit",
+    "ContinualTask",
     "ScalingCoefApplier",
     "ScalingCoefSearch",
     "StateDictMerger",
     "TaskVector",
     "__version__",
+    "accuracy_compute_metrics",
     "average",
     "check_scaling_coef_grid",
     "check_validation_fraction",
+    "class_incremental_split",
+    "compute_continual_metrics",
+    "domain_incremental_split",
+    "format_matrix",
+    "load_continual_metric",
     "magmax",
     "make_online_merge",
     "merge_task_vectors",
+    "plot_accuracy_matrix",
     "plot_scaling_curve",
     "random_mix",
     "search_scaling_coef",
     "select_scaling_coef_for_checkpoints",
     "split_validation",
     "task_arithmetic",
+    "task_incremental_split",
     "ties",
 ]

@@ -10,6 +10,15 @@ from .continual import (
     domain_incremental_split,
     task_incremental_split,
 )
+from .heads import (
+    CLIP_TEMPLATES,
+    TEXT_TEMPLATES,
+    CLIPZeroShotClassifier,
+    TextZeroShotClassifier,
+    ZeroShotHead,
+    attach_label_embedding_head,
+    label_embedding_head_names,
+)
 from .merging import (
     DEFAULT_SCALING_COEFS,
     MERGE_METHODS,
@@ -44,17 +53,23 @@ from .task_vectors import TaskVector
 
 
 __all__ = [
+    "CLIP_TEMPLATES",
     "DEFAULT_SCALING_COEFS",
     "DEFAULT_SCALING_COEF_GRID",
     "MERGE_METHODS",
+    "TEXT_TEMPLATES",
+    "CLIPZeroShotClassifier",
     "ContinualSplit",
     "ContinualTask",
     "ScalingCoefApplier",
     "ScalingCoefSearch",
     "StateDictMerger",
     "TaskVector",
+    "TextZeroShotClassifier",
+    "ZeroShotHead",
     "__version__",
     "accuracy_compute_metrics",
+    "attach_label_embedding_head",
     "average",
     "check_scaling_coef_grid",
     "check_validation_fraction",
@@ -62,6 +77,7 @@ __all__ = [
     "compute_continual_metrics",
     "domain_incremental_split",
     "format_matrix",
+    "label_embedding_head_names",
     "load_continual_metric",
     "magmax",
     "make_online_merge",

@@ -3,6 +3,7 @@
 
 __version__ = "0.1.0.dev0"
 
+from .checkpoints import load_merge_config, merge_checkpoints
 from .continual import (
     ContinualSplit,
     ContinualTask,
@@ -19,6 +20,7 @@ from .heads import (
     attach_label_embedding_head,
     label_embedding_head_names,
 )
+from .hub import HubPushError, push_to_hub
 from .merging import (
     DEFAULT_SCALING_COEFS,
     MERGE_METHODS,
@@ -70,6 +72,7 @@ __all__ = [
     "CLIPZeroShotClassifier",
     "ContinualSplit",
     "ContinualTask",
+    "HubPushError",
     "LoraFactorization",
     "LoraMergeResult",
     "ScalingCoefApplier",
@@ -93,13 +96,16 @@ __all__ = [
     "format_matrix",
     "label_embedding_head_names",
     "load_continual_metric",
+    "load_merge_config",
     "lora_delta_state_dict",
     "magmax",
     "make_online_merge",
     "merge_adapters",
+    "merge_checkpoints",
     "merge_task_vectors",
     "plot_accuracy_matrix",
     "plot_scaling_curve",
+    "push_to_hub",
     "random_mix",
     "search_scaling_coef",
     "select_scaling_coef_for_checkpoints",

@@ -182,7 +182,9 @@ def _normalize_dtype(dtype: Any) -> str | None:
         return None
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPE_ALIASES:
-        raise ValueError(f"`dtype` must be one of float32, float16, bfloat16 (or None to keep the base's), got {dtype!r}.")
+        raise ValueError(
+            f"`dtype` must be one of float32, float16, bfloat16 (or None to keep the base's), got {dtype!r}."
+        )
     return _DTYPE_ALIASES[name]
 
 
@@ -285,7 +287,9 @@ def _read_safetensors_header(file: Path) -> dict[str, _TensorInfo]:
             shape = tuple(int(d) for d in entry["shape"])
             start, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"corrupt safetensors file {file}: bad header entry for tensor {name!r} ({err}).") from err
+            raise ValueError(
+                f"corrupt safetensors file {file}: bad header entry for tensor {name!r} ({err})."
+            ) from err
         if end > data_size:
             raise ValueError(
                 f"truncated safetensors file {file}: tensor {name!r} ends at byte {end} of the data section but the "
@@ -361,7 +365,9 @@ def _read_tensor_table(checkpoint: _Checkpoint) -> None:
                 if weight_map is not None and weight_map.get(name) != file:
                     continue
                 if hasattr(tensor, "shape") and hasattr(tensor, "dtype"):
-                    checkpoint.tensors[name] = _TensorInfo(file, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+                    checkpoint.tensors[name] = _TensorInfo(
+                        file, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)
+                    )
         return
     loose = sorted(p for p in path.glob("*.safetensors") if p.name != "adapter_model.safetensors")
     if loose:
@@ -397,7 +403,9 @@ def _resolve(name: str, *, token: str | bool | None, weights: bool) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"model {name!r} is a file: pass the directory that holds config.json and the weights.")
+            raise NotADirectoryError(
+                f"model {name!r} is a file: pass the directory that holds config.json and the weights."
+            )
         return path
     if not _is_hub_id(name):
         raise FileNotFoundError(f"model directory {name!r} does not exist.")
@@ -409,10 +417,13 @@ def _resolve(name: str, *, token: str | bool | None, weights: bool) -> Path:
     except FileNotFoundError as err:  # LocalEntryNotFoundError: offline and not cached
         raise FileNotFoundError(
             f"model {name!r} is not a local directory and is not in the Hub cache (offline mode, or the Hub is "
-            f"unreachable): pass a local path or download it first. ({err})"
+            f"unreachable): pass a local path or download it first. ({' '.join(str(err).split())})"
         ) from err
     except Exception as err:
-        raise FileNotFoundError(f"model {name!r} is not a local directory and could not be fetched from the Hub: {err}") from err
+        reason = " ".join(str(err).split())
+        raise FileNotFoundError(
+            f"model {name!r} is not a local directory and could not be fetched from the Hub: {reason}"
+        ) from err
 
 
 def _hub_tensor_table(checkpoint: _Checkpoint, token: str | bool | None) -> bool:
@@ -468,7 +479,9 @@ def _compare_configs(base: _Checkpoint, model: _Checkpoint, strict: bool) -> Non
             + (f" (and {len(differing) - 1} more key(s): {', '.join(differing[1:6])})" if len(differing) > 1 else "")
         )
         if strict:
-            raise ValueError(message + ". If the difference is harmless, pass `strict_config=False` (--no-strict-config).")
+            raise ValueError(
+                message + ". If the difference is harmless, pass `strict_config=False` (--no-strict-config)."
+            )
         logger.warning(message)
 
 
@@ -570,7 +583,11 @@ class _ShardWriter:
         self.expected: list[tuple[str, str, tuple[int, ...], int]] = []
         for name, dtype, shape in entries:
             nbytes = math.prod(shape) * _ITEMSIZE[dtype]
-            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self.expected.append((name, dtype, shape, nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

@@ -48,8 +48,140 @@ def _version() -> str:
 # (subcommand functions are added below by each feature; keep one pair per subcommand)
 
 
+# -- merge ----------------------------------------------------------------------------------------------------------
+
+_MERGE_EPILOG = """\
+examples:
+  hf-magmax merge --base ckpt/base --models ckpt/task1 ckpt/task2 ckpt/task3 --output merged
+  hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method ties --density 0.2 --output merged-ties
+  hf-magmax merge merged/magmax_config.yaml --output merged-again      # re-run a merge from its config
+  hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
+
+CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, dtype, device,
+max_shard_size, output, overwrite, allow_non_finite, strict_config, push_to_hub, private); flags given on the
+command line override it. Every merge saves its configuration as OUTPUT/magmax_config.yaml and in its model card.
+"""
+
+
+def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge fine-tuned checkpoints of one base model (MagMax and baselines), streaming tensor by tensor",
+        description=(
+            "Merge T fine-tuned checkpoints θ_1..θ_T of one base model θ_0 into θ_0 + λ·merge(θ_1−θ_0, …, θ_T−θ_0), "
+            "reading one tensor at a time (memory: a few tensors, whatever T and the model size). Inputs are local "
+            "directories or Hub repo ids (safetensors, sharded or not, or .bin). Everything is validated before "
+            "weights are read; the output (sharded safetensors + index, the base's config and tokenizer files, a "
+            "model card and magmax_config.yaml) appears atomically."
+        ),
+        epilog=_MERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG.yaml",
+        help="a merge configuration YAML (e.g. a previous merge's magmax_config.yaml); flags override its fields",
+    )
+    parser.add_argument("--base", help="the base (pretrained) model θ_0: a local directory or a Hub repo id")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="the fine-tuned models θ_1..θ_T, in task order (directories or "
+        "Hub repo ids); for magmax, ties go to the later task",
+    )
+    parser.add_argument(
+        "--method",
+        choices=["magmax", "average", "task_arithmetic", "ties", "random_mix"],
+        help="merge method (default: magmax)",
+    )
+    parser.add_argument(
+        "--scaling-coef",
+        type=float,
+        metavar="λ",
+        help="scaling coefficient λ of the merged task vector (default: "
+        "the method's: magmax 0.5, random_mix 0.5, average 1.0, ties 1.0, task_arithmetic 0.3)",
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        help="ties only: fraction of each task vector kept by magnitude, in (0, 1] (default: 0.2)",
+    )
+    parser.add_argument("--seed", type=int, help="random_mix only: random seed (default: 0)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the merged floating tensors "
+        "(default: each tensor's dtype in the base); the math runs in float32 either way",
+    )
+    parser.add_argument("--device", help="where the math runs: cpu or cuda[:N] (default: cpu)")
+    parser.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help='largest output shard, e.g. "5GB", "500MB", "2GiB" or bytes (default: 5GB)',
+    )
+    parser.add_argument("--output", metavar="DIR", help="output directory (required, here or in CONFIG.yaml)")
+    parser.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a non-empty output directory (atomically)"
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        default=None,
+        help="merge even if an input holds NaN/Inf (default: such inputs are an error naming the tensor and file)",
+    )
+    parser.add_argument(
+        "--no-strict-config",
+        dest="strict_config",
+        action="store_false",
+        default=None,
+        help="merge models whose "
+        "config.json differs from the base's in more than names, dtypes, label maps, dropout and token ids (a "
+        "different model_type is always refused)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="after writing, upload the output and its card to this Hub repo (a failed upload keeps the local output)",
+    )
+    parser.add_argument(
+        "--private", action="store_true", default=None, help="with --push-to-hub: create a private repo"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (also: HF_HUB_DISABLE_PROGRESS_BARS=1)"
+    )
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .checkpoints import MERGE_CONFIG_FIELDS, load_merge_config, merge_checkpoints
+    from .hub import HubPushError
+
+    config = dict(load_merge_config(args.config)) if args.config else {}
+    where = f" (or in {args.config})" if args.config else ""
+    for key in MERGE_CONFIG_FIELDS:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    for key in ("base", "models", "output"):
+        if config.get(key) in (None, "", []):
+            raise ValueError(f"missing --{key}{where}: `hf-magmax merge` needs --base, --models and --output.")
+    if config.get("private") and not config.get("push_to_hub"):
+        raise ValueError("--private only applies with --push-to-hub REPO_ID.")
+    output = config.pop("output")
+    try:
+        path = merge_checkpoints(output_dir=output, show_progress=not args.no_progress, **config)
+    except HubPushError as err:
+        sys.stderr.write(f"hf-magmax merge: error: {err}\n")
+        return 1
+    logger.info("merged model written to %s", path)
+    return 0
+
+
 #: name -> (add_parser, run)
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {}
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+    "merge": (_add_merge_parser, _run_merge),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,3 +225,52 @@ def test_plot_scaling_curve(tmp_path):
     path = plot_scaling_curve(result, tmp_path / "curve.png", extra_curves={"test": {0.25: 0.6, 0.5: 0.8}})
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert path.endswith("curve.png")
+
+
+def test_merge_checkpoints_auto_scaling_coef(tmp_path):
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_magmax import TaskVector, merge_task_vectors
+    from hf_magmax.checkpoints import merge_checkpoints
+
+    config = BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
+    base = BertForSequenceClassification(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    paths, tvs = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        finetuned = BertForSequenceClassification(config)
+        finetuned.save_pretrained(tmp_path / f"ft{seed}")
+        paths.append(str(tmp_path / f"ft{seed}"))
+        tvs.append(TaskVector.from_models(base, finetuned))
+    merged = merge_task_vectors(tvs, "magmax", scaling_coef=1.0)
+    theta0 = base.state_dict()
+    target = TaskVector(merged).apply_to(theta0, 0.6)["classifier.weight"]
+
+    def score_fn(model):
+        return -float((model.classifier.weight - target).abs().sum())
+
+    out = merge_checkpoints(
+        tmp_path / "base", paths, tmp_path / "merged", scaling_coef="auto", score_fn=score_fn, show_progress=False
+    )
+    weights = load_file(out / "model.safetensors")
+    expected = TaskVector(merged).apply_to(theta0, 0.6)
+    torch.testing.assert_close(weights["classifier.weight"], expected["classifier.weight"])
+    assert yaml.safe_load((out / "magmax_config.yaml").read_text())["scaling_coef"] == 0.6
+    search = json.loads((out / "scaling_coef_search.json").read_text())
+    assert search["best"] == 0.6 and len(search["curve"]) == 10
+    card = (out / "README.md").read_text()
+    assert "Scaling coefficient chosen on validation data" in card and "| **0.6** |" in card
+
+    with pytest.raises(ValueError, match="score_fn"):
+        merge_checkpoints(tmp_path / "base", paths, tmp_path / "merged2", scaling_coef="auto")
+    with pytest.raises(ValueError, match="scaling_coef_grid"):
+        merge_checkpoints(
+            tmp_path / "base", paths, tmp_path / "m3", scaling_coef="auto", score_fn=score_fn, scaling_coef_grid=[0]
+        )

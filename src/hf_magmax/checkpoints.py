@@ -790,7 +790,7 @@ def merge_checkpoints(
     models: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
     method: str = "magmax",
-    scaling_coef: float | None = None,
+    scaling_coef: float | str | None = None,
     density: float | None = None,
     seed: int | None = None,
     dtype: str | None = None,
@@ -803,6 +803,8 @@ def merge_checkpoints(
     private: bool = False,
     token: str | bool | None = None,
     show_progress: bool = True,
+    score_fn: Any = None,
+    scaling_coef_grid: Sequence[float] | None = None,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base model, streaming tensor by tensor, into a new checkpoint directory.
 
@@ -824,7 +826,9 @@ def merge_checkpoints(
             One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix` (see [`hf_magmax.merging`]).
         scaling_coef (`float`, *optional*):
             λ. Defaults to the method's default ([`DEFAULT_SCALING_COEFS`]): 0.5 for `magmax` and `random_mix`, 1.0
-            for `average` and `ties`, 0.3 for `task_arithmetic`.
+            for `average` and `ties`, 0.3 for `task_arithmetic`. `"auto"` chooses λ from `scaling_coef_grid` by
+            `score_fn` (see [`~hf_magmax.scaling.select_scaling_coef_for_checkpoints`]); the curve goes into the
+            model card and `scaling_coef_search.json`, the chosen λ into `magmax_config.yaml`.
         density (`float`, *optional*):
             `ties` only: fraction of each task vector kept, in (0, 1]. Defaults to 0.2.
         seed (`int`, *optional*):
@@ -853,6 +857,10 @@ def merge_checkpoints(
             Hub token for downloading inputs and pushing; defaults to the usual `HF_TOKEN` / saved login.
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar over tensors (also off with `HF_HUB_DISABLE_PROGRESS_BARS=1`).
+        score_fn (`Callable[[PreTrainedModel], float]`, *optional*):
+            With `scaling_coef="auto"`: scores a merged model on validation data (higher is better).
+        scaling_coef_grid (`Sequence[float]`, *optional*):
+            With `scaling_coef="auto"`: the candidate λ, defaults to 0.1, 0.2, …, 1.0.
 
     Returns:
         `Path`: the output directory.
@@ -880,6 +888,17 @@ def merge_checkpoints(
         logger.warning("`seed` only applies to `random_mix`; ignored for `%s`.", method)
     density = 0.2 if density is None else float(density)
     seed = 0 if seed is None else int(seed)
+    auto_scaling = isinstance(scaling_coef, str) and scaling_coef == "auto"  # λ chosen by score_fn, see step 2b
+    if auto_scaling:
+        from .scaling import DEFAULT_SCALING_COEF_GRID, check_scaling_coef_grid
+
+        if not callable(score_fn):
+            raise ValueError(
+                "`scaling_coef='auto'` needs `score_fn`, a callable `score_fn(model) -> float` that scores a merged "
+                "model on validation data; or pass a number as `scaling_coef`."
+            )
+        scaling_coef_grid = check_scaling_coef_grid(scaling_coef_grid or DEFAULT_SCALING_COEF_GRID)
+        scaling_coef = scaling_coef_grid[0]  # placeholder until step 2b
     if scaling_coef is None:
         scaling_coef = DEFAULT_SCALING_COEFS[method]
     if isinstance(scaling_coef, bool) or not isinstance(scaling_coef, (int, float)) or not math.isfinite(scaling_coef):
@@ -914,6 +933,21 @@ def merge_checkpoints(
         checkpoint.tensors.clear()
         _read_tensor_table(checkpoint)
     plans = _plan_names(base_ckpt, model_ckpts)
+    search = None
+    if auto_scaling:  # -- 2b. choose λ with score_fn (hf_magmax.scaling), then merge with it as usual
+        from .scaling import select_scaling_coef_for_checkpoints
+
+        method_kwargs = {"ties": {"density": density}, "random_mix": {"seed": seed}}.get(method, {})
+        search = select_scaling_coef_for_checkpoints(
+            base_ckpt.path,
+            [m.path for m in model_ckpts],
+            score_fn,
+            method,
+            scaling_coef_grid,
+            device=device,
+            **method_kwargs,
+        )
+        scaling_coef = search.best
 
     # -- 3. stream the merge into a staging directory ------------------------------------------------------------------
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -959,6 +993,11 @@ def merge_checkpoints(
 
         (staging / MERGE_CONFIG_NAME).write_text(yaml.safe_dump(merge_config, sort_keys=False))
         metadata, body = _model_card(merge_config, num_parameters)
+        if search is not None:
+            from .scaling import scaling_curve_markdown
+
+            body = body.replace("## Configuration", f"{scaling_curve_markdown(search)}\n\n## Configuration", 1)
+            (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
         write_model_card(staging, metadata, body)
         os.chmod(staging, 0o777 & ~_umask())
         _commit_output(staging, output, overwrite)

@@ -42,6 +42,7 @@ __all__ = [
     "check_scaling_coef_grid",
     "check_validation_fraction",
     "plot_scaling_curve",
+    "scaling_curve_markdown",
     "search_scaling_coef",
     "select_scaling_coef_for_checkpoints",
     "split_validation",
@@ -497,6 +498,42 @@ def split_validation(
             "choose a fraction that keeps examples on both sides."
         )
     return dataset.select(train), dataset.select(sorted(validation))
+
+
+def scaling_curve_markdown(search: ScalingCoefSearch, score_name: str = "validation score") -> str:
+    """A model-card section: the chosen λ and the whole curve as a markdown table (the chosen row in bold).
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.scaling import ScalingCoefSearch, scaling_curve_markdown
+    >>> print(scaling_curve_markdown(ScalingCoefSearch(best=0.5, best_score=0.9, curve={0.5: 0.9, 1.0: 0.8})))
+    ## Scaling coefficient chosen on validation data
+    <BLANKLINE>
+    λ = 0.5 has the best validation score (0.9) over the grid 0.5, 1. Ties go to the smaller λ.
+    <BLANKLINE>
+    | λ | validation score |
+    |---|---|
+    | **0.5** | **0.9** |
+    | 1 | 0.8 |
+    ```
+    """
+    grid = ", ".join(f"{coef:g}" for coef in search.curve)
+    lines = [
+        "## Scaling coefficient chosen on validation data",
+        "",
+        f"λ = {search.best:g} has the best {score_name} ({search.best_score:.4g}) over the grid {grid}. "
+        "Ties go to the smaller λ.",
+        "",
+        f"| λ | {score_name} |",
+        "|---|---|",
+    ]
+    for coef, score in search.curve.items():
+        cells = (f"{coef:g}", f"{score:.4g}")
+        if coef == search.best:
+            cells = tuple(f"**{cell}**" for cell in cells)
+        lines.append(f"| {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------

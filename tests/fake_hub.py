@@ -107,6 +107,7 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.downloads: list[tuple[str, str | None]] = []  # (path, Range header or None) of every file GET
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -150,9 +151,7 @@ class FakeHub:
         """Create a repo holding `files` (one commit), e.g. to serve downloads."""
         repo = FakeRepo(repo_id, private)
         repo.files.update(files)
-        repo.commits.append(
-            FakeCommit(_oid(repo_id, len(files)), "initial commit", "", "main", dict(files), [], [])
-        )
+        repo.commits.append(FakeCommit(_oid(repo_id, len(files)), "initial commit", "", "main", dict(files), [], []))
         self.repos[repo_id] = repo
         return repo
 
@@ -423,6 +422,8 @@ class _Handler(BaseHTTPRequestHandler):
         if file not in files:
             return self._error(404, f"Entry Not Found for url: {self.path}.", "EntryNotFound")
         data = files[file]
+        if self.command == "GET":
+            self.fake_hub.downloads.append((urlsplit(self.path).path, self.headers.get("Range")))
         headers = {"X-Repo-Commit": found.sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Accept-Ranges": "bytes"}
         status = 200
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
@@ -450,6 +451,8 @@ if pytest is not None:
             monkeypatch.setenv("HF_TOKEN", hub.token)
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-            monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+            monkeypatch.setattr(
+                constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+            )
             monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
             yield hub

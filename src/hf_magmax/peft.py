@@ -764,7 +764,7 @@ class LoraMergeResult:
     method_kwargs: dict[str, Any]
     adapters: list[str]
     adapter_name: str
-    rank: int | None
+    rank: int | dict[str, int] | None
     base_model_name_or_path: str | None = None
 
     @property
@@ -919,7 +919,7 @@ def merge_adapters(
     method: str = "magmax",
     scaling_coef: float | None = None,
     output: str = "adapter",
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     adapter_name: str = "magmax",
     density: float | None = None,
     seed: int = 0,
@@ -959,8 +959,9 @@ def merge_adapters(
             λ. Defaults to the method's default ([`hf_magmax.DEFAULT_SCALING_COEFS`]; 0.5 for MagMax).
         output (`str`, *optional*, defaults to `"adapter"`):
             `"adapter"` or `"merged"`.
-        rank (`int`, *optional*):
-            Rank of the output adapter (see above). An error names the module if it exceeds what a ΔW allows.
+        rank (`int` or `dict[str, int]`, *optional*):
+            Rank of the output adapter (see above), for every module or per module name (modules not in the dict get
+            the default). An error names the module if the rank exceeds what its ΔW allows.
         adapter_name (`str`, *optional*, defaults to `"magmax"`):
             Name of the merged adapter on the returned `PeftModel`.
         density (`float`, *optional*):
@@ -1036,7 +1037,8 @@ def merge_adapters(
 
     infos = list(_iter_adapted_modules(model, names))
     positions = {key: i for i, key in enumerate(k for info in infos for k in info.keys)}
-    refactorer = _Refactorer(rank if rank is not None else {}, svd, niter, seed) if output == "adapter" else None
+    ranks = dict(rank) if isinstance(rank, Mapping) else ({} if rank is None else rank)
+    refactorer = _Refactorer(ranks, svd, niter, seed) if output == "adapter" else None
     base_params = base_parameters(model)
     from tqdm.auto import tqdm
 
@@ -1067,7 +1069,7 @@ def merge_adapters(
             bias = merged.get(f"{info.name}.bias")
             if not torch.any(weight_delta) and bias is None:
                 continue
-            if rank is None:
+            if isinstance(refactorer.rank, dict) and info.name not in refactorer.rank:
                 refactorer.rank[info.name] = _default_rank(info, names)
             base_layer = info.module.get_base_layer()
             refactorer.add_lora(
@@ -1098,7 +1100,7 @@ def merge_adapters(
         method_kwargs=method_kwargs,
         adapters=[os.fspath(a) for a in adapters],
         adapter_name=adapter_name,
-        rank=rank,
+        rank=rank if rank is None or isinstance(rank, int) else dict(rank),
         base_model_name_or_path=base_name_or_path,
     )
     if output == "merged":

@@ -18,9 +18,10 @@ One line turns a model into a Trainer/MagMaxTrainer-ready classifier:
 >>> classifier = attach_label_embedding_head(model, tokenizer, ["negative", "neutral", "positive"])  # doctest: +SKIP
 ```
 
-The head holds **no parameters**: the label embeddings and the scale are buffers. No optimizer updates them, their
-task vector `θ_ft − θ_0` is exactly zero, so every merge method leaves them as they are; [`label_embedding_head_names`]
-lists their state-dict names for code that wants to drop them from task vectors explicitly.
+The head is **frozen**: the label embeddings and the scale are parameters with `requires_grad=False`, so no optimizer
+updates them and their task vector `θ_ft − θ_0` is exactly zero: every merge method leaves them as they are. To drop
+them from the task vectors altogether, pass the head's module name to `MagMaxConfig(frozen_modules=["head"])`;
+[`label_embedding_head_names`] lists their state-dict names.
 """
 
 from __future__ import annotations
@@ -265,8 +266,9 @@ def encode_label_names_text(
 class ZeroShotHead(nn.Module):
     """A frozen cosine-similarity classifier: `logits = logit_scale · normalize(features) @ label_embeddings.T`.
 
-    The label embeddings and the scale are (persistent) buffers, not parameters: they are saved with the model, never
-    trained, and their task vector is zero.
+    The label embeddings and the scale are frozen parameters (`requires_grad=False`): they are saved with the model,
+    never trained (the `Trainer` optimizer only takes parameters that require gradients), and their task vector is
+    zero. `MagMaxConfig(frozen_modules=["head"])` excludes them from the task vectors by name.
 
     Args:
         label_embeddings (`torch.Tensor` of shape `[num_classes, dim]`):
@@ -297,8 +299,9 @@ class ZeroShotHead(nn.Module):
             )
         if not float(logit_scale) > 0:
             raise ValueError(f"`logit_scale` must be > 0, got {logit_scale!r}.")
-        self.register_buffer("label_embeddings", F.normalize(label_embeddings.detach().float(), dim=-1).clone())
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        embeddings = F.normalize(label_embeddings.detach().float(), dim=-1).clone()  # [C, D]
+        self.label_embeddings = nn.Parameter(embeddings, requires_grad=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=False)
         self.label_names = list(label_names) if label_names is not None else None
 
     @property
@@ -319,7 +322,7 @@ def label_embedding_head_names(model: nn.Module) -> list[str]:
     names = []
     for prefix, module in model.named_modules():
         if isinstance(module, ZeroShotHead):
-            names.extend(f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers())
+            names.extend(f"{prefix}.{name}" if prefix else name for name in module.state_dict())
     return names
 
 

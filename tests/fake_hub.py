@@ -129,7 +129,9 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -258,8 +260,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{organization}/{name}" if organization else f"{self.fake_hub.user}/{name}"
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         with self.fake_hub._lock:
-            if repo_id in self.fake_hub.repos:
-                return self._error(409, "You already created this model repo")
+            if repo_id in self.fake_hub.repos:  # the Hub's 409 carries the url (create_repo(exist_ok=True) reads it)
+                message = "You already created this model repo"
+                url = f"{self.fake_hub.url}/{repo_id}"
+                return self._send(409, {"error": message, "url": url}, {"X-Error-Message": message})
             self.fake_hub.repos[repo_id] = FakeRepo(repo_id, private, payload.get("type") or "model")
         self._send(200, {"url": f"{self.fake_hub.url}/{repo_id}", "name": repo_id})
 

@@ -1,0 +1,180 @@
+"""`hf-magmax merge`: flags, CONFIG.yaml, one-line errors, push, --help, start-up imports."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fake_hub import fake_hub  # noqa: F401  (fixture)
+from test_checkpoints import expected_merge, leftovers, load_dir, make_family
+
+from hf_magmax.checkpoints import MERGE_CONFIG_NAME
+from hf_magmax.cli import main
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("clifamily"), "llama", num_tasks=2)
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("hf-magmax merge: error:")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not any("Traceback" in line for line in err)
+    return errors[0]
+
+
+def test_merge_with_flags(family, tmp_path):
+    base, models = family
+    out = tmp_path / "out"
+    argv = ["merge", "--base", base, "--models", *models, "--method", "ties", "--density", "0.5"]
+    argv += ["--scaling-coef", "0.9", "--max-shard-size", "10KB", "--dtype", "bfloat16", "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    expected = expected_merge(base, models, "ties", density=0.5, scaling_coef=0.9)
+    merged = load_dir(out)
+    assert all(torch.equal(merged[n], expected[n].to(torch.bfloat16)) for n in expected)
+    assert (out / "model.safetensors.index.json").is_file()
+    config = yaml.safe_load((out / MERGE_CONFIG_NAME).read_text())
+    assert config["method"] == "ties" and config["density"] == 0.5 and config["dtype"] == "bfloat16"
+
+
+def test_merge_from_config_yaml_with_overrides(family, tmp_path, capsys):
+    base, models = family
+    config_file = tmp_path / "merge.yaml"
+    config_file.write_text(
+        yaml.safe_dump({"base": base, "models": models, "method": "magmax", "output": str(tmp_path / "a")})
+    )
+    assert main(["merge", str(config_file), "--no-progress"]) == 0
+    # re-run the configuration the merge recorded, overriding the output and λ on the command line
+    recorded = tmp_path / "a" / MERGE_CONFIG_NAME
+    assert (
+        main(["merge", str(recorded), "--output", str(tmp_path / "b"), "--scaling-coef", "1.0", "--no-progress"]) == 0
+    )
+    assert yaml.safe_load((tmp_path / "b" / MERGE_CONFIG_NAME).read_text())["scaling_coef"] == 1.0
+    expected = expected_merge(base, models, "magmax", scaling_coef=1.0)
+    merged = load_dir(tmp_path / "b")
+    assert all(torch.equal(merged[n], expected[n]) for n in expected)
+    # the output of the YAML run exists: re-running it is refused, with --overwrite it is replaced
+    assert main(["merge", str(config_file), "--no-progress"]) == 2
+    _one_line_error(capsys, str(tmp_path / "a"), "not empty", "--overwrite")
+    assert main(["merge", str(config_file), "--overwrite", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--method", "maxmag"], ["invalid choice: 'maxmag'"]),
+        (["--density", "1.5", "--method", "ties"], ["`density` must be a number in (0, 1]"]),
+        (["--density", "0", "--method", "ties"], ["`density`"]),
+        (["--max-shard-size", "huge"], ["`max_shard_size`"]),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], ["`device`"]),
+        (["--private"], ["--private only applies with --push-to-hub"]),
+    ],
+)
+def test_user_errors_are_one_line(family, tmp_path, capsys, extra, needles):
+    base, models = family
+    out = tmp_path / "out"
+    code = None
+    try:
+        code = main(["merge", "--base", base, "--models", *models, "--output", str(out), *extra])
+    except SystemExit as exit:  # argparse choices
+        code = exit.code
+        err = capsys.readouterr().err
+        assert all(n in err for n in needles), err
+    else:
+        _one_line_error(capsys, *needles)
+    assert code == 2
+    assert leftovers(out) == []
+
+
+def test_bad_inputs_name_the_culprit(family, tmp_path, capsys):
+    base, models = family
+    out = str(tmp_path / "out")
+    assert main(["merge", "--base", base, "--models", *models, str(tmp_path / "missing"), "--output", out]) == 2
+    _one_line_error(capsys, "missing", "does not exist")
+    assert main(["merge", "--base", base, "--output", out]) == 2
+    _one_line_error(capsys, "missing --models")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(yaml.safe_dump({"base": base, "models": models, "output": out, "methd": "ties"}))
+    assert main(["merge", str(bad_yaml)]) == 2
+    _one_line_error(capsys, str(bad_yaml), "unknown key 'methd'")
+    assert main(["merge", str(tmp_path / "nope.yaml")]) == 2
+    _one_line_error(capsys, "nope.yaml", "does not exist")
+    # a corrupt input: one line naming the file, nothing left behind
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(Path(models[0], "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\xff" * 32)
+    assert main(["merge", "--base", base, "--models", models[0], str(broken), "--output", out]) == 2
+    _one_line_error(capsys, str(broken / "model.safetensors"), "corrupt")
+    assert leftovers(Path(out)) == []
+
+
+def test_push_to_hub_and_failed_push(fake_hub, family, tmp_path, capsys):  # noqa: F811
+    base, models = family
+    out = tmp_path / "out"
+    argv = ["merge", "--base", base, "--models", *models, "--output", str(out), "--no-progress"]
+    assert main([*argv, "--push-to-hub", "me/cli-merge", "--private"]) == 0
+    repo = fake_hub.repos["me/cli-merge"]
+    assert repo.private and set(repo.files) == {p.name for p in out.iterdir()}
+    fake_hub.fail_commits = True
+    assert main([*argv[:-3], "--output", str(tmp_path / "out2"), "--push-to-hub", "me/cli-merge-2"]) == 1
+    _one_line_error(capsys, "me/cli-merge-2", "failed", f"kept at {tmp_path / 'out2'}")
+    assert (tmp_path / "out2" / "model.safetensors").is_file()
+
+
+def test_merge_help_documents_every_option():
+    env = dict(os.environ, COLUMNS="200")
+    result = subprocess.run(["hf-magmax", "merge", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for option in [
+        "CONFIG.yaml",
+        "--base",
+        "--models",
+        "--method",
+        "--scaling-coef",
+        "--density",
+        "--seed",
+        "--dtype",
+        "--device",
+        "--max-shard-size",
+        "--output",
+        "--overwrite",
+        "--allow-non-finite",
+        "--no-strict-config",
+        "--push-to-hub",
+        "--private",
+        "--no-progress",
+        "magmax,average,task_arithmetic,ties,random_mix",
+    ]:
+        assert option in result.stdout, option
+
+
+def test_top_level_help_lists_merge(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    assert "merge" in capsys.readouterr().out
+
+
+def test_cli_module_imports_only_the_standard_library():
+    """cli.py itself (loaded on its own) pulls in neither torch nor safetensors nor transformers at import time."""
+    cli_path = Path(importlib.util.find_spec("hf_magmax.cli").origin)
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('standalone_cli', {str(cli_path)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "heavy = [m for m in ('torch', 'safetensors', 'transformers', 'huggingface_hub', 'yaml') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert 'merge' in module.SUBCOMMANDS\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,129 @@
+"""Hub pushes against the fake Hub (a real loopback HTTP server), and model-card helpers."""
+
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub, fake_hub  # noqa: F401  (fixture)
+from test_checkpoints import make_family
+
+from hf_magmax import HubPushError, merge_checkpoints, push_to_hub
+from hf_magmax.hub import MAGMAX_CITATION, parse_model_card, render_model_card, write_model_card
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("hubfamily"), "llama", num_tasks=2)
+
+
+def _folder(tmp_path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    write_model_card(folder, {"library_name": "transformers", "tags": ["merge", "magmax"]}, "# A model")
+    return folder
+
+
+def _local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_push_uploads_every_file(fake_hub, tmp_path):  # noqa: F811
+    folder = _folder(tmp_path)
+    url = push_to_hub(folder, "me/merged", private=True, commit_message="my merge")
+    repo = fake_hub.repos["me/merged"]
+    assert url.startswith(fake_hub.url) and repo.sha in url
+    assert repo.private is True
+    assert repo.files == _local_files(folder)
+    assert [c.message for c in repo.commits] == ["my merge"]
+    # pushing again to the existing repo works (create_repo exist_ok) and keeps visibility
+    push_to_hub(folder, "me/merged")
+    assert len(repo.commits) == 2 and repo.private is True
+
+
+def test_push_public_default_namespace_and_branch(fake_hub, tmp_path):  # noqa: F811
+    folder = _folder(tmp_path)
+    push_to_hub(folder, "merged", revision="dev")
+    repo = fake_hub.repos[f"{fake_hub.user}/merged"]
+    assert repo.private is False
+    assert repo.commits[-1].revision == "dev" and repo.commits[-1].message == "Upload with hf_magmax"
+    assert repo.branches["dev"] == _local_files(folder) and repo.files == {}
+
+
+def test_push_through_classic_lfs(fake_hub, tmp_path, monkeypatch):  # noqa: F811
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # Xet needs a content store the fake lacks
+    fake_hub.lfs_threshold = 5000
+    folder = _folder(tmp_path)
+    push_to_hub(folder, "me/lfs")
+    repo = fake_hub.repos["me/lfs"]
+    assert repo.commits[-1].lfs_files == ["model.safetensors"]
+    assert repo.files == _local_files(folder)
+    assert any(path.endswith("/info/lfs/objects/batch") for _, path in fake_hub.requests)
+
+
+def test_failed_push_keeps_folder_and_says_so(fake_hub, tmp_path):  # noqa: F811
+    folder = _folder(tmp_path)
+    before = _local_files(folder)
+    fake_hub.fail_commits = True
+    with pytest.raises(HubPushError, match=rf"'me/refused' failed \(403.*kept at {folder}") as info:
+        push_to_hub(folder, "me/refused")
+    assert info.value.folder == folder
+    assert "\n" not in str(info.value)
+    assert _local_files(folder) == before
+
+
+def test_bad_token_is_reported(fake_hub, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(HubPushError, match="401"):
+        push_to_hub(_folder(tmp_path), "me/x")
+    assert fake_hub.repos == {}
+
+
+def test_offline_mode_refuses_to_push(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE"):
+        push_to_hub(_folder(tmp_path), "me/x")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        push_to_hub(tmp_path / "missing", "me/x")
+
+
+def test_merge_pushes_output_and_card(fake_hub, family, tmp_path):  # noqa: F811
+    base, models = family
+    out = merge_checkpoints(base, models, tmp_path / "out", push_to_hub="me/merge", private=True, show_progress=False)
+    repo = fake_hub.repos["me/merge"]
+    assert repo.private and repo.files == _local_files(out)
+    metadata, _ = parse_model_card(repo.files["README.md"].decode())
+    assert {"merge", "magmax"} <= set(metadata["tags"])
+    assert repo.commits[-1].message == "hf_magmax magmax merge"
+
+
+def test_failed_merge_push_keeps_the_merged_output(fake_hub, family, tmp_path):  # noqa: F811
+    base, models = family
+    fake_hub.fail_commits = True
+    with pytest.raises(HubPushError, match="local output is kept"):
+        merge_checkpoints(base, models, tmp_path / "out", push_to_hub="me/merge", show_progress=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
+
+
+def test_model_card_roundtrip():
+    metadata = {"base_model": "org/base", "tags": ["merge", "magmax"], "library_name": "transformers"}
+    text = render_model_card(metadata, "# Title\n\nBody.")
+    assert text.startswith("---\nbase_model: org/base\n")
+    assert parse_model_card(text) == (metadata, "# Title\n\nBody.\n")
+    assert parse_model_card("# no metadata") == ({}, "# no metadata")
+    with pytest.raises(ValueError, match="never closed"):
+        parse_model_card("---\na: 1\n")
+    assert "arXiv" in MAGMAX_CITATION and "Marczak" in MAGMAX_CITATION and "2407.06322" in MAGMAX_CITATION
+
+
+def test_fake_hub_is_usable_without_the_fixture(tmp_path):
+    with FakeHub() as hub:
+        assert hub.url.startswith("http://127.0.0.1:")
+        hub.add_repo("a/b", {"x.txt": b"x"})
+        assert hub.repos["a/b"].files == {"x.txt": b"x"}
+    with pytest.raises(RuntimeError, match="not running"):
+        hub.url  # noqa: B018

@@ -178,9 +178,117 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- merge-lora -----------------------------------------------------------------------------------------------------
+
+_MERGE_LORA_EPILOG = """\
+examples:
+  hf-magmax merge-lora --base ckpt/base --adapters lora/task1 lora/task2 lora/task3 --rank 32 --output magmax-lora
+  hf-magmax merge-lora --base ckpt/base --adapters lora/task1 lora/task2 --merged --output merged-model
+  hf-magmax merge-lora --base meta-llama/Llama-3.2-1B --adapters me/lora-a me/lora-b --method ties --density 0.2 \\
+      --rank 16 --output ties-lora --push-to-hub me/ties-lora --private
+
+Without --rank and --merged the output is an adapter whose rank, per module, is the sum of the input adapters' ranks
+(exact for average / task_arithmetic; MagMax, TIES and random_mix report their reconstruction error in the card).
+"""
+
+
+def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge-lora",
+        help="merge LoRA adapters on their true weight deltas (MagMax and baselines) into an adapter or a model",
+        description=(
+            "Merge T LoRA adapters of one base model on their dense weight deltas ΔW = scaling·B@A, one module at a "
+            "time, then either fold θ_0 + λ·ΔW_sel into the base (--merged: a normal transformers model) or re-factor "
+            "λ·ΔW_sel by truncated SVD into a LoRA adapter of rank R (--rank R: an ordinary PEFT adapter directory). "
+            "The output (with a model card and magmax_config.yaml) appears atomically."
+        ),
+        epilog=_MERGE_LORA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--base", required=True, help="the base model θ_0: a local directory or a Hub repo id")
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        required=True,
+        metavar="ADAPTER",
+        help="the LoRA adapters, in task order (directories or Hub repo ids); for magmax, ties go to the later one",
+    )
+    parser.add_argument(
+        "--method",
+        default="magmax",
+        choices=["magmax", "average", "task_arithmetic", "ties", "random_mix"],
+        help="merge method (default: magmax)",
+    )
+    parser.add_argument(
+        "--scaling-coef",
+        type=float,
+        metavar="λ",
+        help="scaling coefficient λ (default: the method's: magmax 0.5, random_mix 0.5, average 1.0, ties 1.0, "
+        "task_arithmetic 0.3)",
+    )
+    parser.add_argument("--density", type=float, help="ties only: fraction of each ΔW kept by magnitude (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random_mix and of the randomized SVD (default 0)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--merged", action="store_true", help="fold the merge into the base weights (a full model)")
+    output.add_argument("--rank", type=int, metavar="R", help="rank of the output LoRA adapter (default: see below)")
+    parser.add_argument(
+        "--svd",
+        default="full",
+        choices=["full", "randomized"],
+        help="SVD of the adapter re-factor: full (exact truncation) or randomized (torch.svd_lowrank, for large "
+        "matrices) (default: full)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="dtype to load the base model in (default: auto, the checkpoint's); the merge math runs in float32",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (atomically)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="after writing, upload the output and its card to this Hub repo (a failed upload keeps the local output)",
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+
+
+def _run_merge_lora(args: argparse.Namespace) -> int:
+    from .hub import HubPushError, push_to_hub
+    from .peft import _check_output_dir, _load_base_model, merge_adapters, save_lora_merge
+
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private only applies with --push-to-hub REPO_ID.")
+    _check_output_dir(args.output, args.overwrite)  # fail before loading anything
+    base = _load_base_model(args.base, dtype=args.dtype)
+    result = merge_adapters(
+        base,
+        args.adapters,
+        method=args.method,
+        scaling_coef=args.scaling_coef,
+        output="merged" if args.merged else "adapter",
+        rank=args.rank,
+        density=args.density,
+        seed=args.seed,
+        svd=args.svd,
+    )
+    path = save_lora_merge(result, args.output, overwrite=args.overwrite, base=args.base)
+    if result.output == "adapter":
+        logger.info("overall relative reconstruction error of the adapter: %.4g", result.overall_error)
+    if args.push_to_hub:
+        try:
+            push_to_hub(path, args.push_to_hub, private=args.private, commit_message="Upload MagMax LoRA merge")
+        except HubPushError as err:
+            sys.stderr.write(f"hf-magmax merge-lora: error: {err}\n")
+            return 1
+    return 0
+
+
 #: name -> (add_parser, run)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge_parser, _run_merge),
+    "merge-lora": (_add_merge_lora_parser, _run_merge_lora),
 }
 
 

@@ -797,6 +797,10 @@ def _load_base_model(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None:
         model_class = transformers.AutoModel
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")
+        dtype = getattr(torch, dtype)
     logger.info("loading base model %s as %s", name_or_path, model_class.__name__)
     return model_class.from_pretrained(name_or_path, dtype=dtype)
 
@@ -807,13 +811,34 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _check_adapter_source(source: str, model: nn.Module) -> Any:
+def _resolve_adapter(source: str) -> str:
+    """A local directory for an adapter given as a directory or a Hub repo id (downloaded once, into the HF cache)."""
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source) or source.count("/") > 1 or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"adapter {source!r} is neither an adapter loaded on the model nor a PEFT adapter directory / Hub repo id."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            source, allow_patterns=["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+        )
+    except Exception as err:
+        raise FileNotFoundError(
+            f"adapter {source!r} is neither an adapter loaded on the model, nor a local directory, nor a Hub repo id "
+            f"that could be downloaded ({type(err).__name__}: {' '.join(str(err).split())[:300]})."
+        ) from err
+
+
+def _check_adapter_source(source: str, model: nn.Module, local: str) -> Any:
     """Load an adapter's config and weights and check they are LoRA and fit the base model. Returns the config."""
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
     try:
-        config = PeftConfig.from_pretrained(source)
+        config = PeftConfig.from_pretrained(local)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"adapter {source!r} is neither an adapter loaded on the model nor a PEFT adapter directory / Hub repo id "
@@ -831,7 +856,7 @@ def _check_adapter_source(source: str, model: nn.Module) -> Any:
         logger.warning(
             "adapter %s was made for %s, the base model is %s", source, config.base_model_name_or_path, expected
         )
-    weights = load_peft_weights(source, device="cpu")
+    weights = load_peft_weights(local, device="cpu")
     modules = _module_layouts(model)
     params = base_parameters(model)
     hint = f"adapter {source!r} was made for another base model (its config names {config.base_model_name_or_path!r})"
@@ -1018,12 +1043,13 @@ def merge_adapters(
         if adapter in loaded:
             names.append(adapter)
             continue
-        _check_adapter_source(adapter, model)
+        local = _resolve_adapter(adapter)
+        _check_adapter_source(adapter, model, local)
         name = f"_magmax_input_{i}"
         if _is_peft_model(model):
-            model.load_adapter(adapter, adapter_name=name)
+            model.load_adapter(local, adapter_name=name)
         else:
-            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+            model = PeftModel.from_pretrained(model, local, adapter_name=name)
         loaded_here.append(name)
         names.append(name)
     if len(set(names)) != len(names):
@@ -1180,3 +1206,179 @@ def add_magmax_adapter(
         adapter_name=adapter_name,
         **kwargs,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing the result: atomic output directory with a model card
+# --------------------------------------------------------------------------------------------------------------------
+
+#: The merge configuration written next to the output (and, as YAML, into its model card).
+LORA_MERGE_CONFIG_NAME = "magmax_config.yaml"
+
+_BASE_FILES_SKIPPED = ("config.json", "generation_config.json", "README.md", LORA_MERGE_CONFIG_NAME)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def lora_merge_config(result: LoraMergeResult, base: str | None = None) -> dict[str, Any]:
+    """The configuration of a LoRA merge as a plain dict (what `hf-magmax merge-lora` needs to re-run it)."""
+    config: dict[str, Any] = {
+        "base": base or result.base_model_name_or_path,
+        "adapters": list(result.adapters),
+        "method": result.method,
+        "scaling_coef": result.scaling_coef,
+        "output": result.output,
+    }
+    config.update(result.method_kwargs)
+    if result.output == "adapter":
+        config["rank"] = result.rank
+        config["adapter_name"] = result.adapter_name
+    return config
+
+
+def _model_card(result: LoraMergeResult, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    import yaml
+
+    from .hub import MAGMAX_CITATION
+
+    base = config.get("base")
+    model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
+    metadata: dict[str, Any] = {
+        "library_name": "peft" if result.output == "adapter" else "transformers",
+        "tags": ["magmax", "merge", "lora", "continual-learning"],
+    }
+    if base:
+        metadata["base_model"] = str(base)
+    adapters = "\n".join(f"| {i + 1} | `{a}` |" for i, a in enumerate(result.adapters))
+    if result.output == "adapter":
+        ranks = sorted(set(result.adapter.ranks.values()))
+        worst = sorted(result.errors.items(), key=lambda kv: -kv[1])[:10]
+        rows = "\n".join(f"| `{m}` | {result.adapter.ranks[m]} | {e:.3g} |" for m, e in worst)
+        what = (
+            f"A LoRA adapter for `{base}`: the merge `λ·ΔW_sel` of the adapters below, computed on their dense weight "
+            "deltas ΔW = scaling·B@A (per element, with the merge engine of hf_magmax) and re-factored by truncated "
+            f"SVD into rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}–{ranks[-1]}'} "
+            "(`lora_alpha = r`, λ folded into the factors)."
+        )
+        usage = (
+            f"```python\nfrom peft import PeftModel\nfrom transformers import {model_class}\n\n"
+            f'base = {model_class}.from_pretrained("{base}")\n'
+            'model = PeftModel.from_pretrained(base, "<this repo or directory>")\n```'
+        )
+        errors = (
+            f"\n\n## Reconstruction error\n\nOverall relative error ‖λΔW_sel − BA‖_F / ‖λΔW_sel‖_F: "
+            f"**{result.overall_error:.4g}** over {len(result.errors)} module(s) "
+            f"({len(result.adapter.peft_config.modules_to_save or [])} module(s) saved in full as `modules_to_save`)."
+            f"\n\n| module (largest errors first) | rank | relative error |\n|---|---|---|\n{rows}"
+        )
+    else:
+        what = (
+            f"`{base}` with the merge of the LoRA adapters below folded into its weights, θ_0 + λ·ΔW_sel, where ΔW_sel "
+            "merges the adapters' dense weight deltas ΔW = scaling·B@A per element (merge engine of hf_magmax). A "
+            "normal transformers model: no PEFT needed to load it."
+        )
+        usage = (
+            f"```python\nfrom transformers import {model_class}\n\n"
+            f'model = {model_class}.from_pretrained("<this repo or directory>")\n```'
+        )
+        errors = ""
+    body = f"""# MagMax LoRA merge
+
+{what}
+
+- **method:** `{result.method}`{" (MagMax: per element, the value of largest magnitude; ties go to the later adapter)" if result.method == "magmax" else ""}
+- **scaling coefficient λ:** {result.scaling_coef}
+- **output:** {result.output}{f" (rank: {result.rank if result.rank is not None else 'per module, the sum of the input ranks'})" if result.output == "adapter" else ""}
+
+| task | adapter |
+|---|---|
+{adapters}{errors}
+
+## Usage
+
+{usage}
+
+## Merge configuration
+
+Re-run with `hf-magmax merge-lora` and these values (also in `{LORA_MERGE_CONFIG_NAME}`):
+
+```yaml
+{yaml.safe_dump(config, sort_keys=False).strip()}
+```
+
+## Citation
+
+```bibtex
+{MAGMAX_CITATION.strip()}
+```
+"""
+    return metadata, body
+
+
+def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Fail early if `output_dir` is a file, or a non-empty directory without `overwrite`."""
+    from pathlib import Path
+
+    from .checkpoints import _check_output
+
+    _check_output(Path(output_dir).absolute(), overwrite)
+
+
+def save_lora_merge(
+    result: LoraMergeResult,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    base: str | os.PathLike | None = None,
+) -> str:
+    """Write a LoRA merge atomically: the adapter (or merged model), a model card and `magmax_config.yaml`.
+
+    Everything is written into a temporary directory beside `output_dir` and renamed into place at the end: after an
+    error nothing is left at `output_dir`. A merged model also gets the base directory's tokenizer and other non-weight
+    files (when `base` is a local directory).
+
+    Args:
+        result ([`LoraMergeResult`]):
+            What [`merge_adapters`] returned.
+        output_dir (`str` or `os.PathLike`):
+            The output directory; must be empty or absent unless `overwrite`.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace a non-empty `output_dir` (the old one is removed only once the new one is in place).
+        base (`str` or `os.PathLike`, *optional*):
+            The base model as the user named it (for the card and the config); defaults to its `name_or_path`.
+
+    Returns:
+        `str`: the output directory.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from .checkpoints import _check_output, _commit_output
+    from .hub import write_model_card
+
+    output = Path(output_dir).absolute()
+    _check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    config = lora_merge_config(result, None if base is None else os.fspath(base))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.hf_magmax-tmp-", dir=output.parent))
+    try:
+        result.save_pretrained(staging)
+        base_dir = Path(config["base"]) if config.get("base") else None
+        if result.output == "merged" and base_dir is not None and base_dir.is_dir():
+            for source in sorted(base_dir.iterdir()):
+                if source.is_file() and not source.name.startswith(".") and not source.name.endswith(_WEIGHT_SUFFIXES):
+                    if source.name not in _BASE_FILES_SKIPPED and not (staging / source.name).exists():
+                        shutil.copy2(source, staging / source.name)
+        (staging / LORA_MERGE_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+        metadata, body = _model_card(result, config)
+        write_model_card(staging, metadata, body)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)
+        _commit_output(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("LoRA merge (%s, %s) written to %s", result.method, result.output, output)
+    return str(output)

@@ -1,0 +1,177 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""`hf-magmax merge-lora`: adapter and merged outputs, model card, atomic output, errors, Hub ids and push."""
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+
+pytest.importorskip("peft")
+
+from fake_hub import fake_hub  # noqa: E402, F401  (fixture)
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
+
+from hf_magmax.cli import main  # noqa: E402
+from hf_magmax.hub import parse_model_card  # noqa: E402
+from hf_magmax.peft import merge_adapters  # noqa: E402
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _tiny_llama(hidden_size=16):
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config).eval()
+
+
+def _adapter(base, directory, seed, **kwargs):
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs))
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_lora")
+    torch.manual_seed(0)
+    base = _tiny_llama()
+    base.save_pretrained(root / "base")
+    adapters = [
+        _adapter(
+            base, root / "a1", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["score"]
+        ),
+        _adapter(base, root / "a2", 2, r=2, lora_alpha=2, target_modules=["q_proj", "down_proj"]),
+    ]
+    return root / "base", adapters
+
+
+def _parent_is_clean(path):
+    return not [p for p in os.listdir(path.parent) if ".hf_magmax-tmp-" in p or ".old-" in p]
+
+
+def test_adapter_output_with_card(checkpoints, tmp_path):
+    base, adapters = checkpoints
+    out = tmp_path / "magmax-lora"
+    argv = ["merge-lora", "--base", str(base), "--adapters", *adapters, "--rank", "4", "--output", str(out)]
+    assert main(argv) == 0
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "magmax_config.yaml",
+    }
+    metadata, body = parse_model_card((out / "README.md").read_text())
+    assert metadata["base_model"] == str(base) and metadata["library_name"] == "peft" and "magmax" in metadata["tags"]
+    for text in ["`magmax`", "**scaling coefficient λ:** 0.5", "rank: 4", "Reconstruction error", *adapters]:
+        assert text in body
+    config = yaml.safe_load((out / "magmax_config.yaml").read_text())
+    assert config == {
+        "base": str(base),
+        "adapters": adapters,
+        "method": "magmax",
+        "scaling_coef": 0.5,
+        "output": "adapter",
+        "rank": 4,
+        "adapter_name": "magmax",
+    }
+    assert "```yaml\n" + yaml.safe_dump(config, sort_keys=False) in body
+    # the directory is an ordinary PEFT adapter, equal to the library's result
+    base_model = LlamaForSequenceClassification.from_pretrained(base)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), out).merge_and_unload().state_dict()
+    expected = merge_adapters(copy.deepcopy(base_model), adapters, rank=4).model.merge_and_unload().state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value, atol=1e-6, rtol=0)
+    assert _parent_is_clean(out)
+
+
+def test_merged_output_and_overwrite(checkpoints, tmp_path):
+    base, adapters = checkpoints
+    out = tmp_path / "merged"
+    argv = [
+        "merge-lora",
+        "--base",
+        str(base),
+        "--adapters",
+        *adapters,
+        "--merged",
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+    ]
+    assert main([*argv, "--scaling-coef", "0.8", "--output", str(out)]) == 0
+    merged = LlamaForSequenceClassification.from_pretrained(out)
+    expected = merge_adapters(
+        LlamaForSequenceClassification.from_pretrained(base),
+        adapters,
+        method="ties",
+        density=0.5,
+        scaling_coef=0.8,
+        output="merged",
+    ).model
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], value, atol=0, rtol=0)
+    metadata, body = parse_model_card((out / "README.md").read_text())
+    assert metadata["library_name"] == "transformers" and "`ties`" in body and "density: 0.5" in body
+    # a non-empty output is refused without --overwrite, replaced with it
+    assert main([*argv, "--output", str(out)]) == 2
+    assert main([*argv, "--output", str(out), "--overwrite"]) == 0
+    assert yaml.safe_load((out / "magmax_config.yaml").read_text())["scaling_coef"] == 1.0  # ties' default
+    assert _parent_is_clean(out)
+
+
+def test_bad_adapter_leaves_nothing(checkpoints, tmp_path, capsys):
+    base, adapters = checkpoints
+    other = _adapter(_tiny_llama(hidden_size=32), tmp_path / "other", 3, r=2, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    assert main(["merge-lora", "--base", str(base), "--adapters", adapters[0], other, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "merge-lora: error:" in err and "module `model.layers.0.self_attn.q_proj`" in err and "another base" in err
+    assert not out.exists() and _parent_is_clean(out)
+    assert (
+        main(["merge-lora", "--base", str(base), "--adapters", *adapters, "--rank", "99", "--output", str(out)]) == 2
+    )
+    assert "`rank`=99 is larger than module" in capsys.readouterr().err
+    assert not out.exists() and _parent_is_clean(out)
+    with pytest.raises(SystemExit):  # --merged and --rank exclude each other
+        main(["merge-lora", "--base", str(base), "--adapters", *adapters, "--merged", "--rank", "2", "--output", "x"])
+
+
+def test_hub_ids_and_push(checkpoints, fake_hub, tmp_path):  # noqa: F811
+    base, adapters = checkpoints
+    for repo_id, directory in [("org/base", base), ("org/lora-1", adapters[0]), ("org/lora-2", adapters[1])]:
+        fake_hub.add_repo(repo_id, {p.name: p.read_bytes() for p in Path(directory).iterdir()})
+    out = tmp_path / "pushed"
+    argv = [
+        "merge-lora",
+        "--base",
+        "org/base",
+        "--adapters",
+        "org/lora-1",
+        "org/lora-2",
+        "--method",
+        "task_arithmetic",
+    ]
+    assert main([*argv, "--output", str(out), "--push-to-hub", "me/magmax-lora", "--private"]) == 0
+    repo = fake_hub.repos["me/magmax-lora"]
+    assert repo.private is True
+    assert set(repo.files) >= {"adapter_config.json", "adapter_model.safetensors", "README.md", "magmax_config.yaml"}
+    assert b"org/lora-2" in repo.files["README.md"]
+    # the default rank (sum of input ranks) reproduces the linear merge exactly
+    local = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, method="task_arithmetic")
+    assert local.overall_error < 1e-5

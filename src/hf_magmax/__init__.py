@@ -63,6 +63,22 @@ from .scaling import (
 from .task_vectors import TaskVector
 
 
+# --- trainer exports (MagMaxConfig, MagMaxTrainer, MagMaxCallback) ---------------------------------------------------
+# `transformers.Trainer` imports peft and takes seconds to import, and `import hf_magmax` must stay light (no peft).
+# So these three names resolve on first access (PEP 562); `from hf_magmax import MagMaxTrainer` works as usual.
+_TRAINER_EXPORTS = ("MagMaxCallback", "MagMaxConfig", "MagMaxTrainer")
+
+
+def __getattr__(name):
+    if name in _TRAINER_EXPORTS:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_magmax' has no attribute {name!r}")
+
+
+# --- end trainer exports -----------------------------------------------------------------------------------------
+
 __all__ = [
     "CLIP_TEMPLATES",
     "DEFAULT_SCALING_COEFS",
@@ -75,6 +91,9 @@ __all__ = [
     "HubPushError",
     "LoraFactorization",
     "LoraMergeResult",
+    "MagMaxCallback",
+    "MagMaxConfig",
+    "MagMaxTrainer",
     "ScalingCoefApplier",
     "ScalingCoefSearch",
     "StateDictMerger",

@@ -1,0 +1,97 @@
+"""MagMaxTrainer checkpoints carry the task index, θ_0, the running merge and the matrices; resume is exact."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_magmax.trainer import BASE_WEIGHTS_NAME, MERGE_STATE_NAME, STATE_NAME, MagMaxConfig, MagMaxTrainer
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from tiny_tasks import classification_task, tiny_bert  # noqa: E402
+
+
+class Crash(TrainerCallback):
+    """Simulates a crash in the middle of task `task` at step `step` (after the checkpoint of that step)."""
+
+    def __init__(self, task, step):
+        self.task, self.step, self.seen = task, step, -1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seen == self.task and state.global_step == self.step + 1:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def tasks():
+    train = {
+        "a": classification_task([0, 1], 16, seed=1),
+        "b": classification_task([2, 3], 16, seed=2),
+        "c": classification_task([0, 3], 16, seed=3),
+    }
+    evaluation = {
+        name: classification_task(ds.unique("labels"), 8, seed=10 + i) for i, (name, ds) in enumerate(train.items())
+    }
+    return train, evaluation
+
+
+def run(output_dir, callbacks=(), resume=None, method="magmax"):
+    train, evaluation = tasks()
+    args = MagMaxConfig(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        merge_method=method,
+        seed=0,
+    )
+    trainer = MagMaxTrainer(
+        tiny_bert(), args, train_datasets=train, eval_datasets=evaluation, callbacks=list(callbacks)
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("method", ["magmax", "random_mix"])
+def test_resume_in_the_middle_of_a_task_gives_the_same_merge(tmp_path, method):
+    reference = run(tmp_path / "reference", method=method)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed", callbacks=[Crash(task=1, step=2)], method=method)
+    checkpoint = tmp_path / "crashed" / "task-01-b" / "checkpoint-2"
+    for name in (STATE_NAME, BASE_WEIGHTS_NAME, MERGE_STATE_NAME):
+        assert (checkpoint / name).is_file(), name
+    with open(checkpoint / STATE_NAME) as f:
+        state = json.load(f)
+    assert state["task"] == 1 and state["num_tasks_done"] == 1
+    assert not (tmp_path / "crashed" / "task-02-c").exists()
+
+    resumed = run(tmp_path / "crashed", resume=True, method=method)  # finds task-01-b/checkpoint-2
+    expected = reference.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    ours, theirs = resumed.continual_results, reference.continual_results
+    for kind in ("sequential", "merged"):
+        assert ours[kind]["matrix"] == theirs[kind]["matrix"]
+
+
+def test_resume_from_a_checkpoint_of_another_sequence_is_rejected(tmp_path):
+    run(tmp_path / "first")
+    train, _ = tasks()
+    args = MagMaxConfig(output_dir=str(tmp_path / "x"), max_steps=4, report_to="none", use_cpu=True)
+    other = MagMaxTrainer(tiny_bert(), args, train_datasets={"z": train["a"], "b": train["b"], "c": train["c"]})
+    with pytest.raises(ValueError, match="same task sequence"):
+        other.train(resume_from_checkpoint=str(tmp_path / "first" / "task-01-b" / "checkpoint-2"))
+    with pytest.raises(FileNotFoundError, match="not a MagMaxTrainer checkpoint"):
+        other.train(resume_from_checkpoint=str(tmp_path))

@@ -50,6 +50,7 @@ def test_push_public_default_namespace_and_branch(fake_hub, tmp_path):  # noqa: 
     assert repo.branches["dev"] == _local_files(folder) and repo.files == {}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # httpx2, inside huggingface_hub's LFS upload
 def test_push_through_classic_lfs(fake_hub, tmp_path, monkeypatch):  # noqa: F811
     from huggingface_hub import constants
 

@@ -1105,8 +1105,13 @@ def _stream_merge(
                         source = plan[name]
                         theta_t = model.get(source)
                         check_finite(theta_t, name, model, source)
-                        accumulator.update(theta_t.to(device=device, dtype=compute) - theta_0)  # τ_t = θ_t − θ_0
-                        del theta_t
+                        delta = theta_t.to(device=device, dtype=compute)
+                        if delta.data_ptr() != theta_t.data_ptr():  # a fresh copy: subtract in place
+                            delta.sub_(theta_0)
+                        else:  # `theta_t` may be a view of a memory-mapped file: never write into it
+                            delta = delta - theta_0
+                        accumulator.update(delta)  # τ_t = θ_t − θ_0
+                        del theta_t, delta
                     merged = theta_0 + accumulator.result() * scaling_coef  # θ_0 + λ · merge(τ_1..τ_T)
                     del accumulator, theta_0
                 writer.write(name, merged.to(getattr(torch, dtype)))

@@ -64,6 +64,14 @@ def test_class_incremental_string_and_classlabel_labels():
     assert class_incremental_split(ds, classes_per_task=1).task_classes == [[0], [1], [2], [3]]
 
 
+def test_torch_formatted_dataset():
+    ds = _dataset().with_format("torch")
+    split = class_incremental_split(ds, num_tasks=3)
+    assert split.task_classes == [[0, 1], [2, 3], [4, 5]]
+    assert split[0].dataset.format["type"] == "torch"
+    assert task_incremental_split([ds]).task_classes == [[0, 1, 2, 3, 4, 5]]
+
+
 def test_class_incremental_subset_of_classes_warns():
     with pytest.warns(UserWarning, match=r"classes \[2, 3, 4, 5\].*left out"):
         split = class_incremental_split(_dataset(), class_order=[1, 0], num_tasks=2)

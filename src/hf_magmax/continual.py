@@ -165,7 +165,12 @@ def _check_column(dataset: Dataset, column: str, argument: str) -> list:
             f"`{argument}={column!r}` is not a column of the dataset; its columns are {columns}. Pass the name of "
             "the column that holds the values to split by."
         )
-    return list(dataset[column])
+    return _column_values(dataset, column)
+
+
+def _column_values(dataset: Dataset, column: str) -> list:
+    """Plain Python values of a column, whatever the dataset's format (torch/numpy formats give tensors)."""
+    return [_native(value) for value in dataset.with_format(None)[column]]
 
 
 def _sorted_unique(values: Sequence[Hashable]) -> list:
@@ -366,7 +371,11 @@ def domain_incremental_split(
     ```
     """
     domains = _check_column(dataset, domain_column, "domain_column")
-    labels = list(dataset[label_column]) if label_column is not None and label_column in dataset.column_names else None
+    labels = (
+        _column_values(dataset, label_column)
+        if label_column is not None and label_column in dataset.column_names
+        else None
+    )
     by_domain = _indices_by_value(domains)
     present = _sorted_unique(domains)
     if not present:
@@ -451,7 +460,7 @@ def task_incremental_split(
         if len(dataset) == 0:
             raise ValueError(f"task {name!r} has no examples: every task needs at least one.")
         classes = (
-            _sorted_unique(list(dataset[label_column]))
+            _sorted_unique(_column_values(dataset, label_column))
             if label_column is not None and label_column in dataset.column_names
             else []
         )

@@ -1,6 +1,7 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
 """The I/O floor of a checkpoint merge: read every tensor of the base and of T models, write one output of the
-base's size with safetensors, and do no arithmetic at all. No merge tool can beat this on the same disk.
+base's size with safetensors, and do no arithmetic at all. No merge tool can beat this on the same disk (it keeps
+the output in memory until `save_file`, so only its time is a floor, not its memory).
 
     python benchmarks/io_floor.py --base BASE --models M1 M2 ... --output OUT
 """
@@ -37,9 +38,10 @@ def main() -> None:
     base, models = handles(args.base), [handles(m) for m in args.models]
     output = {}
     for name in sorted(base):
+        # `get_tensor` may return a view of the memory-mapped file: `clone` really reads every byte
         for model in models:
-            model[name].get_tensor(name)  # read and drop
-        output[name] = base[name].get_tensor(name)
+            model[name].get_tensor(name).clone()  # read and drop
+        output[name] = base[name].get_tensor(name).clone()
     Path(args.output).mkdir(parents=True, exist_ok=True)
     save_file(output, str(Path(args.output) / "model.safetensors"), metadata={"format": "pt"})
 

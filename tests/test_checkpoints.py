@@ -535,6 +535,23 @@ def test_argument_errors(family):
     _assert_fails(base, models[0], output, TypeError, "`models` must be a list")
 
 
+def test_output_may_not_replace_an_input(family):
+    base, models, _ = family
+    with pytest.raises(ValueError, match="would replace the input model .*task1"):
+        merge_checkpoints(base, models, models[1], overwrite=True, show_progress=False)
+    assert (Path(models[1]) / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_matches_cpu(llama, tmp_path):
+    base, models = llama
+    cpu = load_dir(merge_checkpoints(base, models, tmp_path / "cpu", method="ties", show_progress=False))
+    cuda = load_dir(
+        merge_checkpoints(base, models, tmp_path / "cuda", method="ties", device="cuda", show_progress=False)
+    )
+    assert all(torch.allclose(cpu[n], cuda[n], atol=1e-6) for n in cpu)
+
+
 def test_non_empty_output_is_refused_before_any_work(family):
     base, models, output = family
     output.mkdir()

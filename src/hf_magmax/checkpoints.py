@@ -928,6 +928,11 @@ def merge_checkpoints(
             checkpoint.path = _resolve(checkpoint.name, token=token, weights=True)
         _read_tensor_table(checkpoint)
     _plan_names(base_ckpt, model_ckpts)
+    for checkpoint in checkpoints:
+        if output.resolve() == checkpoint.path.resolve() or output.resolve() in checkpoint.path.resolve().parents:
+            raise ValueError(
+                f"`output_dir` {output} would replace the input model {checkpoint.name!r}: choose another."
+            )
     for checkpoint in hub_pending:
         checkpoint.path = _resolve(checkpoint.name, token=token, weights=True)
         checkpoint.tensors.clear()

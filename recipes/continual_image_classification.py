@@ -81,13 +81,17 @@ class ScriptArguments:
     eval_split: str = field(default="test", metadata={"help": "Evaluation split (one test set per task)."})
     image_column: str = field(default="img", metadata={"help": "Column holding the images."})
     label_column: str = field(default="fine_label", metadata={"help": "Column holding the class ids."})
-    label_names: list[str] | None = field(
+    class_names: list[str] | None = field(
         default=None, metadata={"help": "Class names in label-id order (default: the ClassLabel feature's names)."}
     )
     scenario: str = field(
         default="class_incremental", metadata={"help": "`class_incremental` or `domain_incremental`."}
     )
     num_tasks: int | None = field(default=10, metadata={"help": "Class-incremental: number of tasks."})
+    classes_per_task: list[int] | None = field(
+        default=None,
+        metadata={"help": "Class-incremental: classes in each task, for uneven splits (e.g. 196 Cars classes)."},
+    )
     class_order: list[int] | None = field(
         default=None,
         metadata={"help": "Class-incremental: class ids in task order (default: shuffled with `split_seed`)."},
@@ -151,12 +155,12 @@ def load_data(args: ScriptArguments, training_args):
         train = train.shuffle(seed=training_args.seed).select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples:
         test = test.shuffle(seed=training_args.seed).select(range(min(args.max_eval_samples, len(test))))
-    label_names = args.label_names
+    label_names = args.class_names
     if label_names is None:
         feature = train.features[args.label_column]
         if not hasattr(feature, "names"):
             raise ValueError(
-                f"column {args.label_column!r} is not a ClassLabel, so the class names are unknown: give `label_names`."
+                f"column {args.label_column!r} is not a ClassLabel, so the class names are unknown: give `class_names`."
             )
         label_names = list(feature.names)
     label_names = [n.replace("_", " ") for n in check_label_names(label_names)]
@@ -164,8 +168,8 @@ def load_data(args: ScriptArguments, training_args):
         split = class_incremental_split(
             train,
             label_column=args.label_column,
-            num_tasks=None if args.class_order else args.num_tasks,
-            classes_per_task=len(args.class_order) // args.num_tasks if args.class_order else None,
+            num_tasks=args.num_tasks,
+            classes_per_task=args.classes_per_task,
             class_order=args.class_order,
             seed=args.split_seed,
         )

@@ -188,6 +188,7 @@ def finish_run(trainer, training_args, script_args, label_names, recipe: str) ->
             continual = json.load(f)
     payload = {
         "recipe": recipe,
+        "world_size": training_args.world_size,
         "label_names": label_names,
         "script_args": args_to_dict(script_args),
         "training_args": json.loads(training_args.to_json_string()),

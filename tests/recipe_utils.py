@@ -49,9 +49,12 @@ def trace_corpus() -> list[str]:
     return [p + " " + a for examples in TRACE_EXAMPLES.values() for p, a in examples]
 
 
-def make_tokenizer(corpus: list[str], vocab_size: int = 300):
-    """A byte-level BPE tokenizer trained in code, wrapped in `PreTrainedTokenizerFast` (BOS/EOS/PAD/UNK set)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(corpus: list[str], vocab_size: int = 300, wrap: bool = False):
+    """A byte-level BPE tokenizer trained in code, wrapped in `PreTrainedTokenizerFast` (BOS/EOS/PAD/UNK set).
+
+    `wrap=True` adds BOS and EOS around every text (CLIP's text tower pools at the EOS token).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -63,6 +66,11 @@ def make_tokenizer(corpus: list[str], vocab_size: int = 300):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer=trainer)
+    if wrap:
+        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -166,7 +174,8 @@ def make_tiny_clip(path: str) -> str:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    tokenizer = make_tokenizer(["a photo of a " + n for n in ("apple bicycle castle dolphin eagle forest".split())])
+    names = "apple bicycle castle dolphin eagle forest".split()
+    tokenizer = make_tokenizer(["a photo of a " + n for n in names], wrap=True)
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),

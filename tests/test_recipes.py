@@ -1,0 +1,261 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""The recipes end to end on tiny offline models and data in the real formats (recipes/configs/tiny_*.yaml)."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from recipe_utils import (
+    make_image_dataset,
+    make_text_dataset,
+    make_tiny_bert,
+    make_tiny_clip,
+    make_tiny_llama,
+    make_tiny_vit,
+    make_trace_dir,
+)
+
+from hf_magmax.trace import TRACE_TASKS
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+CONFIGS = os.path.join(RECIPES, "configs")
+
+
+def _recipe(name: str):
+    """Import recipes/<name>.py under a private module name (recipes/trace.py must not shadow the stdlib `trace`)."""
+    if RECIPES not in sys.path:
+        sys.path.insert(0, RECIPES)
+    key = f"_recipe_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(RECIPES, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def _json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe_assets")
+    return {
+        "trace": make_trace_dir(str(root / "TRACE")),
+        "llama": make_tiny_llama(str(root / "llama")),
+        "cifar": make_image_dataset(str(root / "cifar")),
+        "clip": make_tiny_clip(str(root / "clip")),
+        "vit": make_tiny_vit(str(root / "vit")),
+        "bert": make_tiny_bert(str(root / "bert")),
+        "sentiment": make_text_dataset(str(root / "sentiment"), ["negative", "positive"]),
+        "topic": make_text_dataset(str(root / "topic"), ["sports", "business", "positive"]),
+    }
+
+
+def _check_matrix(matrix, num_tasks, low, high):
+    array = np.asarray(matrix, dtype=float)
+    assert array.shape == (num_tasks + 1, num_tasks)
+    assert np.all((array >= low) & (array <= high))
+    return array
+
+
+# --- TRACE ------------------------------------------------------------------------------------------------------------
+
+
+def test_trace_recipe_full_fine_tuning_all_eight_tasks(assets, tmp_path):
+    out = tmp_path / "trace"
+    scores = _recipe("trace").main(
+        ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
+        + ["--data_path", assets["trace"], "--output_dir", str(out)]
+    )
+    results = _json(out / "trace_results.json")
+    assert results["tasks"] == list(TRACE_TASKS)
+    for label in ("SeqFT", "MagMax"):
+        matrix = _check_matrix(results["scores"][label]["matrix"], 8, 0.0, 100.0)
+        op, bwt = results["scores"][label]["OP"], results["scores"][label]["BWT"]
+        assert op == pytest.approx(matrix[-1].mean())
+        assert bwt == pytest.approx(np.mean([matrix[-1, i] - matrix[i + 1, i] for i in range(7)]))
+        assert scores[label]["OP"] == op
+    continual = _json(out / "continual_results.json")
+    assert continual["metric"] == "score" and continual["task_names"] == list(TRACE_TASKS)
+    assert _json(out / "results.json")["recipe"] == "trace"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_trace_recipe_lora_with_epochs_per_task(assets, tmp_path):
+    out = tmp_path / "trace-lora"
+    _recipe("trace").main(
+        ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
+        + ["--data_path", assets["trace"], "--output_dir", str(out), "--tasks", "FOMC", "20Minuten"]
+        + ["--use_peft", "true", "--epochs_per_task", "2", "1", "--learning_rate", "1e-2"]
+    )
+    results = _json(out / "trace_results.json")
+    assert results["tasks"] == ["FOMC", "20Minuten"]
+    _check_matrix(results["scores"]["MagMax"]["matrix"], 2, 0.0, 100.0)
+    assert results["script_args"]["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+# --- images -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("config", "model"), [("tiny_image_clip.yaml", "clip"), ("tiny_image_vit.yaml", "vit")])
+def test_image_recipe(assets, tmp_path, config, model):
+    out = tmp_path / model
+    _recipe("continual_image_classification").main(
+        ["--config", os.path.join(CONFIGS, config), "--model_name_or_path", assets[model]]
+        + ["--dataset_name", assets["cifar"], "--output_dir", str(out)]
+    )
+    continual = _json(out / "continual_results.json")
+    assert continual["metric"] == "accuracy" and continual["task_names"] == ["task_1", "task_2"]
+    for kind in ("sequential", "merged"):
+        matrix = _check_matrix(continual[kind]["matrix"], 2, 0.0, 1.0)
+        assert continual[kind]["metrics"]["final_average_accuracy"] == pytest.approx(matrix[-1].mean())
+    results = _json(out / "results.json")
+    assert results["label_names"] == ["apple", "bicycle", "castle", "dolphin"]
+    assert results["continual_results"]["method"] == "magmax"
+    assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+
+
+# --- text -------------------------------------------------------------------------------------------------------------
+
+
+def _text_tasks(assets):
+    return json.dumps(
+        [
+            {"name": "sentiment", "dataset": assets["sentiment"]},
+            {"name": "topic", "dataset": assets["topic"], "text_columns": ["text"], "label_column": "label"},
+        ]
+    )
+
+
+def test_text_recipe_shares_label_names_across_tasks(assets, tmp_path):
+    out = tmp_path / "text"
+    _recipe("continual_text_classification").main(
+        ["--config", os.path.join(CONFIGS, "tiny_text.yaml"), "--model_name_or_path", assets["bert"]]
+        + ["--tasks", _text_tasks(assets), "--output_dir", str(out)]
+    )
+    results = _json(out / "results.json")
+    # "positive" is one class of both tasks: 2 + 3 - 1 classes in all
+    assert results["label_names"] == ["negative", "positive", "sports", "business"]
+    continual = results["continual_results"]
+    assert continual["task_names"] == ["sentiment", "topic"]
+    _check_matrix(continual["merged"]["matrix"], 2, 0.0, 1.0)
+    config = _json(out / "config.json")
+    assert config["id2label"] == {"0": "negative", "1": "positive", "2": "sports", "3": "business"}
+
+
+def test_text_recipe_runs_as_two_processes(assets, tmp_path):
+    """`torchrun --nproc_per_node 2`: two real ranks (gloo), only rank 0 writes; world_size 2 is recorded."""
+    out = tmp_path / "text-ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    cmd += [
+        os.path.join(RECIPES, "continual_text_classification.py"),
+        "--config",
+        os.path.join(CONFIGS, "tiny_text.yaml"),
+    ]
+    cmd += ["--model_name_or_path", assets["bert"], "--tasks", _text_tasks(assets), "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = _json(out / "results.json")
+    assert results["world_size"] == 2
+    assert "[rank1]" in proc.stdout + proc.stderr or results["world_size"] == 2
+    _check_matrix(results["continual_results"]["merged"]["matrix"], 2, 0.0, 1.0)
+
+
+# --- configs and bad configs --------------------------------------------------------------------------------------
+
+
+def test_yaml_values_are_defaults_and_the_command_line_overrides(tmp_path):
+    module = _recipe("continual_image_classification")
+    common = sys.modules["recipe_common"]
+    script_args, training_args = common.parse_recipe_args(
+        (module.ScriptArguments, module.MagMaxConfig),
+        [
+            "--config",
+            os.path.join(CONFIGS, "cifar100_20tasks.yaml"),
+            "--num_tasks",
+            "5",
+            "--output_dir",
+            str(tmp_path),
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+        ],
+    )
+    assert script_args.num_tasks == 5 and script_args.label_column == "fine_label"
+    assert training_args.learning_rate == 1e-5 and training_args.weight_decay == 0.1
+    assert training_args.warmup_steps == 500 and training_args.lr_scheduler_type == "cosine"
+    assert training_args.max_grad_norm == 1.0 and training_args.per_device_train_batch_size == 128
+    assert training_args.scaling_coef == 0.5 and training_args.merge_method == "magmax"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_taskz: 3\n")
+    with pytest.raises(ValueError, match="unknown argument.*num_taskz"):
+        common.parse_recipe_args((module.ScriptArguments, module.MagMaxConfig), ["--config", str(bad)])
+
+
+def test_every_shipped_config_parses(tmp_path):
+    pairs = {"trace": ["trace_", "tiny_trace"], "continual_text_classification": ["text_", "tiny_text"]}
+    for name in sorted(os.listdir(CONFIGS)):
+        recipe = next((r for r, prefixes in pairs.items() if name.startswith(tuple(prefixes))), None)
+        recipe = recipe or "continual_image_classification"
+        module = _recipe(recipe)
+        common = sys.modules["recipe_common"]
+        script_args, training_args = common.parse_recipe_args(
+            (module.ScriptArguments, module.MagMaxConfig),
+            ["--config", os.path.join(CONFIGS, name), "--output_dir", str(tmp_path / name), "--use_cpu", "true"]
+            + ["--bf16", "false"],
+        )
+        assert training_args.seed is not None, name
+
+
+def test_bad_configs_fail_before_training(assets, tmp_path):
+    image = _recipe("continual_image_classification")
+    base = ["--config", os.path.join(CONFIGS, "tiny_image_clip.yaml"), "--dataset_name", assets["cifar"]]
+    with pytest.raises(ValueError, match="`image_column` = 'image' is not a column.*img, fine_label"):
+        image.main([*base, "--model_name_or_path", assets["clip"], "--image_column", "image"] + _out(tmp_path, 1))
+    with pytest.raises(ValueError, match="without a text tower"):
+        image.main([*base, "--model_name_or_path", assets["vit"]] + _out(tmp_path, 2))
+    text = _recipe("continual_text_classification")
+    with pytest.raises(ValueError, match="`tasks` is empty"):
+        text.main(["--config", os.path.join(CONFIGS, "tiny_text.yaml"), "--tasks", "[]"] + _out(tmp_path, 3))
+    bad_text = json.dumps([{"name": "s", "dataset": assets["sentiment"], "text_columns": ["sentence"]}])
+    with pytest.raises(ValueError, match=r"`tasks\[0\].text_columns` = 'sentence' is not a column"):
+        text.main(
+            ["--config", os.path.join(CONFIGS, "tiny_text.yaml"), "--model_name_or_path", assets["bert"]]
+            + ["--tasks", bad_text]
+            + _out(tmp_path, 4)
+        )
+    trace = _recipe("trace")
+    partial = make_trace_dir(str(tmp_path / "partial"), tasks=TRACE_TASKS[:5])
+    with pytest.raises(FileNotFoundError, match="no task folder for NumGLUE-cm, NumGLUE-ds, 20Minuten"):
+        trace.main(
+            ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
+            + ["--data_path", partial]
+            + _out(tmp_path, 5)
+        )
+    with pytest.raises(ValueError, match="no causal-LM head"):
+        trace.main(
+            ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["vit"]]
+            + ["--data_path", assets["trace"]]
+            + _out(tmp_path, 6)
+        )
+    for i in range(1, 7):
+        assert not (tmp_path / f"out{i}" / "continual_results.json").exists()
+
+
+def _out(tmp_path, i):
+    return ["--output_dir", str(tmp_path / f"out{i}")]

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from hf_magmax.cli import main
+from hf_magmax.metrics import compute_continual_metrics
+
+
+@pytest.mark.slow
+def test_demo_cli_quick_run_writes_results(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--num-tasks", "2", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Accuracy matrix, MagMax" in printed and "Comparison" in printed
+
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["task_names"] == ["digits 0-4", "digits 5-9"]
+    assert results["task_classes"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    methods = ["sequential fine-tuning", "average", "TIES", "MagMax"]
+    assert list(results["matrices"]) == methods
+    assert list(results["metrics"]) == ["θ_0 (no training)", *methods]
+    for method in methods:
+        matrix = results["matrices"][method]
+        assert len(matrix) == 3 and all(len(row) == 2 for row in matrix)
+        assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+        assert matrix[0] == results["matrices"]["sequential fine-tuning"][0]  # same θ_0 row
+        assert results["metrics"][method] == pytest.approx(compute_continual_metrics(matrix))
+    assert results["scaling_coefs"]["MagMax"] == 0.5
+
+    # the trainer's json holds the same matrices; its final weights are the engine's merge of the kept weights
+    trainer_results = json.loads((out / "continual_results.json").read_text())
+    assert trainer_results["method"] == "magmax" and trainer_results["scaling_coef"] == 0.5
+    assert trainer_results["sequential"]["matrix"] == results["matrices"]["sequential fine-tuning"]
+    assert trainer_results["merged"]["matrix"] == results["matrices"]["MagMax"]
+    assert results["engine_max_abs_diff"] < 1e-6
+
+    assert (out / "comparison.md").read_text().startswith("| method | λ | final avg acc |")
+    for name in ("accuracy_matrix_sequential.png", "accuracy_matrix_magmax.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_rejects_a_task_count_that_does_not_divide_the_classes(tmp_path, capsys):
+    assert main(["demo", "--num-tasks", "3", "--output-dir", str(tmp_path)]) == 2
+    assert "`num_tasks=3` must divide the 10 digit classes" in capsys.readouterr().err

@@ -592,15 +592,10 @@ class _ContinualRun:
     # -- the sequence ----------------------------------------------------------------------------------------------
 
     def begin(self, trainer: Trainer | None, model: nn.Module, train_datasets: Sequence[Any]) -> None:
-        """Take θ_0 and evaluate it (row 0 of both matrices)."""
+        """Take θ_0. (θ_0 is evaluated at the end of the first task by swapping it in: evaluating before the first
+        `train()` would make Accelerate skip the DDP wrapping of the model.)"""
         self.snapshot_base(self._weights(trainer, model, initial=trainer is None or trainer.model_wrapped is model))
         self.metric = self.resolve_metric(train_datasets)
-        if self.eval_datasets and trainer is not None:
-            row = self.evaluate_row(trainer, "base")
-            self.seq_matrix[0] = list(row)
-            self.merged_matrix[0] = list(row)
-            self.merged_coefs[0] = 0.0
-            _log(trainer, {f"continual/base/{n}": v for n, v in zip(self.task_names, row)})
 
     def begin_task(self, trainer: Trainer | None, model: nn.Module, task: int) -> None:
         if self.lora:
@@ -618,21 +613,28 @@ class _ContinualRun:
         evaluate = bool(self.eval_datasets) and trainer is not None
         want_merged = evaluate and (self.options.eval_merged_every_task or last)
         want_search = self.auto and trainer is not None and (last or self._select_every_task())
+        want_base = evaluate and self.seq_matrix[0][0] is None
         if not (want_merged or want_search or evaluate):
             del state_dict
             return
         if evaluate:
             row = self.evaluate_row(trainer, "seq")
             self.seq_matrix[self.num_tasks_done] = row
-        if want_merged or want_search:
+        if want_merged or want_search or want_base:
             with self.merged_weights(trainer, model, state_dict) as apply:
-                coef = self.search(trainer, apply) if want_search else self._current_coef()
-                apply(coef)
-                if want_search and last:
-                    self.final_scaling_coef = coef
-                if want_merged:
-                    self.merged_matrix[self.num_tasks_done] = self.evaluate_row(trainer, "merged")
-                    self.merged_coefs[self.num_tasks_done] = coef
+                if want_base:  # row 0: θ_0 = θ_0 + 0 · merge
+                    apply(0.0)
+                    row = self.evaluate_row(trainer, "base")
+                    self.seq_matrix[0], self.merged_matrix[0], self.merged_coefs[0] = list(row), list(row), 0.0
+                    _log(trainer, {f"continual/base/{n}": v for n, v in zip(self.task_names, row)})
+                if want_search or want_merged:
+                    coef = self.search(trainer, apply) if want_search else self._current_coef()
+                    apply(coef)
+                    if want_search and last:
+                        self.final_scaling_coef = coef
+                    if want_merged:
+                        self.merged_matrix[self.num_tasks_done] = self.evaluate_row(trainer, "merged")
+                        self.merged_coefs[self.num_tasks_done] = coef
         del state_dict
         if evaluate:
             t = self.num_tasks_done

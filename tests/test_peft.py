@@ -22,6 +22,7 @@ from hf_magmax.peft import (  # noqa: E402
     deltas_to_lora,
     fold_deltas_into_base,
     lora_delta_state_dict,
+    lora_task_vectors,
     merge_adapters,
 )
 
@@ -171,6 +172,18 @@ def test_delta_on_injected_model_and_other_adapter_name():
     torch.testing.assert_close(lora_delta_state_dict(injected), lora_delta_state_dict(model, "default"))
     with pytest.raises(KeyError, match="'missing' is not loaded"):
         lora_delta_state_dict(model, "missing")
+
+
+def test_lora_task_vectors_cover_the_union_with_zeros(llama_adapters):
+    base, paths, dense = llama_adapters
+    model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="a")
+    for i, path in enumerate(paths[1:]):
+        model.load_adapter(path, adapter_name=f"b{i}")
+    task_vectors = lora_task_vectors(model, ["a", "b0", "b1"])
+    assert [list(tv) for tv in task_vectors] == [list(tv) for tv in dense]
+    for got, expected in zip(task_vectors, dense):
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, atol=0, rtol=0)
 
 
 def test_fold_deltas_into_base_is_dense_merge_in_base_dtype():
@@ -410,6 +423,37 @@ def test_deltas_to_lora_standalone():
     # a non-LoRA tensor needs the base model to become a modules_to_save entry
     with pytest.raises(ValueError, match="pass `model=`"):
         deltas_to_lora({"norm.weight": torch.ones(4)})
+
+
+def test_deltas_to_lora_from_a_peft_model_keeps_modules_to_save_in_full(tmp_path):
+    """The trainer's path: deltas of a PeftModel (possibly merged) → an adapter that reproduces them."""
+    base = tiny_llama()
+    model = make_adapter(base, r=2, target_modules=["q_proj", "embed_tokens"], modules_to_save=["score"])
+    deltas = lora_delta_state_dict(model)
+    factorization = deltas_to_lora(deltas, rank={"model.embed_tokens": 2}, model=model, scaling_coef=0.5)
+    assert factorization.peft_config.modules_to_save == ["score"]
+    assert factorization.ranks == {"model.embed_tokens": 2, "model.layers.0.self_attn.q_proj": 16}
+    factorization.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").merge_and_unload().state_dict()
+    expected = fold_deltas_into_base(copy.deepcopy(base), deltas, scaling_coef=0.5).state_dict()
+    for name, value in expected.items():  # |ΔW| reaches ~30 here: float32 round-off of the factors
+        torch.testing.assert_close(loaded[name], value, atol=1e-4, rtol=1e-5, msg=name)
+
+
+def test_failed_merge_leaves_the_models_as_given(llama_adapters, tmp_path):
+    base, paths, _ = llama_adapters
+    other = make_adapter(tiny_llama(hidden_size=32), r=2, target_modules=["q_proj"])
+    other.save_pretrained(tmp_path / "other")
+    given = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="another base model"):
+        merge_adapters(given, [paths[0], paths[1], str(tmp_path / "other")], output="merged")
+    assert not hasattr(given, "peft_config") and not any("lora" in k for k in given.state_dict())
+    for name, value in base.state_dict().items():
+        assert torch.equal(given.state_dict()[name], value)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="a")
+    with pytest.raises(ValueError, match=r"`rank`=17 is larger"):
+        merge_adapters(peft_model, ["a", paths[1]], rank=17)
+    assert set(peft_model.peft_config) == {"a"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from .peft import (  # imports peft lazily, inside the functions
     deltas_to_lora,
     fold_deltas_into_base,
     lora_delta_state_dict,
+    lora_task_vectors,
     merge_adapters,
 )
 from .scaling import (
@@ -117,6 +118,7 @@ __all__ = [
     "load_continual_metric",
     "load_merge_config",
     "lora_delta_state_dict",
+    "lora_task_vectors",
     "magmax",
     "make_online_merge",
     "merge_adapters",

@@ -54,7 +54,9 @@ __all__ = [
     "deltas_to_lora",
     "fold_deltas_into_base",
     "lora_delta_state_dict",
+    "lora_task_vectors",
     "merge_adapters",
+    "save_lora_merge",
 ]
 
 #: Prefix of every key in a saved PEFT adapter (`adapter_model.safetensors`).
@@ -126,12 +128,8 @@ def base_parameters(model: nn.Module) -> dict[str, Tensor]:
     base = _base_model(model)
     out: dict[str, Tensor] = {}
     for name, tensor in [*base.named_parameters(remove_duplicate=False), *base.named_buffers(remove_duplicate=False)]:
-        parts = name.split(".")
-        if any(p.startswith(("lora_", "modules_to_save", "token_adapter")) for p in parts):
-            if "token_adapter" in parts and "base_layer" in parts:
-                pass  # trainable tokens wrap the embedding; checked elsewhere
-            else:
-                continue
+        if any(part.startswith("lora_") or part == "modules_to_save" for part in name.split(".")):
+            continue
         out[_base_name(name)] = tensor
     return out
 
@@ -248,13 +246,12 @@ def _iter_adapted_modules(model: nn.Module, adapter_names: Sequence[str]) -> Ite
                 )
 
 
-@torch.no_grad()
-def _lora_module_delta(name: str, module: nn.Module, adapter_name: str) -> dict[str, Tensor]:
-    """ΔW (and Δbias) of one LoRA layer for one adapter, fp32, in the base weight's layout (PEFT's exact semantics)."""
+def _check_lora_module(name: str, module: nn.Module, adapter_name: str) -> None:
+    """Refuse, naming the module, what the merger cannot turn into an exact ΔW (checked before any weight changes)."""
     from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear
 
     if adapter_name not in module.lora_A and adapter_name not in module.lora_embedding_A:
-        return {}
+        return
     if not isinstance(module, Linear | Embedding | Conv1d | Conv2d | Conv3d):
         raise ValueError(
             f"module `{name}` is a LoRA {type(module).__name__} layer, which the LoRA merger does not support "
@@ -272,19 +269,28 @@ def _lora_module_delta(name: str, module: nn.Module, adapter_name: str) -> dict[
             "and neither can the LoRA merger."
         )
     variant = getattr(module, "lora_variant", {}).get(adapter_name)
-    weight = base_layer.weight
-    if variant is None:
-        delta = module.get_delta_weight(adapter_name).float()
-    elif module.use_dora.get(adapter_name, False):
-        # τ = W_dora − W_0: the dense merged weight (magnitude rescaling included) minus the base weight, exact
-        merged = variant.merge_safe(module, adapter_name, weight.detach().clone())
-        module._cache_pop(f"{adapter_name}-weight_norm")
-        delta = merged.float() - weight.detach().float()
-    else:
+    if variant is not None and not module.use_dora.get(adapter_name, False):
         raise ValueError(
             f"module `{name}` uses the LoRA variant {type(variant).__name__} for adapter {adapter_name!r}; only plain "
             "LoRA and DoRA adapters can be merged on their weight deltas."
         )
+
+
+@torch.no_grad()
+def _lora_module_delta(name: str, module: nn.Module, adapter_name: str) -> dict[str, Tensor]:
+    """ΔW (and Δbias) of one LoRA layer for one adapter, fp32, in the base weight's layout (PEFT's exact semantics)."""
+    if adapter_name not in module.lora_A and adapter_name not in module.lora_embedding_A:
+        return {}
+    _check_lora_module(name, module, adapter_name)
+    base_layer = module.get_base_layer()
+    variant = getattr(module, "lora_variant", {}).get(adapter_name)
+    weight = base_layer.weight
+    if variant is None:
+        delta = module.get_delta_weight(adapter_name).float()
+    else:  # DoRA: τ = W_dora − W_0, the dense merged weight (magnitude rescaling included) minus θ_0, exact
+        merged = variant.merge_safe(module, adapter_name, weight.detach().clone())
+        module._cache_pop(f"{adapter_name}-weight_norm")
+        delta = merged.float() - weight.detach().float()
     if delta.shape != weight.shape:  # pragma: no cover - PEFT guarantees the layout
         raise ValueError(f"module `{name}`: ΔW has shape {tuple(delta.shape)} but the weight {tuple(weight.shape)}.")
     out = {f"{name}.weight": delta}
@@ -360,6 +366,31 @@ def lora_delta_state_dict(model: nn.Module, adapter_name: str = "default") -> di
     if not found and not _peft_configs(model):
         raise KeyError(f"no LoRA layer of the model holds an adapter named {adapter_name!r}.")
     return deltas
+
+
+@torch.no_grad()
+def lora_task_vectors(model: nn.Module, adapter_names: Sequence[str]) -> list[dict[str, Tensor]]:
+    """The dense task vectors of several adapters over the same tensors, ready for the merge engine.
+
+    Each dict holds every tensor that any of the adapters changes, in the base model's order, with ΔW = 0 where an
+    adapter does not touch a module. All of them are dense in memory at once: for large models use
+    [`merge_adapters`], which holds one module at a time.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax import merge_task_vectors
+    >>> task_vectors = lora_task_vectors(peft_model, ["task_1", "task_2"])  # doctest: +SKIP
+    >>> merged = merge_task_vectors(task_vectors, method="magmax")  # λ·ΔW_sel, λ = 0.5  # doctest: +SKIP
+    ```
+    """
+    per_adapter = [lora_delta_state_dict(model, name) for name in adapter_names]
+    shapes: dict[str, torch.Size] = {}
+    for deltas in per_adapter:
+        for key, delta in deltas.items():
+            shapes.setdefault(key, delta.shape)
+    order = [name for name in base_parameters(model) if name in shapes]
+    return [{k: deltas[k] if k in deltas else torch.zeros(shapes[k]) for k in order} for deltas in per_adapter]
 
 
 @torch.no_grad()
@@ -621,6 +652,14 @@ def _module_layouts(model: nn.Module | None) -> dict[str, nn.Module]:
     return modules
 
 
+def _modules_to_save_names(model: nn.Module | None) -> set[str]:
+    if model is None:
+        return set()
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return {n for n, m in _base_model(model).named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
 @torch.no_grad()
 def deltas_to_lora(
     deltas: Mapping[str, Tensor],
@@ -658,7 +697,8 @@ def deltas_to_lora(
         scaling_coef (`float`, *optional*, defaults to `1.0`):
             λ, folded into the factors.
         modules_to_save (`list[str]`, *optional*):
-            Modules to store in full rather than as LoRA factors.
+            Modules to store in full rather than as LoRA factors (the `modules_to_save` of a PEFT-wrapped `model` are
+            always stored in full).
         svd (`str`, *optional*, defaults to `"full"`):
             `"full"`: `torch.linalg.svd` (exact truncation); `"randomized"`: `torch.svd_lowrank` (Halko et al.), much
             faster for large matrices at small rank.
@@ -689,7 +729,7 @@ def deltas_to_lora(
     refactorer = _Refactorer(rank, svd, niter, seed)
     modules = _module_layouts(model)
     base_tensors = base_parameters(model) if model is not None else {}
-    full_modules = set(modules_to_save or ())
+    full_modules = set(modules_to_save or ()) | _modules_to_save_names(model)
     by_module: dict[str, dict[str, Tensor]] = {}
     for key, delta in deltas.items():
         module_name, _, param = key.rpartition(".")
@@ -1012,8 +1052,7 @@ def merge_adapters(
     ```
     """
     _require_peft()
-    from peft import PeftModel, get_peft_model
-    from peft.utils import set_peft_model_state_dict
+    from peft import PeftModel
 
     method = check_merge_method(method)
     if output not in ("adapter", "merged"):
@@ -1035,38 +1074,71 @@ def merge_adapters(
     user_peft_model = _is_peft_model(model)
     check_not_quantized(model)
     base_name_or_path = getattr(_base_model(model), "name_or_path", None) or None
+    sources = [os.fspath(a) for a in adapters]
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"`adapters` lists the same adapter more than once: {sources}.")
+    if adapter_name in _peft_configs(model):
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}: pass another `adapter_name`.")
     loaded = set(_peft_configs(model))
     names: list[str] = []
     loaded_here: list[str] = []
-    for i, adapter in enumerate(adapters):
-        adapter = os.fspath(adapter)
-        if adapter in loaded:
-            names.append(adapter)
-            continue
-        local = _resolve_adapter(adapter)
-        _check_adapter_source(adapter, model, local)
-        name = f"_magmax_input_{i}"
-        if _is_peft_model(model):
-            model.load_adapter(local, adapter_name=name)
-        else:
-            model = PeftModel.from_pretrained(model, local, adapter_name=name)
-        loaded_here.append(name)
-        names.append(name)
-    if len(set(names)) != len(names):
-        raise ValueError(f"`adapters` lists the same adapter more than once: {list(adapters)}.")
-    if adapter_name in _peft_configs(model):
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}: pass another `adapter_name`.")
-    for name in names:
-        _check_lora_type(model, name)
+    try:
+        for i, adapter in enumerate(sources):
+            if adapter in loaded:
+                names.append(adapter)
+                continue
+            local = _resolve_adapter(adapter)
+            _check_adapter_source(adapter, model, local)
+            name = f"_magmax_input_{i}"
+            if _is_peft_model(model):
+                model.load_adapter(local, adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, local, adapter_name=name)
+            loaded_here.append(name)
+            names.append(name)
+        for name in names:
+            _check_lora_type(model, name)
+        return _merge_loaded(
+            model, names, loaded_here, user_peft_model, method, coef, method_kwargs, output, rank, adapter_name, seed,
+            svd, niter, sources, base_name_or_path,
+        )  # fmt: skip
+    except BaseException:
+        # leave the caller's model as it was given: drop the adapters loaded here, unwrap a base model
+        if user_peft_model:
+            for name in loaded_here:
+                if name in _peft_configs(model):
+                    model.delete_adapter(name)
+        elif loaded_here:
+            _strip_adapters(model)
+        raise
+
+
+@torch.no_grad()
+def _merge_loaded(
+    model, names, loaded_here, user_peft_model, method, coef, method_kwargs, output, rank, adapter_name, seed, svd,
+    niter, adapter_sources, base_name_or_path,
+) -> LoraMergeResult:  # fmt: skip
+    """The merge proper, on a model with every adapter loaded (see [`merge_adapters`])."""
+    from peft import get_peft_model
+    from peft.utils import set_peft_model_state_dict
+    from tqdm.auto import tqdm
+
     task_types = {getattr(_peft_configs(model)[n], "task_type", None) for n in names}
     task_type = task_types.pop() if len(task_types) == 1 else None
-
     infos = list(_iter_adapted_modules(model, names))
+    base_params = base_parameters(model)
+    # validate everything before any weight changes
+    for info in infos:
+        if info.kind == "lora":
+            for name in names:
+                _check_lora_module(info.name, info.module, name)
+            if output == "merged" and f"{info.name}.bias" in info.keys and f"{info.name}.bias" not in base_params:
+                raise ValueError(
+                    f"module `{info.name}` has a LoRA bias but no base bias, so it cannot be merged into the weights."
+                )
     positions = {key: i for i, key in enumerate(k for info in infos for k in info.keys)}
     ranks = dict(rank) if isinstance(rank, Mapping) else ({} if rank is None else rank)
     refactorer = _Refactorer(ranks, svd, niter, seed) if output == "adapter" else None
-    base_params = base_parameters(model)
-    from tqdm.auto import tqdm
 
     for info in tqdm(infos, desc=f"merging {len(names)} adapters ({method})", disable=len(infos) < 8 or None):
         shapes = _zeros_shapes(info, names)
@@ -1085,10 +1157,6 @@ def merge_adapters(
         merged = {key: accumulator.result() for key, accumulator in accumulators.items()}
         del accumulators
         if output == "merged":
-            if info.kind == "lora" and f"{info.name}.bias" in merged and f"{info.name}.bias" not in base_params:
-                raise ValueError(
-                    f"module `{info.name}` has a LoRA bias but no base bias, so it cannot be merged into the weights."
-                )
             fold_deltas_into_base(model, merged, coef)
         elif info.kind == "lora":
             weight_delta = coef * merged[f"{info.name}.weight"]
@@ -1124,7 +1192,7 @@ def merge_adapters(
         method=method,
         scaling_coef=coef,
         method_kwargs=method_kwargs,
-        adapters=[os.fspath(a) for a in adapters],
+        adapters=adapter_sources,
         adapter_name=adapter_name,
         rank=rank if rank is None or isinstance(rank, int) else dict(rank),
         base_model_name_or_path=base_name_or_path,

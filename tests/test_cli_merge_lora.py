@@ -76,7 +76,8 @@ def test_adapter_output_with_card(checkpoints, tmp_path):
         "magmax_config.yaml",
     }
     metadata, body = parse_model_card((out / "README.md").read_text())
-    assert metadata["base_model"] == str(base) and metadata["library_name"] == "peft" and "magmax" in metadata["tags"]
+    assert metadata["library_name"] == "peft" and "magmax" in metadata["tags"]
+    assert "base_model" not in metadata  # a local directory is no Hub id (the body names it)
     for text in ["`magmax`", "**scaling coefficient λ:** 0.5", "rank: 4", "Reconstruction error", *adapters]:
         assert text in body
     config = yaml.safe_load((out / "magmax_config.yaml").read_text())
@@ -172,6 +173,8 @@ def test_hub_ids_and_push(checkpoints, fake_hub, tmp_path):  # noqa: F811
     assert repo.private is True
     assert set(repo.files) >= {"adapter_config.json", "adapter_model.safetensors", "README.md", "magmax_config.yaml"}
     assert b"org/lora-2" in repo.files["README.md"]
+    metadata, _ = parse_model_card(repo.files["README.md"].decode())
+    assert metadata["base_model"] == "org/base" and metadata["base_model_relation"] == "adapter"
     # the default rank (sum of input ranks) reproduces the linear merge exactly
     local = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, method="task_arithmetic")
     assert local.overall_error < 1e-5

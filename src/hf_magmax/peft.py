@@ -1312,10 +1312,11 @@ def _model_card(result: LoraMergeResult, config: dict[str, Any]) -> tuple[dict[s
     model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
     metadata: dict[str, Any] = {
         "library_name": "peft" if result.output == "adapter" else "transformers",
-        "tags": ["magmax", "merge", "lora", "continual-learning"],
+        "tags": ["merge", "magmax", "hf_magmax", "lora"] + ([result.method] if result.method != "magmax" else []),
     }
-    if base:
+    if base and not os.path.isdir(str(base)):  # a Hub id: the Hub links the card to its base model
         metadata["base_model"] = str(base)
+        metadata["base_model_relation"] = "adapter" if result.output == "adapter" else "merge"
     adapters = "\n".join(f"| {i + 1} | `{a}` |" for i, a in enumerate(result.adapters))
     if result.output == "adapter":
         ranks = sorted(set(result.adapter.ranks.values()))

@@ -186,7 +186,8 @@ class MagMaxConfig(TrainingArguments):
             LoRA training only: end with the merged deltas folded into the base model (`"merged"`), or re-factored
             into a new LoRA adapter of rank `lora_rank` (`"adapter"`).
         lora_rank (`int`, *optional*):
-            Rank of the re-factored adapter for `lora_output="adapter"`; defaults to the rank of the trained adapter.
+            Rank of the re-factored adapter for `lora_output="adapter"`, capped per module by the size of its ΔW;
+            defaults to the trained adapter's rank times the number of tasks. The re-factor is exact at full rank.
     """
 
     scaling_coef: float | str = field(
@@ -389,6 +390,7 @@ class _ContinualRun:
         self.final_scaling_coef: float | None = None
         self.finished = False
         self.lora = False  # set by the trainer for PEFT models: task vectors are ΔW relative to the base
+        self.lora_info: dict[str, Any] | None = None
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -742,6 +744,7 @@ class _ContinualRun:
                 "scaling_coefs": self.merged_coefs,
                 "metrics": self._matrix_metrics(self.merged_matrix),
             },
+            **({"lora": self.lora_info} if self.lora_info is not None else {}),
         }
 
     def write_results(self, trainer: Trainer) -> None:
@@ -1141,21 +1144,26 @@ class MagMaxTrainer(Trainer):
         coef = run.final_scaling_coef
         # the merged model relative to the *base*: ΔW_start + λ · merge(τ)
         deltas = run.merged_state_dict(coef)
-        rank = self.args.lora_rank or _lora_rank(peft_model)
+        # default: the trained adapter's rank times the number of tasks; any rank is capped by what each ΔW allows
+        rank = self.args.lora_rank or _lora_rank(peft_model) * len(self.task_names)
+        ranks = {name.rpartition(".")[0]: min(rank, min(d.shape)) for name, d in deltas.items() if d.ndim == 2}
         task_type = getattr(peft_model.peft_config[peft_model.active_adapter], "task_type", None)
         base_model = _strip_adapters(peft_model)
+        run.lora_info = {"output": self.args.lora_output}
         if self.args.lora_output == "merged":
             fold_deltas_into_base(base_model, deltas, 1.0)
             self.model = self.model_wrapped = base_model
+            run.write_results(self)
             return
         from peft import get_peft_model, set_peft_model_state_dict
 
-        factorization = deltas_to_lora(deltas, rank, model=base_model, task_type=task_type)
-        config, adapter_state = factorization[0], factorization[1]
-        self.lora_reconstruction_errors = factorization[2]
-        new_model = get_peft_model(base_model, config)
-        set_peft_model_state_dict(new_model, adapter_state)
+        factorization = deltas_to_lora(deltas, ranks, model=base_model, task_type=task_type)
+        self.lora_reconstruction_errors = factorization.errors
+        run.lora_info.update(ranks=factorization.ranks, reconstruction_error=factorization.overall_error)
+        new_model = get_peft_model(base_model, factorization.peft_config)
+        set_peft_model_state_dict(new_model, factorization.state_dict)
         self.model = self.model_wrapped = new_model
+        run.write_results(self)
 
     # -- model card ----------------------------------------------------------------------------------------------------
 

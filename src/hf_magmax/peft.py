@@ -478,6 +478,9 @@ def _factor_shapes(layout: str, delta_shape: torch.Size, rank: int) -> tuple[tup
 def _truncated_svd(matrix: Tensor, rank: int, svd: str, niter: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """U [m, r], S [r], Vh [r, n] of the best rank-`rank` approximation of `matrix` (fp32)."""
     if svd == "full":
+        if matrix.shape[0] < matrix.shape[1]:  # LAPACK is ~2× faster on the tall orientation: M = (Mᵀ)ᵀ
+            v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+            return uh[:rank].T, s[:rank], v[:, :rank].T
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     q = min(rank + 10, *matrix.shape)  # oversampling, as in Halko et al.

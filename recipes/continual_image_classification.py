@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from recipe_common import (
     check_columns,
+    check_launch,
     dataset_features,
     finish_run,
     load_split,
     parse_recipe_args,
+    resume_argument,
     setup_logging,
 )
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, set_seed
@@ -221,6 +223,7 @@ def collate(examples):
 def main(argv=None):
     script_args, training_args = parse_recipe_args((ScriptArguments, MagMaxConfig), argv)
     setup_logging(training_args)
+    check_launch(training_args)
     set_seed(training_args.seed)
     logger.info("script arguments %s", script_args)
 
@@ -244,7 +247,7 @@ def main(argv=None):
         eval_datasets=eval_datasets,
         task_classes=train_split.task_classes if script_args.scenario == "class_incremental" else None,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))
     trainer.save_model(training_args.output_dir)
     finish_run(trainer, training_args, script_args, label_names, recipe="continual_image_classification")
 

@@ -38,11 +38,13 @@ from typing import Any
 
 from recipe_common import (
     check_columns,
+    check_launch,
     dataset_features,
     finish_run,
     load_split,
     parse_json_list,
     parse_recipe_args,
+    resume_argument,
     setup_logging,
 )
 from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding, set_seed
@@ -200,6 +202,7 @@ def check_model(args: ScriptArguments):
 def main(argv=None):
     script_args, training_args = parse_recipe_args((ScriptArguments, MagMaxConfig), argv)
     setup_logging(training_args)
+    check_launch(training_args)
     set_seed(training_args.seed)
 
     check_model(script_args)
@@ -277,7 +280,7 @@ def main(argv=None):
         task_classes=task_classes,
         peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))
     trainer.save_model(training_args.output_dir)
     finish_run(trainer, training_args, script_args, label_names, recipe="continual_text_classification")
 

@@ -95,6 +95,28 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
+def check_launch(training_args) -> None:
+    """Refuse a launch where several processes run but no process group joins them (each would train alone and all
+    would write the same `output_dir`), e.g. an FSDP accelerate config on a machine without GPUs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but the training sees world size {training_args.world_size}: the "
+            "processes are not joined. On CPU, FSDP/DeepSpeed configs are not supported by accelerate; launch with "
+            "`torchrun --nproc_per_node N` (DDP over gloo) or use GPUs."
+        )
+
+
+def resume_argument(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint true` resumes from the last checkpoint in `output_dir`; a path resumes from there."""
+    value = training_args.resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("true", "last", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no", "none", ""):
+        return None
+    return value
+
+
 def parse_json_list(value: Any, name: str) -> list:
     """A YAML/CLI field holding a list (given as a JSON string by the parser)."""
     if value is None:
@@ -198,5 +220,5 @@ def finish_run(trainer, training_args, script_args, label_names, recipe: str) ->
         write_json(os.path.join(training_args.output_dir, "results.json"), payload)
         logger.info("results written to %s", os.path.join(training_args.output_dir, "results.json"))
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=getattr(script_args, "dataset_name", None))
+        trainer.push_to_hub()
     return payload

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 
 import datasets
-from recipe_common import finish_run, parse_recipe_args, setup_logging, write_json
+from recipe_common import check_launch, finish_run, parse_recipe_args, resume_argument, setup_logging, write_json
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -159,6 +159,7 @@ def check_model(args: ScriptArguments) -> None:
 def main(argv=None):
     script_args, training_args = parse_recipe_args((ScriptArguments, MagMaxConfig), argv)
     setup_logging(training_args)
+    check_launch(training_args)
     set_seed(training_args.seed)
     if training_args.continual_metric not in (None, "score"):
         raise ValueError("`continual_metric` of the TRACE recipe is its generation `score`; leave it unset.")
@@ -217,7 +218,7 @@ def main(argv=None):
         generation_batch_size=script_args.generation_batch_size,
         max_prompt_len=script_args.max_prompt_len,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))
     trainer.save_model(training_args.output_dir)
 
     results = trainer.continual_results

@@ -4,12 +4,14 @@
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from fake_hub import fake_hub  # noqa: F401  (fixture)
 from recipe_utils import (
     make_image_dataset,
     make_text_dataset,
@@ -259,3 +261,36 @@ def test_bad_configs_fail_before_training(assets, tmp_path):
 
 def _out(tmp_path, i):
     return ["--output_dir", str(tmp_path / f"out{i}")]
+
+
+# --- resume and push ----------------------------------------------------------------------------------------------
+
+
+def test_image_recipe_resumes_an_interrupted_run(assets, tmp_path):
+    out = tmp_path / "resume"
+    image = _recipe("continual_image_classification")
+    argv = ["--config", os.path.join(CONFIGS, "tiny_image_vit.yaml"), "--model_name_or_path", assets["vit"]]
+    argv += ["--dataset_name", assets["cifar"], "--output_dir", str(out), "--save_strategy", "epoch"]
+    image.main(argv)
+    assert (out / "task-00-task_1").is_dir() and (out / "task-01-task_2").is_dir()
+    # interrupt after task 1: drop what task 2 wrote, then resume from the last checkpoint left
+    shutil.rmtree(out / "task-01-task_2")
+    os.remove(out / "continual_results.json")
+    image.main([*argv, "--resume_from_checkpoint", "true"])
+    continual = _json(out / "continual_results.json")
+    assert continual["num_tasks_done"] == 2
+    for kind in ("sequential", "merged"):
+        _check_matrix(continual[kind]["matrix"], 2, 0.0, 1.0)
+    assert (out / "task-01-task_2").is_dir()
+
+
+def test_text_recipe_pushes_to_the_hub(assets, tmp_path, fake_hub):  # noqa: F811
+    out = tmp_path / "push"
+    _recipe("continual_text_classification").main(
+        ["--config", os.path.join(CONFIGS, "tiny_text.yaml"), "--model_name_or_path", assets["bert"]]
+        + ["--tasks", _text_tasks(assets), "--output_dir", str(out)]
+        + ["--push_to_hub", "true", "--hub_model_id", "me/tiny-text-magmax"]
+    )
+    repo = fake_hub.repos["me/tiny-text-magmax"]
+    assert "model.safetensors" in repo.files and "config.json" in repo.files
+    assert b"magmax" in repo.files["README.md"]

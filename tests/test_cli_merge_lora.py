@@ -178,3 +178,13 @@ def test_hub_ids_and_push(checkpoints, fake_hub, tmp_path):  # noqa: F811
     # the default rank (sum of input ranks) reproduces the linear merge exactly
     local = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, method="task_arithmetic")
     assert local.overall_error < 1e-5
+
+
+def test_result_push_to_hub(checkpoints, fake_hub):  # noqa: F811
+    base, adapters = checkpoints
+    result = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, output="merged")
+    url = result.push_to_hub("me/merged-lora")
+    repo = fake_hub.repos["me/merged-lora"]
+    assert url.startswith(fake_hub.url) and repo.private is False
+    assert {"config.json", "model.safetensors", "README.md", "magmax_config.yaml"} <= set(repo.files)
+    assert repo.commits[-1].message == "Upload MagMax LoRA merge"

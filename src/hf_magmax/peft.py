@@ -830,6 +830,32 @@ class LoraMergeResult:
         else:
             self.adapter.save_pretrained(save_directory)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Upload the adapter (or merged model) with its model card and `magmax_config.yaml` to a Hub repo.
+
+        Writes the output with [`save_lora_merge`] into a temporary directory and pushes it with
+        [`hf_magmax.hub.push_to_hub`]. Returns the commit URL.
+        """
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_lora_merge(self, os.path.join(tmp, "output"))
+            return push_to_hub(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                commit_message=commit_message or "Upload MagMax LoRA merge",
+            )
+
 
 def _load_base_model(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn.Module:
     """Load a base model by its `config.architectures[0]` class (falls back to `AutoModel`)."""

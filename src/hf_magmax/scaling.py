@@ -371,7 +371,8 @@ def select_scaling_coef_for_checkpoints(
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
             Where the model and the merge state live.
         **method_kwargs:
-            `density` for `ties`, `seed` for `random_mix`.
+            `density` for `ties`, `seed` for `random_mix` (whose random draws here follow [`~hf_magmax.StateDictMerger`]'s
+            per-tensor seeding, not the streaming merge's, so the scored and the written merges differ slightly).
 
     Returns:
         [`ScalingCoefSearch`]: the chosen λ, its score and the curve. The model is not returned; write the merge

@@ -155,26 +155,27 @@ def test_text_recipe_shares_label_names_across_tasks(assets, tmp_path):
     assert config["id2label"] == {"0": "negative", "1": "positive", "2": "sports", "3": "business"}
 
 
-def test_text_recipe_runs_as_two_processes(assets, tmp_path):
-    """`torchrun --nproc_per_node 2`: two real ranks (gloo), only rank 0 writes; world_size 2 is recorded."""
-    out = tmp_path / "text-ddp"
+def test_trace_recipe_runs_as_two_processes(assets, tmp_path):
+    """`torchrun --nproc_per_node 2`: two real ranks (gloo) train, split the test prompts between them for generation
+    and gather the answers; only rank 0 writes. The base model's row (before any training, so independent of how the
+    batches are split) equals the one-process run's: the sharded generation loses and reorders nothing."""
+    argv = ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
+    argv += ["--data_path", assets["trace"], "--tasks", "C-STANCE", "Py150", "20Minuten", "--max_test_samples", "3"]
+    single = _recipe("trace").main([*argv, "--output_dir", str(tmp_path / "one")])
+    out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    cmd += [
-        os.path.join(RECIPES, "continual_text_classification.py"),
-        "--config",
-        os.path.join(CONFIGS, "tiny_text.yaml"),
-    ]
-    cmd += ["--model_name_or_path", assets["bert"], "--tasks", _text_tasks(assets), "--output_dir", str(out)]
+    cmd += [os.path.join(RECIPES, "trace.py"), *argv, "--output_dir", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = _json(out / "results.json")
-    assert results["world_size"] == 2
-    assert "[rank1]" in proc.stdout + proc.stderr or results["world_size"] == 2
-    _check_matrix(results["continual_results"]["merged"]["matrix"], 2, 0.0, 1.0)
+    assert _json(out / "results.json")["world_size"] == 2
+    results = _json(out / "trace_results.json")
+    for label in ("SeqFT", "MagMax"):
+        matrix = _check_matrix(results["scores"][label]["matrix"], 3, 0.0, 100.0)
+        assert matrix[0].tolist() == single[label]["matrix"][0]
 
 
 # --- configs and bad configs --------------------------------------------------------------------------------------

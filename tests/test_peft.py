@@ -483,6 +483,14 @@ def test_non_lora_adapters_are_refused(llama_adapters, tmp_path):
         merge_adapters(copy.deepcopy(base), [paths[0], str(tmp_path / "ia3")])
     with pytest.raises(ValueError, match="'default' is a IA3 adapter"):
         lora_delta_state_dict(ia3)
+    injected = peft.inject_adapter_in_model(
+        IA3Config(target_modules=["q_proj"], feedforward_modules=[]), copy.deepcopy(base)
+    )
+    with pytest.raises(ValueError, match="'default' is a IA3 adapter"):
+        lora_delta_state_dict(injected)
+    del injected.peft_config  # without a config, the layer itself is recognised
+    with pytest.raises(ValueError, match=r"module `model\.layers\.0\.self_attn\.q_proj` holds a Linear adapter layer"):
+        lora_delta_state_dict(injected)
     with pytest.raises(FileNotFoundError, match="not-an-adapter"):
         merge_adapters(copy.deepcopy(base), [str(tmp_path / "not-an-adapter")])
 

@@ -237,7 +237,7 @@ def _iter_adapted_modules(model: nn.Module, adapter_names: Sequence[str]) -> Ite
             if any(
                 a in layer
                 for layer in layer_names
-                if isinstance(layer, Mapping | nn.ModuleDict)
+                if isinstance(layer, Mapping | nn.ModuleDict | nn.ParameterDict)
                 for a in adapter_names
             ):
                 raise ValueError(

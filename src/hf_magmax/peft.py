@@ -51,6 +51,8 @@ __all__ = [
     "LoraFactorization",
     "LoraMergeResult",
     "add_magmax_adapter",
+    "base_parameters",
+    "check_not_quantized",
     "deltas_to_lora",
     "fold_deltas_into_base",
     "lora_delta_state_dict",

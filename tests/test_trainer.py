@@ -365,3 +365,33 @@ def test_deepcopy_free_construction_keeps_user_model(tmp_path):
     trainer = MagMaxTrainer(model, make_args(tmp_path), train_datasets=train)
     assert trainer.model is model
     copy.deepcopy(trainer.args)  # the config stays a plain dataclass
+
+
+def test_image_classification_tiny_vit(tmp_path):
+    from datasets import Dataset
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=4,
+    )  # fmt: skip
+    model = ViTForImageClassification(config)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def images(classes, n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        labels = [classes[i % len(classes)] for i in range(n)]
+        pixels = [(torch.randn(3, 8, 8, generator=generator) + label).tolist() for label in labels]
+        return Dataset.from_dict({"pixel_values": pixels, "labels": labels})
+
+    train = {"ab": images([0, 1], 16, 1), "cd": images([2, 3], 16, 2)}
+    evaluation = {"ab": images([0, 1], 8, 3), "cd": images([2, 3], 8, 4)}
+    recorder = Recorder()
+    args = make_args(tmp_path, restrict_loss_to_task_classes=True)
+    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation, callbacks=[recorder])
+    trainer.train()
+    for name, value in engine_merge(base, recorder.snapshots).items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+    assert trainer.continual_results["metric"] == "accuracy"
+    assert all(v is not None for row in trainer.continual_results["merged"]["matrix"] for v in row)

@@ -1,0 +1,190 @@
+"""Overhead of MagMaxTrainer over a plain `Trainer` running the same tasks one after another.
+
+Both runs train the same model on the same T tasks with the same steps, batch size and a fresh optimizer per task;
+evaluation is excluded (no eval datasets), so the difference is MagMax's own work: θ_0 snapshot, one task vector per
+task folded into the running merge on the CPU, and the final `θ_0 + λ · merge`. Each run is a fresh subprocess;
+the runs alternate and the table reports medians.
+
+Memory: peak RSS (`VmHWM`) and the peak of `RssAnon` (anonymous memory: tensors, optimizer state), sampled every 5 ms,
+next to the size of the MagMax state (θ_0 + the running merge), which is the only memory MagMax should add.
+
+    python benchmarks/trainer_overhead.py                       # defaults: BERT 2×128, 3 tasks × 30 steps, 3 repeats
+    python benchmarks/trainer_overhead.py --repeats 1 --steps 10  # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "trainer_overhead.md")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class AnonPeak(threading.Thread):
+    def __init__(self, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.running = interval, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _status("RssAnon"))
+            time.sleep(self.interval)
+
+
+def worker(kind: str, cli: argparse.Namespace) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from hf_magmax import MagMaxConfig, MagMaxTrainer
+
+    torch.set_num_threads(cli.threads)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=cli.hidden,
+        num_hidden_layers=cli.layers,
+        num_attention_heads=4,
+        intermediate_size=4 * cli.hidden,
+        max_position_embeddings=64,
+        num_labels=2 * cli.tasks,
+    )
+    model = BertForSequenceClassification(config)
+    generator = torch.Generator().manual_seed(0)
+    n = cli.steps * cli.batch_size
+    tasks = {
+        f"task{t}": Dataset.from_dict(
+            {
+                "input_ids": torch.randint(1, 1000, (n, cli.seq_len), generator=generator).tolist(),
+                "labels": [2 * t + i % 2 for i in range(n)],
+            }
+        )
+        for t in range(cli.tasks)
+    }
+    common = dict(
+        output_dir=os.path.join(cli.tmp, kind),
+        max_steps=cli.steps,
+        per_device_train_batch_size=cli.batch_size,
+        learning_rate=1e-4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=0,
+    )
+    sampler = AnonPeak()
+    sampler.start()
+    start = time.perf_counter()
+    state_bytes = 0
+    if kind == "plain":
+        trainer = Trainer(model, TrainingArguments(**common), train_dataset=tasks["task0"])
+        for dataset in tasks.values():
+            trainer.train_dataset = dataset
+            trainer.optimizer, trainer.lr_scheduler = None, None  # fresh optimizer per task, as MagMaxTrainer
+            trainer.train()
+    else:
+        trainer = MagMaxTrainer(model, MagMaxConfig(**common, scaling_coef=0.5), train_datasets=tasks)
+        trainer.train()
+        run = trainer._magmax
+        tensors = list(run.base.values())
+        for acc in run.merger.accumulators.values():
+            tensors += [v for v in acc.state_dict().values() if isinstance(v, torch.Tensor)]
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    seconds = time.perf_counter() - start
+    sampler.running = False
+    sampler.join()
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return {
+        "seconds": seconds,
+        "anon_peak": sampler.peak,
+        "hwm": _status("VmHWM"),
+        "state_bytes": state_bytes,
+        "params": params,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per task")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tmp", default="/tmp/hf_magmax_trainer_overhead")
+    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--worker", choices=["plain", "magmax"], help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker:
+        print(json.dumps(worker(cli.worker, cli)))
+        return
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["OMP_NUM_THREADS"] = str(cli.threads)
+    runs: dict[str, list[dict]] = {"plain": [], "magmax": []}
+    argv = [
+        f"--{key}={getattr(cli, key)}"
+        for key in ("hidden", "layers", "tasks", "steps", "batch_size", "seq_len", "threads", "repeats", "tmp")
+    ]
+    for repeat in range(cli.repeats):
+        for kind in ("plain", "magmax") if repeat % 2 == 0 else ("magmax", "plain"):
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
+            runs[kind].append(json.loads(out.strip().splitlines()[-1]))
+            print(kind, runs[kind][-1], file=sys.stderr)
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[kind])
+
+    mib = 1024**2
+    plain_s, magmax_s = med("plain", "seconds"), med("magmax", "seconds")
+    state = med("magmax", "state_bytes")
+    lines = [
+        f"BERT (hidden {cli.hidden}, {cli.layers} layers, {runs['plain'][0]['params'] / 1e6:.2f} M parameters, fp32), "
+        f"{cli.tasks} tasks × {cli.steps} steps, batch {cli.batch_size} × {cli.seq_len} tokens, CPU, "
+        f"{cli.threads} threads, median of {cli.repeats} alternating runs, evaluation excluded.",
+        "",
+        "| | plain `Trainer` (tasks in a loop) | `MagMaxTrainer` | difference |",
+        "|---|---:|---:|---:|",
+        f"| wall time (s) | {plain_s:.2f} | {magmax_s:.2f} | {100 * (magmax_s / plain_s - 1):+.1f}% |",
+    ]
+    for key, label in (("anon_peak", "peak RssAnon (MiB)"), ("hwm", "peak RSS, VmHWM (MiB)")):
+        a, b = med("plain", key) / mib, med("magmax", key) / mib
+        lines.append(f"| {label} | {a:.0f} | {b:.0f} | {b - a:+.0f} MiB |")
+    lines.append(f"| MagMax state on CPU: θ_0 + running merge (MiB) | – | {state / mib:.1f} | |")
+    lines += [
+        "",
+        "Command: `python benchmarks/trainer_overhead.py " + " ".join(a for a in argv if "--tmp" not in a) + "`",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.dirname(cli.output), exist_ok=True)
+    with open(cli.output, "w") as f:
+        f.write("# MagMaxTrainer overhead\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -301,3 +301,17 @@ def test_text_recipe_pushes_to_the_hub(assets, tmp_path, fake_hub):  # noqa: F81
     repo = fake_hub.repos["me/tiny-text-magmax"]
     assert "model.safetensors" in repo.files and "config.json" in repo.files
     assert b"magmax" in repo.files["README.md"]
+
+
+def test_trace_recipe_learns_a_task(assets, tmp_path):
+    """The chain collator → training → generation → metric is right: after 15 epochs on FOMC (answers "A"/"B"), the
+    fine-tuned model's exact match on FOMC beats the base model's 0."""
+    out = tmp_path / "learn"
+    scores = _recipe("trace").main(
+        ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
+        + ["--data_path", assets["trace"], "--output_dir", str(out), "--tasks", "FOMC", "--epochs_per_task", "15"]
+        + ["--max_train_samples", "4", "--max_test_samples", "4", "--learning_rate", "3e-3", "--max_new_tokens", "3"]
+    )
+    matrix = scores["SeqFT"]["matrix"]
+    assert matrix[0][0] == 0.0 and matrix[1][0] >= 50.0
+    assert scores["SeqFT"]["OP"] == matrix[1][0] and scores["SeqFT"]["BWT"] == 0.0

@@ -262,7 +262,7 @@ def main(argv=None):
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            task_type="SEQ_CLS" if script_args.head == "linear" else "FEATURE_EXTRACTION",
+            task_type="SEQ_CLS" if script_args.head == "linear" else None,
             r=script_args.lora_r,
             lora_alpha=script_args.lora_alpha,
             lora_dropout=script_args.lora_dropout,

@@ -139,11 +139,13 @@ def _text_tasks(assets):
     )
 
 
-def test_text_recipe_shares_label_names_across_tasks(assets, tmp_path):
+@pytest.mark.parametrize(("head", "lora"), [("linear", False), ("zero_shot", True)])
+def test_text_recipe_shares_label_names_across_tasks(assets, tmp_path, head, lora):
     out = tmp_path / "text"
     _recipe("continual_text_classification").main(
         ["--config", os.path.join(CONFIGS, "tiny_text.yaml"), "--model_name_or_path", assets["bert"]]
-        + ["--tasks", _text_tasks(assets), "--output_dir", str(out)]
+        + ["--tasks", _text_tasks(assets), "--output_dir", str(out), "--head", head]
+        + (["--use_peft", "true", "--lora_target_modules", "query", "value"] if lora else [])
     )
     results = _json(out / "results.json")
     # "positive" is one class of both tasks: 2 + 3 - 1 classes in all
@@ -151,10 +153,13 @@ def test_text_recipe_shares_label_names_across_tasks(assets, tmp_path):
     continual = results["continual_results"]
     assert continual["task_names"] == ["sentiment", "topic"]
     _check_matrix(continual["merged"]["matrix"], 2, 0.0, 1.0)
+    if head == "zero_shot":
+        return
     config = _json(out / "config.json")
     assert config["id2label"] == {"0": "negative", "1": "positive", "2": "sports", "3": "business"}
 
 
+@pytest.mark.slow
 def test_trace_recipe_runs_as_two_processes(assets, tmp_path):
     """`torchrun --nproc_per_node 2`: two real ranks (gloo) train, split the test prompts between them for generation
     and gather the answers; only rank 0 writes. The base model's row (before any training, so independent of how the

@@ -149,9 +149,12 @@ def make_text_dataset(path: str, labels: list[str], n_per_class: int = 4, text_c
 
 
 def make_image_dataset(path: str, num_classes: int = 4, n_per_class: int = 3, size: int = 32) -> str:
-    """An image dataset like `uoft-cs/cifar100` (columns `img` (Image) and `fine_label` (ClassLabel)), on disk."""
+    """An image dataset like `uoft-cs/cifar100` (columns `img` (Image) and `fine_label` (ClassLabel)), on disk.
+
+    A `domain` column ("photo" / "sketch", alternating) serves the domain-incremental scenario.
+    """
     import numpy as np
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
     from PIL import Image as PILImage
 
     rng = np.random.RandomState(0)
@@ -163,8 +166,9 @@ def make_image_dataset(path: str, num_classes: int = 4, n_per_class: int = 3, si
             noise = rng.randint(0, 30, size=(size, size, 3)).astype(np.uint8)
             images.append(PILImage.fromarray(base + noise))
             labels.append(y)
-    features = Features({"img": Image(), "fine_label": ClassLabel(names=names)})
-    ds = Dataset.from_dict({"img": images, "fine_label": labels}, features=features)
+    domains = ["photo" if i % 2 == 0 else "sketch" for i in range(len(labels))]
+    features = Features({"img": Image(), "fine_label": ClassLabel(names=names), "domain": Value("string")})
+    ds = Dataset.from_dict({"img": images, "fine_label": labels, "domain": domains}, features=features)
     DatasetDict({"train": ds, "test": ds}).save_to_disk(path)
     return path
 

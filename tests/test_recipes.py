@@ -127,6 +127,26 @@ def test_image_recipe(assets, tmp_path, config, model):
     assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
 
 
+def test_image_recipe_domain_incremental(assets, tmp_path):
+    out = tmp_path / "domains"
+    _recipe("continual_image_classification").main(
+        ["--config", os.path.join(CONFIGS, "tiny_image_clip.yaml"), "--model_name_or_path", assets["clip"]]
+        + ["--dataset_name", assets["cifar"], "--output_dir", str(out), "--scenario", "domain_incremental"]
+        + [
+            "--domain_column",
+            "domain",
+            "--domain_order",
+            "sketch",
+            "photo",
+            "--restrict_loss_to_task_classes",
+            "false",
+        ]
+    )
+    continual = _json(out / "continual_results.json")
+    assert continual["task_names"] == ["sketch", "photo"]
+    _check_matrix(continual["merged"]["matrix"], 2, 0.0, 1.0)
+
+
 # --- text -------------------------------------------------------------------------------------------------------------
 
 

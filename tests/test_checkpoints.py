@@ -134,6 +134,17 @@ def test_llama_merge_equals_in_memory_merge_bit_for_bit(llama, tmp_path, method)
     assert not torch.equal(merged["model.norm.weight"], load_dir(base)["model.norm.weight"])
 
 
+@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average"])
+def test_row_block_streaming_equals_in_memory_merge(llama, tmp_path, monkeypatch, method):
+    import hf_magmax.checkpoints
+
+    monkeypatch.setattr(hf_magmax.checkpoints, "_CHUNK_ELEMENTS", 100)  # many row blocks per tensor
+    base, models = llama
+    out = merge_checkpoints(base, models, tmp_path / "out", method=method, dtype="bfloat16", show_progress=False)
+    merged, expected = load_dir(out), expected_merge(base, models, method)
+    assert all(torch.equal(merged[n], expected[n].to(torch.bfloat16)) for n in expected)
+
+
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 def test_bert_and_vit_merge_equals_in_memory_merge(tmp_path, kind):
     base, models = make_family(tmp_path / kind, kind, num_tasks=2)

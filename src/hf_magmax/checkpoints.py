@@ -129,6 +129,9 @@ _ITEMSIZE = {
     "bool": 1,
 }
 _FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+#: Methods whose result at an element depends only on that element: merged in row blocks of this many elements.
+_ELEMENTWISE = {"magmax", "average", "task_arithmetic"}
+_CHUNK_ELEMENTS = 32_000  # 125 KiB of fp32: under glibc's 128 KiB mmap threshold, so temporaries reuse heap memory
 _DTYPE_ALIASES = {
     "float32": "float32",
     "fp32": "float32",
@@ -230,16 +233,19 @@ class _Checkpoint:
     def weight_files(self) -> list[Path]:
         return sorted({info.file for info in self.tensors.values()})
 
-    def get(self, name: str):
-        """Read one tensor (a CPU copy)."""
-        info = self.tensors[name]
-        handle = self._handles.get(info.file)
+    def _handle(self, name: str):
+        file = self.tensors[name].file
+        handle = self._handles.get(file)
         if handle is None:
-            handle = self._open(info.file)
-            self._handles[info.file] = handle
+            handle = self._handles[file] = self._open(file)
+        return handle
+
+    def get(self, name: str):
+        """One tensor, as a lazy view of the memory-mapped file (`safe_open`, or `torch.load(mmap=True)`): bytes are
+        read when used. Never write into it."""
         if self.fmt == "safetensors":
-            return handle.get_tensor(name)
-        return handle[name]
+            return self._handle(name).get_tensor(name)
+        return self._handle(name)[name]
 
     def _open(self, file: Path):
         if self.fmt == "safetensors":
@@ -598,15 +604,35 @@ class _ShardWriter:
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
-    def write(self, name: str, tensor) -> None:
+    def begin(self, name: str) -> None:
+        """Start the next tensor of the header; its bytes follow with `write_part` calls, in row-major order."""
+        if self._next >= len(self.expected) or self.expected[self._next][0] != name:
+            raise RuntimeError(f"internal error: shard {self.file.name} does not expect {name!r} next.")
+        self._written = 0
+
+    def write_part(self, tensor) -> None:
         import torch
 
-        expected_name, dtype, shape, nbytes = self.expected[self._next]
-        if name != expected_name or str(tensor.dtype).removeprefix("torch.") != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"internal error: shard {self.file.name} expected {expected_name!r}, got {name!r}.")
+        _, dtype, _, nbytes = self.expected[self._next]
+        if str(tensor.dtype).removeprefix("torch.") != dtype:
+            raise RuntimeError(f"internal error: shard {self.file.name} expected dtype {dtype}, got {tensor.dtype}.")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._handle.write(memoryview(data.numpy()))
+        self._written += data.numel()
+
+    def end(self) -> None:
+        name, _, _, nbytes = self.expected[self._next]
+        if self._written != nbytes:
+            raise RuntimeError(f"internal error: tensor {name!r} got {self._written} bytes instead of {nbytes}.")
         self._next += 1
+
+    def write(self, name: str, tensor) -> None:
+        """Write one whole tensor."""
+        self.begin(name)
+        if tuple(tensor.shape) != self.expected[self._next][2]:
+            raise RuntimeError(f"internal error: tensor {name!r} has shape {tuple(tensor.shape)}.")
+        self.write_part(tensor)
+        self.end()
 
     def close(self) -> None:
         self._handle.close()
@@ -1067,7 +1093,10 @@ def _stream_merge(
     floating_position = {name: i for i, name in enumerate(n for n in names if base.tensors[n].dtype in _FLOATING)}
 
     def check_finite(tensor, name: str, checkpoint: _Checkpoint, source: str) -> None:
-        if allow_non_finite or not tensor.is_floating_point():
+        if allow_non_finite:
+            return
+        # one cheap pass: any NaN/Inf makes the sum non-finite; only then look closer (a finite sum may overflow)
+        if math.isfinite(float(tensor.sum())):
             return
         if not bool(torch.isfinite(tensor).all()):
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
@@ -1075,6 +1104,26 @@ def _stream_merge(
                 f"tensor {name!r} of model {checkpoint.name!r} ({checkpoint.tensors[source].file}) holds {kind} "
                 "values: fix the checkpoint, or pass `allow_non_finite=True` (--allow-non-finite) to merge anyway."
             )
+
+    def merge_block(name: str, views: Sequence[Any], block: slice, kwargs: Mapping[str, Any]):
+        """θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0) for rows `block` of one tensor (`views`: θ_0, θ_1, ..., θ_T)."""
+        theta_0 = views[0][block]
+        compute = torch.float64 if theta_0.dtype == torch.float64 else torch.float32
+        theta_0 = theta_0.to(device=device, dtype=compute)
+        check_finite(theta_0, name, base, name)
+        accumulator = make_online_merge(method, **kwargs)
+        for model, plan, view in zip(models, plans, views[1:]):
+            source = plan[name]
+            theta_t = view[block]
+            delta = theta_t.to(device=device, dtype=compute)
+            check_finite(delta, name, model, source)
+            if delta.data_ptr() != theta_t.data_ptr():  # a fresh copy: subtract in place
+                delta.sub_(theta_0)
+            else:  # `theta_t` may be a view of a memory-mapped file: never write into it
+                delta = delta - theta_0
+            accumulator.update(delta)  # τ_t = θ_t − θ_0
+            del theta_t, delta
+        return theta_0 + accumulator.result() * scaling_coef
 
     total_size = 0
     num_parameters = 0
@@ -1094,33 +1143,33 @@ def _stream_merge(
                     )
                     total_size += writer.nbytes
                 _, dtype, shape = entry_by_name[name]
-                theta_0 = base.get(name)
-                check_finite(theta_0, name, base, name)
-                num_parameters += theta_0.numel()
-                if not theta_0.is_floating_point():
-                    merged = theta_0  # integer / bool buffers are taken from the base
+                if base.tensors[name].dtype not in _FLOATING:  # integer / bool buffers are taken from the base
+                    theta_0 = base.get(name)
+                    num_parameters += theta_0.numel()
+                    writer.write(name, theta_0)
+                    progress.update(1)
+                    continue
+                num_parameters += math.prod(shape)
+                kwargs = dict(method_kwargs)
+                if method == "random_mix":  # same per-tensor seeding as StateDictMerger / merge_task_vectors
+                    kwargs["seed"] = int(kwargs["seed"]) + floating_position[name]
+                # element-wise methods stream row blocks of ~_CHUNK_ELEMENTS; ties (top-k per tensor) and random_mix
+                # (one random stream per tensor) need whole tensors
+                row = math.prod(shape[1:])
+                if method in _ELEMENTWISE and len(shape) >= 1 and row > 0:
+                    step = max(1, _CHUNK_ELEMENTS // row)
+                    blocks = [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
                 else:
-                    compute = torch.float64 if theta_0.dtype == torch.float64 else torch.float32
-                    theta_0 = theta_0.to(device=device, dtype=compute)
-                    kwargs = dict(method_kwargs)
-                    if method == "random_mix":  # same per-tensor seeding as StateDictMerger / merge_task_vectors
-                        kwargs["seed"] = int(kwargs["seed"]) + floating_position[name]
-                    accumulator = make_online_merge(method, **kwargs)
-                    for model, plan in zip(models, plans):
-                        source = plan[name]
-                        theta_t = model.get(source)
-                        check_finite(theta_t, name, model, source)
-                        delta = theta_t.to(device=device, dtype=compute)
-                        if delta.data_ptr() != theta_t.data_ptr():  # a fresh copy: subtract in place
-                            delta.sub_(theta_0)
-                        else:  # `theta_t` may be a view of a memory-mapped file: never write into it
-                            delta = delta - theta_0
-                        accumulator.update(delta)  # τ_t = θ_t − θ_0
-                        del theta_t, delta
-                    merged = theta_0 + accumulator.result() * scaling_coef  # θ_0 + λ · merge(τ_1..τ_T)
-                    del accumulator, theta_0
-                writer.write(name, merged.to(getattr(torch, dtype)))
-                del merged
+                    blocks = [slice(None)]
+                # lazy views of the memory-mapped inputs: only the rows of the current block are read
+                views = [base.get(name)] + [model.get(plan[name]) for model, plan in zip(models, plans)]
+                writer.begin(name)
+                for block in blocks:
+                    merged = merge_block(name, views, block, kwargs)
+                    writer.write_part(merged.to(getattr(torch, dtype)))
+                    del merged
+                writer.end()
+                del views
                 progress.update(1)
         if writer is not None:
             writer.close()

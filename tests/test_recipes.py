@@ -340,3 +340,23 @@ def test_trace_recipe_learns_a_task(assets, tmp_path):
     matrix = scores["SeqFT"]["matrix"]
     assert matrix[0][0] == 0.0 and matrix[1][0] >= 50.0
     assert scores["SeqFT"]["OP"] == matrix[1][0] and scores["SeqFT"]["BWT"] == 0.0
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    expected = {
+        "multi_gpu.yaml": ("MULTI_GPU", None),
+        "fsdp.yaml": ("FSDP", None),
+        "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
+        "deepspeed_zero3.yaml": ("DEEPSPEED", 3),
+    }
+    folder = os.path.join(RECIPES, "accelerate_configs")
+    assert sorted(os.listdir(folder)) == sorted(expected)
+    for name, (kind, stage) in expected.items():
+        config = ClusterConfig.from_yaml_file(os.path.join(folder, name))
+        assert config.distributed_type.value == kind, name
+        if stage is not None:
+            assert config.deepspeed_config["zero_stage"] == stage
+    fsdp = ClusterConfig.from_yaml_file(os.path.join(folder, "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the merge gathers the full state dict

@@ -225,6 +225,7 @@ def test_yaml_values_are_defaults_and_the_command_line_overrides(tmp_path):
         ],
     )
     assert script_args.num_tasks == 5 and script_args.label_column == "fine_label"
+    assert len(script_args.templates) == 18 and script_args.templates[0] == "a photo of a {}."
     assert training_args.learning_rate == 1e-5 and training_args.weight_decay == 0.1
     assert training_args.warmup_steps == 500 and training_args.lr_scheduler_type == "cosine"
     assert training_args.max_grad_norm == 1.0 and training_args.per_device_train_batch_size == 128

@@ -350,6 +350,9 @@ def test_auto_scaling_coef_is_validation_argmax_and_matrices_never_see_validatio
     assert dict((c, s) for c, s in final_search["curve"]) == pytest.approx(curve)
     best = min(curve, key=lambda c: (-curve[c], c))
     assert results["scaling_coef"] == best == final_search["best"]
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Scaling coefficient (validation)" in card and f"| {best:g} |" in card
     for name, value in engine_merge(base, recorder.snapshots, scaling_coef=best).items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
     # the matrices only ever saw the eval sets; λ only ever saw the validation sets
@@ -395,3 +398,18 @@ def test_image_classification_tiny_vit(tmp_path):
         assert torch.equal(trainer.model.state_dict()[name], value), name
     assert trainer.continual_results["metric"] == "accuracy"
     assert all(v is not None for row in trainer.continual_results["merged"]["matrix"] for v in row)
+
+
+def test_config_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(MagMaxConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "x", "--scaling_coef", "auto", "--scaling_coef_grid", "0.2", "0.4", "--report_to", "none"]
+    )
+    assert args.scaling_coef == "auto" and args.scaling_coef_grid == [0.2, 0.4]
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--scaling_coef", "0.7", "--report_to", "none"])
+    assert args.scaling_coef == 0.7
+    default = MagMaxConfig(output_dir="x", merge_method="average", scaling_coef=None, report_to="none")
+    assert default.scaling_coef == 1.0  # the method's default λ
+    assert MagMaxConfig(output_dir="x", scaling_coef="auto", report_to="none").scaling_coef_grid[-1] == 1.0

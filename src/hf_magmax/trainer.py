@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from .merging import StateDictMerger, check_density, check_merge_method
+from .merging import StateDictMerger, check_density, check_merge_method, default_scaling_coef
 from .task_vectors import TaskVector, shared_tensor_groups
 
 
@@ -60,6 +60,10 @@ def _check_options(options: Any) -> None:
     from .scaling import DEFAULT_SCALING_COEF_GRID, check_scaling_coef_grid, check_validation_fraction
 
     coef = options.scaling_coef
+    if isinstance(coef, str) and coef.strip().lower() == "none":
+        coef = None
+    if coef is None:  # the method's default λ (0.5 magmax, 1.0 average/ties, 0.3 task_arithmetic, 0.5 random_mix)
+        coef = options.scaling_coef = default_scaling_coef(check_merge_method(options.merge_method))
     if isinstance(coef, str):
         if coef.strip().lower() == "auto":
             options.scaling_coef = "auto"
@@ -147,7 +151,9 @@ class MagMaxConfig(TrainingArguments):
     Args:
         scaling_coef (`float` or `"auto"`, *optional*, defaults to `0.5`):
             λ: the merged model is `θ_0 + λ · merge(τ_1, …, τ_T)`. `0.5` is the MagMax paper's value. `"auto"` picks
-            λ from `scaling_coef_grid` by the mean score on *validation* data of the tasks seen so far.
+            λ from `scaling_coef_grid` by the mean score on *validation* data of the tasks seen so far. `None` takes
+            the merge method's default (`DEFAULT_SCALING_COEFS`: 1.0 for `average` and `ties`, 0.3 for
+            `task_arithmetic`).
         scaling_coef_grid (`list[float]`, *optional*):
             Candidate λ for `scaling_coef="auto"`; defaults to 0.1, 0.2, …, 1.0.
         merge_method (`str`, *optional*, defaults to `"magmax"`):
@@ -190,7 +196,8 @@ class MagMaxConfig(TrainingArguments):
             defaults to the trained adapter's rank times the number of tasks. The re-factor is exact at full rank.
     """
 
-    scaling_coef: float | str = field(
+    # `float | str | None` so that HfArgumentParser parses the command line as a string ("auto" or a number)
+    scaling_coef: float | str | None = field(
         default=0.5,
         metadata={"help": 'λ of the merged model θ_0 + λ·merge(τ); 0.5 as in the MagMax paper, or "auto".'},
     )
@@ -1330,6 +1337,11 @@ class MagMaxCallback(TrainerCallback):
         if self._run.finished:
             raise RuntimeError("MagMaxCallback: the task sequence is finished; make a new callback for a new one.")
         trainer = self.trainer
+        if model is not None and _is_peft_model(_unwrap(model)):
+            raise ValueError(
+                "MagMaxCallback merges full weights; for a PEFT (LoRA) model use `MagMaxTrainer(peft_config=...)`, "
+                "whose task vectors are the adapter's ΔW, or merge the saved adapters with `merge_adapters`."
+            )
         if trainer is None and self._run.eval_datasets:
             raise ValueError("MagMaxCallback needs the trainer to evaluate: build it with `MagMaxCallback(trainer)`.")
         task = self._task()

@@ -218,10 +218,11 @@ def main(argv=None):
         columns = spec["text_columns"]
 
         def fn(batch):
-            first = batch[columns[0]] if len(columns) != 2 else batch[columns[0]]
-            if len(columns) > 2:
+            if len(columns) == 2:  # a sentence pair
+                first, second = batch[columns[0]], batch[columns[1]]
+            else:  # one column, or several joined with a space
                 first = [" ".join(str(batch[c][i]) for c in columns) for i in range(len(batch[columns[0]]))]
-            second = batch[columns[1]] if len(columns) == 2 else None
+                second = None
             out = tokenizer(first, second, truncation=True, max_length=script_args.max_length)
             out["labels"] = [local_to_global[y] for y in batch[spec["label_column"]]]
             return out

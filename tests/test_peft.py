@@ -509,6 +509,25 @@ def test_bad_arguments(llama_adapters):
         merge_adapters(copy.deepcopy(base), paths, rank=17)
 
 
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, groups=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_unsupported_layers_and_states_name_the_module():
+    grouped = make_adapter(GroupedConv(), r=2, target_modules=["conv"])
+    with pytest.raises(ValueError, match="module `conv` is a grouped convolution"):
+        lora_delta_state_dict(grouped)
+    merged = make_adapter(tiny_llama(), r=2, target_modules=["q_proj"])
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match=r"module `model\.layers\.0\.self_attn\.q_proj` has adapters merged"):
+        lora_delta_state_dict(merged)
+
+
 class Linear4bit(nn.Linear):
     """Looks like bitsandbytes' 4-bit layer (bitsandbytes is not installed here)."""
 

@@ -5,7 +5,8 @@ evaluation is excluded (no eval datasets), so the difference is MagMax's own wor
 task folded into the running merge on the CPU, and the final `θ_0 + λ · merge`. Each run is a fresh subprocess;
 the runs alternate and the table reports medians.
 
-Memory: peak RSS (`VmHWM`) and the peak of `RssAnon` (anonymous memory: tensors, optimizer state), sampled every 5 ms,
+Wall time is noisy on a shared machine; the process CPU time and the time spent inside MagMax's own hooks (θ_0
+snapshot, folds, final merge) are reported next to it. Memory: peak RSS (`VmHWM`) and the peak of `RssAnon` (anonymous memory: tensors, optimizer state), sampled every 5 ms,
 next to the size of the MagMax state (θ_0 + the running merge), which is the only memory MagMax should add.
 
     python benchmarks/trainer_overhead.py                       # defaults: BERT 2×128, 3 tasks × 30 steps, 3 repeats
@@ -90,8 +91,8 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
     )
     sampler = AnonPeak()
     sampler.start()
-    start = time.perf_counter()
-    state_bytes = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state_bytes, magmax_seconds = 0, 0.0
     if kind == "plain":
         trainer = Trainer(model, TrainingArguments(**common), train_dataset=tasks["task0"])
         for dataset in tasks.values():
@@ -100,18 +101,32 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
             trainer.train()
     else:
         trainer = MagMaxTrainer(model, MagMaxConfig(**common, scaling_coef=0.5), train_datasets=tasks)
-        trainer.train()
         run = trainer._magmax
+        spent = [0.0]
+        for hook in ("begin", "begin_task", "end_task", "finish"):  # time MagMax's own work inside the run
+
+            def timed(*args, _fn=getattr(run, hook), **kwargs):
+                tic = time.perf_counter()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    spent[0] += time.perf_counter() - tic
+
+            setattr(run, hook, timed)
+        trainer.train()
+        magmax_seconds = spent[0]
         tensors = list(run.base.values())
         for acc in run.merger.accumulators.values():
             tensors += [v for v in acc.state_dict().values() if isinstance(v, torch.Tensor)]
         state_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     sampler.running = False
     sampler.join()
     params = sum(p.numel() for p in trainer.model.parameters())
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "magmax_seconds": magmax_seconds,
         "anon_peak": sampler.peak,
         "hwm": _status("VmHWM"),
         "state_bytes": state_bytes,
@@ -162,6 +177,8 @@ def main() -> None:
     mib = 1024**2
     plain_s, magmax_s = med("plain", "seconds"), med("magmax", "seconds")
     state = med("magmax", "state_bytes")
+    plain_cpu, magmax_cpu = med("plain", "cpu_seconds"), med("magmax", "cpu_seconds")
+    own = med("magmax", "magmax_seconds")
     lines = [
         f"BERT (hidden {cli.hidden}, {cli.layers} layers, {runs['plain'][0]['params'] / 1e6:.2f} M parameters, fp32), "
         f"{cli.tasks} tasks × {cli.steps} steps, batch {cli.batch_size} × {cli.seq_len} tokens, CPU, "
@@ -170,6 +187,9 @@ def main() -> None:
         "| | plain `Trainer` (tasks in a loop) | `MagMaxTrainer` | difference |",
         "|---|---:|---:|---:|",
         f"| wall time (s) | {plain_s:.2f} | {magmax_s:.2f} | {100 * (magmax_s / plain_s - 1):+.1f}% |",
+        f"| process CPU time (s) | {plain_cpu:.2f} | {magmax_cpu:.2f} | {100 * (magmax_cpu / plain_cpu - 1):+.1f}% |",
+        f"| MagMax's own work: θ_0 snapshot, folds, final merge (s) | – | {own:.3f} | "
+        f"{100 * own / magmax_s:.2f}% of the run |",
     ]
     for key, label in (("anon_peak", "peak RssAnon (MiB)"), ("hwm", "peak RSS, VmHWM (MiB)")):
         a, b = med("plain", key) / mib, med("magmax", key) / mib

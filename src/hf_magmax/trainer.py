@@ -14,7 +14,7 @@ metrics to a plain `Trainer`.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import glob
 import json
 import logging
@@ -22,7 +22,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,10 +356,6 @@ def _live_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def _to_json_number(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The continual run: shared by MagMaxTrainer and MagMaxCallback
 # --------------------------------------------------------------------------------------------------------------------
@@ -630,7 +626,7 @@ class _ContinualRun:
             row = self.evaluate_row(trainer, "seq")
             self.seq_matrix[self.num_tasks_done] = row
         if want_merged or want_search or want_base:
-            with self.merged_weights(trainer, model, state_dict) as apply:
+            with self.merged_weights(model, state_dict) as apply:
                 if want_base:  # row 0: θ_0 = θ_0 + 0 · merge
                     apply(0.0)
                     row = self.evaluate_row(trainer, "base")
@@ -661,42 +657,34 @@ class _ContinualRun:
                 return float(record["best"])
         return self._default_coef()
 
-    def merged_weights(self, trainer: Trainer | None, model: nn.Module, state_dict: Mapping[str, Tensor]):
-        """Context manager: yields `apply(λ)` that puts `θ_0 + λ · merge` into the model; restores θ_t on exit."""
-        run = self
+    @contextlib.contextmanager
+    def merged_weights(self, model: nn.Module, state_dict: Mapping[str, Tensor]) -> Iterator[Callable[[float], None]]:
+        """Yields `apply(λ)`, which puts `θ_0 + λ · merge` into the model in place; restores θ_t on exit.
 
-        class _Swap:
-            def __enter__(self_inner):
-                if run.lora:
-                    self_inner.peft = _unwrap(model)
-                    self_inner.targets = run._lora_targets(model)
-                    self_inner.saved = {n: t.detach().to(run.device, copy=True) for n, t in self_inner.targets.items()}
-                    self_inner.ctx = self_inner.peft.disable_adapter()
-                    self_inner.ctx.__enter__()
-                else:
-                    self_inner.saved = {n: state_dict[n].detach().to(run.device, copy=True) for n in run.base}
+        θ_t is kept as one copy on `merge_device` meanwhile (no second model). For LoRA, the adapter is disabled and
+        `ΔW_start + λ · merge` is added to the base weights, which are restored on exit.
+        """
+        if self.lora:
+            targets = self._lora_targets(model)
+            saved = {name: t.detach().to(self.device, copy=True) for name, t in targets.items()}
 
-                def apply(coef: float) -> None:
-                    if run.lora:
-                        for name, target in self_inner.targets.items():
-                            value = self_inner.saved[name].float() + run.merged_tensor(name, coef).float()
-                            target.copy_(value.to(target.device, target.dtype))
-                    else:
-                        run.write_into(model, lambda name: run.merged_tensor(name, coef))
+            def apply(coef: float) -> None:
+                for name, target in targets.items():
+                    value = saved[name].float() + self.merged_tensor(name, coef).float()
+                    target.copy_(value.to(target.device, target.dtype))
 
-                return apply
-
-            def __exit__(self_inner, *exc):
-                if run.lora:
-                    for name, target in self_inner.targets.items():
-                        target.copy_(self_inner.saved[name].to(target.device, target.dtype))
-                    self_inner.ctx.__exit__(*exc)
-                else:
-                    run.write_into(model, lambda name: self_inner.saved[name])
-                self_inner.saved = None
-                return False
-
-        return _Swap()
+            with _unwrap(model).disable_adapter():
+                try:
+                    yield apply
+                finally:
+                    for name, target in targets.items():
+                        target.copy_(saved[name].to(target.device, target.dtype))
+        else:
+            saved = {name: state_dict[name].detach().to(self.device, copy=True) for name in self.base}
+            try:
+                yield lambda coef: self.write_into(model, lambda name: self.merged_tensor(name, coef))
+            finally:
+                self.write_into(model, saved.__getitem__)
 
     def finish(self, trainer: Trainer | None, model: nn.Module) -> None:
         """After the last task: put the final weights into the model (full fine-tuning) and write the results."""
@@ -1531,7 +1519,3 @@ def _model_card(
             m = merged.get(key)
             lines.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
     return "\n".join(lines) + "\n"
-
-
-# dataclasses.fields on MagMaxConfig must stay importable for HfArgumentParser
-_ = dataclasses

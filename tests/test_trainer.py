@@ -413,3 +413,20 @@ def test_config_from_the_command_line():
     default = MagMaxConfig(output_dir="x", merge_method="average", scaling_coef=None, report_to="none")
     assert default.scaling_coef == 1.0  # the method's default λ
     assert MagMaxConfig(output_dir="x", scaling_coef="auto", report_to="none").scaling_coef_grid[-1] == 1.0
+
+
+def test_merged_only_at_the_end_with_a_baseline_method(tmp_path):
+    train, evaluation = classification_tasks()
+    model = tiny_bert()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    recorder = Recorder()
+    args = make_args(tmp_path, merge_method="average", scaling_coef=None, eval_merged_every_task=False)
+    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation, callbacks=[recorder])
+    trainer.train()
+    results = trainer.continual_results
+    assert results["method"] == "average" and results["scaling_coef"] == 1.0  # the method's default λ
+    merged = results["merged"]["matrix"]
+    assert merged[1] == [None, None] and None not in merged[2]
+    assert set(results["merged"]["metrics"]) == {"final_average_accuracy"}
+    for name, value in engine_merge(base, recorder.snapshots, method="average", scaling_coef=1.0).items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name

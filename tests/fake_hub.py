@@ -147,7 +147,7 @@ class FakeHub:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- helpers for tests ---------------------------------------------------------------------------------------------
+    # -- helpers for tests --------------------------------------------------------------------------------------------
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> FakeRepo:
         """Create a repo holding `files` (one commit), e.g. to serve downloads."""
@@ -175,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # keep test output quiet
         pass
 
-    # -- plumbing ------------------------------------------------------------------------------------------------------
+    # -- plumbing -----------------------------------------------------------------------------------------------------
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -250,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Repository Not Found for url: {self.path}.", "RepoNotFound")
         return found
 
-    # -- endpoints -----------------------------------------------------------------------------------------------------
+    # -- endpoints ----------------------------------------------------------------------------------------------------
 
     def _create_repo(self, query):
         payload = json.loads(self._body() or b"{}")

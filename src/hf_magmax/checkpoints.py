@@ -8,8 +8,11 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    headers (or the lazily memory-mapped `.bin` state dicts) before a single weight is read; truncated or corrupt
    files, missing shards, other architectures, missing/extra tensors and shape mismatches are reported by name.
 2. **Stream.** For each tensor name: read θ_0, fold every `θ_t − θ_0` into an online accumulator of
-   [`hf_magmax.merging`] (the one place that holds the merge rule), write `θ_0 + λ · result`. Peak memory is a few
-   tensors, independent of T and of the model's size.
+   [`hf_magmax.merging`] (the one place that holds the merge rule), write `θ_0 + λ · result`. The inputs are
+   memory-mapped and read lazily; the element-wise methods (magmax, average, task_arithmetic) go through each tensor
+   in blocks of rows of ~32k elements, so their peak memory is a few such blocks; ties (top-k per tensor) and
+   random_mix (one random stream per tensor) hold a few whole tensors. Either way it does not grow with T or with
+   the model's size.
 3. **Write atomically.** Sharded safetensors (the layout is planned from the headers, so every shard is streamed to
    disk tensor by tensor) plus an index, the base's config/tokenizer files, a model card and `magmax_config.yaml`,
    all into a temporary directory beside the output that is renamed at the end.
@@ -980,7 +983,7 @@ def merge_checkpoints(
         )
         scaling_coef = search.best
 
-    # -- 3. stream the merge into a staging directory ------------------------------------------------------------------
+    # -- 3. stream the merge into a staging directory -----------------------------------------------------------------
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.hf_magmax-tmp-", dir=output.parent))
     try:

@@ -158,6 +158,7 @@ def test_heatmap_written(tmp_path):
 
 
 def test_heatmap_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # simulates matplotlib not installed
+    for module in ("matplotlib", "matplotlib.figure"):  # simulates matplotlib not installed
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=r'pip install "hf_magmax\[plot\]"'):
         plot_accuracy_matrix(R3, None, tmp_path / "x.png")

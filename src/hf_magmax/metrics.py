@@ -226,8 +226,8 @@ def plot_accuracy_matrix(
 ):
     """Draw the accuracy matrix as an annotated heatmap (rows: θ_0 and after each task; columns: tasks).
 
-    Needs matplotlib (`pip install "hf_magmax[plot]"`). Uses the non-interactive `Agg` backend when saving, so it
-    works on headless machines.
+    Needs matplotlib (`pip install "hf_magmax[plot]"`). Draws on a bare `matplotlib.figure.Figure` (no pyplot, no GUI
+    backend), so it works on headless machines and leaves pyplot's state alone.
 
     Args:
         matrix (`Sequence[Sequence[float]]` or `np.ndarray`):
@@ -245,7 +245,7 @@ def plot_accuracy_matrix(
             Matplotlib colormap name.
 
     Returns:
-        `matplotlib.figure.Figure`: the figure (closed after saving when `path` is given).
+        `matplotlib.figure.Figure`: the figure.
 
     Example:
 
@@ -255,11 +255,7 @@ def plot_accuracy_matrix(
     ```
     """
     try:
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
             'plot_accuracy_matrix needs matplotlib: install it with `pip install "hf_magmax[plot]"`.'
@@ -269,7 +265,9 @@ def plot_accuracy_matrix(
     T = R.shape[1]
     names = _check_task_names(task_names, T)
     shown = 100 * R if percent else R
-    fig, ax = plt.subplots(figsize=(1.1 * T + 2.5, 0.7 * (T + 1) + 1.5))
+    # a bare Figure (no pyplot): no GUI backend, no global state, works on headless machines
+    fig = Figure(figsize=(1.1 * T + 2.5, 0.7 * (T + 1) + 1.5))
+    ax = fig.subplots()
     vmax = 100.0 if percent and R.max() <= 1.0 else float(shown.max())
     image = ax.imshow(shown, cmap=cmap, vmin=min(0.0, float(shown.min())), vmax=vmax, aspect="auto")
     ax.set_xticks(range(T), labels=names, rotation=45, ha="right")
@@ -295,7 +293,6 @@ def plot_accuracy_matrix(
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         logger.info("Saved the accuracy-matrix heatmap to %s", path)
     return fig
 

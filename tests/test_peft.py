@@ -282,6 +282,23 @@ def test_names_loaded_on_a_peft_model_equal_directories(llama_adapters):
         torch.testing.assert_close(mixed[name], value, atol=0, rtol=0)
 
 
+def test_bf16_base_is_merged_in_fp32_and_stays_bf16(llama_adapters):
+    base, paths, dense = llama_adapters
+    half = copy.deepcopy(base).to(torch.bfloat16)
+    reference = {k: v.clone() for k, v in half.state_dict().items()}
+    merged = merge_adapters(half, paths, output="merged").model.state_dict()
+    selected = merge_task_vectors(dense, method="magmax", scaling_coef=0.5)
+    for name, value in merged.items():
+        assert value.dtype == torch.bfloat16
+        expected = (
+            (reference[name].float() + selected[name]).to(torch.bfloat16) if name in selected else reference[name]
+        )
+        if name == "score.weight":  # modules_to_save copies are loaded in the base dtype: bf16-rounded task vectors
+            torch.testing.assert_close(value, expected, atol=2e-2, rtol=0)
+        else:  # LoRA factors stay fp32 (PEFT autocasts them): one rounding of the fp32 sum
+            assert torch.equal(value, expected), name
+
+
 def test_magmax_adapter_has_the_per_element_max_of_the_true_deltas(llama_adapters):
     base, paths, dense = llama_adapters
     result = merge_adapters(copy.deepcopy(base), paths, output="merged", scaling_coef=1.0)

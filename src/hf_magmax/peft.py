@@ -1033,8 +1033,9 @@ def merge_adapters(
       place, as `merge_and_unload()` does.
     - `output="adapter"`: re-factored by truncated SVD into a LoRA adapter (see [`deltas_to_lora`]: `lora_alpha = r`,
       `B = U√S`, `A = √S Vᵀ`, λ folded in), with the relative reconstruction error per module and overall.
-      `result.model` is the `PeftModel` holding it under `adapter_name`; `result.save_pretrained(dir)` writes an
-      ordinary adapter directory.
+      `result.model` is the `PeftModel` holding it under `adapter_name` (a base model passed in is wrapped in place,
+      as `get_peft_model` does; a `PeftModel` passed in gets the new adapter, not activated, and keeps its own);
+      `result.save_pretrained(dir)` writes an ordinary adapter directory.
 
     Only one module's deltas are dense at a time; the base model is loaded once and the adapters (small) are loaded
     onto it. Adapters may differ in rank, alpha, rsLoRA, target modules, `modules_to_save`, DoRA and LoRA bias.

@@ -9,7 +9,7 @@ Wall time is noisy on a shared machine; the process CPU time and the time spent 
 snapshot, folds, final merge) are reported next to it. Memory: peak RSS (`VmHWM`) and the peak of `RssAnon` (anonymous memory: tensors, optimizer state), sampled every 5 ms,
 next to the size of the MagMax state (θ_0 + the running merge), which is the only memory MagMax should add.
 
-    python benchmarks/trainer_overhead.py                       # defaults: BERT 2×128, 3 tasks × 30 steps, 3 repeats
+    python benchmarks/trainer_overhead.py                       # defaults: BERT 2×128, 3 tasks × 30 steps, 1 thread, 5 repeats
     python benchmarks/trainer_overhead.py --repeats 1 --steps 10  # quick check
 """
 
@@ -142,8 +142,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per task")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tmp", default="/tmp/hf_magmax_trainer_overhead")
     parser.add_argument("--output", default=RESULTS)
     parser.add_argument("--worker", choices=["plain", "magmax"], help=argparse.SUPPRESS)
@@ -182,7 +182,7 @@ def main() -> None:
     lines = [
         f"BERT (hidden {cli.hidden}, {cli.layers} layers, {runs['plain'][0]['params'] / 1e6:.2f} M parameters, fp32), "
         f"{cli.tasks} tasks × {cli.steps} steps, batch {cli.batch_size} × {cli.seq_len} tokens, CPU, "
-        f"{cli.threads} threads, median of {cli.repeats} alternating runs, evaluation excluded.",
+        f"{cli.threads} thread{'s' if cli.threads > 1 else ''}, median of {cli.repeats} alternating runs, evaluation excluded.",
         "",
         "| | plain `Trainer` (tasks in a loop) | `MagMaxTrainer` | difference |",
         "|---|---:|---:|---:|",

@@ -139,6 +139,8 @@ def test_matrices_json_logs_and_model_card(tmp_path):
     logged = {k: v for log in recorder.logs for k, v in log.items() if k.startswith("continual/")}
     assert logged["continual/seq/a"] == seq[2][0] and logged["continual/merged/b"] == merged[2][1]
     assert "continual/merged/final_average_accuracy" in logged
+    history = trainer.state.log_history  # every task's logs, not only the last task's
+    assert sum("train_loss" in log for log in history) == 2 and "continual/base/a" in history[0] | history[1]
 
     # the accuracy matrix is the accuracy of the model on the eval set
     trainer.save_model(str(tmp_path / "final"))

@@ -1007,6 +1007,8 @@ class MagMaxTrainer(Trainer):
         Returns:
             [`~transformers.trainer_utils.TrainOutput`]: total steps over all tasks, the mean training loss, and the
             final continual metrics.
+
+        After `train()`, `self.state.log_history` holds the logs of every task (each task's steps count from 0).
         """
         if resume_from_checkpoint is False:
             resume_from_checkpoint = None
@@ -1023,6 +1025,7 @@ class MagMaxTrainer(Trainer):
             run.begin(self, self.model, self.train_datasets)
 
         total_steps, total_loss = 0, 0.0
+        history: list[dict[str, float]] = []
         for task in range(start, len(self.task_names)):
             self._magmax_task = task
             self.train_dataset = self.train_datasets[task]
@@ -1040,9 +1043,12 @@ class MagMaxTrainer(Trainer):
             total_steps += output.global_step
             total_loss += output.training_loss * output.global_step
             run.end_task(self, self.model, task)
+            history.extend(self.state.log_history)  # every train() call starts a new TrainerState
         self._magmax_task = None
         self._magmax_class_mask = None
+        done = len(self.state.log_history)
         run.finish(self, self.model)
+        self.state.log_history = history + self.state.log_history[done:]
         if self._magmax_lora:
             self._finish_lora()
         metrics = {}

@@ -294,7 +294,9 @@ def render(runs: list[dict], args, sizes: dict, seconds: float) -> str:
         + ", ".join(f"{run['head']} {run['train_seconds']:.0f} s" for run in runs)
         + f"; whole script {seconds:.0f} s on a shared 2-core CPU (timings are indicative only).",
         "",
-        "Command: `OMP_NUM_THREADS=2 python benchmarks/continual_minilm.py"
+        "Command: `"
+        + ("" if args.parallel else "OMP_NUM_THREADS=2 ")
+        + "python benchmarks/continual_minilm.py"
         + (" " + " ".join(args.argv) if args.argv else "")
         + "`",
     ]

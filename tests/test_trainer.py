@@ -17,6 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 from tiny_tasks import classification_task, classification_tasks, lm_task, tiny_bert, tiny_llama  # noqa: E402
 
 
+sys.path.insert(0, os.path.dirname(__file__))
+from fake_hub import fake_hub  # noqa: E402, F401  (fixture)
+
+
 def make_args(tmp_path, **kwargs):
     defaults = dict(
         output_dir=str(tmp_path / "out"),
@@ -432,3 +436,16 @@ def test_merged_only_at_the_end_with_a_baseline_method(tmp_path):
     assert set(results["merged"]["metrics"]) == {"final_average_accuracy"}
     for name, value in engine_merge(base, recorder.snapshots, method="average", scaling_coef=1.0).items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
+
+
+def test_push_to_hub_uploads_model_and_card(tmp_path, fake_hub):  # noqa: F811
+    train, evaluation = classification_tasks()
+    args = make_args(tmp_path, hub_model_id="me/magmax-model", hub_token=fake_hub.token)
+    trainer = MagMaxTrainer(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    trainer.push_to_hub()
+    files = fake_hub.repos["me/magmax-model"].files
+    card = files["README.md"].decode()
+    assert card.startswith("---") and "- magmax" in card and "- continual-learning" in card
+    assert "## Merged (magmax): accuracy matrix" in card and "scaling_coef: 0.5" in card
+    assert "model.safetensors" in files and "continual_results.json" in files

@@ -1477,24 +1477,25 @@ def _lora_rank(peft_model: nn.Module) -> int:
 def _model_card(
     run: _ContinualRun, model: nn.Module, args: Any, extra_tags: Sequence[str] = (), **metadata: Any
 ) -> str:
+    from .hub import MAGMAX_CITATION, render_model_card
     from .metrics import format_matrix
 
     summary = run.summary()
     tags = ["magmax", "merge", "continual-learning", *[t for t in extra_tags if t]]
-    tags = list(dict.fromkeys(tags))
+    card_metadata: dict[str, Any] = {
+        "library_name": "peft" if run.lora and _is_peft_model(_unwrap(model)) else "transformers"
+    }
+    card_metadata["tags"] = list(dict.fromkeys(tags))
     base = metadata.get("finetuned_from") or getattr(getattr(_unwrap(model), "config", None), "_name_or_path", None)
-    lines = ["---", "library_name: transformers", "tags:"]
-    lines += [f"- {t}" for t in tags]
     if base:
-        lines.append(f"base_model: {base}")
+        card_metadata["base_model"] = base
     for key in ("language", "license"):
         if metadata.get(key):
-            lines.append(f"{key}: {metadata[key]}")
-    lines.append("---")
+            card_metadata[key] = metadata[key]
     title = metadata.get("model_name") or os.path.basename(os.path.normpath(args.output_dir))
-    lines += ["", f"# {title}", ""]
+    lines = [f"# {title}", ""]
     lines.append(
-        f"Fine-tuned sequentially on {len(run.task_names)} task(s) with [hf_magmax](https://github.com/) and merged "
+        f"Fine-tuned sequentially on {len(run.task_names)} task(s) with hf_magmax's `MagMaxTrainer` and merged "
         f"with **{summary['method']}** (scaling coefficient λ = {summary['scaling_coef']:g}"
         + (", chosen on validation data" if run.auto else "")
         + f"). This checkpoint holds the **{summary['final_model']}** model."
@@ -1524,4 +1525,5 @@ def _model_card(
         for key in seq:
             m = merged.get(key)
             lines.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Citation", "", "```bibtex", MAGMAX_CITATION.strip(), "```"]
+    return render_model_card(card_metadata, "\n".join(lines))

@@ -69,7 +69,8 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help="merge fine-tuned checkpoints of one base model (MagMax and baselines), streaming tensor by tensor",
         description=(
             "Merge T fine-tuned checkpoints θ_1..θ_T of one base model θ_0 into θ_0 + λ·merge(θ_1−θ_0, …, θ_T−θ_0), "
-            "reading one tensor at a time (memory: a few tensors, whatever T and the model size). Inputs are local "
+            "reading the memory-mapped inputs one block of rows or one tensor at a time (memory does not grow with T "
+            "or the model size). Inputs are local "
             "directories or Hub repo ids (safetensors, sharded or not, or .bin). Everything is validated before "
             "weights are read; the output (sharded safetensors + index, the base's config and tokenizer files, a "
             "model card and magmax_config.yaml) appears atomically."

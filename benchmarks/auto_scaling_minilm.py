@@ -16,7 +16,7 @@ can use). All rows of one seed share the same fine-tuning, so only λ differs be
 
 Metric: final average accuracy over the 3 test tasks (= class-balanced accuracy), mean ± std over seeds.
 
-Command (about 10-15 min on 2 quiet CPU cores):
+Command (40 min for 3 seeds × 2 heads on a shared 2-core CPU machine under load; less when it is quiet):
 
     OMP_NUM_THREADS=2 python benchmarks/auto_scaling_minilm.py --seeds 0 1 2
 

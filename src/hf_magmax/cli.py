@@ -25,11 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     KeyError,
     TypeError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
+    OSError,  # missing, unreadable or unwritable files, and transformers' "can't load this model" errors
     ImportError,
 )
 

@@ -863,6 +863,10 @@ def _load_base_model(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn
     """Load a base model by its `config.architectures[0]` class (falls back to `AutoModel`)."""
     import transformers
 
+    from .checkpoints import _is_hub_id
+
+    if not os.path.isdir(os.path.expanduser(str(name_or_path))) and not _is_hub_id(str(name_or_path)):
+        raise FileNotFoundError(f"base model {name_or_path!r} is neither a local directory nor a Hub repo id.")
     config = transformers.AutoConfig.from_pretrained(name_or_path)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None

@@ -151,6 +151,10 @@ def test_bad_adapter_leaves_nothing(checkpoints, tmp_path, capsys):
     assert not out.exists() and _parent_is_clean(out)
     with pytest.raises(SystemExit):  # --merged and --rank exclude each other
         main(["merge-lora", "--base", str(base), "--adapters", *adapters, "--merged", "--rank", "2", "--output", "x"])
+    missing = str(tmp_path / "no-such-base")
+    assert main(["merge-lora", "--base", missing, "--adapters", *adapters, "--output", str(out)]) == 2
+    assert f"base model {missing!r} is neither a local directory nor a Hub repo id" in capsys.readouterr().err
+    assert not out.exists() and _parent_is_clean(out)
 
 
 def test_hub_ids_and_push(checkpoints, fake_hub, tmp_path):  # noqa: F811

@@ -134,14 +134,17 @@ def test_llama_merge_equals_in_memory_merge_bit_for_bit(llama, tmp_path, method)
     assert not torch.equal(merged["model.norm.weight"], load_dir(base)["model.norm.weight"])
 
 
-@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average"])
+@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average", "ties"])
 def test_row_block_streaming_equals_in_memory_merge(llama, tmp_path, monkeypatch, method):
     import hf_magmax.checkpoints
 
     monkeypatch.setattr(hf_magmax.checkpoints, "_CHUNK_ELEMENTS", 100)  # many row blocks per tensor
     base, models = llama
-    out = merge_checkpoints(base, models, tmp_path / "out", method=method, dtype="bfloat16", show_progress=False)
-    merged, expected = load_dir(out), expected_merge(base, models, method)
+    kwargs = {"density": 0.3} if method == "ties" else {}  # ties: whole-tensor trim thresholds, then row blocks
+    out = merge_checkpoints(
+        base, models, tmp_path / "out", method=method, dtype="bfloat16", show_progress=False, **kwargs
+    )
+    merged, expected = load_dir(out), expected_merge(base, models, method, **kwargs)
     assert all(torch.equal(merged[n], expected[n].to(torch.bfloat16)) for n in expected)
 
 

@@ -174,3 +174,23 @@ def test_state_dict_merger_equals_merge_task_vectors():
     merger.update(tvs[0])
     with pytest.raises(KeyError, match="same tensors"):
         merger.update({"a": tvs[1]["a"]})
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 1.0])
+def test_ties_with_precomputed_thresholds_folds_row_blocks_bit_for_bit(density):
+    from hf_magmax.merging import TiesMerge, ties_trim_threshold
+
+    tvs = _tvs(4, shape=(12, 9), dtype=torch.bfloat16)
+    whole = ties(tvs, density=density)
+    thresholds = [ties_trim_threshold(tv, density) for tv in tvs]
+    blocks = []
+    for rows in (slice(0, 5), slice(5, 6), slice(6, 12)):
+        acc = TiesMerge(density, thresholds=thresholds)
+        for tv in tvs:
+            acc.update(tv[rows])
+        blocks.append(acc.result())
+    assert torch.equal(torch.cat(blocks), whole)
+    acc = TiesMerge(density, thresholds=thresholds[:1])
+    acc.update(tvs[0])
+    with pytest.raises(ValueError, match="thresholds"):
+        acc.update(tvs[1])

@@ -10,8 +10,9 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 2. **Stream.** For each tensor name: read θ_0, fold every `θ_t − θ_0` into an online accumulator of
    [`hf_magmax.merging`] (the one place that holds the merge rule), write `θ_0 + λ · result`. The inputs are
    memory-mapped and read lazily; the element-wise methods (magmax, average, task_arithmetic) go through each tensor
-   in blocks of rows of ~32k elements, so their peak memory is a few such blocks; ties (top-k per tensor) and
-   random_mix (one random stream per tensor) hold a few whole tensors. Either way it does not grow with T or with
+   in blocks of rows of ~32k elements, so their peak memory is a few such blocks; so does ties, after one pass that
+   finds each task vector's trim threshold (top-k of the whole tensor, one task vector in memory at a time);
+   random_mix (one random stream per tensor) holds a few whole tensors. Either way it does not grow with T or with
    the model's size.
 3. **Write atomically.** Sharded safetensors (the layout is planned from the headers, so every shard is streamed to
    disk tensor by tensor) plus an index, the base's config/tokenizer files, a model card and `magmax_config.yaml`,
@@ -132,8 +133,9 @@ _ITEMSIZE = {
     "bool": 1,
 }
 _FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
-#: Methods whose result at an element depends only on that element: merged in row blocks of this many elements.
-_ELEMENTWISE = {"magmax", "average", "task_arithmetic"}
+#: Methods merged in row blocks of this many elements: those whose result at an element depends only on that element,
+#: and ties once its per-tensor trim thresholds are known.
+_BLOCKWISE = {"magmax", "average", "task_arithmetic", "ties"}
 _CHUNK_ELEMENTS = 32_000  # 125 KiB of fp32: under glibc's 128 KiB mmap threshold, so temporaries reuse heap memory
 _DTYPE_ALIASES = {
     "float32": "float32",
@@ -1076,7 +1078,7 @@ def _stream_merge(
     import torch
     from huggingface_hub.utils import tqdm
 
-    from .merging import make_online_merge
+    from .merging import TiesMerge, make_online_merge, ties_trim_threshold
 
     names = sorted(base.tensors)
     entries = []
@@ -1108,24 +1110,40 @@ def _stream_merge(
                 "values: fix the checkpoint, or pass `allow_non_finite=True` (--allow-non-finite) to merge anyway."
             )
 
-    def merge_block(name: str, views: Sequence[Any], block: slice, kwargs: Mapping[str, Any]):
-        """θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0) for rows `block` of one tensor (`views`: θ_0, θ_1, ..., θ_T)."""
+    def task_vector(view: Any, theta_0: Any, block: slice, name: str, model: Any, source: str) -> torch.Tensor:
+        """τ_t = θ_t − θ_0 for rows `block`, in the compute dtype (`theta_0` already there)."""
+        theta_t = view[block]
+        delta = theta_t.to(device=device, dtype=theta_0.dtype)
+        check_finite(delta, name, model, source)
+        if delta.data_ptr() != theta_t.data_ptr():  # a fresh copy: subtract in place
+            return delta.sub_(theta_0)
+        return delta - theta_0  # `theta_t` may be a view of a memory-mapped file: never write into it
+
+    def read_base(views: Sequence[Any], block: slice, name: str) -> torch.Tensor:
         theta_0 = views[0][block]
         compute = torch.float64 if theta_0.dtype == torch.float64 else torch.float32
         theta_0 = theta_0.to(device=device, dtype=compute)
         check_finite(theta_0, name, base, name)
-        accumulator = make_online_merge(method, **kwargs)
+        return theta_0
+
+    def ties_thresholds(name: str, views: Sequence[Any]) -> list[float | None]:
+        """Each task vector's TIES trim threshold over the whole tensor (one τ_t in memory at a time), so that the
+        merge itself can go through the tensor in row blocks."""
+        theta_0 = read_base(views, slice(None), name)
+        thresholds = []
         for model, plan, view in zip(models, plans, views[1:]):
-            source = plan[name]
-            theta_t = view[block]
-            delta = theta_t.to(device=device, dtype=compute)
-            check_finite(delta, name, model, source)
-            if delta.data_ptr() != theta_t.data_ptr():  # a fresh copy: subtract in place
-                delta.sub_(theta_0)
-            else:  # `theta_t` may be a view of a memory-mapped file: never write into it
-                delta = delta - theta_0
-            accumulator.update(delta)  # τ_t = θ_t − θ_0
-            del theta_t, delta
+            delta = task_vector(view, theta_0, slice(None), name, model, plan[name])
+            thresholds.append(ties_trim_threshold(delta, method_kwargs["density"]))
+            del delta
+        return thresholds
+
+    def merge_block(name: str, views: Sequence[Any], block: slice, kwargs: Mapping[str, Any]):
+        """θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0) for rows `block` of one tensor (`views`: θ_0, θ_1, ..., θ_T)."""
+        theta_0 = read_base(views, block, name)
+        # ties gets the whole-tensor trim thresholds, so that a block merges exactly as the whole tensor would
+        accumulator = TiesMerge(**kwargs) if method == "ties" else make_online_merge(method, **kwargs)
+        for model, plan, view in zip(models, plans, views[1:]):
+            accumulator.update(task_vector(view, theta_0, block, name, model, plan[name]))
         return theta_0 + accumulator.result() * scaling_coef
 
     total_size = 0
@@ -1156,16 +1174,19 @@ def _stream_merge(
                 kwargs = dict(method_kwargs)
                 if method == "random_mix":  # same per-tensor seeding as StateDictMerger / merge_task_vectors
                     kwargs["seed"] = int(kwargs["seed"]) + floating_position[name]
-                # element-wise methods stream row blocks of ~_CHUNK_ELEMENTS; ties (top-k per tensor) and random_mix
-                # (one random stream per tensor) need whole tensors
+                # element-wise methods stream row blocks of ~_CHUNK_ELEMENTS; so does ties, once each task vector's
+                # trim threshold is known (one pass over the whole tensor); random_mix (one random stream per tensor)
+                # needs whole tensors
                 row = math.prod(shape[1:])
-                if method in _ELEMENTWISE and len(shape) >= 1 and row > 0:
+                # lazy views of the memory-mapped inputs: only the rows of the current block are read
+                views = [base.get(name)] + [model.get(plan[name]) for model, plan in zip(models, plans)]
+                if method in _BLOCKWISE and len(shape) >= 1 and row > 0:
                     step = max(1, _CHUNK_ELEMENTS // row)
                     blocks = [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
                 else:
                     blocks = [slice(None)]
-                # lazy views of the memory-mapped inputs: only the rows of the current block are read
-                views = [base.get(name)] + [model.get(plan[name]) for model, plan in zip(models, plans)]
+                if method == "ties":
+                    kwargs["thresholds"] = ties_thresholds(name, views)
                 writer.begin(name)
                 for block in blocks:
                     merged = merge_block(name, views, block, kwargs)

@@ -16,6 +16,7 @@ The functions return the *merged task vector* (unscaled). The merged model is `�
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "random_mix",
     "task_arithmetic",
     "ties",
+    "ties_trim_threshold",
 ]
 
 #: Default `scaling_coef` (λ) of every method: the merged model is `θ_0 + λ · merged_task_vector`.
@@ -228,24 +230,30 @@ class TiesMerge(OnlineMerge):
     Args:
         density (`float`, *optional*, defaults to `0.2`):
             Fraction of each task vector's elements kept by magnitude, in (0, 1]. 0.2 is TIES' published default.
+        thresholds (`list[float | None]`, *optional*):
+            The trim threshold of each task vector, in task order, as [`ties_trim_threshold`] computes it on the
+            *whole* tensor. With them, task vectors may be folded in slices (the streaming merge does this to go
+            through a tensor in row blocks) and the result equals the whole-tensor merge bit for bit.
     """
 
     method = "ties"
 
-    def __init__(self, density: float = 0.2) -> None:
+    def __init__(self, density: float = 0.2, thresholds: Sequence[float | None] | None = None) -> None:
         super().__init__()
         self.density = check_density(density)
+        self.thresholds = None if thresholds is None else list(thresholds)
 
     def _trim(self, task_vector: Tensor) -> Tensor:
         tv = task_vector.detach().to(_compute_dtype(task_vector.dtype))
-        if self.density >= 1.0:
+        if self.thresholds is not None:
+            if self.num_tasks >= len(self.thresholds):
+                raise ValueError(f"`thresholds` holds {len(self.thresholds)} values, but more task vectors came in.")
+            threshold = self.thresholds[self.num_tasks]
+        else:
+            threshold = ties_trim_threshold(tv, self.density)
+        if threshold is None:
             return tv.clone()
-        numel = tv.numel()
-        k = int(self.density * numel)
-        if k == 0:
-            return torch.zeros_like(tv)
-        # the k-th largest magnitude; keep everything at least that large (ties at the threshold are kept)
-        threshold = tv.abs().flatten().kthvalue(numel - k + 1).values
+        # keep everything at least as large as the threshold (ties at the threshold are kept)
         return torch.where(tv.abs() >= threshold, tv, torch.zeros_like(tv))
 
     def _update(self, task_vector: Tensor) -> None:
@@ -326,6 +334,21 @@ ONLINE_MERGES: dict[str, type[OnlineMerge]] = {
     "ties": TiesMerge,
     "random_mix": RandomMixMerge,
 }
+
+
+def ties_trim_threshold(task_vector: Tensor, density: float) -> float | None:
+    """TIES' trim threshold of one task vector: the k-th largest magnitude, k = int(density · numel).
+
+    Returns `None` when nothing is trimmed (`density` 1) and `inf` when nothing is kept (k = 0).
+    """
+    if density >= 1.0:
+        return None
+    numel = task_vector.numel()
+    k = int(density * numel)
+    if k == 0:
+        return math.inf
+    magnitudes = task_vector.detach().to(_compute_dtype(task_vector.dtype)).abs().flatten()
+    return magnitudes.kthvalue(numel - k + 1).values.item()
 
 
 def check_density(density: float) -> float:

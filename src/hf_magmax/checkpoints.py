@@ -21,6 +21,7 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -770,6 +771,25 @@ def _commit_output(staging: Path, output: Path, overwrite: bool) -> None:
         os.replace(staging, output)
 
 
+@contextlib.contextmanager
+def staged_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside `output` to write into; renamed to `output` when the block succeeds.
+
+    On any error or Ctrl-C the temporary directory is removed and nothing is left at `output`. A non-empty `output` is
+    refused unless `overwrite` (then it is replaced only once the new one is complete).
+    """
+    _check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.hf_magmax-tmp-", dir=output.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0o700; give it the permissions of a normal directory
+        _commit_output(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _copy_base_files(base: _Checkpoint, staging: Path) -> list[str]:
     copied = []
     for src in sorted(base.path.rglob("*")):
@@ -988,60 +1008,54 @@ def merge_checkpoints(
         scaling_coef = search.best
 
     # -- 3. stream the merge into a staging directory -----------------------------------------------------------------
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.hf_magmax-tmp-", dir=output.parent))
     try:
-        num_parameters = _stream_merge(
-            base_ckpt,
-            model_ckpts,
-            plans,
-            staging,
-            method=method,
-            scaling_coef=scaling_coef,
-            method_kwargs={"ties": {"density": density}, "random_mix": {"seed": seed}}.get(method, {}),
-            out_dtype=out_dtype,
-            device=device,
-            shard_bytes=shard_bytes,
-            allow_non_finite=allow_non_finite,
-            show_progress=show_progress,
-        )
-        _copy_base_files(base_ckpt, staging)
-        if out_dtype is not None and (staging / "config.json").is_file():
-            config = json.loads((staging / "config.json").read_text())
-            config["dtype"] = out_dtype
-            config.pop("torch_dtype", None)
-            (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        merge_config = _merge_config_dict(
-            base=str(base),
-            models=models,
-            method=method,
-            scaling_coef=scaling_coef,
-            density=density,
-            seed=seed,
-            dtype=out_dtype,
-            device=device,
-            max_shard_size=max_shard_size,
-            output=str(output_dir),
-            allow_non_finite=allow_non_finite,
-            strict_config=strict_config,
-        )
-        import yaml
+        with staged_output_dir(output, overwrite) as staging:
+            num_parameters = _stream_merge(
+                base_ckpt,
+                model_ckpts,
+                plans,
+                staging,
+                method=method,
+                scaling_coef=scaling_coef,
+                method_kwargs={"ties": {"density": density}, "random_mix": {"seed": seed}}.get(method, {}),
+                out_dtype=out_dtype,
+                device=device,
+                shard_bytes=shard_bytes,
+                allow_non_finite=allow_non_finite,
+                show_progress=show_progress,
+            )
+            _copy_base_files(base_ckpt, staging)
+            if out_dtype is not None and (staging / "config.json").is_file():
+                config = json.loads((staging / "config.json").read_text())
+                config["dtype"] = out_dtype
+                config.pop("torch_dtype", None)
+                (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            merge_config = _merge_config_dict(
+                base=str(base),
+                models=models,
+                method=method,
+                scaling_coef=scaling_coef,
+                density=density,
+                seed=seed,
+                dtype=out_dtype,
+                device=device,
+                max_shard_size=max_shard_size,
+                output=str(output_dir),
+                allow_non_finite=allow_non_finite,
+                strict_config=strict_config,
+            )
+            import yaml
 
-        from .hub import write_model_card
+            from .hub import write_model_card
 
-        (staging / MERGE_CONFIG_NAME).write_text(yaml.safe_dump(merge_config, sort_keys=False))
-        metadata, body = _model_card(merge_config, num_parameters)
-        if search is not None:
-            from .scaling import scaling_curve_markdown
+            (staging / MERGE_CONFIG_NAME).write_text(yaml.safe_dump(merge_config, sort_keys=False))
+            metadata, body = _model_card(merge_config, num_parameters)
+            if search is not None:
+                from .scaling import scaling_curve_markdown
 
-            body = body.replace("## Configuration", f"{scaling_curve_markdown(search)}\n\n## Configuration", 1)
-            (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
-        write_model_card(staging, metadata, body)
-        os.chmod(staging, 0o777 & ~_umask())
-        _commit_output(staging, output, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                body = body.replace("## Configuration", f"{scaling_curve_markdown(search)}\n\n## Configuration", 1)
+                (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
+            write_model_card(staging, metadata, body)
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()

@@ -1454,20 +1454,17 @@ def save_lora_merge(
         `str`: the output directory.
     """
     import shutil
-    import tempfile
     from pathlib import Path
 
     import yaml
 
-    from .checkpoints import _check_output, _commit_output
+    from .checkpoints import _check_output, staged_output_dir
     from .hub import write_model_card
 
     output = Path(output_dir).absolute()
     _check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
     config = lora_merge_config(result, None if base is None else os.fspath(base))
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.hf_magmax-tmp-", dir=output.parent))
-    try:
+    with staged_output_dir(output, overwrite) as staging:
         result.save_pretrained(staging)
         base_dir = Path(config["base"]) if config.get("base") else None
         if result.output == "merged" and base_dir is not None and base_dir.is_dir():
@@ -1478,12 +1475,5 @@ def save_lora_merge(
         (staging / LORA_MERGE_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         metadata, body = _model_card(result, config)
         write_model_card(staging, metadata, body)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)
-        _commit_output(staging, output, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.output, output)
     return str(output)

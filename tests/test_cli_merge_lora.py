@@ -14,7 +14,8 @@ pytest.importorskip("peft")
 
 from fake_hub import fake_hub  # noqa: E402, F401  (fixture)
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
+from test_peft import tiny_llama as _tiny_llama  # noqa: E402  (the same tiny model as the Python API tests)
+from transformers import LlamaForSequenceClassification  # noqa: E402
 
 from hf_magmax.cli import main  # noqa: E402
 from hf_magmax.hub import parse_model_card  # noqa: E402
@@ -22,20 +23,6 @@ from hf_magmax.peft import merge_adapters  # noqa: E402
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _tiny_llama(hidden_size=16):
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden_size,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return LlamaForSequenceClassification(config).eval()
 
 
 def _adapter(base, directory, seed, **kwargs):

@@ -16,3 +16,7 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# The loopback fake Hub, as a fixture for every test module (see tests/fake_hub.py).
+from fake_hub import fake_hub  # noqa: E402, F401

@@ -27,7 +27,7 @@ conftest): the fixture points `HF_ENDPOINT` / `huggingface_hub.constants.ENDPOIN
 `HF_TOKEN`, and lifts offline mode for the test.
 
 ```python
-from fake_hub import FakeHub, fake_hub  # noqa: F401  (the fixture)
+from fake_hub import FakeHub
 
 def test_push(fake_hub, tmp_path):
     ...  # push with huggingface_hub / hf_magmax.hub.push_to_hub

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fake_hub import fake_hub  # noqa: F401  (fixture)
-from test_checkpoints import expected_merge, leftovers, load_dir, make_family
+from builders import expected_merge, leftovers, load_dir, make_family
 
 from hf_magmax.checkpoints import MERGE_CONFIG_NAME
 from hf_magmax.cli import main

@@ -12,9 +12,8 @@ import yaml
 
 pytest.importorskip("peft")
 
-from fake_hub import fake_hub  # noqa: E402, F401  (fixture)
+from builders import tiny_llama_classifier as _tiny_llama  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from test_peft import tiny_llama as _tiny_llama  # noqa: E402  (the same tiny model as the Python API tests)
 from transformers import LlamaForSequenceClassification  # noqa: E402
 
 from hf_magmax.cli import main  # noqa: E402

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub, fake_hub  # noqa: F401  (fixture)
-from test_checkpoints import make_family
+from builders import make_family
+from fake_hub import FakeHub
 
 from hf_magmax import HubPushError, merge_checkpoints, push_to_hub
 from hf_magmax.hub import MAGMAX_CITATION, parse_model_card, render_model_card, write_model_card

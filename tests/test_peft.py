@@ -13,8 +13,9 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
+from builders import tiny_llama_classifier as tiny_llama  # noqa: E402
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from hf_magmax import merge_task_vectors  # noqa: E402
 from hf_magmax.peft import (  # noqa: E402
@@ -35,20 +36,6 @@ METHODS = ["magmax", "average", "task_arithmetic", "ties", "random_mix"]
 # ---------------------------------------------------------------------------------------------------------------------
 # tiny models
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_llama(hidden_size: int = 16) -> nn.Module:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden_size,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return LlamaForSequenceClassification(config).eval()
 
 
 def tiny_gpt2() -> nn.Module:

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from fake_hub import fake_hub  # noqa: F401  (fixture)
 from recipe_utils import (
     make_image_dataset,
     make_text_dataset,

@@ -3,22 +3,14 @@
 import copy
 import json
 import os
-import sys
 
 import pytest
 import torch
+from tiny_tasks import classification_task, classification_tasks, lm_task, tiny_bert, tiny_llama  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_magmax import TaskVector, merge_task_vectors
 from hf_magmax.trainer import MagMaxCallback, MagMaxConfig, MagMaxTrainer
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from tiny_tasks import classification_task, classification_tasks, lm_task, tiny_bert, tiny_llama  # noqa: E402
-
-
-sys.path.insert(0, os.path.dirname(__file__))
-from fake_hub import fake_hub  # noqa: E402, F401  (fixture)
 
 
 def make_args(tmp_path, **kwargs):

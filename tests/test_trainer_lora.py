@@ -1,7 +1,6 @@
 """Continual LoRA training in MagMaxTrainer: task vectors are the adapter's ΔW relative to the base."""
 
 import os
-import sys
 
 import pytest
 import torch
@@ -10,13 +9,11 @@ from transformers import TrainerCallback
 
 peft = pytest.importorskip("peft")
 
+from tiny_tasks import lm_task, tiny_llama  # noqa: E402
+
 from hf_magmax import TaskVector, merge_task_vectors  # noqa: E402
 from hf_magmax.peft import fold_deltas_into_base, lora_delta_state_dict, merge_adapters  # noqa: E402
 from hf_magmax.trainer import MagMaxConfig, MagMaxTrainer  # noqa: E402
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from tiny_tasks import lm_task, tiny_llama  # noqa: E402
 
 
 class SaveAdapters(TrainerCallback):

@@ -1,18 +1,13 @@
 """MagMaxTrainer checkpoints carry the task index, θ_0, the running merge and the matrices; resume is exact."""
 
 import json
-import os
-import sys
 
 import pytest
 import torch
+from tiny_tasks import classification_task, tiny_bert  # noqa: E402
 from transformers import TrainerCallback
 
 from hf_magmax.trainer import BASE_WEIGHTS_NAME, MERGE_STATE_NAME, STATE_NAME, MagMaxConfig, MagMaxTrainer
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from tiny_tasks import classification_task, tiny_bert  # noqa: E402
 
 
 class Crash(TrainerCallback):

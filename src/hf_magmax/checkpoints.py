@@ -1094,7 +1094,7 @@ def _stream_merge(
     import torch
     from huggingface_hub.utils import tqdm
 
-    from .merging import TiesMerge, make_online_merge, ties_trim_threshold
+    from .merging import RandomMixMerge, TiesMerge, make_online_merge, ties_trim_threshold
 
     names = sorted(base.tensors)
     entries = []
@@ -1111,7 +1111,6 @@ def _stream_merge(
         else [f"model-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
     )
     weight_map = {name: shard_names[i] for i, shard in enumerate(shards) for name in shard}
-    floating_position = {name: i for i, name in enumerate(n for n in names if base.tensors[n].dtype in _FLOATING)}
 
     def check_finite(tensor, name: str, checkpoint: _Checkpoint, source: str) -> None:
         if allow_non_finite:
@@ -1157,7 +1156,12 @@ def _stream_merge(
         """θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0) for rows `block` of one tensor (`views`: θ_0, θ_1, ..., θ_T)."""
         theta_0 = read_base(views, block, name)
         # ties gets the whole-tensor trim thresholds, so that a block merges exactly as the whole tensor would
-        accumulator = TiesMerge(**kwargs) if method == "ties" else make_online_merge(method, **kwargs)
+        if method == "ties":
+            accumulator = TiesMerge(**kwargs)
+        elif method == "random_mix":
+            accumulator = RandomMixMerge(**kwargs)
+        else:
+            accumulator = make_online_merge(method, **kwargs)
         for model, plan, view in zip(models, plans, views[1:]):
             accumulator.update(task_vector(view, theta_0, block, name, model, plan[name]))
         return theta_0 + accumulator.result() * scaling_coef
@@ -1188,8 +1192,8 @@ def _stream_merge(
                     continue
                 num_parameters += math.prod(shape)
                 kwargs = dict(method_kwargs)
-                if method == "random_mix":  # same per-tensor seeding as StateDictMerger / merge_task_vectors
-                    kwargs["seed"] = int(kwargs["seed"]) + floating_position[name]
+                if method == "random_mix":  # seeded by the tensor's name, as every consumer does
+                    kwargs["name"] = name
                 # element-wise methods stream row blocks of ~_CHUNK_ELEMENTS; so does ties, once each task vector's
                 # trim threshold is known (one pass over the whole tensor); random_mix (one random stream per tensor)
                 # needs whole tensors

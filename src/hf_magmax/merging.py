@@ -1,40 +1,60 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
-"""Merge math: pure tensor functions over task vectors, and their online (running) accumulators.
+"""The merge core: the MagMax rule, the baselines, and every fact about a merge method.
 
-This module is the single place that holds the MagMax rule and the baselines. Every other part of hf_magmax (the
-streaming checkpoint merge, the LoRA merger, the Trainer) calls into it.
+This module is the single place that holds the merge methods. Every other part of hf_magmax (the streaming
+checkpoint merge, the LoRA merger, the Trainer, the λ search, the CLI) asks it:
 
-Every method exists in two shapes that give bit-identical results:
+- **A method is a class** ([`OnlineMerge`] subclass) that carries its facts: its `method` name, its
+  `default_scaling_coef`, its `options` and their defaults, whether it needs a whole-tensor statistic before it can
+  fold row blocks (`needs_tensor_stats`, TIES' trim threshold), and whether it draws random numbers per tensor
+  (`seeded_per_tensor`, random_mix, seeded by the tensor's *name* and the element's position so that every consumer,
+  in blocks or in shards, draws the same choices). An instance is an online accumulator: it folds the task vectors of
+  one tensor in, one at a time, with memory independent of the number of tasks.
+- **[`MergeSpec`]** is the one validated description of a merge (method, λ, density, seed) that every consumer
+  builds, with one policy: λ finite and > 0 (or `"auto"`), options only for the method that takes them.
+- **[`apply_merged`]** is THE arithmetic of the merged model, `θ_0 + λ · merged`: math in fp32 for half-precision
+  inputs (fp64 for fp64), one cast to the output dtype at the end.
+- **Pure functions** `list[Tensor] -> Tensor` (the PEFT convention), [`magmax`], [`average`], [`task_arithmetic`],
+  [`ties`], [`random_mix`], are folds of the accumulators, so the batch and the online results are the same bits.
 
-- a pure function, `list[Tensor] -> Tensor` (the PEFT convention), e.g. [`magmax`], [`ties`];
-- an online accumulator ([`OnlineMerge`] subclass) that folds task vectors in one at a time with memory independent
-  of the number of tasks, e.g. [`MagMaxMerge`]. The streaming merge and the Trainer use these.
-
-The functions return the *merged task vector* (unscaled). The merged model is `θ_0 + scaling_coef · merged`; see
-[`merge_task_vectors`] and [`DEFAULT_SCALING_COEFS`] for the default coefficient of every method.
+Task vectors `τ_t = θ_t − θ_0` are always relative to the pretrained θ_0 and computed in fp32 for half-precision
+weights ([`hf_magmax.task_vectors.subtract`]). Importing this module does not import torch (the console script reads
+the method names and defaults from here); torch is imported when a tensor is first touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor
 
 
 __all__ = [
     "DEFAULT_SCALING_COEFS",
     "MERGE_METHODS",
+    "ONLINE_MERGES",
     "AverageMerge",
     "MagMaxMerge",
+    "MergeSpec",
     "OnlineMerge",
     "RandomMixMerge",
     "StateDictMerger",
     "TaskArithmeticMerge",
     "TiesMerge",
+    "apply_merged",
     "average",
+    "check_density",
     "check_merge_method",
+    "check_scaling_coef",
+    "compute_dtype",
     "default_scaling_coef",
     "magmax",
     "make_online_merge",
@@ -45,54 +65,113 @@ __all__ = [
     "ties_trim_threshold",
 ]
 
-#: Default `scaling_coef` (λ) of every method: the merged model is `θ_0 + λ · merged_task_vector`.
-#:
-#: - `magmax`: 0.5, the value used throughout the MagMax paper (Marczak et al., ECCV 2024).
-#: - `average`: 1.0, so that the result is the plain weight average of the fine-tuned models.
-#: - `task_arithmetic`: 0.3, the usual default for a sum of several task vectors (Ilharco et al., 2023; FusionBench).
-#: - `ties`: 1.0, the disjoint mean is already on the scale of a single task vector (Yadav et al., 2023).
-#: - `random_mix`: 0.5, like MagMax, since it also selects one task's value per element (the paper's baseline).
-DEFAULT_SCALING_COEFS: dict[str, float] = {
-    "magmax": 0.5,
-    "average": 1.0,
-    "task_arithmetic": 0.3,
-    "ties": 1.0,
-    "random_mix": 0.5,
-}
+
+def _no_grad(fn: Callable) -> Callable:
+    """`torch.no_grad()` as a decorator that imports torch only when the function runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 (and fp8) are merged in fp32; fp32/fp64 keep their own precision."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merge math runs in: fp64 for fp64, fp32 for everything else (fp32, fp16, bf16, fp8)."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_same_shape(tensors: Sequence[Tensor], name: str = "task_vectors") -> None:
     if len(tensors) == 0:
         raise ValueError(f"`{name}` is empty: pass at least one task vector to merge.")
     first = tensors[0]
-    for i, t in enumerate(tensors[1:], start=1):
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise TypeError(f"`{name}[{i}]` has dtype {t.dtype}; task vectors must be floating point.")
         if t.shape != first.shape:
             raise ValueError(
                 f"`{name}[{i}]` has shape {tuple(t.shape)} but `{name}[0]` has shape {tuple(first.shape)}: "
                 "all task vectors of one parameter must have the same shape."
             )
-        if not t.is_floating_point():
-            raise TypeError(f"`{name}[{i}]` has dtype {t.dtype}; task vectors must be floating point.")
-    if not first.is_floating_point():
-        raise TypeError(f"`{name}[0]` has dtype {first.dtype}; task vectors must be floating point.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Online accumulators
+# Validation of the options (one policy for the Trainer, the CLI, the LoRA merger and the Python API)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_merge_method(method: str) -> str:
+    """Return `method` if it names a merge method, else raise an error that lists the valid names."""
+    if method not in ONLINE_MERGES:
+        raise ValueError(f"unknown merge method {method!r}: choose one of {', '.join(sorted(ONLINE_MERGES))}.")
+    return method
+
+
+def check_scaling_coef(scaling_coef: Any, allow_auto: bool = True) -> float | str:
+    """Validate λ: a finite number > 0 (numbers given as strings, e.g. from YAML, are parsed), or `"auto"`."""
+    value = scaling_coef
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto" and allow_auto:
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            hint = ' or "auto" (choose λ on validation data)' if allow_auto else ""
+            raise ValueError(f"`scaling_coef` must be a number > 0{hint}, got {scaling_coef!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"`scaling_coef` must be a finite number > 0, got {scaling_coef!r} of type {type(scaling_coef).__name__}."
+        )
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"`scaling_coef` must be a finite number > 0 (λ = 0 is θ_0 itself), got {scaling_coef!r}. "
+            "MagMax uses 0.5; leave it unset for the method's default."
+        )
+    return value
+
+
+def check_density(density: Any) -> float:
+    """Validate TIES' `density` (fraction of each task vector kept), which must lie in (0, 1]."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"`density` must be a number in (0, 1], got {density!r}. TIES' published default is 0.2.")
+    return float(density)
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    return int(seed)
+
+
+_OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {"density": check_density, "seed": _check_seed}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The methods: online accumulators that carry their facts
 # --------------------------------------------------------------------------------------------------------------------
 
 
 class OnlineMerge:
-    """Base class of the online accumulators: fold task vectors of one parameter in, one at a time.
+    """A merge method, and its online accumulator: fold the task vectors of one tensor in, one at a time.
+
+    The class attributes are the method's facts, read by every consumer:
+
+    - `method`: the name (`"magmax"`, ...); `description`: one line for model cards;
+    - `default_scaling_coef`: λ when the user sets none;
+    - `options`: the options the method takes and their defaults (`{"density": 0.2}` for TIES);
+    - `needs_tensor_stats`: the method needs one statistic of each *whole* task vector ([`tensor_stat`]) before it
+      can fold row blocks or shards of the tensor independently (TIES' trim threshold); all methods fold blocks;
+    - `seeded_per_tensor`: the method draws random numbers, seeded by the tensor's name and the element's position.
 
     Memory is a fixed number of tensors of the parameter's shape, independent of how many task vectors are folded.
-    Subclasses implement `_update` and `_result`; `state_dict`/`load_state_dict` make the running state
-    checkpointable (the Trainer saves it with each checkpoint).
+    `state_dict`/`load_state_dict` make the running state checkpointable (the Trainer saves it with each checkpoint).
 
     Example:
 
@@ -107,14 +186,24 @@ class OnlineMerge:
     ```
     """
 
-    method: str = ""
+    method: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_scaling_coef: ClassVar[float] = 1.0
+    options: ClassVar[dict[str, Any]] = {}
+    needs_tensor_stats: ClassVar[bool] = False
+    seeded_per_tensor: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.num_tasks = 0
         self._dtype: torch.dtype | None = None
         self._shape: torch.Size | None = None
 
-    @torch.no_grad()
+    @classmethod
+    def tensor_stat(cls, task_vector: Tensor, **options: Any) -> Any:
+        """The statistic of one whole task vector that `needs_tensor_stats` methods need first (None for others)."""
+        return None
+
+    @_no_grad
     def update(self, task_vector: Tensor) -> None:
         """Fold one task vector (a floating tensor of the parameter's shape) into the running merge."""
         if not task_vector.is_floating_point():
@@ -126,20 +215,22 @@ class OnlineMerge:
                 f"task vector {self.num_tasks} has shape {tuple(task_vector.shape)}, but the earlier ones have "
                 f"shape {tuple(self._shape)}."
             )
-        self._update(task_vector)
+        self._update(task_vector.detach())
         self.num_tasks += 1
 
-    @torch.no_grad()
+    @_no_grad
     def result(self) -> Tensor:
-        """The merged task vector (unscaled), in the dtype of the first task vector folded in."""
+        """The merged task vector (unscaled), a new tensor in the dtype of the first task vector folded in."""
         if self.num_tasks == 0:
             raise ValueError("no task vector has been folded in yet: call `update` at least once before `result`.")
-        return self._result().to(self._dtype)
+        out = self._result()
+        return out.to(self._dtype) if out.dtype != self._dtype else out
 
     def _update(self, task_vector: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _result(self) -> Tensor:  # pragma: no cover - abstract
+        """A new tensor (never the running state itself)."""
         raise NotImplementedError
 
     def _state_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
@@ -154,11 +245,13 @@ class OnlineMerge:
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor | int | str]) -> None:
+        import torch
+
         if state.get("method", self.method) != self.method:
             raise ValueError(f"cannot load a `{state['method']}` merge state into a `{self.method}` accumulator.")
         self.num_tasks = int(state["num_tasks"])
         if self.num_tasks:
-            tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
             for key, value in tensors.items():
                 setattr(self, key, value.clone())
             self._dtype = getattr(torch, str(state["dtype"]))
@@ -166,21 +259,26 @@ class OnlineMerge:
 
 
 class MagMaxMerge(OnlineMerge):
-    """Running max-magnitude selection: per element keep the value with the largest `|τ|`, sign kept.
+    """MagMax (Marczak et al., ECCV 2024): per element keep the task vector value with the largest `|τ|`, sign kept.
 
-    Ties go to the later task (`>=`), exactly as [`magmax`]. The state is one tensor, in the input dtype: selection
-    never does arithmetic, so every output element is bit-identical to one input element.
+    Ties go to the later task (`>=`). The state is one tensor, in the input dtype: selection never does arithmetic,
+    so every output element is bit-identical to one input element. The selection is associative, so folding one task
+    at a time equals selecting over all of them at once.
     """
 
     method = "magmax"
+    description = "MagMax: per element, the task vector with the largest magnitude (sign kept)"
+    default_scaling_coef = 0.5  # the value used throughout the MagMax paper
 
     def _update(self, task_vector: Tensor) -> None:
+        import torch
+
         if self.num_tasks == 0:
-            self.selected = task_vector.detach().clone()
-        else:
-            task_vector = task_vector.to(device=self.selected.device, dtype=self.selected.dtype)
-            # ties (>=) go to the later task
-            self.selected = torch.where(task_vector.abs() >= self.selected.abs(), task_vector, self.selected)
+            self.selected = task_vector.clone()
+            return
+        task_vector = task_vector.to(device=self.selected.device, dtype=self.selected.dtype)
+        # ties (>=) go to the later task
+        self.selected = torch.where(task_vector.abs() >= self.selected.abs(), task_vector, self.selected)
 
     def _result(self) -> Tensor:
         return self.selected.clone()
@@ -190,13 +288,15 @@ class MagMaxMerge(OnlineMerge):
 
 
 class TaskArithmeticMerge(OnlineMerge):
-    """Running sum of task vectors (task arithmetic, Ilharco et al., 2023), accumulated in fp32 for half inputs."""
+    """Task arithmetic (Ilharco et al., ICLR 2023): the sum of the task vectors, accumulated in fp32 for half inputs."""
 
     method = "task_arithmetic"
+    description = "task arithmetic: the sum of the task vectors"
+    default_scaling_coef = 0.3  # the usual default for a sum of several task vectors (Ilharco et al.; FusionBench)
 
     def _update(self, task_vector: Tensor) -> None:
         if self.num_tasks == 0:
-            self.total = task_vector.detach().to(_compute_dtype(task_vector.dtype), copy=True)
+            self.total = task_vector.to(compute_dtype(task_vector.dtype), copy=True)
         else:
             self.total.add_(task_vector.to(device=self.total.device, dtype=self.total.dtype))
 
@@ -208,9 +308,11 @@ class TaskArithmeticMerge(OnlineMerge):
 
 
 class AverageMerge(TaskArithmeticMerge):
-    """Running mean of task vectors; with `scaling_coef=1` the merged model is the plain weight average."""
+    """The mean of the task vectors; with `scaling_coef=1` the merged model is the plain weight average."""
 
     method = "average"
+    description = "the mean of the task vectors (λ = 1: the weight average)"
+    default_scaling_coef = 1.0
 
     def _result(self) -> Tensor:
         return self.total / self.num_tasks
@@ -220,7 +322,7 @@ class TiesMerge(OnlineMerge):
     """TIES-merging (Yadav et al., NeurIPS 2023), computed online.
 
     1. *Trim*: each task vector keeps its top-`density` fraction of elements by magnitude (per tensor, as PEFT and
-       mergekit do), the rest become 0.
+       mergekit do; elements equal to the threshold are kept), the rest become 0.
     2. *Elect*: per element, the sign of the total trimmed mass `Σ_t trimmed_t`.
     3. *Disjoint mean*: the mean of the trimmed values that agree with the elected sign (zeros excluded).
 
@@ -232,19 +334,29 @@ class TiesMerge(OnlineMerge):
             Fraction of each task vector's elements kept by magnitude, in (0, 1]. 0.2 is TIES' published default.
         thresholds (`list[float | None]`, *optional*):
             The trim threshold of each task vector, in task order, as [`ties_trim_threshold`] computes it on the
-            *whole* tensor. With them, task vectors may be folded in slices (the streaming merge does this to go
-            through a tensor in row blocks) and the result equals the whole-tensor merge bit for bit.
+            *whole* tensor ([`tensor_stat`]). With them, task vectors may be folded in slices (the streaming merge
+            goes through a tensor in row blocks) and the result equals the whole-tensor merge bit for bit.
     """
 
     method = "ties"
+    description = "TIES-merging: trim to the top-density magnitudes, elect the sign by mass, disjoint mean"
+    default_scaling_coef = 1.0  # the disjoint mean is already on the scale of one task vector
+    options = {"density": 0.2}
+    needs_tensor_stats = True
 
     def __init__(self, density: float = 0.2, thresholds: Sequence[float | None] | None = None) -> None:
         super().__init__()
         self.density = check_density(density)
         self.thresholds = None if thresholds is None else list(thresholds)
 
+    @classmethod
+    def tensor_stat(cls, task_vector: Tensor, density: float = 0.2) -> float | None:
+        return ties_trim_threshold(task_vector, density)
+
     def _trim(self, task_vector: Tensor) -> Tensor:
-        tv = task_vector.detach().to(_compute_dtype(task_vector.dtype))
+        import torch
+
+        tv = task_vector.to(compute_dtype(task_vector.dtype))
         if self.thresholds is not None:
             if self.num_tasks >= len(self.thresholds):
                 raise ValueError(f"`thresholds` holds {len(self.thresholds)} values, but more task vectors came in.")
@@ -257,6 +369,8 @@ class TiesMerge(OnlineMerge):
         return torch.where(tv.abs() >= threshold, tv, torch.zeros_like(tv))
 
     def _update(self, task_vector: Tensor) -> None:
+        import torch
+
         trimmed = self._trim(task_vector)
         if self.num_tasks == 0:
             zeros = torch.zeros_like(trimmed)
@@ -270,6 +384,8 @@ class TiesMerge(OnlineMerge):
         self.neg_count.add_(negative.to(self.neg_count.dtype))
 
     def _result(self) -> Tensor:
+        import torch
+
         elected_positive = (self.pos_sum + self.neg_sum) >= 0
         total = torch.where(elected_positive, self.pos_sum, self.neg_sum)
         count = torch.where(elected_positive, self.pos_count, self.neg_count)
@@ -284,56 +400,89 @@ class TiesMerge(OnlineMerge):
         }
 
 
+_MASK32 = 0xFFFFFFFF
+# multipliers below 2**31, so that `x * m` of a 32-bit `x` never leaves int64 (no overflow to rely on)
+_MIX_1, _MIX_2 = 0x7FEB352D, 0x2C1B3C6D
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply), on Python ints and on int64 tensors holding 32-bit values alike."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX_1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_2) & _MASK32
+    return x ^ (x >> 16)
+
+
 class RandomMixMerge(OnlineMerge):
     """Random mixing (the MagMax paper's baseline): per element, the value of one task chosen uniformly at random.
 
     Computed online by reservoir sampling: the t-th task vector (1-based) replaces each element with probability
-    `1/t`, which leaves every task equally likely. The draws come from a `torch.Generator` seeded with `seed`, one
-    draw per task; results are reproducible for the same seed, task order and shapes.
+    `1/t`, which leaves every task equally likely. The draw of element `i` (its position in the flattened tensor) for
+    task `t` is a counter-based hash of `(seed, name, t, i)`: it depends on nothing else, so a tensor folded whole,
+    in row blocks, or as one rank's shard (pass the block's first element as `offset`) draws the same choices, and
+    every consumer that names the tensor the same way gets the same merge.
 
     Args:
         seed (`int`, *optional*, defaults to `0`):
             Seed of the random choice.
+        name (`str`, *optional*, defaults to `""`):
+            The tensor's name (state-dict key); each tensor gets its own stream.
+        offset (`int`, *optional*, defaults to `0`):
+            Position, in the flattened whole tensor, of the first element of the slices folded in.
     """
 
     method = "random_mix"
+    description = "random mixing: per element, one task's value chosen uniformly at random"
+    default_scaling_coef = 0.5  # like MagMax, it selects one task's value per element
+    options = {"seed": 0}
+    seeded_per_tensor = True
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, name: str = "", offset: int = 0) -> None:
         super().__init__()
-        self.seed = int(seed)
-        self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.seed, self.name, self.offset = _check_seed(seed), str(name), int(offset)
+        self._key = _mix32(_mix32(self.seed & _MASK32) ^ (self.seed >> 32) ^ zlib.crc32(self.name.encode("utf-8")))
+
+    def _replace(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """True where task number `num_tasks` (0-based) replaces the reservoir: with probability 1/(num_tasks + 1)."""
+        import torch
+
+        numel = math.prod(shape)
+        index = torch.arange(self.offset, self.offset + numel, dtype=torch.int64, device=device)
+        task_key = _mix32(self._key ^ self.num_tasks)
+        h = _mix32(_mix32((index & _MASK32) ^ task_key) ^ (index >> 32))  # uniform on [0, 2**32)
+        return (h * (self.num_tasks + 1) < 2**32).view(shape)  # exact integer test of u < 1 / (t + 1)
 
     def _update(self, task_vector: Tensor) -> None:
+        import torch
+
         if self.num_tasks == 0:
-            self.selected = task_vector.detach().clone()
+            self.selected = task_vector.clone()
             return
-        draw = torch.rand(task_vector.shape, generator=self._generator)
-        replace = (draw * (self.num_tasks + 1) < 1.0).to(self.selected.device)
         task_vector = task_vector.to(device=self.selected.device, dtype=self.selected.dtype)
-        self.selected = torch.where(replace, task_vector, self.selected)
+        self.selected = torch.where(self._replace(task_vector.shape, self.selected.device), task_vector, self.selected)
 
     def _result(self) -> Tensor:
         return self.selected.clone()
 
     def _state_tensors(self) -> dict[str, Tensor]:
-        return {"selected": self.selected, "generator_state": self._generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Tensor | int | str]) -> None:
-        state = dict(state)
-        generator_state = state.pop("generator_state", None)
-        super().load_state_dict(state)
-        if generator_state is not None:
-            self._generator.set_state(generator_state)
+        return {"selected": self.selected}
 
 
-#: Online accumulator class of every merge method, by name.
+#: The merge methods (their classes), by name.
 ONLINE_MERGES: dict[str, type[OnlineMerge]] = {
-    "magmax": MagMaxMerge,
-    "average": AverageMerge,
-    "task_arithmetic": TaskArithmeticMerge,
-    "ties": TiesMerge,
-    "random_mix": RandomMixMerge,
+    cls.method: cls for cls in (MagMaxMerge, AverageMerge, TaskArithmeticMerge, TiesMerge, RandomMixMerge)
 }
+
+#: Default `scaling_coef` (λ) of every method, read from the method classes: the merged model is
+#: `θ_0 + λ · merged_task_vector`. magmax 0.5 (the MagMax paper), average 1.0 (the weight average),
+#: task_arithmetic 0.3 (Ilharco et al.), ties 1.0 (Yadav et al.), random_mix 0.5 (like MagMax).
+DEFAULT_SCALING_COEFS: dict[str, float] = {name: cls.default_scaling_coef for name, cls in ONLINE_MERGES.items()}
+
+
+def default_scaling_coef(method: str) -> float:
+    """The default `scaling_coef` (λ) of `method`; see [`DEFAULT_SCALING_COEFS`]."""
+    return ONLINE_MERGES[check_merge_method(method)].default_scaling_coef
 
 
 def ties_trim_threshold(task_vector: Tensor, density: float) -> float | None:
@@ -347,50 +496,220 @@ def ties_trim_threshold(task_vector: Tensor, density: float) -> float | None:
     k = int(density * numel)
     if k == 0:
         return math.inf
-    magnitudes = task_vector.detach().to(_compute_dtype(task_vector.dtype)).abs().flatten()
+    magnitudes = task_vector.detach().to(compute_dtype(task_vector.dtype)).abs().flatten()
     return magnitudes.kthvalue(numel - k + 1).values.item()
 
 
-def check_density(density: float) -> float:
-    """Validate TIES' `density` (fraction kept), which must lie in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"`density` must be a number in (0, 1], got {density!r}. TIES' published default is 0.2.")
-    return float(density)
+# --------------------------------------------------------------------------------------------------------------------
+# MergeSpec: one validated description of a merge, asked by every consumer
+# --------------------------------------------------------------------------------------------------------------------
 
 
-def check_merge_method(method: str) -> str:
-    """Return `method` if it names a merge method, else raise an error that lists the valid names."""
-    if method not in ONLINE_MERGES:
-        raise ValueError(f"unknown merge method {method!r}: choose one of {', '.join(sorted(ONLINE_MERGES))}.")
-    return method
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """One merge, validated once: the method, λ, and the method's options.
+
+    Every consumer (the Trainer, `hf-magmax merge`, the LoRA merger, the λ search, [`merge_task_vectors`]) builds one
+    and asks it for accumulators, so the same spec gives the same merge everywhere.
+
+    Args:
+        method (`str`, *optional*, defaults to `"magmax"`):
+            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`.
+        scaling_coef (`float` or `"auto"`, *optional*):
+            λ, a finite number > 0. `None` (the default) means the method's default ([`DEFAULT_SCALING_COEFS`]);
+            `"auto"` means a consumer chooses λ on validation data (see [`hf_magmax.scaling`]).
+        density (`float`, *optional*):
+            TIES only: fraction of each task vector kept, in (0, 1]; defaults to 0.2. An error for other methods.
+        seed (`int`, *optional*):
+            random_mix only: the seed; defaults to 0. An error for other methods.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax import MergeSpec
+    >>> spec = MergeSpec("ties", density=0.3)
+    >>> spec.coef, spec.method_options
+    (1.0, {'density': 0.3})
+    >>> MergeSpec("magmax", density=0.3)
+    Traceback (most recent call last):
+    ...
+    ValueError: `density` only applies to `ties`, not to `magmax`: leave it unset.
+    ```
+    """
+
+    method: str = "magmax"
+    scaling_coef: float | str | None = None
+    density: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        cls = ONLINE_MERGES.get(self.method)
+        if cls is None:
+            check_merge_method(self.method)
+        if self.scaling_coef is not None:
+            object.__setattr__(self, "scaling_coef", check_scaling_coef(self.scaling_coef))
+        for option in _OPTION_CHECKS:
+            value = getattr(self, option)
+            if value is None:
+                continue
+            if option not in cls.options:
+                takers = [name for name, c in ONLINE_MERGES.items() if option in c.options]
+                raise ValueError(
+                    f"`{option}` only applies to `{'`, `'.join(takers)}`, not to `{self.method}`: leave it unset."
+                )
+            object.__setattr__(self, option, _OPTION_CHECKS[option](value))
+
+    # -- facts ---------------------------------------------------------------------------------------------------
+
+    @property
+    def merge_class(self) -> type[OnlineMerge]:
+        """The method's class ([`OnlineMerge`] subclass), which carries its facts."""
+        return ONLINE_MERGES[self.method]
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether λ is to be chosen on validation data (`scaling_coef="auto"`)."""
+        return self.scaling_coef == "auto"
+
+    @property
+    def scaling_coef_is_default(self) -> bool:
+        """Whether λ is the method's default (the user set none)."""
+        return self.scaling_coef is None
+
+    @property
+    def coef(self) -> float:
+        """λ as a number: the one set, or the method's default. Raises under `"auto"` until a λ is chosen."""
+        if self.is_auto:
+            raise ValueError(
+                '`scaling_coef="auto"` has no value until λ is chosen on validation data: '
+                "call `spec.with_scaling_coef(best)` with the chosen λ."
+            )
+        return self.merge_class.default_scaling_coef if self.scaling_coef is None else float(self.scaling_coef)
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """The method's options with their defaults filled in (`{}` for methods without options)."""
+        options = {}
+        for name, default in self.merge_class.options.items():
+            value = getattr(self, name)
+            options[name] = default if value is None else value
+        return options
+
+    def with_scaling_coef(self, scaling_coef: float | str | None) -> MergeSpec:
+        """The same merge with another λ (e.g. the one an `"auto"` search chose)."""
+        return dataclasses.replace(self, scaling_coef=scaling_coef)
+
+    # -- use -----------------------------------------------------------------------------------------------------
+
+    def accumulator(self, name: str = "", *, offset: int = 0, stats: Sequence[Any] | None = None) -> OnlineMerge:
+        """A fresh accumulator for the tensor `name`.
+
+        Args:
+            name (`str`, *optional*):
+                The tensor's state-dict name: random_mix seeds its draws by it.
+            offset (`int`, *optional*, defaults to `0`):
+                Position of the first element folded in, in the flattened whole tensor (row blocks, shards).
+            stats (`list`, *optional*):
+                For `needs_tensor_stats` methods (ties): each task vector's [`OnlineMerge.tensor_stat`] over the whole
+                tensor, in task order; needed when the task vectors are folded in slices.
+        """
+        options = self.method_options
+        if self.method == "ties":
+            return TiesMerge(options["density"], thresholds=stats)
+        if self.method == "random_mix":
+            return RandomMixMerge(options["seed"], name=name, offset=offset)
+        return self.merge_class()
+
+    def tensor_stat(self, task_vector: Tensor) -> Any:
+        """The whole-tensor statistic of one task vector that `needs_tensor_stats` methods need (see `accumulator`)."""
+        return self.merge_class.tensor_stat(task_vector, **self.method_options)
+
+    def describe(self) -> str:
+        """One line for model cards and logs."""
+        options = ", ".join(f"{k} {v}" for k, v in self.method_options.items())
+        return self.merge_class.description + (f" ({options})" if options else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain values (for `magmax_config.yaml`): λ is recorded as `null` when it is the default, so a
+        re-run with another method takes that method's default."""
+        out: dict[str, Any] = {"method": self.method, "scaling_coef": self.scaling_coef}
+        out.update(self.method_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeSpec:
+        """Inverse of [`to_dict`]; options of another method than `method` are ignored."""
+        method = check_merge_method(data.get("method", "magmax"))
+        options = {k: data.get(k) for k in _OPTION_CHECKS if k in ONLINE_MERGES[method].options}
+        return cls(method, data.get("scaling_coef"), **options)
 
 
-def default_scaling_coef(method: str) -> float:
-    """The default `scaling_coef` (λ) of `method`; see [`DEFAULT_SCALING_COEFS`]."""
-    return DEFAULT_SCALING_COEFS[check_merge_method(method)]
+def make_online_merge(method: str = "magmax", **method_kwargs) -> OnlineMerge:
+    """A fresh online accumulator of `method` (`density` for `ties`, `seed` for `random_mix`)."""
+    return MergeSpec(method, **_checked_kwargs(method, method_kwargs)).accumulator()
 
 
-def _method_kwargs(method: str, method_kwargs: Mapping[str, object]) -> dict[str, object]:
-    allowed = {"ties": {"density"}, "random_mix": {"seed"}}.get(method, set())
-    unknown = set(method_kwargs) - allowed
+def _checked_kwargs(method: str, method_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    allowed = ONLINE_MERGES[check_merge_method(method)].options
+    unknown = set(method_kwargs) - set(allowed)
     if unknown:
         hint = f"`{method}` takes {', '.join(sorted(allowed))}" if allowed else f"`{method}` takes no options"
         raise TypeError(f"unexpected option(s) {', '.join(sorted(unknown))} for merge method `{method}`: {hint}.")
     return dict(method_kwargs)
 
 
-def make_online_merge(method: str = "magmax", **method_kwargs) -> OnlineMerge:
-    """A fresh online accumulator of `method` (`density` for `ties`, `seed` for `random_mix`)."""
-    method = check_merge_method(method)
-    return ONLINE_MERGES[method](**_method_kwargs(method, method_kwargs))
+def _spec(method: str | MergeSpec, scaling_coef: Any = None, method_kwargs: Mapping[str, Any] | None = None):
+    if isinstance(method, MergeSpec):
+        if method_kwargs:
+            raise TypeError("pass the options on the `MergeSpec`, not as keyword arguments beside it.")
+        return method if scaling_coef is None else method.with_scaling_coef(scaling_coef)
+    return MergeSpec(method, scaling_coef, **_checked_kwargs(method, method_kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Pure functions: list[Tensor] -> Tensor (the merged, unscaled task vector)
+# THE arithmetic of the merged model
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@_no_grad
+def apply_merged(theta_0: Tensor, merged: Tensor, scaling_coef: float, dtype: torch.dtype | None = None) -> Tensor:
+    """`θ_0 + λ · merged` for one tensor: the one rounding rule of every consumer.
+
+    The math runs in fp32 (fp64 if either input is fp64): `merged · λ`, then `+ θ_0`, then one cast to `dtype`
+    (θ_0's dtype by default). Integer and bool tensors are not merged: callers take them from θ_0.
+
+    Args:
+        theta_0 (`torch.Tensor`): the base weights (floating).
+        merged (`torch.Tensor`): the merged task vector (unscaled), same shape.
+        scaling_coef (`float`): λ.
+        dtype (`torch.dtype`, *optional*): the output dtype; defaults to θ_0's.
+
+    Returns:
+        `torch.Tensor`: a new tensor on θ_0's device.
+    """
+    import torch
+
+    compute = torch.promote_types(compute_dtype(theta_0.dtype), compute_dtype(merged.dtype))
+    out = merged.to(device=theta_0.device, dtype=compute)
+    out = out.mul_(scaling_coef) if out is not merged else out * scaling_coef
+    out.add_(theta_0.to(compute))
+    target = theta_0.dtype if dtype is None else dtype
+    return out if out.dtype == target else out.to(target)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure functions: list[Tensor] -> Tensor (the merged, unscaled task vector), folds of the accumulators
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fold(accumulator: OnlineMerge, task_vectors: Sequence[Tensor]) -> Tensor:
+    _check_same_shape(task_vectors)
+    for task_vector in task_vectors:
+        accumulator.update(task_vector)
+    return accumulator.result()
+
+
+@_no_grad
 def magmax(task_vectors: Sequence[Tensor]) -> Tensor:
     """MagMax: per element, the task-vector value with the largest magnitude, its sign kept.
 
@@ -412,26 +731,10 @@ def magmax(task_vectors: Sequence[Tensor]) -> Tensor:
     tensor([-2., -3., -2.])
     ```
     """
-    _check_same_shape(task_vectors)
-    if len(task_vectors) == 1:
-        return task_vectors[0].clone()
-    dtype = task_vectors[0].dtype
-    stacked = torch.stack([t.to(dtype) for t in task_vectors])  # [T, *shape]
-    # argmax returns the first maximum; searching the reversed stack makes ties go to the later task
-    last_index = len(task_vectors) - 1
-    index = last_index - stacked.abs().flip(0).argmax(dim=0, keepdim=True)  # [1, *shape]
-    return stacked.gather(0, index).squeeze(0)
+    return _fold(MagMaxMerge(), task_vectors)
 
 
-def _fold(method: str, task_vectors: Sequence[Tensor], **method_kwargs) -> Tensor:
-    _check_same_shape(task_vectors)
-    accumulator = make_online_merge(method, **method_kwargs)
-    for task_vector in task_vectors:
-        accumulator.update(task_vector)
-    return accumulator.result()
-
-
-@torch.no_grad()
+@_no_grad
 def average(task_vectors: Sequence[Tensor]) -> Tensor:
     """Mean of the task vectors (fp32 math for half inputs). With `scaling_coef=1.0`: the weight average.
 
@@ -444,10 +747,10 @@ def average(task_vectors: Sequence[Tensor]) -> Tensor:
     tensor([-0.5000, -1.0000])
     ```
     """
-    return _fold("average", task_vectors)
+    return _fold(AverageMerge(), task_vectors)
 
 
-@torch.no_grad()
+@_no_grad
 def task_arithmetic(task_vectors: Sequence[Tensor]) -> Tensor:
     """Sum of the task vectors (task arithmetic; default `scaling_coef` 0.3).
 
@@ -460,10 +763,10 @@ def task_arithmetic(task_vectors: Sequence[Tensor]) -> Tensor:
     tensor([-1., -2.])
     ```
     """
-    return _fold("task_arithmetic", task_vectors)
+    return _fold(TaskArithmeticMerge(), task_vectors)
 
 
-@torch.no_grad()
+@_no_grad
 def ties(task_vectors: Sequence[Tensor], density: float = 0.2) -> Tensor:
     """TIES-merging: trim to the top-`density` magnitudes per task vector, elect the sign by total mass, disjoint mean.
 
@@ -484,12 +787,18 @@ def ties(task_vectors: Sequence[Tensor], density: float = 0.2) -> Tensor:
     tensor([ 2., -3.])
     ```
     """
-    return _fold("ties", task_vectors, density=density)
+    return _fold(TiesMerge(density), task_vectors)
 
 
-@torch.no_grad()
-def random_mix(task_vectors: Sequence[Tensor], seed: int = 0) -> Tensor:
+@_no_grad
+def random_mix(task_vectors: Sequence[Tensor], seed: int = 0, name: str = "") -> Tensor:
     """Per element, the value of one task vector chosen uniformly at random (seeded); see [`RandomMixMerge`].
+
+    Args:
+        task_vectors (`list[torch.Tensor]`): task vectors of one parameter, same shape.
+        seed (`int`, *optional*, defaults to `0`): the seed.
+        name (`str`, *optional*, defaults to `""`): the tensor's name; merges of a state dict pass it, so that each
+            tensor has its own draws and every consumer draws the same ones.
 
     Example:
 
@@ -501,7 +810,7 @@ def random_mix(task_vectors: Sequence[Tensor], seed: int = 0) -> Tensor:
     True
     ```
     """
-    return _fold("random_mix", task_vectors, seed=seed)
+    return _fold(RandomMixMerge(seed, name=name), task_vectors)
 
 
 #: The pure merge functions by name: `list[Tensor] -> Tensor` (the merged, unscaled task vector).
@@ -520,19 +829,19 @@ MERGE_METHODS: dict[str, Callable[..., Tensor]] = {
 
 
 class StateDictMerger:
-    """Online merge of whole task vectors (dicts name → tensor): one [`OnlineMerge`] per floating tensor.
+    """Online merge of whole task vectors (dicts name → tensor): one accumulator per floating tensor.
 
     Memory is the running state (one tensor set for `magmax`, `random_mix` and the sums; four for `ties`),
     independent of the number of tasks. This is what the Trainer folds each task into.
 
     Args:
-        method (`str`, *optional*, defaults to `"magmax"`):
-            One of [`MERGE_METHODS`].
+        method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
+            The merge method, or a whole spec.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
             Where the running state lives.
         **method_kwargs:
-            `density` for `ties`, `seed` for `random_mix`. For `random_mix`, each tensor gets its own generator
-            seeded with `seed + its position in the first task vector`.
+            `density` for `ties`, `seed` for `random_mix` (when `method` is a name). random_mix seeds each tensor's
+            draws by its name, as every other consumer does.
 
     Example:
 
@@ -547,24 +856,23 @@ class StateDictMerger:
     ```
     """
 
-    def __init__(self, method: str = "magmax", device: str | torch.device = "cpu", **method_kwargs) -> None:
-        self.method = check_merge_method(method)
-        self.method_kwargs = _method_kwargs(self.method, method_kwargs)
+    def __init__(
+        self, method: str | MergeSpec = "magmax", device: str | torch.device = "cpu", **method_kwargs
+    ) -> None:
+        import torch
+
+        self.spec = _spec(method, None, method_kwargs)
+        self.method = self.spec.method
+        self.method_kwargs = self.spec.method_options
         self.device = torch.device(device)
         self.accumulators: dict[str, OnlineMerge] = {}
         self.num_tasks = 0
 
-    def _new_accumulator(self, position: int) -> OnlineMerge:
-        kwargs = dict(self.method_kwargs)
-        if self.method == "random_mix":
-            kwargs["seed"] = int(kwargs.get("seed", 0)) + position
-        return make_online_merge(self.method, **kwargs)
-
-    @torch.no_grad()
+    @_no_grad
     def update(self, task_vector: Mapping[str, Tensor]) -> None:
         """Fold one task vector (name → floating tensor) in. Every task vector must have the same names."""
         if self.num_tasks == 0:
-            self.accumulators = {name: self._new_accumulator(i) for i, name in enumerate(task_vector)}
+            self.accumulators = {name: self.spec.accumulator(name) for name in task_vector}
         else:
             missing = set(self.accumulators) - set(task_vector)
             extra = set(task_vector) - set(self.accumulators)
@@ -577,7 +885,7 @@ class StateDictMerger:
             self.accumulators[name].update(tensor.detach().to(self.device))
         self.num_tasks += 1
 
-    @torch.no_grad()
+    @_no_grad
     def result(self) -> dict[str, Tensor]:
         """The merged task vector (unscaled), name → tensor."""
         if self.num_tasks == 0:
@@ -597,15 +905,15 @@ class StateDictMerger:
             raise ValueError(f"cannot load a `{state['method']}` merge state into a `{self.method}` merger.")
         self.num_tasks = int(state["num_tasks"])
         self.accumulators = {}
-        for i, (name, acc_state) in enumerate(state["accumulators"].items()):
-            acc = self._new_accumulator(i)
+        for name, acc_state in state["accumulators"].items():
+            acc = self.spec.accumulator(name)
             acc.load_state_dict(acc_state)
             self.accumulators[name] = acc
 
 
 def merge_task_vectors(
     task_vectors: Sequence[Mapping[str, Tensor]] | Sequence[Tensor],
-    method: str = "magmax",
+    method: str | MergeSpec = "magmax",
     scaling_coef: float | None = None,
     **method_kwargs,
 ):
@@ -614,17 +922,18 @@ def merge_task_vectors(
     Args:
         task_vectors (`list[TaskVector]`, `list[dict[str, torch.Tensor]]` or `list[torch.Tensor]`):
             Task vectors in task order (for MagMax, ties go to the later task).
-        method (`str`, *optional*, defaults to `"magmax"`):
-            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`.
+        method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
+            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`, or a whole spec.
         scaling_coef (`float`, *optional*):
-            λ. Defaults to the method's default ([`DEFAULT_SCALING_COEFS`]): 0.5 for `magmax` and `random_mix`,
-            1.0 for `average` and `ties`, 0.3 for `task_arithmetic`.
+            λ, finite and > 0. Defaults to the method's default ([`DEFAULT_SCALING_COEFS`]): 0.5 for `magmax` and
+            `random_mix`, 1.0 for `average` and `ties`, 0.3 for `task_arithmetic`.
         **method_kwargs:
             `density` for `ties` (defaults to 0.2), `seed` for `random_mix` (defaults to 0).
 
     Returns:
         The scaled merged task vector `λ · merge(τ_1..τ_T)`, of the same kind as the inputs ([`TaskVector`] for
-        task vectors or dicts, a tensor for tensors). Apply it with `TaskVector.apply_to(base_state_dict)`.
+        task vectors or dicts, a tensor for tensors). Apply it with `TaskVector.apply_to(base_state_dict)`: the
+        result is bit-identical to [`apply_merged`]`(θ_0, merge, λ)`, which every other door uses.
 
     Example:
 
@@ -638,17 +947,13 @@ def merge_task_vectors(
     tensor([-1.0000, -1.5000])
     ```
     """
-    method = check_merge_method(method)
-    method_kwargs = _method_kwargs(method, method_kwargs)
-    if method == "ties":
-        check_density(method_kwargs.get("density", 0.2))
+    spec = _spec(method, scaling_coef, method_kwargs)
     if len(task_vectors) == 0:
         raise ValueError("`task_vectors` is empty: pass at least one task vector to merge.")
-    coef = default_scaling_coef(method) if scaling_coef is None else float(scaling_coef)
+    coef = spec.coef
 
-    if isinstance(task_vectors[0], Tensor):
-        merged = MERGE_METHODS[method](list(task_vectors), **method_kwargs)
-        return _scale(merged, coef)
+    if not isinstance(task_vectors[0], Mapping):
+        return _scale(_fold(spec.accumulator(), list(task_vectors)), coef)
 
     from .task_vectors import TaskVector
 
@@ -660,14 +965,10 @@ def merge_task_vectors(
             raise KeyError(
                 f"`task_vectors[{i}]` has other tensors than `task_vectors[0]` (missing: {missing}, extra: {extra})."
             )
-    merged: dict[str, Tensor] = {}
-    for position, name in enumerate(names):
-        kwargs = dict(method_kwargs)
-        if method == "random_mix":  # same per-tensor seeding as StateDictMerger, so both agree
-            kwargs["seed"] = int(kwargs.get("seed", 0)) + position
-        merged[name] = _scale(MERGE_METHODS[method]([tv[name] for tv in task_vectors], **kwargs), coef)
+    merged = {name: _scale(_fold(spec.accumulator(name), [tv[name] for tv in task_vectors]), coef) for name in names}
     return TaskVector(merged)
 
 
 def _scale(tensor: Tensor, coef: float) -> Tensor:
-    return (tensor.to(_compute_dtype(tensor.dtype)) * coef).to(tensor.dtype)
+    """`λ · merged` as [`apply_merged`] computes it (in the compute dtype), returned in the merged tensor's dtype."""
+    return (tensor.to(compute_dtype(tensor.dtype)) * coef).to(tensor.dtype)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .merging import check_density, check_merge_method, default_scaling_coef, make_online_merge
+from .merging import MergeSpec, check_density, check_merge_method, default_scaling_coef
 
 
 logger = logging.getLogger(__name__)
@@ -1172,18 +1172,13 @@ def _merge_loaded(
                 raise ValueError(
                     f"module `{info.name}` has a LoRA bias but no base bias, so it cannot be merged into the weights."
                 )
-    positions = {key: i for i, key in enumerate(k for info in infos for k in info.keys)}
     ranks = dict(rank) if isinstance(rank, Mapping) else ({} if rank is None else rank)
     refactorer = _Refactorer(ranks, svd, niter, seed) if output == "adapter" else None
 
     for info in tqdm(infos, desc=f"merging {len(names)} adapters ({method})", disable=len(infos) < 8 or None):
         shapes = _zeros_shapes(info, names)
-        accumulators = {}
-        for key in info.keys:
-            kwargs = dict(method_kwargs)
-            if method == "random_mix":  # per-tensor seeding as StateDictMerger
-                kwargs["seed"] = int(seed) + positions[key]
-            accumulators[key] = make_online_merge(method, **kwargs)
+        spec = MergeSpec(method, coef, **method_kwargs)
+        accumulators = {key: spec.accumulator(key) for key in info.keys}  # random_mix: seeded by the tensor's name
         for name in names:
             deltas = _module_delta(info, name)
             for key, accumulator in accumulators.items():

@@ -8,8 +8,28 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
+from .merging import apply_merged, compute_dtype
 
-__all__ = ["TaskVector", "shared_tensor_groups"]
+
+__all__ = ["TaskVector", "shared_tensor_groups", "subtract"]
+
+
+@torch.no_grad()
+def subtract(finetuned: Tensor, base: Tensor, device: str | torch.device | None = None) -> Tensor:
+    """One task-vector tensor `τ = θ_ft − θ_0`, the one place every consumer computes it.
+
+    The difference is taken in fp32 for half-precision weights (fp64 if either is fp64), so that a bf16 or fp16
+    checkpoint loses nothing to the subtraction, and returned as a new tensor (a memory-mapped input is never written).
+
+    Args:
+        finetuned (`torch.Tensor`): θ_ft (floating).
+        base (`torch.Tensor`): θ_0, same shape.
+        device (`str` or `torch.device`, *optional*): where τ lives; defaults to `finetuned`'s device.
+    """
+    compute = torch.promote_types(compute_dtype(finetuned.dtype), compute_dtype(base.dtype))
+    target = finetuned.device if device is None else torch.device(device)
+    tau = finetuned.detach().to(device=target, dtype=compute, copy=True)
+    return tau.sub_(base.detach().to(device=target, dtype=compute))
 
 
 def shared_tensor_groups(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
@@ -34,7 +54,7 @@ def _floating(tensor: Tensor) -> bool:
 
 
 class TaskVector(Mapping[str, Tensor]):
-    """A task vector: name → `θ_ft − θ_0` for every floating tensor of a model.
+    """A task vector: name → `θ_ft − θ_0` for every floating tensor of a model (fp32 for half-precision weights).
 
     Integer and bool buffers (position ids, token-type ids, masks, counters) are not part of a task vector: when the
     vector is applied they are taken from θ_0. Tied parameters are computed once and the aliases point at the same
@@ -113,8 +133,7 @@ class TaskVector(Mapping[str, Tensor]):
                     f"tensor {name!r} has shape {tuple(finetuned.shape)} in the fine-tuned model but "
                     f"{tuple(base.shape)} in the base model: task vectors need the same architecture and head size."
                 )
-            target = finetuned.device if device is None else torch.device(device)
-            vector[name] = finetuned.detach().to(target) - base.detach().to(target, finetuned.dtype)
+            vector[name] = subtract(finetuned, base, device=device)
         return cls(vector)
 
     @classmethod
@@ -135,8 +154,9 @@ class TaskVector(Mapping[str, Tensor]):
     ) -> dict[str, Tensor]:
         """`θ_0 + scaling_coef · τ` as a new state dict.
 
-        Floating tensors are computed in fp32 for fp16/bf16 weights and returned in the base dtype; integer and bool
-        buffers, and any tensor the task vector does not cover, are taken from θ_0 unchanged.
+        Floating tensors are computed with [`~hf_magmax.merging.apply_merged`] (fp32 math for fp16/bf16 weights, one
+        cast to the base dtype); integer and bool buffers, and any tensor the task vector does not cover, are taken
+        from θ_0 unchanged.
 
         Args:
             base_state_dict (`dict[str, torch.Tensor]`):
@@ -158,9 +178,7 @@ class TaskVector(Mapping[str, Tensor]):
                 merged[name] = merged[first]
                 continue
             if name in self.vector and _floating(base):
-                compute = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
-                delta = self.vector[name].to(base.device, compute)
-                merged[name] = (base.to(compute) + scaling_coef * delta).to(base.dtype)
+                merged[name] = apply_merged(base, self.vector[name], scaling_coef)
             else:
                 merged[name] = base.clone()
         return merged
@@ -178,7 +196,7 @@ class TaskVector(Mapping[str, Tensor]):
             if id(target) in done or not target.is_floating_point():
                 continue
             done.add(id(target))
-            target.add_((scaling_coef * delta.float()).to(target.device, target.dtype))
+            target.copy_(apply_merged(target, delta, scaling_coef))
         return model
 
     # -- arithmetic ----------------------------------------------------------------------------------------------

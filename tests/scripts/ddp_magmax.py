@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny_tasks
 from tiny_tasks import classification_tasks, tiny_bert  # noqa: E402
 
 from hf_magmax import MagMaxConfig, MagMaxTrainer  # noqa: E402

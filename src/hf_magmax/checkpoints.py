@@ -21,7 +21,6 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,12 +28,12 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .io import check_output_dir, is_hub_id, staged_output_dir
 from .merging import DEFAULT_SCALING_COEFS, check_density, check_merge_method
 
 
@@ -209,10 +208,6 @@ def _check_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise ValueError(f"`device` is {device!r} but CUDA is not available here: use `device='cpu'`.")
     return device
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-")) and ".." not in name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,7 +416,7 @@ def _resolve(name: str, *, token: str | bool | None, weights: bool) -> Path:
                 f"model {name!r} is a file: pass the directory that holds config.json and the weights."
             )
         return path
-    if not _is_hub_id(name):
+    if not is_hub_id(name):
         raise FileNotFoundError(f"model directory {name!r} does not exist.")
     from huggingface_hub import snapshot_download
 
@@ -737,59 +732,6 @@ The merge configuration, saved as `{MERGE_CONFIG_NAME}`. Re-run the merge with
     return metadata, body
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# atomic output directory
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {output} exists and is a file: choose a directory path for `output`.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {output} is not empty: choose another `output`, or pass `overwrite=True` (--overwrite) "
-            "to replace it."
-        )
-
-
-def _commit_output(staging: Path, output: Path, overwrite: bool) -> None:
-    """Move the finished staging directory to `output` (replacing an old one only when `overwrite`)."""
-    _check_output(output, overwrite)
-    if output.is_dir() and not any(output.iterdir()):
-        output.rmdir()
-    if output.exists():  # overwrite: rename the old one aside, the new one in, then delete the old one
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        old.rmdir()
-        os.replace(output, old)
-        try:
-            os.replace(staging, output)
-        except BaseException:
-            os.replace(old, output)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
-@contextlib.contextmanager
-def staged_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `output` to write into; renamed to `output` when the block succeeds.
-
-    On any error or Ctrl-C the temporary directory is removed and nothing is left at `output`. A non-empty `output` is
-    refused unless `overwrite` (then it is replaced only once the new one is complete).
-    """
-    _check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.hf_magmax-tmp-", dir=output.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0o700; give it the permissions of a normal directory
-        _commit_output(staging, output, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _copy_base_files(base: _Checkpoint, staging: Path) -> list[str]:
     copied = []
     for src in sorted(base.path.rglob("*")):
@@ -960,7 +902,7 @@ def merge_checkpoints(
     out_dtype = _normalize_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     output = Path(output_dir).expanduser()
-    _check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     device = _check_device(device)
 
     # -- 2. inputs: configs and tensor tables, no weights read yet ----------------------------------------------------
@@ -1067,12 +1009,6 @@ def merge_checkpoints(
 
         _push(output, push_to_hub, private=private, token=token, commit_message=f"hf_magmax {method} merge")
     return output
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _stream_merge(

@@ -863,9 +863,9 @@ def _load_base_model(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn
     """Load a base model by its `config.architectures[0]` class (falls back to `AutoModel`)."""
     import transformers
 
-    from .checkpoints import _is_hub_id
+    from .io import is_hub_id
 
-    if not os.path.isdir(os.path.expanduser(str(name_or_path))) and not _is_hub_id(str(name_or_path)):
+    if not os.path.isdir(os.path.expanduser(str(name_or_path))) and not is_hub_id(str(name_or_path)):
         raise FileNotFoundError(f"base model {name_or_path!r} is neither a local directory nor a Hub repo id.")
     config = transformers.AutoConfig.from_pretrained(name_or_path)
     architectures = getattr(config, "architectures", None) or []
@@ -1418,9 +1418,9 @@ def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
     """Fail early if `output_dir` is a file, or a non-empty directory without `overwrite`."""
     from pathlib import Path
 
-    from .checkpoints import _check_output
+    from .io import check_output_dir
 
-    _check_output(Path(output_dir).absolute(), overwrite)
+    check_output_dir(Path(output_dir).absolute(), overwrite)
 
 
 def save_lora_merge(
@@ -1453,11 +1453,11 @@ def save_lora_merge(
 
     import yaml
 
-    from .checkpoints import _check_output, staged_output_dir
     from .hub import write_model_card
+    from .io import check_output_dir, staged_output_dir
 
     output = Path(output_dir).absolute()
-    _check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     config = lora_merge_config(result, None if base is None else os.fspath(base))
     with staged_output_dir(output, overwrite) as staging:
         result.save_pretrained(staging)

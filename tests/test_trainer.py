@@ -85,7 +85,7 @@ def test_sequential_final_model_and_merge_device_state_is_one_tensor_set(tmp_pat
     for name, value in recorder.snapshots[-1].items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
     # θ_0 and one running tensor per parameter on the CPU: no per-task copies
-    run = trainer._magmax
+    run = trainer._magmax.state
     assert run.merger.num_tasks == 2
     assert all(t.device.type == "cpu" for t in run.base.values())
     assert all(
@@ -185,7 +185,7 @@ def test_frozen_modules_are_frozen_and_outside_the_task_vector(tmp_path):
     trainer = MagMaxTrainer(model, args, train_datasets=train)
     assert not any(p.requires_grad for p in model.classifier.parameters())
     trainer.train()
-    assert not any(name.startswith("classifier.") for name in trainer._magmax.base)
+    assert not any(name.startswith("classifier.") for name in trainer._magmax.state.base)
     for k, v in model.classifier.state_dict().items():
         assert torch.equal(v, head[k])
 

@@ -187,7 +187,7 @@ def test_auto_scaling_with_validation_datasets_and_label_embedding_head(tmp_path
     )
     trainer.train()
     # θ_0 of the running merge (the names the task vectors cover) has the encoder but not the frozen head
-    merged_names = set(trainer._magmax.base)
+    merged_names = set(trainer._magmax.state.base)
     assert "encoder.embeddings.word_embeddings.weight" in merged_names
     assert not any(name.startswith("head.") for name in merged_names)
     results = trainer.continual_results

@@ -1,0 +1,181 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""[`MagMaxCallback`]: the MagMax merge and metrics for an existing script's plain `Trainer`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .config import MagMaxOptions
+from .inputs import check_datasets, freeze, head, is_peft_model, normalize_tasks
+from .run import ContinualRun
+from .state import unwrap
+
+
+__all__ = ["MagMaxCallback"]
+
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(MagMaxOptions))
+
+
+def _options(options: MagMaxOptions | None, overrides: Mapping[str, Any]) -> MagMaxOptions:
+    """The callback's options: `options` (a copy of its MagMax fields) with the keyword arguments on top."""
+    unknown = sorted(set(overrides) - set(_OPTION_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"MagMaxCallback got unexpected argument(s) {', '.join(unknown)}: the MagMax options are "
+            f"{', '.join(_OPTION_FIELDS)}."
+        )
+    if options is not None and not isinstance(options, MagMaxOptions):
+        raise TypeError(f"`options` must be a MagMaxOptions or a MagMaxConfig, got {type(options).__name__}.")
+    values = {name: getattr(options, name) for name in _OPTION_FIELDS} if options is not None else {}
+    values.update(overrides)
+    return MagMaxOptions(**values)
+
+
+class MagMaxCallback(TrainerCallback):
+    r"""MagMax for an existing script that calls `trainer.train()` once per task on its own `Trainer`.
+
+    The callback takes θ_0 at the first `on_train_begin`, folds `τ_t = θ_t − θ_0` into the running merge at every
+    `on_train_end`, evaluates the sequential and merged models on `eval_datasets` (if given), and after the
+    `num_tasks`-th task writes `θ_0 + λ · merge` into the model (`final_model="merged"`) and
+    `output_dir/continual_results.json` — the same weights and metrics as [`MagMaxTrainer`]. It also resets the
+    trainer's optimizer and learning-rate schedule after every task, so each task starts fresh as in the paper.
+
+    Args:
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer to attach to (the callback adds itself). Needed for evaluation, for the optimizer reset and
+            for the logs; without it (e.g. passed in `callbacks=[...]`) call [`~MagMaxCallback.attach`] later.
+        eval_datasets (`list` or `dict[str, Dataset]`, *optional*):
+            The tasks' evaluation sets in task order.
+        num_tasks (`int`, *optional*):
+            Length of the task sequence; defaults to the number of `eval_datasets`. Without either, call
+            [`~MagMaxCallback.finish`] after the last task.
+        task_names (`list[str]`, *optional*):
+            Names of the tasks (default: the keys of `eval_datasets`, or `task_0`, …).
+        validation_datasets (`list` or `dict[str, Dataset]`, *optional*):
+            Per-task validation sets for `scaling_coef="auto"`.
+        options ([`MagMaxOptions`] or [`MagMaxConfig`], *optional*):
+            The MagMax options (may also be passed first, in place of `trainer`). Defaults to `MagMaxOptions()`.
+        scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, final_model, eval_merged_every_task,
+        merge_device, frozen_modules, max_validation_samples, select_scaling_coef_every_task, continual_metric:
+            Each field of [`MagMaxOptions`] as a keyword argument (same defaults), on top of `options`.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax import MagMaxCallback
+    >>> magmax = MagMaxCallback(trainer, eval_datasets=test_sets, options=MagMaxOptions(scaling_coef=0.5))  # doctest: +SKIP
+    >>> for train_set in train_sets:  # doctest: +SKIP
+    ...     trainer.train_dataset = train_set
+    ...     trainer.train()
+    >>> magmax.results["merged"]["metrics"]  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer | MagMaxOptions | None = None,
+        eval_datasets: Sequence[Any] | Mapping[str, Any] | None = None,
+        num_tasks: int | None = None,
+        task_names: Sequence[str] | None = None,
+        validation_datasets: Sequence[Any] | Mapping[str, Any] | None = None,
+        options: MagMaxOptions | None = None,
+        **option_kwargs: Any,
+    ) -> None:
+        if isinstance(trainer, MagMaxOptions):  # MagMaxCallback(options, ...)
+            if options is not None:
+                raise TypeError("pass the options once: `MagMaxCallback(options)` or `MagMaxCallback(options=...)`.")
+            trainer, options = None, trainer
+        self.options = _options(options, option_kwargs)
+
+        eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
+        _, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
+        if num_tasks is None:
+            num_tasks = len(eval_list) or (len(task_names) if task_names is not None else None)
+        if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ValueError(f"`num_tasks` must be a positive integer, got {num_tasks!r}.")
+        if task_names is not None:
+            names = [str(n) for n in task_names]
+        elif eval_names and isinstance(eval_datasets, Mapping):
+            names = eval_names
+        else:
+            names = [f"task_{i}" for i in range(num_tasks or 0)]
+        if num_tasks is not None and len(names) != num_tasks:
+            raise ValueError(f"`task_names` has {len(names)} names but there are {num_tasks} tasks.")
+        if eval_list and len(eval_list) != len(names):
+            raise ValueError(f"`eval_datasets` has {len(eval_list)} tasks but there are {len(names)} tasks.")
+        if val_list and len(val_list) != len(names):
+            raise ValueError(f"`validation_datasets` has {len(val_list)} tasks but there are {len(names)} tasks.")
+        if self.options.is_auto and not val_list:
+            raise ValueError('`scaling_coef="auto"` needs `validation_datasets` (one per task) with the callback.')
+        if val_list and self.options.max_validation_samples is not None:
+            val_list = [head(ds, self.options.max_validation_samples) for ds in val_list]
+        self.num_tasks = num_tasks
+        self._run = ContinualRun(self.options, names, eval_list, val_list or None)
+        self.trainer: Trainer | None = None
+        if trainer is not None:
+            self.attach(trainer)
+
+    def attach(self, trainer: Trainer) -> MagMaxCallback:
+        """Bind the callback to `trainer` (and add it to the trainer's callbacks if it is not there yet)."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        if self.options.frozen_modules:
+            freeze(trainer.model, self.options.frozen_modules)
+        return self
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """Task names, both accuracy matrices, summary metrics, method and λ (as in `continual_results.json`)."""
+        return self._run.summary()
+
+    def _task(self) -> int:
+        return self._run.num_tasks_done
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._run.finished:
+            raise RuntimeError("MagMaxCallback: the task sequence is finished; make a new callback for a new one.")
+        trainer = self.trainer
+        if model is not None and is_peft_model(unwrap(model)):
+            raise ValueError(
+                "MagMaxCallback merges full weights; for a PEFT (LoRA) model use `MagMaxTrainer(peft_config=...)`, "
+                "whose task vectors are the adapter's ΔW, or merge the saved adapters with `merge_adapters`."
+            )
+        if trainer is None and self._run.eval_datasets:
+            raise ValueError("MagMaxCallback needs the trainer to evaluate: build it with `MagMaxCallback(trainer)`.")
+        task = self._task()
+        if self.num_tasks is not None and task >= self.num_tasks:
+            raise ValueError(f"MagMaxCallback: a task beyond the {self.num_tasks} announced in `num_tasks`.")
+        if task >= len(self._run.task_names):  # open-ended sequence
+            self._run.matrices.add_task(f"task_{task}")
+        train_dataset = trainer.train_dataset if trainer is not None else None
+        if task == 0:
+            if trainer is not None:
+                check_datasets(trainer.model, self._run.task_names, [train_dataset], self._run.eval_datasets)
+            self._run.begin(trainer, model, [train_dataset] if train_dataset is not None else [])
+        else:
+            if trainer is not None:
+                check_datasets(trainer.model, [self._run.task_names[task]], [train_dataset], [])
+            self._run.begin_task(trainer, model, task)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        task = self._task()
+        self._run.end_task(self.trainer, model, task)
+        if self.trainer is not None:
+            # a fresh optimizer and learning-rate schedule for the next task
+            self.trainer.optimizer, self.trainer.lr_scheduler = None, None
+        if self.num_tasks is not None and self._run.num_tasks_done == self.num_tasks:
+            self.finish(model)
+
+    def finish(self, model: nn.Module | None = None) -> None:
+        """Write the final weights (`θ_0 + λ · merge` for `final_model="merged"`) and the results."""
+        if model is None:
+            if self.trainer is None:
+                raise ValueError("pass the model to `finish(model)` when the callback has no trainer.")
+            model = self.trainer.model
+        self._run.finish(self.trainer, model)

@@ -1,0 +1,336 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""The run that drives one task sequence: [`MergeState`] + [`AccuracyMatrices`] + the λ choice, step by step.
+
+[`~hf_magmax.trainer.MagMaxTrainer`] and [`~hf_magmax.trainer.MagMaxCallback`] make the same calls (`begin`,
+`begin_task`, `end_task`, `finish`), so both paths give the same weights and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import MagMaxOptions
+from .matrices import AccuracyMatrices, resolve_metric, score, write_results
+from .state import CheckpointError, MergeState, unwrap
+
+
+__all__ = ["STATE_NAME", "ContinualRun"]
+
+#: The checkpoint's run state (task index, matrices); written last, so its presence marks a complete checkpoint.
+STATE_NAME = "magmax_state.json"
+
+
+def log(trainer: Any, logs: dict[str, float]) -> None:
+    if trainer is None or not logs:
+        return
+    trainer.log({k: float(v) for k, v in logs.items() if v is not None})
+
+
+class ContinualRun:
+    """θ_0, the running merge, the accuracy matrices and the chosen λ of one task sequence.
+
+    Args:
+        options ([`MagMaxOptions`]): the MagMax options (a [`MagMaxConfig`] is one).
+        task_names (`list[str]`): the tasks, in order.
+        eval_datasets (`list`): the tasks' evaluation sets (may be empty: no matrices).
+        validation_datasets (`list`, *optional*): per-task validation sets for `scaling_coef="auto"`.
+        lora (`bool`, *optional*): the task vectors are a PEFT adapter's ΔW relative to the base.
+    """
+
+    def __init__(
+        self,
+        options: MagMaxOptions,
+        task_names: Sequence[str],
+        eval_datasets: Sequence[Any],
+        validation_datasets: Sequence[Any] | None,
+        lora: bool = False,
+    ) -> None:
+        self.options = options
+        self.spec = options.merge_spec()
+        self.eval_datasets = list(eval_datasets)
+        self.validation_datasets = list(validation_datasets) if validation_datasets else None
+        self.state = MergeState(self.spec, options.merge_device, options.frozen_modules)
+        self.matrices = AccuracyMatrices(task_names)
+        self.final_scaling_coef: float | None = None
+        self.finished = False
+        self.lora = lora
+        self.lora_info: dict[str, Any] | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.matrices.task_names
+
+    @property
+    def num_tasks_done(self) -> int:
+        return self.state.num_tasks
+
+    # -- λ ---------------------------------------------------------------------------------------------------------
+
+    def current_coef(self) -> float:
+        """λ of the merged model now: the last one chosen under `"auto"` (the method's default before any), else λ."""
+        if self.spec.is_auto:
+            if self.matrices.searches:
+                return float(self.matrices.searches[-1]["best"])
+            return self.spec.merge_class.default_scaling_coef
+        return self.spec.coef
+
+    def search(self, trainer: Any, apply: Callable[[float], None]) -> float:
+        """Choose λ on the validation data of the tasks seen so far; returns it (the model is left at that λ)."""
+        from ..scaling import search_scaling_coef
+
+        seen = self.num_tasks_done
+        datasets = (self.validation_datasets or [])[:seen]
+        if len(datasets) < seen or any(ds is None for ds in datasets):
+            raise ValueError(
+                '`scaling_coef="auto"` needs validation data for every task: pass `validation_datasets` or set '
+                "`validation_fraction`."
+            )
+        metric = self.matrices.metric or "neg_loss"
+
+        def score_fn() -> float:
+            scores = [score(trainer, ds, f"magmax_validation_{i}", metric) for i, ds in enumerate(datasets)]
+            return sum(scores) / len(scores)
+
+        result = search_scaling_coef(apply, score_fn, grid=self.options.scaling_coef_grid)
+        self.matrices.searches.append({"after_task": seen, **result.to_dict()})
+        logs = {f"continual/scaling_coef/{coef:g}": value for coef, value in result.curve.items()}
+        logs["continual/scaling_coef"] = result.best
+        log(trainer, logs)
+        return result.best
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+
+    def weights(self, trainer: Any, model: nn.Module, initial: bool = False) -> dict[str, Tensor]:
+        """The model's full weights: gathered through Accelerate (FSDP/ZeRO-3) once training has started."""
+        unwrapped = unwrap(model)
+        if self.lora:
+            from ..peft import lora_delta_state_dict
+
+            return lora_delta_state_dict(unwrapped, adapter_name=getattr(unwrapped, "active_adapter", "default"))
+        if trainer is not None and not initial:
+            return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        return unwrapped.state_dict()
+
+    def _lora_targets(self, model: nn.Module) -> dict[str, Tensor]:
+        from ..peft import base_parameters
+
+        params = base_parameters(unwrap(model))
+        missing = [name for name in self.state.base if name not in params]
+        if missing:
+            raise KeyError(f"the PEFT model has no base weight {missing[0]!r} for the LoRA delta of that name.")
+        return {name: params[name] for name in self.state.base}
+
+    @contextlib.contextmanager
+    def merged_weights(self, model: nn.Module, state_dict: Mapping[str, Tensor]) -> Iterator[Callable[[float], None]]:
+        """Yields `apply(λ)`, which puts `θ_0 + λ · merge` into the model in place; restores θ_t on exit.
+
+        θ_t is kept as one copy on `merge_device` meanwhile (no second model). For LoRA, the adapter is disabled and
+        `ΔW_start + λ · merge` is added to the base weights, which are restored on exit.
+        """
+        state = self.state
+        if self.lora:
+            targets = self._lora_targets(model)
+            saved = {name: t.detach().to(state.device, copy=True) for name, t in targets.items()}
+
+            def apply(coef: float) -> None:
+                for name, target in targets.items():
+                    # the base weight plus the merged ΔW (a delta on top of a weight, not θ_0 + λ·τ)
+                    value = saved[name].float() + state.merged_tensor(name, coef).float()
+                    target.copy_(value.to(target.device, target.dtype))
+
+            with unwrap(model).disable_adapter():
+                try:
+                    yield apply
+                finally:
+                    for name, target in targets.items():
+                        target.copy_(saved[name].to(target.device, target.dtype))
+        else:
+            saved = {name: state_dict[name].detach().to(state.device, copy=True) for name in state.base}
+            try:
+                yield lambda coef: state.write_into(model, lambda name: state.merged_tensor(name, coef))
+            finally:
+                state.write_into(model, saved.__getitem__)
+
+    # -- the sequence ----------------------------------------------------------------------------------------------
+
+    def begin(self, trainer: Any, model: nn.Module, train_datasets: Sequence[Any]) -> None:
+        """Take θ_0. (θ_0 is evaluated at the end of the first task by swapping it in: evaluating before the first
+        `train()` would make Accelerate skip the DDP wrapping of the model.)"""
+        initial = trainer is None or trainer.model_wrapped is model
+        self.state.snapshot(self.weights(trainer, model, initial=initial))
+        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets)
+
+    def begin_task(self, trainer: Any, model: nn.Module, task: int) -> None:
+        if not self.lora:
+            self.state.check_shapes(unwrap(model).state_dict(), self.task_names[task])
+
+    def evaluate_row(self, trainer: Any, kind: str) -> list[float]:
+        metric = self.matrices.metric or "neg_loss"
+        return [score(trainer, ds, f"magmax_{kind}_{i}", metric) for i, ds in enumerate(self.eval_datasets)]
+
+    @torch.no_grad()
+    def end_task(self, trainer: Any, model: nn.Module, task: int) -> None:
+        """Fold the task vector of `task`, evaluate the sequential and merged models on every task, log, write."""
+        name = self.task_names[task]
+        state_dict = self.weights(trainer, model)
+        if not self.lora:
+            self.state.check_shapes(state_dict, name)
+        self.state.fold(state_dict, name)
+        matrices, done = self.matrices, self.num_tasks_done
+        last = done == len(self.task_names)
+        evaluate = bool(self.eval_datasets) and trainer is not None
+        want_merged = evaluate and (self.options.eval_merged_every_task or last)
+        want_search = self.spec.is_auto and trainer is not None and (last or self.options.select_every_task())
+        want_base = evaluate and matrices.seq[0][0] is None
+        if evaluate:
+            matrices.seq[done] = self.evaluate_row(trainer, "seq")
+        if want_merged or want_search or want_base:
+            with self.merged_weights(model, state_dict) as apply:
+                if want_base:  # row 0: θ_0 = θ_0 + 0 · merge
+                    apply(0.0)
+                    row = self.evaluate_row(trainer, "base")
+                    matrices.seq[0], matrices.merged[0], matrices.merged_coefs[0] = list(row), list(row), 0.0
+                    log(trainer, {f"continual/base/{n}": v for n, v in zip(self.task_names, row)})
+                if want_search or want_merged:
+                    coef = self.search(trainer, apply) if want_search else self.current_coef()
+                    apply(coef)
+                    if want_search and last:
+                        self.final_scaling_coef = coef
+                    if want_merged:
+                        matrices.merged[done] = self.evaluate_row(trainer, "merged")
+                        matrices.merged_coefs[done] = coef
+        del state_dict
+        if evaluate:
+            logs = {"continual/task": float(done)}
+            logs.update({f"continual/seq/{n}": v for n, v in zip(self.task_names, matrices.seq[done])})
+            if matrices.merged[done][0] is not None:
+                logs.update({f"continual/merged/{n}": v for n, v in zip(self.task_names, matrices.merged[done])})
+            log(trainer, logs)
+        if trainer is not None:
+            self.write_results(trainer)
+
+    def finish(self, trainer: Any, model: nn.Module) -> None:
+        """After the last task: put the final weights into the model (full fine-tuning) and write the results."""
+        if self.num_tasks_done == 0:
+            raise ValueError("no task has been trained yet: nothing to merge.")
+        if self.final_scaling_coef is None:
+            self.final_scaling_coef = self.current_coef()
+        if self.options.final_model == "merged" and not self.lora:
+            coef = self.final_scaling_coef
+            self.state.write_into(model, lambda name: self.state.merged_tensor(name, coef))
+        self.finished = True
+        if trainer is not None:
+            summary = self.summary()
+            logs = {}
+            for kind in ("sequential", "merged"):
+                for key, value in summary[kind]["metrics"].items():
+                    logs[f"continual/{kind}/{key}"] = value
+            logs["continual/final_scaling_coef"] = self.final_scaling_coef
+            log(trainer, logs)
+            self.write_results(trainer)
+
+    # -- results ---------------------------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        matrices, done = self.matrices, self.num_tasks_done
+        evaluated = bool(self.eval_datasets)
+        auto = self.spec.is_auto
+        return {
+            "task_names": self.task_names,
+            "num_tasks_done": done,
+            "method": self.spec.method,
+            "method_kwargs": self.spec.method_options,
+            "scaling_coef": self.final_scaling_coef if self.final_scaling_coef is not None else self.current_coef(),
+            "scaling_coef_mode": "auto" if auto else "fixed",
+            "scaling_coef_grid": self.options.scaling_coef_grid if auto else None,
+            "scaling_coef_search": matrices.searches,
+            "final_model": self.options.final_model,
+            "metric": matrices.metric,
+            "sequential": {
+                "matrix": matrices.seq,
+                "metrics": matrices.metrics(matrices.seq, done) if evaluated else {},
+            },
+            "merged": {
+                "matrix": matrices.merged,
+                "scaling_coefs": matrices.merged_coefs,
+                "metrics": matrices.metrics(matrices.merged, done) if evaluated else {},
+            },
+            **({"lora": self.lora_info} if self.lora_info is not None else {}),
+        }
+
+    def write_results(self, trainer: Any) -> None:
+        if trainer.is_world_process_zero():
+            write_results(trainer.args.output_dir, self.summary())
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save(self, directory: str, task: int) -> None:
+        """θ_0 and the merge state, then the run state (`magmax_state.json`, atomically, last)."""
+        self.state.save(directory)
+        record = {
+            "task": task,
+            "num_tasks_done": self.num_tasks_done,
+            "task_names": self.task_names,
+            "method": self.spec.method,
+            "method_kwargs": self.spec.method_options,
+            **self.matrices.to_dict(),
+        }
+        path = os.path.join(directory, STATE_NAME)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    def load(self, directory: str) -> int:
+        """Restore from a checkpoint directory; returns the index of the task the checkpoint was taken in.
+
+        Raises `FileNotFoundError` for a directory that is no MagMaxTrainer checkpoint, [`CheckpointError`] naming
+        the file for an incomplete or corrupt one, and `ValueError` for a checkpoint of another sequence or merge.
+        Nothing is changed unless every file reads.
+        """
+        path = os.path.join(directory, STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{directory!r} is not a MagMaxTrainer checkpoint (no {STATE_NAME}): resume from a checkpoint written "
+                "by MagMaxTrainer, e.g. output_dir/task-01-<name>/checkpoint-<step>."
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            int(record["task"]), record["task_names"], record["method"], record["seq_matrix"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path!r} is truncated or corrupt ({type(err).__name__}: {err}).") from None
+        if record["task_names"] != self.task_names:
+            raise ValueError(
+                f"the checkpoint was written for tasks {record['task_names']}, but `train_datasets` has "
+                f"{self.task_names}: resume with the same task sequence."
+            )
+        if record["method"] != self.spec.method:
+            raise ValueError(
+                f"the checkpoint merges with `{record['method']}`, but `merge_method` is `{self.spec.method}`: resume "
+                "with the same merge method."
+            )
+        saved_options = record.get("method_kwargs")
+        if saved_options is not None and saved_options != self.spec.method_options:
+            raise ValueError(
+                f"the checkpoint merges with options {saved_options}, but the config has {self.spec.method_options}: "
+                "resume with the same `merge_density`/`merge_seed`."
+            )
+        trainer_state = os.path.join(directory, "trainer_state.json")
+        try:
+            with open(trainer_state, encoding="utf-8") as f:
+                json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{trainer_state!r} is missing: the checkpoint is incomplete.") from None
+        except ValueError as err:
+            raise CheckpointError(f"{trainer_state!r} is truncated or corrupt ({err}).") from None
+        base, merge_state = MergeState.read(directory, self.state.device)
+        self.state.restore(base, merge_state)
+        self.matrices.load(record)
+        return int(record["task"])

@@ -1,0 +1,553 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""[`MagMaxTrainer`]: continual fine-tuning with MagMax inside 🤗 Transformers' `Trainer`.
+
+The trainer fine-tunes the model on a sequence of tasks, one after the other (task t starts from the weights after
+task t − 1, with a fresh optimizer and learning-rate schedule), folds each task vector `τ_t = θ_t − θ_0` into the
+running merge of a [`~hf_magmax.trainer.MergeState`], evaluates the sequential and the merged model on every task after
+every task, and ends with the merged model `θ_0 + λ · merge(τ_1, …, τ_T)`. Every merge fact comes from the one
+[`~hf_magmax.merging.MergeSpec`] of the config.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+
+from ..task_vectors import shared_tensor_groups
+from .config import MagMaxConfig
+from .inputs import (
+    check_datasets,
+    check_same_tasks,
+    checkpoint_tensor_names,
+    freeze,
+    head,
+    is_peft_model,
+    normalize_tasks,
+    num_labels,
+    resolve_task_classes,
+    task_dir_name,
+)
+from .run import ContinualRun
+from .state import CheckpointError, unwrap
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MagMaxTrainer"]
+
+#: The model weight files one of which a complete checkpoint holds (full model or PEFT adapter).
+_MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+
+
+class MagMaxTrainer(Trainer):
+    r"""Continual fine-tuning over a sequence of tasks with MagMax merging (Marczak et al., ECCV 2024).
+
+    `train()` fine-tunes on the tasks in order: task t starts from the weights after task t − 1, with a fresh optimizer
+    and learning-rate schedule. After each task the task vector `τ_t = θ_t − θ_0` is folded into a running merge (θ_0
+    and the running state live on `args.merge_device`), and the sequential model and the merged model
+    `θ_0 + λ · merge(τ_1..τ_t)` (swapped into the model in place, no second copy) are evaluated on *every* task's eval
+    set. The accuracy matrices `R[t][i]` (row 0: θ_0) go to `self.log` under `continual/seq/<task>` and
+    `continual/merged/<task>`, and to `output_dir/continual_results.json` with the summary metrics of
+    [`~hf_magmax.metrics.compute_continual_metrics`]. At the end the model holds the merged weights
+    (`final_model="merged"`) or the sequential ones.
+
+    The first arguments are those of [`~transformers.Trainer`]; the MagMax arguments come last.
+
+    Args:
+        train_datasets (`list`, `dict[str, Dataset]` or [`~hf_magmax.continual.ContinualSplit`]):
+            The tasks' training sets in task order (a dict maps task names to datasets).
+        eval_datasets (`list` or `dict[str, Dataset]`, *optional*):
+            The tasks' evaluation sets, same number and names as `train_datasets`. Without them no matrix is computed.
+        validation_datasets (`list` or `dict[str, Dataset]`, *optional*):
+            Per-task validation sets for `scaling_coef="auto"`; otherwise carved from each training split with
+            `args.validation_fraction`.
+        task_classes (`list[list[int]]`, *optional*):
+            The classes of each task for `restrict_loss_to_task_classes`; defaults to the labels present in each
+            training set (or the classes of a `ContinualSplit`).
+        peft_config (`peft.PeftConfig`, *optional*):
+            Train a LoRA adapter continually instead of all weights: task vectors are the adapter's ΔW relative to the
+            base, and the result is the base with the merged ΔW folded in, or a re-factored adapter
+            (`args.lora_output`). A [`~peft.PeftModel`] passed as `model` works the same way.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax import MagMaxConfig, MagMaxTrainer
+    >>> args = MagMaxConfig(output_dir="out", scaling_coef=0.5, num_train_epochs=1, report_to="none")
+    >>> trainer = MagMaxTrainer(model, args, train_datasets={"a": train_a, "b": train_b},
+    ...                         eval_datasets={"a": test_a, "b": test_b})  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    _tag_names = ["magmax", "merge", "continual-learning"]
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: MagMaxConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        model_init: Callable[..., nn.Module] | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[Any], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[Tensor, Tensor], Tensor] | None = None,
+        train_datasets: Sequence[Any] | Mapping[str, Any] | None = None,
+        eval_datasets: Sequence[Any] | Mapping[str, Any] | None = None,
+        validation_datasets: Sequence[Any] | Mapping[str, Any] | None = None,
+        task_classes: Sequence[Sequence[int]] | None = None,
+        peft_config: Any = None,
+    ) -> None:
+        if args is None:
+            args = MagMaxConfig(output_dir="tmp_trainer")
+        elif not isinstance(args, MagMaxConfig):
+            raise TypeError(
+                f"`args` must be a MagMaxConfig, got {type(args).__name__}: build it with "
+                "`MagMaxConfig(**args.to_dict(), scaling_coef=...)` or use MagMaxCallback with a plain Trainer."
+            )
+        if model_init is not None:
+            raise ValueError("`model_init` is not supported by MagMaxTrainer: pass `model`, the base model θ_0.")
+        if model is None:
+            raise ValueError("`model` is required: pass the base model θ_0 that the task sequence starts from.")
+        if optimizers[0] is not None or optimizers[1] is not None:
+            raise ValueError(
+                "`optimizers` is not supported: MagMaxTrainer creates a fresh optimizer and schedule for every task. "
+                "Pass `optimizer_cls_and_kwargs` (or the `optim` option of the config) instead."
+            )
+        if train_datasets is None:
+            if train_dataset is None:
+                raise ValueError(
+                    "no tasks: pass `train_datasets`, a list or dict task name → dataset with at least one task."
+                )
+            train_datasets = [train_dataset]
+        elif train_dataset is not None:
+            raise ValueError("pass either `train_datasets` (the task sequence) or `train_dataset`, not both.")
+
+        names, datasets, split_classes = normalize_tasks(train_datasets, "train_datasets")
+        if not datasets:
+            raise ValueError("no tasks: `train_datasets` is empty; pass at least one task.")
+        eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
+        check_same_tasks(names, eval_names, eval_datasets, "eval_datasets")
+        val_names, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
+        check_same_tasks(names, val_names, validation_datasets, "validation_datasets")
+
+        # LoRA
+        self._magmax_lora = False
+        if peft_config is not None:
+            try:
+                from peft import get_peft_model
+            except ImportError as err:  # pragma: no cover
+                raise ImportError("`peft_config` needs peft: `pip install hf_magmax[peft]`.") from err
+            if is_peft_model(model):
+                raise ValueError("`model` is already a PeftModel: do not pass `peft_config` as well.")
+            model = get_peft_model(model, peft_config)
+        if is_peft_model(model):
+            self._magmax_lora = True
+        elif args.frozen_modules:
+            freeze(model, args.frozen_modules)
+
+        if eval_dataset is None and eval_list:
+            eval_dataset = dict(zip(names, eval_list))
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=datasets[0],
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=None,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=(None, None),
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.task_names = names
+        self.train_datasets = datasets
+        self.eval_datasets = eval_list
+
+        check_datasets(self.model, names, datasets, eval_list, label_names=self.args.label_names or ())
+
+        # validation data for λ = "auto"
+        if self.args.scaling_coef == "auto" and not val_list:
+            from ..scaling import split_validation
+
+            if self.args.validation_fraction is None:
+                raise ValueError(
+                    '`scaling_coef="auto"` needs validation data: pass `validation_datasets` or set '
+                    "`validation_fraction`."
+                )
+            carved = [split_validation(ds, self.args.validation_fraction, seed=self.args.seed) for ds in datasets]
+            self.train_datasets = [train for train, _ in carved]
+            val_list = [validation for _, validation in carved]
+            self.train_dataset = self.train_datasets[0]
+        if val_list and self.args.max_validation_samples is not None:
+            val_list = [head(ds, self.args.max_validation_samples) for ds in val_list]
+        self.validation_datasets = val_list or None
+
+        # class masks for restrict_loss_to_task_classes
+        self.task_classes = resolve_task_classes(
+            task_classes, split_classes, self.train_datasets, names, head_size=num_labels(self.model)
+        )
+        self._magmax_class_mask: Tensor | None = None
+        if self.args.restrict_loss_to_task_classes and any(c is None for c in self.task_classes):
+            raise ValueError(
+                "`restrict_loss_to_task_classes=True` needs each task's classes: pass `task_classes`, or training sets "
+                "with a `label`/`labels` column of class ids."
+            )
+
+        self._magmax = ContinualRun(self.args, names, eval_list, self.validation_datasets, lora=self._magmax_lora)
+        self._magmax_task: int | None = None
+
+    # -- the task loop -----------------------------------------------------------------------------------------------
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """Fine-tune on every task in order, merging and evaluating after each; see the class docstring.
+
+        Args:
+            resume_from_checkpoint (`str` or `bool`, *optional*):
+                A checkpoint written by this trainer (`output_dir/task-<k>-<name>/checkpoint-<step>`), or `True` for
+                the last one in `output_dir`. Training continues in the middle of task k, with θ_0, the running merge
+                and the matrices so far restored.
+            trial, ignore_keys_for_eval:
+                As in [`~transformers.Trainer.train`].
+
+        Returns:
+            [`~transformers.trainer_utils.TrainOutput`]: total steps over all tasks, the mean training loss, and the
+            final continual metrics.
+
+        After `train()`, `self.state.log_history` holds the logs of every task (each task's steps count from 0).
+        """
+        run = self._magmax
+        if run.finished:
+            raise RuntimeError("this MagMaxTrainer has already run its task sequence; build a new one to train again.")
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        start = 0
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, start = self._resume_from_last_complete_checkpoint()
+        elif resume_from_checkpoint is not None:
+            start = run.load(os.fspath(resume_from_checkpoint))
+        if resume_from_checkpoint is not None:
+            logger.info("Resuming task %d (%s) from %s", start, self.task_names[start], resume_from_checkpoint)
+        else:
+            run.begin(self, self.model, self.train_datasets)
+
+        total_steps, total_loss = 0, 0.0
+        history: list[dict[str, float]] = []
+        for task in range(start, len(self.task_names)):
+            self._magmax_task = task
+            self.train_dataset = self.train_datasets[task]
+            self._magmax_class_mask = self._class_mask(task)
+            run.begin_task(self, self.model, task)
+            # a fresh optimizer and learning-rate schedule for every task
+            self.optimizer, self.lr_scheduler = None, None
+            logger.info("***** MagMax task %d/%d: %s *****", task + 1, len(self.task_names), self.task_names[task])
+            output = super().train(
+                resume_from_checkpoint=resume_from_checkpoint if task == start else None,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+            )
+            self.optimizer, self.lr_scheduler = None, None
+            total_steps += output.global_step
+            total_loss += output.training_loss * output.global_step
+            run.end_task(self, self.model, task)
+            history.extend(self.state.log_history)  # every train() call starts a new TrainerState
+        self._magmax_task = None
+        self._magmax_class_mask = None
+        done = len(self.state.log_history)
+        run.finish(self, self.model)
+        self.state.log_history = history + self.state.log_history[done:]
+        if self._magmax_lora:
+            self._finish_lora()
+        metrics = {}
+        for kind in ("sequential", "merged"):
+            for key, value in run.summary()[kind]["metrics"].items():
+                metrics[f"continual_{kind}_{key}"] = value
+        metrics["scaling_coef"] = run.final_scaling_coef
+        return TrainOutput(total_steps, total_loss / max(total_steps, 1), metrics)
+
+    @property
+    def continual_results(self) -> dict[str, Any]:
+        """The task names, both accuracy matrices, their summary metrics, the method and λ (as in the json file)."""
+        return self._magmax.summary()
+
+    def _class_mask(self, task: int) -> Tensor | None:
+        if not self.args.restrict_loss_to_task_classes:
+            return None
+        head_size = num_labels(self.model)
+        classes = self.task_classes[task]
+        size = head_size if head_size is not None else max(classes) + 1
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[list(classes)] = True
+        return mask
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """`Trainer.compute_loss`, with the logits of classes outside the current task masked out while training
+        when `restrict_loss_to_task_classes=True` (cross-entropy over the current task's classes)."""
+        mask = self._magmax_class_mask
+        if mask is None or not model.training or "labels" not in inputs or self.compute_loss_func is not None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if logits.shape[-1] != mask.numel():
+            raise ValueError(
+                f"the model returns {logits.shape[-1]} logits but the class mask has {mask.numel()} classes: "
+                "`restrict_loss_to_task_classes` needs one head over all classes (set `num_labels`)."
+            )
+        logits = logits.float().masked_fill(~mask.to(logits.device), torch.finfo(torch.float32).min)
+        flat_logits, flat_labels = logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        else:
+            loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+        return (loss, outputs) if return_outputs else loss
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        """Checkpoints of task k go to `output_dir/task-<k>-<name>/` (steps restart with every task)."""
+        run_dir = super()._get_output_dir(trial)
+        if self._magmax_task is None:
+            return run_dir
+        return os.path.join(run_dir, task_dir_name(self._magmax_task, self.task_names[self._magmax_task]))
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, plus the MagMax state: task index, θ_0, the running merge and the matrices."""
+        super()._save_checkpoint(model, trial)
+        if self._magmax_task is None or not self.args.should_save:
+            return
+        directory = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        self._magmax.save(directory, self._magmax_task)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """`Trainer._load_from_checkpoint`, made exact for models whose saved tensor names differ from their
+        in-memory names.
+
+        In transformers v5, `save_pretrained` writes some models (ViT, MoE, VLMs, …) under their original Hub names
+        and `from_pretrained` converts them back, but `Trainer` resumes with a plain `load_state_dict(strict=False)` on
+        the saved names, which silently leaves the renamed weights untouched (huggingface/transformers#43701). A
+        resumed continual run would then continue from the wrong weights. When the checkpoint's names do not cover the
+        model's, the checkpoint is loaded through `from_pretrained` (its conversions included) and copied in.
+        """
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from transformers import PreTrainedModel
+
+        target = unwrap(model if model is not None else self.model)
+        if not isinstance(target, PreTrainedModel) or is_peft_model(target) or self.is_fsdp_enabled:
+            return
+        saved_names = checkpoint_tensor_names(resume_from_checkpoint)
+        # tied tensors are saved once, under their first name
+        needed = {name for name, first in shared_tensor_groups(target.state_dict()).items() if name == first}
+        if saved_names is None or needed <= saved_names:
+            return
+        logger.info(
+            "Loading %s through from_pretrained: its tensor names differ from the model's.", resume_from_checkpoint
+        )
+        reloaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        result = target.load_state_dict(reloaded.state_dict(), strict=False)
+        if result.missing_keys:
+            raise ValueError(
+                f"could not restore {len(result.missing_keys)} tensor(s) of the model from {resume_from_checkpoint!r}, "
+                f"e.g. {result.missing_keys[0]!r}: resume from a checkpoint of the same model."
+            )
+        del reloaded
+
+    def _checkpoints_newest_first(self) -> list[str]:
+        """Every `output_dir/task-<k>-<name>/checkpoint-<step>`, newest (highest task, then step) first."""
+        found = []
+        for task_dir in glob.glob(os.path.join(self.args.output_dir, "task-*")):
+            task_match = re.match(r"task-(\d+)-", os.path.basename(task_dir))
+            if task_match is None or not os.path.isdir(task_dir):
+                continue
+            for checkpoint in glob.glob(os.path.join(task_dir, f"{PREFIX_CHECKPOINT_DIR}-*")):
+                step = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(checkpoint))
+                if step is not None and os.path.isdir(checkpoint):
+                    found.append((int(task_match.group(1)), int(step.group(1)), checkpoint))
+        return [path for _, _, path in sorted(found, reverse=True)]
+
+    def _resume_from_last_complete_checkpoint(self) -> tuple[str, int]:
+        """Load the newest checkpoint that is complete and reads; incomplete or corrupt ones are skipped (logged)."""
+        candidates = self._checkpoints_newest_first()
+        for checkpoint in candidates:
+            if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in _MODEL_WEIGHTS):
+                logger.warning("Skipping the checkpoint %s: it has no model weights (incomplete).", checkpoint)
+                continue
+            try:
+                return checkpoint, self._magmax.load(checkpoint)
+            except (FileNotFoundError, CheckpointError) as err:
+                logger.warning("Skipping the checkpoint %s: %s", checkpoint, err)
+        raise ValueError(
+            f"no complete MagMaxTrainer checkpoint found under {self.args.output_dir!r}/task-*/checkpoint-* "
+            f"({len(candidates)} incomplete or corrupt): train from the start with `resume_from_checkpoint=None`."
+        )
+
+    # -- LoRA ----------------------------------------------------------------------------------------------------------
+
+    def _finish_lora(self) -> None:
+        """Replace the PeftModel by the base with the merged ΔW folded in, or by a re-factored adapter."""
+        run = self._magmax
+        if self.args.final_model == "sequential":
+            return
+        from ..peft import _strip_adapters, deltas_to_lora, fold_deltas_into_base
+
+        peft_model = unwrap(self.model)
+        coef = run.final_scaling_coef
+        # the merged model relative to the *base*: ΔW_start + λ · merge(τ)
+        deltas = run.state.merged_state_dict(coef)
+        # default: the trained adapter's rank times the number of tasks; any rank is capped by what each ΔW allows
+        rank = self.args.lora_rank or _lora_rank(peft_model) * len(self.task_names)
+        ranks = {name.rpartition(".")[0]: min(rank, min(d.shape)) for name, d in deltas.items() if d.ndim == 2}
+        task_type = getattr(peft_model.peft_config[peft_model.active_adapter], "task_type", None)
+        base_model = _strip_adapters(peft_model)
+        run.lora_info = {"output": self.args.lora_output}
+        if self.args.lora_output == "merged":
+            fold_deltas_into_base(base_model, deltas, 1.0)
+            self.model = self.model_wrapped = base_model
+            run.write_results(self)
+            return
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        factorization = deltas_to_lora(deltas, ranks, model=base_model, task_type=task_type)
+        self.lora_reconstruction_errors = factorization.errors
+        run.lora_info.update(ranks=factorization.ranks, reconstruction_error=factorization.overall_error)
+        new_model = get_peft_model(base_model, factorization.peft_config)
+        set_peft_model_state_dict(new_model, factorization.state_dict)
+        self.model = self.model_wrapped = new_model
+        run.write_results(self)
+
+    # -- model card ----------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus a model card (tasks, method, λ, results table) in `output_dir/README.md`."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and self.is_world_process_zero() and self._magmax.num_tasks_done:
+            directory = output_dir if output_dir is not None else self.args.output_dir
+            with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+                f.write(self._model_card_text())
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the MagMax model card to `output_dir/README.md` (used by `push_to_hub`)."""
+        if not self.is_world_process_zero():
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        extra = [tags] if isinstance(tags, str) else list(tags or [])
+        text = self._model_card_text(
+            extra_tags=extra, model_name=model_name, language=language, license=license, finetuned_from=finetuned_from
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def _model_card_text(self, extra_tags: Sequence[str] = (), **metadata: Any) -> str:
+        return _model_card(self._magmax, self.model, self.args, extra_tags=extra_tags, **metadata)
+
+
+def _lora_rank(peft_model: nn.Module) -> int:
+    config = peft_model.peft_config[getattr(peft_model, "active_adapter", "default")]
+    return int(getattr(config, "r", 8))
+
+
+def _model_card(
+    run: ContinualRun, model: nn.Module, args: Any, extra_tags: Sequence[str] = (), **metadata: Any
+) -> str:
+    from ..hub import MAGMAX_CITATION, render_model_card
+    from ..metrics import format_matrix
+
+    summary = run.summary()
+    tags = ["magmax", "merge", "continual-learning", *[t for t in extra_tags if t]]
+    card_metadata: dict[str, Any] = {
+        "library_name": "peft" if run.lora and is_peft_model(unwrap(model)) else "transformers"
+    }
+    card_metadata["tags"] = list(dict.fromkeys(tags))
+    base = metadata.get("finetuned_from") or getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
+    if base:
+        card_metadata["base_model"] = base
+    for key in ("language", "license"):
+        if metadata.get(key):
+            card_metadata[key] = metadata[key]
+    title = metadata.get("model_name") or os.path.basename(os.path.normpath(args.output_dir))
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"Fine-tuned sequentially on {len(run.task_names)} task(s) with hf_magmax's `MagMaxTrainer` and merged "
+        f"with **{summary['method']}** (scaling coefficient λ = {summary['scaling_coef']:g}"
+        + (", chosen on validation data" if run.spec.is_auto else "")
+        + f"). This checkpoint holds the **{summary['final_model']}** model."
+    )
+    lines += ["", "## Tasks", ""] + [f"{i + 1}. {n}" for i, n in enumerate(run.task_names)]
+    lines += ["", "## Merge", "", "```yaml", f"merge_method: {summary['method']}"]
+    for key, value in summary["method_kwargs"].items():
+        lines.append(f"{key}: {value}")
+    lines.append(f"scaling_coef: {summary['scaling_coef']:g}")
+    if run.spec.is_auto:
+        lines.append(f"scaling_coef_grid: {summary['scaling_coef_grid']}")
+    lines.append(f"final_model: {summary['final_model']}")
+    lines.append("```")
+    if summary["scaling_coef_search"]:
+        last = summary["scaling_coef_search"][-1]
+        lines += ["", "## Scaling coefficient (validation)", "", "| λ | validation score |", "|---:|---:|"]
+        lines += [f"| {c:g} | {s:.4f} |" for c, s in last["curve"]]
+    if run.eval_datasets and run.num_tasks_done == len(run.task_names):
+        percent = summary["metric"] == "accuracy"
+        for kind, label in (("sequential", "Sequential fine-tuning"), ("merged", f"Merged ({summary['method']})")):
+            matrix = summary[kind]["matrix"]
+            if all(v is not None for row in matrix for v in row):
+                lines += ["", f"## {label}: {summary['metric']} matrix", ""]
+                lines.append(format_matrix(matrix, run.task_names, percent=percent))
+        lines += ["", "## Summary", "", "| metric | sequential | merged |", "|---|---:|---:|"]
+        seq, merged = summary["sequential"]["metrics"], summary["merged"]["metrics"]
+        for key in seq:
+            m = merged.get(key)
+            lines.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
+    lines += ["", "## Citation", "", "```bibtex", MAGMAX_CITATION.strip(), "```"]
+    return render_model_card(card_metadata, "\n".join(lines))

@@ -63,7 +63,7 @@ class MergeState:
 
     ```python
     >>> import torch
-    >>> from hf_magmax import MergeSpec
+    >>> from hf_magmax.merging import MergeSpec
     >>> from hf_magmax.trainer import MergeState
     >>> state = MergeState(MergeSpec("magmax"))
     >>> state.snapshot({"w": torch.zeros(2)})

@@ -189,6 +189,44 @@ def test_select_scaling_coef_for_checkpoints(tmp_path):
         select_scaling_coef_for_checkpoints(tmp_path / "base", paths, "not callable")
 
 
+@pytest.mark.parametrize("method", ["random_mix", "ties"])
+def test_select_scaling_coef_scores_the_merge_that_is_written(tmp_path, method):
+    """At every λ of the grid the scored model is the engine's merge bit for bit (random_mix draws included)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_magmax import TaskVector, merge_task_vectors
+    from hf_magmax.merging import MergeSpec
+
+    config = BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    paths, tvs = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        finetuned = BertForSequenceClassification(config)
+        finetuned.save_pretrained(tmp_path / f"ft{seed}")
+        paths.append(tmp_path / f"ft{seed}")
+        tvs.append(TaskVector.from_models(base, finetuned))
+    spec = MergeSpec("random_mix", seed=5) if method == "random_mix" else MergeSpec("ties", density=0.4)
+    theta0 = base.state_dict()
+    grid = [0.3, 0.7]
+    scored = []
+
+    def score_fn(model):
+        scored.append({k: v.clone() for k, v in model.state_dict().items()})
+        return 0.0
+
+    select_scaling_coef_for_checkpoints(tmp_path / "base", paths, score_fn, method=spec, grid=grid)
+    assert len(scored) == len(grid)
+    for coef, weights in zip(grid, scored):
+        expected = merge_task_vectors(tvs, spec.with_scaling_coef(coef)).apply_to(theta0)
+        for name, value in expected.items():
+            assert torch.equal(weights[name], value), (coef, name)
+
+
 # -- validation split -------------------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
+    from .merging import MergeSpec
+
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +247,12 @@ def search_scaling_coef(
 class ScalingCoefApplier:
     """An `apply_fn` for [`search_scaling_coef`]: re-applies `θ_0 + λ · τ_merged` to a model in place.
 
-    The model must hold `θ_0 + current · τ_merged` when the applier is built (`current=0`: the model holds θ_0). Each
-    call adds `(λ − current) · τ_merged` to the parameters in place (math in fp32), so no copy of the model is kept.
-    In fp32 the weights match `θ_0 + λ · τ` to float rounding (≈1e-7 relative); for fp16/bf16 models the rounding
-    adds up over the grid, so score in fp32 and write the final merge from θ_0 (as `merge_checkpoints` does).
+    With `base` (θ_0, name → tensor), each call writes [`~hf_magmax.merging.apply_merged`]`(θ_0, τ_merged, λ)`: the
+    very weights every other door (the Trainer, `merge_checkpoints`, `TaskVector.apply_to`) writes, bit for bit, at
+    the cost of one copy of θ_0. Without it no copy is kept: the model must hold `θ_0 + current · τ_merged` when the
+    applier is built (`current=0`: the model holds θ_0) and each call adds `(λ − current) · τ_merged` in place (math
+    in fp32). In fp32 the weights then match `θ_0 + λ · τ` to float rounding (≈1e-7 relative); for fp16/bf16 models
+    the rounding adds up over the grid, so pass `base` there.
 
     Args:
         model (`torch.nn.Module`):
@@ -257,7 +261,9 @@ class ScalingCoefApplier:
             The merged, **unscaled** task vector (name → tensor), e.g. `StateDictMerger.result()`. Names are those of
             `model.state_dict()`; tied names are applied once.
         current (`float`, *optional*, defaults to `0.0`):
-            The λ the model holds now.
+            The λ the model holds now (ignored with `base`).
+        base (`Mapping[str, torch.Tensor]`, *optional*):
+            θ_0 for the names of `merged_task_vector`: apply exactly with the merge core's one rounding rule.
 
     Example:
 
@@ -274,9 +280,17 @@ class ScalingCoefApplier:
     ```
     """
 
-    def __init__(self, model: torch.nn.Module, merged_task_vector: Mapping[str, Tensor], current: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        merged_task_vector: Mapping[str, Tensor],
+        current: float = 0.0,
+        base: Mapping[str, Tensor] | None = None,
+    ) -> None:
         self.model = model
         self.current = float(current)
+        self.base = base
+        self._names: list[str] = []
         targets = dict(model.named_parameters(remove_duplicate=False))
         targets.update(dict(model.named_buffers(remove_duplicate=False)))
         self._pairs: list[tuple[Tensor, Tensor]] = []
@@ -296,10 +310,20 @@ class ScalingCoefApplier:
                     f"merged task vector tensor {name!r} has shape {tuple(delta.shape)}, the model's has "
                     f"{tuple(target.shape)}."
                 )
+            if base is not None and name not in base:
+                raise KeyError(f"`base` has no tensor {name!r} of the merged task vector: pass θ_0's state dict.")
             self._pairs.append((target, delta))
+            self._names.append(name)
 
     @torch.no_grad()
     def __call__(self, scaling_coef: float) -> None:
+        from .merging import apply_merged
+
+        if self.base is not None:
+            for name, (target, delta) in zip(self._names, self._pairs):
+                target.copy_(apply_merged(self.base[name], delta, float(scaling_coef)).to(target.device, target.dtype))
+            self.current = float(scaling_coef)
+            return
         step = float(scaling_coef) - self.current
         if step != 0.0:
             for target, delta in self._pairs:
@@ -334,7 +358,7 @@ def select_scaling_coef_for_checkpoints(
     base: str | os.PathLike,
     models: Sequence[str | os.PathLike],
     score_fn: Callable[[torch.nn.Module], float],
-    method: str = "magmax",
+    method: str | MergeSpec = "magmax",
     grid: Sequence[float] = DEFAULT_SCALING_COEF_GRID,
     greater_is_better: bool = True,
     model_class: Any | None = None,
@@ -346,8 +370,10 @@ def select_scaling_coef_for_checkpoints(
 
     θ_0 is loaded once as a transformers model (the class named in the base config's `architectures`, else
     `AutoModel`); the fine-tuned models are loaded one at a time and folded into the merge state
-    ([`~hf_magmax.StateDictMerger`]) once; then for each λ of the grid the model is set to `θ_0 + λ · τ_merged` in place
-    and `score_fn(model)` is called. Peak memory: θ_0, one fine-tuned model and the merge state.
+    ([`~hf_magmax.StateDictMerger`] of the one [`~hf_magmax.merging.MergeSpec`]) once; then for each λ of the grid the
+    model is set to [`~hf_magmax.merging.apply_merged`]`(θ_0, τ_merged, λ)` in place, the same weights the merge
+    writes, and `score_fn(model)` is called. Peak memory: the model, a copy of θ_0, one fine-tuned model and the
+    merge state.
 
     Args:
         base (`str` or `os.PathLike`):
@@ -357,8 +383,8 @@ def select_scaling_coef_for_checkpoints(
         score_fn (`Callable[[torch.nn.Module], float]`):
             Scores a model on **validation** data (higher is better unless `greater_is_better=False`). It receives the
             loaded model, in eval mode, on `device`.
-        method (`str`, *optional*, defaults to `"magmax"`):
-            The merge method (see [`~hf_magmax.MERGE_METHODS`]).
+        method (`str` or [`~hf_magmax.merging.MergeSpec`], *optional*, defaults to `"magmax"`):
+            The merge method (see [`~hf_magmax.MERGE_METHODS`]), or a whole spec (its λ is ignored: λ is searched).
         grid (`Sequence[float]`, *optional*, defaults to [`DEFAULT_SCALING_COEF_GRID`]):
             Candidate values of λ.
         greater_is_better (`bool`, *optional*, defaults to `True`):
@@ -371,14 +397,14 @@ def select_scaling_coef_for_checkpoints(
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
             Where the model and the merge state live.
         **method_kwargs:
-            `density` for `ties`, `seed` for `random_mix` (whose random draws here follow [`~hf_magmax.StateDictMerger`]'s
-            per-tensor seeding, not the streaming merge's, so the scored and the written merges differ slightly).
+            `density` for `ties`, `seed` for `random_mix` (when `method` is a name). random_mix draws are seeded by
+            tensor name and element position, as in every other door, so the scored merge is the written one.
 
     Returns:
         [`ScalingCoefSearch`]: the chosen λ, its score and the curve. The model is not returned; write the merge
         with `merge_checkpoints(..., scaling_coef=result.best)`.
     """
-    from .merging import StateDictMerger
+    from .merging import MergeSpec, StateDictMerger
     from .task_vectors import TaskVector
 
     grid = check_scaling_coef_grid(grid)
@@ -389,15 +415,21 @@ def select_scaling_coef_for_checkpoints(
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     if not models:
         raise ValueError("`models` is empty: pass the directories of the fine-tuned checkpoints to merge.")
-    merger = StateDictMerger(method, device=device, **method_kwargs)
+    if isinstance(method, MergeSpec):
+        if method_kwargs:
+            raise TypeError("pass the options on the `MergeSpec`, not as keyword arguments beside it.")
+        spec = method.with_scaling_coef(None)
+    else:
+        spec = MergeSpec(method, **method_kwargs)
+    merger = StateDictMerger(spec, device=device)
     model = _load_model(base, model_class, torch_dtype).to(device)
-    base_state = model.state_dict()
+    theta_0 = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     for index, path in enumerate(models):
         finetuned = _load_model(path, type(model), torch_dtype).to(device)
-        merger.update(TaskVector.from_state_dicts(base_state, finetuned.state_dict()))
+        merger.update(TaskVector.from_state_dicts(theta_0, finetuned.state_dict()))
         del finetuned
-        logger.info("folded task vector %d/%d (%s) into the %s merge", index + 1, len(models), path, method)
-    applier = ScalingCoefApplier(model, merger.result())
+        logger.info("folded task vector %d/%d (%s) into the %s merge", index + 1, len(models), path, spec.method)
+    applier = ScalingCoefApplier(model, merger.result(), base=theta_0)
     del merger
 
     def score() -> float:

@@ -29,16 +29,22 @@ RECIPES = os.path.join(ROOT, "recipes")
 CONFIGS = os.path.join(RECIPES, "configs")
 
 
+def _load(key: str, path: str):
+    spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _recipe(name: str):
-    """Import recipes/<name>.py under a private module name (recipes/trace.py must not shadow the stdlib `trace`)."""
-    if RECIPES not in sys.path:
-        sys.path.insert(0, RECIPES)
+    """Import recipes/<name>.py under a private module name (recipes/trace.py must not shadow the stdlib `trace`),
+    without editing `sys.path`: its sibling `recipe_common` is loaded first under the name the recipes import."""
+    if "recipe_common" not in sys.modules:
+        _load("recipe_common", os.path.join(RECIPES, "recipe_common.py"))
     key = f"_recipe_{name}"
     if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(RECIPES, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
+        _load(key, os.path.join(RECIPES, f"{name}.py"))
     return sys.modules[key]
 
 
@@ -235,8 +241,25 @@ def test_yaml_values_are_defaults_and_the_command_line_overrides(tmp_path):
         common.parse_recipe_args((module.ScriptArguments, module.MagMaxConfig), ["--config", str(bad)])
 
 
+def _same(parsed, raw) -> bool:
+    """Whether a parsed argument holds the YAML value (enums by value, `report_to: none` as a list, floats)."""
+    parsed = getattr(parsed, "value", parsed)
+    if isinstance(parsed, list) and not isinstance(raw, list):
+        return parsed == [raw] or (raw == "none" and parsed in ([], ["none"]))
+    if isinstance(raw, list) and isinstance(parsed, list):
+        return len(raw) == len(parsed) and all(_same(p, r) for p, r in zip(parsed, raw))
+    if isinstance(raw, float) or isinstance(parsed, float):
+        return isinstance(parsed, (int, float)) and parsed == pytest.approx(raw)
+    return parsed == raw
+
+
 def test_every_shipped_config_parses(tmp_path):
+    """Every shipped config parses, and every scalar value it sets reaches the parsed arguments unchanged."""
+    import yaml
+
     pairs = {"trace": ["trace_", "tiny_trace"], "continual_text_classification": ["text_", "tiny_text"]}
+    overridden = {"output_dir", "use_cpu", "bf16"}
+    checked = 0
     for name in sorted(os.listdir(CONFIGS)):
         recipe = next((r for r, prefixes in pairs.items() if name.startswith(tuple(prefixes))), None)
         recipe = recipe or "continual_image_classification"
@@ -247,7 +270,18 @@ def test_every_shipped_config_parses(tmp_path):
             ["--config", os.path.join(CONFIGS, name), "--output_dir", str(tmp_path / name), "--use_cpu", "true"]
             + ["--bf16", "false"],
         )
-        assert training_args.seed is not None, name
+        with open(os.path.join(CONFIGS, name), encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+        assert training_args.seed == raw.get("seed", 42), name
+        for key, value in raw.items():
+            if key in overridden or isinstance(value, dict) or (isinstance(value, list) and value and
+                                                                 isinstance(value[0], dict)):  # fmt: skip
+                continue
+            holder = training_args if hasattr(training_args, key) else script_args
+            assert hasattr(holder, key), f"{name}: {key} reaches no argument"
+            assert _same(getattr(holder, key), value), f"{name}: {key} = {getattr(holder, key)!r}, YAML has {value!r}"
+            checked += 1
+    assert checked > 100
 
 
 def test_bad_configs_fail_before_training(assets, tmp_path):

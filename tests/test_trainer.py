@@ -441,3 +441,65 @@ def test_push_to_hub_uploads_model_and_card(tmp_path, fake_hub):  # noqa: F811
     assert card.startswith("---") and "- magmax" in card and "- continual-learning" in card
     assert "## Merged (magmax): accuracy matrix" in card and "scaling_coef: 0.5" in card
     assert "model.safetensors" in files and "continual_results.json" in files
+
+
+# -- the evaluation leaves the trainer as it was ------------------------------------------------------------------
+
+
+class ComputeMetricsSpy(MagMaxTrainer):
+    """Records `self.compute_metrics` whenever an evaluation runs."""
+
+    def evaluation_loop(self, *args, **kwargs):
+        self.seen_compute_metrics.append(self.compute_metrics)
+        return super().evaluation_loop(*args, **kwargs)
+
+
+def test_evaluation_keeps_compute_metrics_and_closes_progress_bars(tmp_path):
+    from transformers.trainer_callback import ProgressCallback
+
+    train, evaluation = classification_tasks()
+    args = make_args(tmp_path, disable_tqdm=False)
+    trainer = ComputeMetricsSpy(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation)
+    trainer.seen_compute_metrics = []
+    trainer.train()
+    assert trainer.seen_compute_metrics and all(m is None for m in trainer.seen_compute_metrics)
+    assert trainer.compute_metrics is None
+    progress = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)]
+    assert progress and all(cb.prediction_bar is None for cb in progress)
+    # the accuracy computed without a compute_metrics is the accuracy
+    matrix = trainer.continual_results["sequential"]["matrix"]
+    assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+
+
+def test_callback_takes_an_options_object(tmp_path):
+    from hf_magmax.trainer import MagMaxOptions
+
+    train, evaluation = classification_tasks()
+    results = []
+    for how in ("options", "config", "keywords"):
+        plain_args = TrainingArguments(
+            **{k: v for k, v in make_args(tmp_path / how).to_dict().items() if k in _TA_FIELDS}
+        )
+        # a MagMaxConfig (TrainingArguments) sets up Accelerate's state: build it before the Trainer that uses it
+        config = make_args(tmp_path / "cfg", merge_method="ties", merge_density=0.5) if how == "config" else None
+        plain = Trainer(tiny_bert(), plain_args, train_dataset=train["a"])
+        if how == "options":
+            callback = MagMaxCallback(MagMaxOptions(merge_method="ties", merge_density=0.5), eval_datasets=evaluation)
+            callback.attach(plain)
+        elif how == "config":
+            callback = MagMaxCallback(plain, eval_datasets=evaluation, options=config)
+        else:
+            callback = MagMaxCallback(plain, eval_datasets=evaluation, merge_method="ties", merge_density=0.5)
+        assert callback.options.merge_spec().method_options == {"density": 0.5}
+        assert callback.options.scaling_coef == 1.0  # ties' default λ, from the method
+        for dataset in train.values():
+            plain.train_dataset = dataset
+            plain.train()
+        results.append((callback.results, {k: v.clone() for k, v in plain.model.state_dict().items()}))
+    for other, weights in results[1:]:
+        assert other["merged"]["matrix"] == results[0][0]["merged"]["matrix"]
+        assert all(torch.equal(weights[k], v) for k, v in results[0][1].items())
+    with pytest.raises(TypeError, match="unexpected argument"):
+        MagMaxCallback(merge_methd="ties")
+    with pytest.raises(ValueError, match="`merge_density` only applies to `ties`"):
+        MagMaxCallback(merge_density=0.5)

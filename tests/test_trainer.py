@@ -503,3 +503,21 @@ def test_callback_takes_an_options_object(tmp_path):
         MagMaxCallback(merge_methd="ties")
     with pytest.raises(ValueError, match="`merge_density` only applies to `ties`"):
         MagMaxCallback(merge_density=0.5)
+
+
+def test_auto_before_any_search_uses_the_methods_default_scaling_coef(tmp_path):
+    # λ is chosen after the last task only; the merged row of task 1 uses the method's default λ (average: 1.0)
+    train, evaluation = classification_tasks(num_examples=20)
+    args = make_args(
+        tmp_path,
+        merge_method="average",
+        scaling_coef="auto",
+        scaling_coef_grid=[0.5, 1.0],
+        validation_fraction=0.2,
+        select_scaling_coef_every_task=False,
+    )
+    trainer = MagMaxTrainer(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    results = trainer.continual_results
+    assert results["merged"]["scaling_coefs"][1] == 1.0
+    assert [search["after_task"] for search in results["scaling_coef_search"]] == [2]

@@ -411,6 +411,11 @@ def test_config_from_the_command_line():
     default = MagMaxConfig(output_dir="x", merge_method="average", scaling_coef=None, report_to="none")
     assert default.scaling_coef == 1.0  # the method's default λ
     assert MagMaxConfig(output_dir="x", scaling_coef="auto", report_to="none").scaling_coef_grid[-1] == 1.0
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "x", "--merge_method", "ties", "--merge_density", "0.3", "--report_to", "none"]
+    )
+    assert args.merge_spec().method_options == {"density": 0.3} and args.scaling_coef == 1.0
+    assert '"merge_density": 0.3' in args.to_json_string()
 
 
 def test_merged_only_at_the_end_with_a_baseline_method(tmp_path):

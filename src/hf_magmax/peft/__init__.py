@@ -27,32 +27,32 @@ and LoRA variants other than DoRA (aLoRA, Arrow, ...), LoRA on `target_parameter
 convolutions, trainable tokens and quantized base models are refused with an error naming the module.
 
 The package: `deltas` (ΔW of every adapter type, folding into a base), `refactor` (the SVD re-factor), `merge`
-(loading and checking adapters, [`merge_adapters`], [`add_magmax_adapter`], [`save_lora_merge`]). peft is imported
+([`merge_adapters`], [`add_magmax_adapter`]), `loading` (the inputs, checked before anything is merged), `save`
+([`save_lora_merge`], the config and card, [`run_lora_merge`]). peft is imported
 inside the functions: `import hf_magmax` does not import it.
 """
 
 from .deltas import (
-    PEFT_PREFIX,  # noqa: F401 - used by hf_magmax.trainer / cli
-    QUANTIZED_CLASS_NAMES,  # noqa: F401 - used by hf_magmax.trainer / cli
-    _base_model,  # noqa: F401 - used by hf_magmax.trainer / cli
-    _strip_adapters,  # noqa: F401 - used by hf_magmax.trainer / cli
+    PEFT_PREFIX,  # noqa: F401 - re-exported
+    QUANTIZED_CLASS_NAMES,  # noqa: F401 - re-exported
+    _base_model,  # noqa: F401 - re-exported
+    _strip_adapters,  # noqa: F401 - used by hf_magmax.trainer
     base_parameters,
     check_not_quantized,
     fold_deltas_into_base,
     lora_delta_state_dict,
     lora_task_vectors,
 )
-from .merge import (
-    LORA_MERGE_CONFIG_NAME,  # noqa: F401 - used by hf_magmax.trainer / cli
-    LoraMergeResult,
-    _check_output_dir,  # noqa: F401 - used by hf_magmax.trainer / cli
-    _load_base_model,  # noqa: F401 - used by hf_magmax.trainer / cli
-    add_magmax_adapter,
-    lora_merge_config,  # noqa: F401 - used by hf_magmax.trainer / cli
-    merge_adapters,
+from .loading import _load_base_model  # noqa: F401 - used by hf_magmax.cli
+from .merge import LoraMergeResult, add_magmax_adapter, merge_adapters
+from .refactor import SVD_METHODS, LoraFactorization, deltas_to_lora  # noqa: F401
+from .save import (
+    LORA_MERGE_CONFIG_NAME,  # noqa: F401
+    _check_output_dir,  # noqa: F401 - used by hf_magmax.cli
+    lora_merge_config,  # noqa: F401
+    run_lora_merge,
     save_lora_merge,
 )
-from .refactor import SVD_METHODS, LoraFactorization, deltas_to_lora  # noqa: F401
 
 
 __all__ = [
@@ -66,5 +66,6 @@ __all__ = [
     "lora_delta_state_dict",
     "lora_task_vectors",
     "merge_adapters",
+    "run_lora_merge",
     "save_lora_merge",
 ]

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..merging import apply_merged
+from ..task_vectors import subtract
+
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +257,7 @@ def _lora_module_delta(name: str, module: nn.Module, adapter_name: str) -> dict[
     else:  # DoRA: τ = W_dora − W_0, the dense merged weight (magnitude rescaling included) minus θ_0, exact
         merged = variant.merge_safe(module, adapter_name, weight.detach().clone())
         module._cache_pop(f"{adapter_name}-weight_norm")
-        delta = merged.float() - weight.detach().float()
+        delta = subtract(merged, weight)
     if delta.shape != weight.shape:  # pragma: no cover - PEFT guarantees the layout
         raise ValueError(f"module `{name}`: ΔW has shape {tuple(delta.shape)} but the weight {tuple(weight.shape)}.")
     out = {f"{name}.weight": delta}
@@ -272,7 +275,7 @@ def _modules_to_save_delta(name: str, module: nn.Module, adapter_name: str) -> d
     out: dict[str, Tensor] = {}
     for p, original in [*module.original_module.named_parameters(), *module.original_module.named_buffers()]:
         if original.is_floating_point():
-            out[f"{name}.{p}"] = trained[p].detach().float() - original.detach().float()
+            out[f"{name}.{p}"] = subtract(trained[p], original)
     return out
 
 
@@ -379,12 +382,20 @@ def _strip_adapters(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_deltas_into_base(base_model: nn.Module, deltas: Mapping[str, Tensor], scaling_coef: float = 1.0) -> nn.Module:
+def fold_deltas_into_base(
+    base_model: nn.Module,
+    deltas: Mapping[str, Tensor],
+    scaling_coef: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_non_finite: bool = True,
+) -> nn.Module:
     """Add `scaling_coef · ΔW` to the base model's tensors in place: θ_0 + λ · ΔW.
 
-    The sum is computed in fp32 and rounded once to each tensor's dtype. `base_model` is a plain model whose
-    state-dict names are the keys of `deltas`, or a PEFT-wrapped model (then its base layers, not the adapters, are
-    changed). Tied tensors are changed once.
+    Each tensor is [`hf_magmax.merging.apply_merged`]`(θ_0, ΔW, λ)`, the one rounding rule of every merge (math in
+    fp32, one cast to the tensor's dtype, or to `dtype`). `base_model` is a plain model whose state-dict names are the
+    keys of `deltas`, or a PEFT-wrapped model (then its base layers, not the adapters, are changed). Tied tensors are
+    changed once. Every new value is computed and checked before the first tensor changes.
 
     Args:
         base_model (`torch.nn.Module`):
@@ -393,6 +404,11 @@ def fold_deltas_into_base(base_model: nn.Module, deltas: Mapping[str, Tensor], s
             Base state-dict name → ΔW, e.g. from [`lora_delta_state_dict`] or a merge of several.
         scaling_coef (`float`, *optional*, defaults to `1.0`):
             λ.
+        dtype (`torch.dtype`, *optional*):
+            The dtype of the changed tensors (default: each keeps its own).
+        allow_non_finite (`bool`, *optional*, defaults to `True`):
+            With `False`, a NaN/Inf in a result (e.g. θ_0 + λ·ΔW overflowing float16) is a `ValueError` naming the
+            tensor, raised before any tensor changes.
 
     Returns:
         The same `base_model`.
@@ -403,6 +419,7 @@ def fold_deltas_into_base(base_model: nn.Module, deltas: Mapping[str, Tensor], s
     check_not_quantized(base_model)
     params = base_parameters(base_model)
     done: set[int] = set()
+    updates: list[tuple[Tensor, Tensor]] = []
     for name, delta in deltas.items():
         if name not in params:
             raise KeyError(
@@ -417,6 +434,25 @@ def fold_deltas_into_base(base_model: nn.Module, deltas: Mapping[str, Tensor], s
         if id(target) in done:
             continue
         done.add(id(target))
-        merged = target.detach().float() + float(scaling_coef) * delta.detach().to(target.device, torch.float32)
-        target.data.copy_(merged.to(target.dtype))
+        merged = apply_merged(target.detach(), delta.detach(), float(scaling_coef), dtype=dtype)
+        if not allow_non_finite:
+            check_finite_output(merged, name, scaling_coef)
+        updates.append((target, merged))
+    for target, merged in updates:
+        if merged.dtype == target.dtype:
+            target.data.copy_(merged)
+        else:
+            target.data = merged
     return base_model
+
+
+def check_finite_output(tensor: Tensor, name: str, scaling_coef: float) -> None:
+    """Refuse a merged tensor holding NaN/Inf, naming it and the fix (a non-finite output is never written)."""
+    if bool(torch.isfinite(tensor).all()):
+        return
+    kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+    raise ValueError(
+        f"the merged tensor {name!r} holds {kind} values (θ_0 + λ·ΔW with λ={scaling_coef:g} in {tensor.dtype}): "
+        "lower `scaling_coef`, choose a wider `dtype` (float32), or pass `allow_non_finite=True` "
+        "(--allow-non-finite) to write it anyway."
+    )

@@ -1,6 +1,10 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
-"""Merging LoRA adapters on their true ΔW: loading and checking the inputs, [`merge_adapters`],
-[`add_magmax_adapter`], and the atomic output ([`save_lora_merge`]).
+"""Merging LoRA adapters on their true ΔW: [`merge_adapters`] and [`add_magmax_adapter`].
+
+The merge asks the one core of [`hf_magmax.merging`] for everything: a [`MergeSpec`] validates λ and the method's
+options (`density` only for ties, `seed` only for random_mix), `spec.accumulator(name)` folds each tensor's ΔWs
+(random_mix seeded by the tensor's name), and [`apply_merged`] forms θ_0 + λ·ΔW_sel (through
+[`fold_deltas_into_base`]): a LoRA merge equals the dense engine on the same ΔWs bit for bit.
 
 peft is imported inside the functions.
 """
@@ -9,19 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..merging import MergeSpec, check_density, check_merge_method, default_scaling_coef
+from ..merging import MergeSpec, apply_merged
 from .deltas import (
-    PEFT_PREFIX,
     _base_model,
-    _base_name,
     _check_lora_module,
     _check_lora_type,
     _iter_adapted_modules,
@@ -31,18 +33,34 @@ from .deltas import (
     _require_peft,
     _strip_adapters,
     base_parameters,
+    check_finite_output,
     check_not_quantized,
     fold_deltas_into_base,
 )
-from .refactor import SVD_METHODS, LoraFactorization, _layout, _module_layouts, _Refactorer, _to_lora_matrix
+from .loading import (
+    _load_base_model,
+    _resolve_adapter,
+    check_adapter_source,
+    check_device,
+    check_finite_tensors,
+    load_adapter_onto,
+    same_path,
+)
+from .refactor import SVD_METHODS, LoraFactorization, _layout, _Refactorer, _to_lora_matrix
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoraMergeResult", "add_magmax_adapter", "merge_adapters", "save_lora_merge"]
+__all__ = ["LoraMergeResult", "add_magmax_adapter", "merge_adapters"]
+
+#: What a LoRA merge writes (as `MergeConfig.lora_output` and `--lora-output`): a full model, or a LoRA adapter.
+LORA_OUTPUTS = ("merged", "adapter")
+#: Output dtypes of the merged floating tensors (as `MergeConfig.dtype` and `--dtype`).
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
 
 # --------------------------------------------------------------------------------------------------------------------
-# Merging adapters
+# The result
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -51,19 +69,22 @@ class LoraMergeResult:
     """What [`merge_adapters`] returns.
 
     Attributes:
-        output (`str`):
-            `"merged"` or `"adapter"`.
+        lora_output (`str`):
+            `"merged"` or `"adapter"` (`.output` is a deprecated alias).
         model (`torch.nn.Module`):
-            `output="merged"`: the base model with `θ_0 + λ·ΔW_sel` folded in and every adapter layer removed, a normal
-            transformers model. `output="adapter"`: the `PeftModel` holding the merged adapter under `adapter_name`.
+            `"merged"`: the base model with `θ_0 + λ·ΔW_sel` folded in and every adapter layer removed, a normal
+            transformers model. `"adapter"`: the `PeftModel` holding the merged adapter under `adapter_name`.
         adapter (`LoraFactorization`, *optional*):
-            `output="adapter"`: the re-factored adapter (config, state dict, reconstruction errors).
-        method (`str`), scaling_coef (`float`), method_kwargs (`dict`), adapters (`list[str]`), adapter_name (`str`),
-        rank (`int` or `None`), base_model_name_or_path (`str` or `None`):
-            How the merge was made (written into the model card by the CLI).
+            `"adapter"`: the re-factored adapter (config, state dict, reconstruction errors).
+        spec ([`MergeSpec`]):
+            The merge (method, λ as given, options).
+        method (`str`), scaling_coef (`float`, the λ used), method_kwargs (`dict`), adapters (`list[str]`),
+        adapter_name (`str`), rank (`int` or `None`), base_model_name_or_path (`str` or `None`), svd (`str`),
+        svd_seed (`int`), dtype (`str` or `None`), allow_non_finite (`bool`):
+            How the merge was made (written into `magmax_config.yaml` and the model card).
     """
 
-    output: str
+    lora_output: str
     model: nn.Module | None
     adapter: LoraFactorization | None
     method: str
@@ -73,6 +94,16 @@ class LoraMergeResult:
     adapter_name: str
     rank: int | dict[str, int] | None
     base_model_name_or_path: str | None = None
+    spec: MergeSpec | None = None
+    svd: str = "full"
+    svd_seed: int = 0
+    dtype: str | None = None
+    allow_non_finite: bool = False
+
+    @property
+    def output(self) -> str:
+        """Deprecated alias of `lora_output`."""
+        return self.lora_output
 
     @property
     def peft_config(self):
@@ -80,7 +111,7 @@ class LoraMergeResult:
 
     @property
     def errors(self) -> dict[str, float]:
-        """Module name → relative reconstruction error of the re-factored adapter (empty for `output="merged"`)."""
+        """Module name → relative reconstruction error of the re-factored adapter (empty for `"merged"`)."""
         return {} if self.adapter is None else self.adapter.errors
 
     @property
@@ -89,7 +120,7 @@ class LoraMergeResult:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save the merged model (`save_pretrained` of transformers) or the adapter directory (PEFT's format)."""
-        if self.output == "merged":
+        if self.lora_output == "merged":
             self.model.save_pretrained(save_directory, **kwargs)
         else:
             self.adapter.save_pretrained(save_directory)
@@ -109,6 +140,7 @@ class LoraMergeResult:
         import tempfile
 
         from ..hub import push_to_hub
+        from .save import save_lora_merge
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_lora_merge(self, os.path.join(tmp, "output"))
@@ -121,25 +153,91 @@ class LoraMergeResult:
             )
 
 
-def _load_base_model(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn.Module:
-    """Load a base model by its `config.architectures[0]` class (falls back to `AutoModel`)."""
-    import transformers
+# --------------------------------------------------------------------------------------------------------------------
+# Validation of the request (before anything is loaded)
+# --------------------------------------------------------------------------------------------------------------------
 
-    from ..io import is_hub_id
 
-    if not os.path.isdir(os.path.expanduser(str(name_or_path))) and not is_hub_id(str(name_or_path)):
-        raise FileNotFoundError(f"base model {name_or_path!r} is neither a local directory nor a Hub repo id.")
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        model_class = transformers.AutoModel
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")
+@dataclass(frozen=True)
+class _LoraMergeRequest:
+    """A validated LoRA merge request: what to merge into what, and how."""
+
+    spec: MergeSpec
+    lora_output: str
+    rank: int | Mapping[str, int] | None
+    adapter_name: str
+    svd: str
+    niter: int
+    svd_seed: int
+    dtype: torch.dtype | None
+    allow_non_finite: bool
+    show_progress: bool
+
+    @property
+    def coef(self) -> float:
+        return self.spec.coef
+
+    @property
+    def dtype_name(self) -> str | None:
+        return None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+
+def _lora_spec(method: str | MergeSpec, scaling_coef: Any, density: Any, seed: Any) -> MergeSpec:
+    if isinstance(method, MergeSpec):
+        if density is not None or seed is not None:
+            raise TypeError("pass `density` / `seed` on the `MergeSpec`, not beside it.")
+        spec = method if scaling_coef is None else method.with_scaling_coef(scaling_coef)
+    else:
+        spec = MergeSpec(method, scaling_coef, density=density, seed=seed)
+    if spec.is_auto:
+        raise ValueError(
+            '`scaling_coef="auto"` is not supported by the LoRA merger (it has no validation data): pass a number, '
+            "or leave it unset for the method's default."
+        )
+    return spec
+
+
+def _check_request(
+    method, scaling_coef, lora_output, rank, adapter_name, density, seed, svd, niter, svd_seed, dtype,
+    allow_non_finite, show_progress,
+) -> _LoraMergeRequest:  # fmt: skip
+    spec = _lora_spec(method, scaling_coef, density, seed)
+    if lora_output is None:
+        lora_output = "adapter" if rank is not None else "merged"
+    if lora_output not in LORA_OUTPUTS:
+        raise ValueError(f'`lora_output` must be "merged" or "adapter", got {lora_output!r}.')
+    if rank is not None and lora_output != "adapter":
+        raise ValueError('`rank` only applies to `lora_output="adapter"` (a re-factored adapter): leave it unset.')
+    if svd not in SVD_METHODS:
+        raise ValueError(f"`svd` must be one of {', '.join(SVD_METHODS)}, got {svd!r}.")
+    for name, value in (("svd_seed", svd_seed), ("niter", niter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+    if isinstance(dtype, str):
+        if dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"`dtype` must be one of {', '.join(OUTPUT_DTYPES)} (or unset), got {dtype!r}.")
         dtype = getattr(torch, dtype)
-    logger.info("loading base model %s as %s", name_or_path, model_class.__name__)
-    return model_class.from_pretrained(name_or_path, dtype=dtype)
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"`dtype` must be a floating torch dtype or one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}."
+        )
+    if not isinstance(allow_non_finite, bool):
+        raise ValueError(f"`allow_non_finite` must be True or False, got {allow_non_finite!r}.")
+    return _LoraMergeRequest(
+        spec, lora_output, rank, adapter_name, svd, niter, svd_seed, dtype, allow_non_finite, bool(show_progress)
+    )
+
+
+def _check_sources(adapters: Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(adapters, str | os.PathLike) or len(adapters) == 0:
+        raise ValueError("`adapters` must be a non-empty list of adapter names, directories or Hub repo ids.")
+    sources = [os.fspath(a) for a in adapters]
+    for i, a in enumerate(sources):
+        for b in sources[:i]:
+            local = os.path.exists(os.path.expanduser(a)) and os.path.exists(os.path.expanduser(b))
+            if a == b or (local and same_path(a, b)):
+                raise ValueError(f"`adapters` lists the same adapter more than once: {b!r} and {a!r}.")
+    return sources
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -148,90 +246,169 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _resolve_adapter(source: str) -> str:
-    """A local directory for an adapter given as a directory or a Hub repo id (downloaded once, into the HF cache)."""
-    if os.path.isdir(source):
-        return source
-    if os.path.exists(source) or source.count("/") > 1 or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"adapter {source!r} is neither an adapter loaded on the model nor a PEFT adapter directory / Hub repo id."
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(
-            source, allow_patterns=["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
-        )
-    except Exception as err:
-        raise FileNotFoundError(
-            f"adapter {source!r} is neither an adapter loaded on the model, nor a local directory, nor a Hub repo id "
-            f"that could be downloaded ({type(err).__name__}: {' '.join(str(err).split())[:300]})."
-        ) from err
+# --------------------------------------------------------------------------------------------------------------------
+# merge_adapters
+# --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_adapter_source(source: str, model: nn.Module, local: str) -> Any:
-    """Load an adapter's config and weights and check they are LoRA and fit the base model. Returns the config."""
-    from peft import PeftConfig
-    from peft.utils import load_peft_weights
+@torch.no_grad()
+def merge_adapters(
+    model_or_base: nn.Module | str,
+    adapters: Sequence[str | os.PathLike],
+    method: str | MergeSpec = "magmax",
+    scaling_coef: float | None = None,
+    lora_output: str | None = None,
+    rank: int | Mapping[str, int] | None = None,
+    adapter_name: str = "magmax",
+    density: float | None = None,
+    seed: int | None = None,
+    svd: str = "full",
+    niter: int = 4,
+    svd_seed: int = 0,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    allow_non_finite: bool = False,
+    show_progress: bool = True,
+    output: str | None = None,
+) -> LoraMergeResult:
+    """Merge LoRA adapters on their true weight deltas ΔW, module by module, with the merge engine.
 
-    try:
-        config = PeftConfig.from_pretrained(local)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"adapter {source!r} is neither an adapter loaded on the model nor a PEFT adapter directory / Hub repo id "
-            f"with an adapter_config.json ({err})."
-        ) from err
-    peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if str(peft_type).upper() != "LORA":
-        raise ValueError(
-            f"adapter {source!r} is a {peft_type} adapter: only LoRA adapters (peft `LoraConfig`, DoRA included) can "
-            "be merged on their weight deltas."
+    For every module any adapter changes, each adapter's ΔW (see [`lora_delta_state_dict`]; a module an adapter does
+    not touch has ΔW = 0) is folded into the accumulator `spec.accumulator(name)` of [`hf_magmax.merging`] (`magmax`
+    selects, per element of ΔW, the value of largest magnitude; ties go to the later adapter), then
+
+    - `lora_output="merged"` (the default): `θ_0 + λ · ΔW_sel` is folded into the base weights with
+      [`hf_magmax.merging.apply_merged`] (the rounding rule of every merge: bit-identical to the dense engine on the
+      same ΔWs); the adapter layers are removed and `result.model` is a normal transformers model. The base model
+      is changed in place, as `merge_and_unload()` does.
+    - `lora_output="adapter"` (also the default when `rank` is given): `λ · ΔW_sel` is re-factored by truncated SVD
+      into a LoRA adapter (see [`deltas_to_lora`]: `lora_alpha = r`, `B = U√S`, `A = √S Vᵀ`, λ folded in), with the
+      relative reconstruction error per module and overall. `result.model` is the `PeftModel` holding it under
+      `adapter_name` (a base model passed in is wrapped in place; a `PeftModel` passed in gets the new adapter, not
+      activated, and keeps its own); `result.save_pretrained(dir)` writes an ordinary adapter directory.
+
+    Everything checkable is checked first: the spec, every adapter (found, readable, LoRA, ranks as its config says,
+    no NaN/Inf, made for this base) before the base is loaded or any weight changes; a non-finite merged tensor
+    (e.g. θ_0 + λ·ΔW overflowing float16) is an error naming it. Only one module's deltas are dense at a time.
+
+    **Rank of the output adapter** (`rank=None`): per module, the sum of the input adapters' ranks on that module
+    (capped by the size of ΔW). That reproduces `task_arithmetic` and `average` merges exactly; MagMax, TIES and
+    random mixing select per element, which raises the rank, so their re-factored adapter is an approximation whose
+    error the result reports and which falls as `rank` grows.
+
+    Args:
+        model_or_base (`PeftModel`, `PreTrainedModel` or `str`):
+            A `PeftModel` holding the adapters, or the base model (or its name/path, loaded by its architecture class
+            once every adapter has been checked).
+        adapters (`list[str]`):
+            In task order: adapter names loaded on `model_or_base`, local adapter directories, or Hub repo ids.
+        method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
+            `magmax`, `average`, `task_arithmetic`, `ties` or `random_mix`, or a whole spec.
+        scaling_coef (`float`, *optional*):
+            λ, finite and > 0. Defaults to the method's default ([`hf_magmax.DEFAULT_SCALING_COEFS`]).
+        lora_output (`str`, *optional*):
+            `"merged"` or `"adapter"`; defaults to `"adapter"` when `rank` is given, else `"merged"` (as
+            [`~hf_magmax.config.MergeConfig`]). `output=` is a deprecated alias.
+        rank (`int` or `dict[str, int]`, *optional*):
+            Rank of the output adapter (see above), for every module or per module name.
+        adapter_name (`str`, *optional*, defaults to `"magmax"`):
+            Name of the merged adapter on the returned `PeftModel`.
+        density (`float`, *optional*):
+            TIES only: fraction of each ΔW kept (defaults to 0.2); an error for other methods.
+        seed (`int`, *optional*):
+            random_mix only (defaults to 0; each tensor's draws are seeded by its name, as everywhere in hf_magmax);
+            an error for other methods.
+        svd (`str`, *optional*, defaults to `"full"`):
+            `"full"` or `"randomized"` (`torch.svd_lowrank`, for large matrices).
+        niter (`int`, *optional*, defaults to `4`):
+            Power iterations of the randomized SVD.
+        svd_seed (`int`, *optional*, defaults to `0`):
+            Seed of the randomized SVD.
+        dtype (`str` or `torch.dtype`, *optional*):
+            dtype of the merged floating tensors (`float32`, `float16`, `bfloat16`); defaults to the base's. The
+            math runs in float32 either way.
+        device (`str`, *optional*):
+            Where the base is loaded and the math runs when `model_or_base` is a name (a model passed in stays where
+            it is).
+        allow_non_finite (`bool`, *optional*, defaults to `False`):
+            Merge adapters holding NaN/Inf and keep non-finite results (default: an error naming the tensor).
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar over the modules (for more than a few modules).
+
+    Returns:
+        [`LoraMergeResult`].
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.peft import merge_adapters
+    >>> result = merge_adapters("path/to/base", ["path/to/adapter_task1", "path/to/adapter_task2"],
+    ...                         method="magmax", lora_output="adapter", rank=16)  # doctest: +SKIP
+    >>> result.overall_error, result.save_pretrained("magmax-adapter")  # doctest: +SKIP
+    ```
+    """
+    _require_peft()
+    if output is not None:
+        warnings.warn(
+            '`output=` of `merge_adapters` is deprecated: pass `lora_output="merged"` or `"adapter"` (the name of '
+            "`MergeConfig.lora_output` and `--lora-output`).",
+            FutureWarning,
+            stacklevel=2,
         )
-    base = _base_model(model)
-    expected = getattr(base, "name_or_path", None)
-    if config.base_model_name_or_path and expected and config.base_model_name_or_path != expected:
-        logger.warning(
-            "adapter %s was made for %s, the base model is %s", source, config.base_model_name_or_path, expected
-        )
-    weights = load_peft_weights(local, device="cpu")
-    modules = _module_layouts(model)
-    params = base_parameters(model)
-    hint = f"adapter {source!r} was made for another base model (its config names {config.base_model_name_or_path!r})"
-    for key, tensor in weights.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        match = re.match(r"(.*)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$", name)
-        if match is None:
-            if ".lora_" in name:
-                continue
-            base_name = _base_name(name)
-            if base_name in params and params[base_name].shape != tensor.shape:
-                raise ValueError(
-                    f"{hint}: its tensor for `{base_name}` has shape {tuple(tensor.shape)}, the base model's "
-                    f"{tuple(params[base_name].shape)}."
-                )
-            continue
-        module_name, part = match.groups()
-        module = modules.get(module_name)
-        if module is None:
-            raise ValueError(f"{hint}: it has LoRA weights for module `{module_name}`, which the base model lacks.")
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor):
-            continue
-        layout = _layout(module)
-        if layout in ("linear", "conv"):
-            out_dim, in_dim = weight.shape[0], weight.shape[1] * getattr(module, "groups", 1)
-        else:  # embedding (V, D) and Conv1D (in, out): B @ A is the transpose
-            in_dim, out_dim = weight.shape[0], weight.shape[1]
-        if part in ("lora_A.weight", "lora_embedding_A"):
-            got, want, side = tensor.shape[1], in_dim, "input"
-        else:
-            got, want, side = tensor.shape[0], out_dim, "output"
-        if got != want:
+        if lora_output is not None and lora_output != output:
             raise ValueError(
-                f"{hint}: module `{module_name}` has {want} {side} features in the base model but {got} in the "
-                f"adapter's `{part}` (shape {tuple(tensor.shape)})."
+                f"`output={output!r}` and `lora_output={lora_output!r}` disagree: pass `lora_output` only."
             )
-    return config
+        lora_output = output
+    request = _check_request(
+        method, scaling_coef, lora_output, rank, adapter_name, density, seed, svd, niter, svd_seed, dtype,
+        allow_non_finite, show_progress,
+    )  # fmt: skip
+    sources = _check_sources(adapters)
+    check_device(device)
+
+    resolved: dict[str, str] = {}
+    if isinstance(model_or_base, str | os.PathLike):
+        # every adapter first: a missing, unreadable or non-finite adapter fails before the base is loaded
+        for source in sources:
+            resolved[source] = _resolve_adapter(source)
+            check_adapter_source(source, resolved[source], None, request.allow_non_finite)
+        model = _load_base_model(os.fspath(model_or_base), device=device)
+    else:
+        model = model_or_base
+    user_peft_model = _is_peft_model(model)
+    check_not_quantized(model)
+    base_name_or_path = getattr(_base_model(model), "name_or_path", None) or None
+    if adapter_name in _peft_configs(model):
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}: pass another `adapter_name`.")
+    loaded = set(_peft_configs(model))
+    names: list[str] = []
+    loaded_here: list[str] = []
+    try:
+        for i, source in enumerate(sources):
+            if source in loaded:
+                names.append(source)
+                continue
+            local = resolved.get(source) or _resolve_adapter(source)
+            check_adapter_source(source, local, model, request.allow_non_finite)
+            name = f"_magmax_input_{i}"
+            model = load_adapter_onto(model, source, local, name)
+            loaded_here.append(name)
+            names.append(name)
+        for name in names:
+            _check_lora_type(model, name)
+        return _merge_loaded(model, names, dict(zip(names, sources)), loaded_here, user_peft_model, request,
+                             base_name_or_path)  # fmt: skip
+    except BaseException:
+        # leave the caller's model as it was given: drop the adapters loaded here, unwrap a base model
+        if user_peft_model:
+            for name in loaded_here:
+                if name in _peft_configs(model):
+                    model.delete_adapter(name)
+        elif loaded_here:
+            _strip_adapters(model)
+        raise
 
 
 def _zeros_shapes(info: _ModuleInfo, adapter_names: Sequence[str]) -> dict[str, torch.Size]:
@@ -253,185 +430,78 @@ def _default_rank(info: _ModuleInfo, adapter_names: Sequence[str]) -> int:
     return min(total, min(_to_lora_matrix(weight.detach(), _layout(info.module.get_base_layer())).shape))
 
 
-@torch.no_grad()
-def merge_adapters(
-    model_or_base: nn.Module | str,
-    adapters: Sequence[str | os.PathLike],
-    method: str = "magmax",
-    scaling_coef: float | None = None,
-    output: str = "adapter",
-    rank: int | Mapping[str, int] | None = None,
-    adapter_name: str = "magmax",
-    density: float | None = None,
-    seed: int = 0,
-    svd: str = "full",
-    niter: int = 4,
-) -> LoraMergeResult:
-    """Merge LoRA adapters on their true weight deltas ΔW, module by module, with the merge engine.
-
-    For every module any adapter changes, each adapter's ΔW (see [`lora_delta_state_dict`]; a module an adapter does
-    not touch has ΔW = 0) is folded into an online accumulator of [`hf_magmax.merging`] (`magmax` selects, per element
-    of ΔW, the value of largest magnitude; ties go to the later adapter), then the merged `ΔW_sel` is scaled by λ and
-
-    - `output="merged"`: added to the base weights, `θ_0 + λ · ΔW_sel`; the adapter layers are removed and
-      `result.model` is a normal transformers model (`save_pretrained`, `push_to_hub`). The base model is changed in
-      place, as `merge_and_unload()` does.
-    - `output="adapter"`: re-factored by truncated SVD into a LoRA adapter (see [`deltas_to_lora`]: `lora_alpha = r`,
-      `B = U√S`, `A = √S Vᵀ`, λ folded in), with the relative reconstruction error per module and overall.
-      `result.model` is the `PeftModel` holding it under `adapter_name` (a base model passed in is wrapped in place,
-      as `get_peft_model` does; a `PeftModel` passed in gets the new adapter, not activated, and keeps its own);
-      `result.save_pretrained(dir)` writes an ordinary adapter directory.
-
-    Only one module's deltas are dense at a time; the base model is loaded once and the adapters (small) are loaded
-    onto it. Adapters may differ in rank, alpha, rsLoRA, target modules, `modules_to_save`, DoRA and LoRA bias.
-
-    **Rank of the output adapter** (`rank=None`): per module, the sum of the input adapters' ranks on that module
-    (capped by the size of ΔW). That reproduces `task_arithmetic` and `average` merges exactly (the sum of rank-r_i
-    matrices has rank ≤ Σ r_i); MagMax, TIES and random mixing select per element, which raises the rank, so their
-    re-factored adapter is an approximation whose error the result reports and which falls as `rank` grows.
-
-    Args:
-        model_or_base (`PeftModel`, `PreTrainedModel` or `str`):
-            A `PeftModel` holding the adapters, or the base model (or its name/path, loaded by its architecture class).
-        adapters (`list[str]`):
-            In task order: adapter names loaded on `model_or_base`, local adapter directories, or Hub repo ids.
-        method (`str`, *optional*, defaults to `"magmax"`):
-            `magmax`, `average`, `task_arithmetic`, `ties` or `random_mix`.
-        scaling_coef (`float`, *optional*):
-            λ. Defaults to the method's default ([`hf_magmax.DEFAULT_SCALING_COEFS`]; 0.5 for MagMax).
-        output (`str`, *optional*, defaults to `"adapter"`):
-            `"adapter"` or `"merged"`.
-        rank (`int` or `dict[str, int]`, *optional*):
-            Rank of the output adapter (see above), for every module or per module name (modules not in the dict get
-            the default). An error names the module if the rank exceeds what its ΔW allows.
-        adapter_name (`str`, *optional*, defaults to `"magmax"`):
-            Name of the merged adapter on the returned `PeftModel`.
-        density (`float`, *optional*):
-            TIES: fraction of each ΔW kept (engine default 0.2).
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of `random_mix` (per tensor: `seed + position`, as [`hf_magmax.StateDictMerger`]) and of the
-            randomized SVD.
-        svd (`str`, *optional*, defaults to `"full"`):
-            `"full"` or `"randomized"` (`torch.svd_lowrank`, for large matrices).
-        niter (`int`, *optional*, defaults to `4`):
-            Power iterations of the randomized SVD.
-
-    Returns:
-        [`LoraMergeResult`].
-
-    Example:
-
-    ```python
-    >>> from hf_magmax.peft import merge_adapters
-    >>> result = merge_adapters("path/to/base", ["path/to/adapter_task1", "path/to/adapter_task2"],
-    ...                         method="magmax", output="adapter", rank=16)  # doctest: +SKIP
-    >>> result.overall_error, result.save_pretrained("magmax-adapter")  # doctest: +SKIP
-    ```
-    """
-    _require_peft()
-    from peft import PeftModel
-
-    method = check_merge_method(method)
-    if output not in ("adapter", "merged"):
-        raise ValueError(f'`output` must be "adapter" or "merged", got {output!r}.')
-    if isinstance(adapters, str | os.PathLike) or len(adapters) == 0:
-        raise ValueError("`adapters` must be a non-empty list of adapter names, directories or Hub repo ids.")
-    method_kwargs: dict[str, Any] = {}
-    if density is not None:
-        if method != "ties":
-            raise ValueError(f'`density` only applies to `method="ties"`, not {method!r}.')
-        method_kwargs["density"] = check_density(density)
-    if method == "random_mix":
-        method_kwargs["seed"] = int(seed)
-    coef = default_scaling_coef(method) if scaling_coef is None else float(scaling_coef)
-    if svd not in SVD_METHODS:
-        raise ValueError(f"`svd` must be one of {', '.join(SVD_METHODS)}, got {svd!r}.")
-
-    model = _load_base_model(model_or_base) if isinstance(model_or_base, str | os.PathLike) else model_or_base
-    user_peft_model = _is_peft_model(model)
-    check_not_quantized(model)
-    base_name_or_path = getattr(_base_model(model), "name_or_path", None) or None
-    sources = [os.fspath(a) for a in adapters]
-    if len(set(sources)) != len(sources):
-        raise ValueError(f"`adapters` lists the same adapter more than once: {sources}.")
-    if adapter_name in _peft_configs(model):
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}: pass another `adapter_name`.")
-    loaded = set(_peft_configs(model))
-    names: list[str] = []
-    loaded_here: list[str] = []
-    try:
-        for i, adapter in enumerate(sources):
-            if adapter in loaded:
-                names.append(adapter)
-                continue
-            local = _resolve_adapter(adapter)
-            _check_adapter_source(adapter, model, local)
-            name = f"_magmax_input_{i}"
-            if _is_peft_model(model):
-                model.load_adapter(local, adapter_name=name)
-            else:
-                model = PeftModel.from_pretrained(model, local, adapter_name=name)
-            loaded_here.append(name)
-            names.append(name)
+def _check_before_merging(
+    infos: Sequence[_ModuleInfo], names: Sequence[str], sources: Mapping[str, str], request: _LoraMergeRequest, params
+) -> None:
+    """Everything checkable on the loaded model, before any weight changes: layers, biases, finiteness."""
+    for info in infos:
         for name in names:
-            _check_lora_type(model, name)
-        return _merge_loaded(
-            model, names, loaded_here, user_peft_model, method, coef, method_kwargs, output, rank, adapter_name, seed,
-            svd, niter, sources, base_name_or_path,
-        )  # fmt: skip
-    except BaseException:
-        # leave the caller's model as it was given: drop the adapters loaded here, unwrap a base model
-        if user_peft_model:
-            for name in loaded_here:
-                if name in _peft_configs(model):
-                    model.delete_adapter(name)
-        elif loaded_here:
-            _strip_adapters(model)
-        raise
+            if info.kind == "lora":
+                _check_lora_module(info.name, info.module, name)
+            tensors = {
+                f"{info.name}.{p}": t
+                for p, t in info.module.named_parameters()
+                if name in p.split(".") and not p.startswith("base_layer.")
+            }
+            check_finite_tensors(tensors, sources[name], request.allow_non_finite)
+        bias = f"{info.name}.bias"
+        if info.kind == "lora" and request.lora_output == "merged" and bias in info.keys and bias not in params:
+            raise ValueError(
+                f"module `{info.name}` has a LoRA bias but no base bias, so it cannot be merged into the weights."
+            )
+
+
+def _merged_module(info: _ModuleInfo, names: Sequence[str], spec: MergeSpec) -> dict:
+    """ΔW_sel of one module: each adapter's ΔW folded into `spec.accumulator(tensor name)`, in task order."""
+    shapes = _zeros_shapes(info, names)
+    accumulators = {key: spec.accumulator(key) for key in info.keys}  # random_mix: seeded by the tensor's name
+    for name in names:
+        deltas = _module_delta(info, name)
+        for key, accumulator in accumulators.items():
+            delta = deltas.get(key)
+            accumulator.update(delta if delta is not None else torch.zeros(shapes[key]))
+        del deltas
+    return {key: accumulator.result() for key, accumulator in accumulators.items()}
+
+
+def _check_finite_model(model: nn.Module, coef: float) -> None:
+    for name, tensor in base_parameters(model).items():
+        if tensor.is_floating_point():
+            check_finite_output(tensor.detach(), name, coef)
 
 
 @torch.no_grad()
 def _merge_loaded(
-    model, names, loaded_here, user_peft_model, method, coef, method_kwargs, output, rank, adapter_name, seed, svd,
-    niter, adapter_sources, base_name_or_path,
-) -> LoraMergeResult:  # fmt: skip
+    model: nn.Module,
+    names: list[str],
+    sources: dict[str, str],
+    loaded_here: list[str],
+    user_peft_model: bool,
+    request: _LoraMergeRequest,
+    base_name_or_path: str | None,
+) -> LoraMergeResult:
     """The merge proper, on a model with every adapter loaded (see [`merge_adapters`])."""
     from peft import get_peft_model
     from peft.utils import set_peft_model_state_dict
     from tqdm.auto import tqdm
 
+    spec, coef, merged_output = request.spec, request.coef, request.lora_output == "merged"
     task_types = {getattr(_peft_configs(model)[n], "task_type", None) for n in names}
     task_type = task_types.pop() if len(task_types) == 1 else None
     infos = list(_iter_adapted_modules(model, names))
     base_params = base_parameters(model)
-    # validate everything before any weight changes
-    for info in infos:
-        if info.kind == "lora":
-            for name in names:
-                _check_lora_module(info.name, info.module, name)
-            if output == "merged" and f"{info.name}.bias" in info.keys and f"{info.name}.bias" not in base_params:
-                raise ValueError(
-                    f"module `{info.name}` has a LoRA bias but no base bias, so it cannot be merged into the weights."
-                )
+    _check_before_merging(infos, names, sources, request, base_params)
+    rank = request.rank
     ranks = dict(rank) if isinstance(rank, Mapping) else ({} if rank is None else rank)
-    refactorer = _Refactorer(ranks, svd, niter, seed) if output == "adapter" else None
+    refactorer = None if merged_output else _Refactorer(ranks, request.svd, request.niter, request.svd_seed)
 
-    for info in tqdm(infos, desc=f"merging {len(names)} adapters ({method})", disable=len(infos) < 8 or None):
-        shapes = _zeros_shapes(info, names)
-        spec = MergeSpec(method, coef, **method_kwargs)
-        accumulators = {key: spec.accumulator(key) for key in info.keys}  # random_mix: seeded by the tensor's name
-        for name in names:
-            deltas = _module_delta(info, name)
-            for key, accumulator in accumulators.items():
-                delta = deltas.get(key)
-                accumulator.update(delta if delta is not None else torch.zeros(shapes[key]))
-            del deltas
-        merged = {key: accumulator.result() for key, accumulator in accumulators.items()}
-        del accumulators
-        if output == "merged":
-            fold_deltas_into_base(model, merged, coef)
+    disable = True if not request.show_progress else (len(infos) < 8 or None)
+    for info in tqdm(infos, desc=f"merging {len(names)} adapters ({spec.method})", disable=disable):
+        merged = _merged_module(info, names, spec)
+        if merged_output:
+            fold_deltas_into_base(model, merged, coef, dtype=request.dtype, allow_non_finite=request.allow_non_finite)
         elif info.kind == "lora":
-            weight_delta = coef * merged[f"{info.name}.weight"]
+            weight_delta = merged[f"{info.name}.weight"] * coef
             bias = merged.get(f"{info.name}.bias")
             if not torch.any(weight_delta) and bias is None:
                 continue
@@ -442,14 +512,14 @@ def _merge_loaded(
                 info.name,
                 _layout(base_layer),
                 weight_delta,
-                None if bias is None else coef * bias,
+                None if bias is None else bias * coef,
                 getattr(base_layer, "bias", None) is not None,
             )
         else:
-            full = {}
-            for key, delta in merged.items():
-                base_value = base_params[key]
-                full[key] = (base_value.detach().float() + coef * delta.float()).to(base_value.dtype)
+            full = {key: apply_merged(base_params[key].detach(), delta, coef) for key, delta in merged.items()}
+            if not request.allow_non_finite:
+                for key, value in full.items():
+                    check_finite_output(value, key, coef)
             for p, t in [
                 *info.module.original_module.named_parameters(),
                 *info.module.original_module.named_buffers(),
@@ -458,47 +528,71 @@ def _merge_loaded(
             refactorer.add_full(info.name, full)
 
     result = LoraMergeResult(
-        output=output,
+        lora_output=request.lora_output,
         model=None,
         adapter=None,
-        method=method,
+        method=spec.method,
         scaling_coef=coef,
-        method_kwargs=method_kwargs,
-        adapters=adapter_sources,
-        adapter_name=adapter_name,
+        method_kwargs=spec.method_options,
+        adapters=list(sources.values()),
+        adapter_name=request.adapter_name,
         rank=rank if rank is None or isinstance(rank, int) else dict(rank),
         base_model_name_or_path=base_name_or_path,
+        spec=spec,
+        svd=request.svd,
+        svd_seed=request.svd_seed,
+        dtype=request.dtype_name,
+        allow_non_finite=request.allow_non_finite,
     )
-    if output == "merged":
+    if merged_output:
         result.model = _strip_adapters(model)
+        if request.dtype is not None:
+            result.model.to(request.dtype)
+        if not request.allow_non_finite:
+            _check_finite_model(result.model, coef)
         return result
 
     result.adapter = refactorer.finish(base_name_or_path, task_type)
+    if request.dtype is not None:
+        result.adapter.state_dict = {
+            k: v.to(request.dtype) if v.is_floating_point() else v for k, v in result.adapter.state_dict.items()
+        }
+    if not request.allow_non_finite:
+        for key, value in result.adapter.state_dict.items():
+            if value.is_floating_point():
+                check_finite_output(value, key, coef)
+    peft_config = _fresh_config(result.adapter.peft_config)  # PEFT extends the config it is given: keep ours as is
     if user_peft_model:
         for name in loaded_here:
             model.delete_adapter(name)
-        model.add_adapter(adapter_name, result.adapter.peft_config)
+        model.add_adapter(request.adapter_name, peft_config)
     else:
         base = _strip_adapters(model)
-        model = get_peft_model(base, result.adapter.peft_config, adapter_name=adapter_name)
-    set_peft_model_state_dict(model, result.adapter.state_dict, adapter_name=adapter_name)
+        model = get_peft_model(base, peft_config, adapter_name=request.adapter_name)
+    set_peft_model_state_dict(model, result.adapter.state_dict, adapter_name=request.adapter_name)
     result.model = model
     logger.info(
         "merged %d adapters (%s, λ=%s) into adapter %r: overall relative reconstruction error %.3g",
         len(names),
-        method,
+        spec.method,
         coef,
-        adapter_name,
+        request.adapter_name,
         result.adapter.overall_error,
     )
     return result
+
+
+def _fresh_config(config: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(config)
 
 
 def add_magmax_adapter(
     peft_model: nn.Module,
     adapters: Sequence[str | os.PathLike],
     adapter_name: str = "magmax",
-    method: str = "magmax",
+    method: str | MergeSpec = "magmax",
     scaling_coef: float | None = None,
     rank: int | None = None,
     **kwargs,
@@ -506,8 +600,8 @@ def add_magmax_adapter(
     """Add the merge of `adapters` to `peft_model` as a new LoRA adapter, like PEFT's `add_weighted_adapter`.
 
     Unlike `add_weighted_adapter`, the adapters are merged on their dense deltas ΔW (per element, through the merge
-    engine) and the merge is re-factored by truncated SVD; see [`merge_adapters`] (`output="adapter"`). The new adapter
-    is not made active: call `peft_model.set_adapter(adapter_name)`.
+    engine) and the merge is re-factored by truncated SVD; see [`merge_adapters`] (`lora_output="adapter"`). The new
+    adapter is not made active: call `peft_model.set_adapter(adapter_name)`.
 
     Args:
         peft_model (`PeftModel`):
@@ -518,7 +612,7 @@ def add_magmax_adapter(
             Name of the new adapter.
         method (`str`, *optional*, defaults to `"magmax"`), scaling_coef (`float`, *optional*), rank (`int`, *optional*),
         **kwargs:
-            As in [`merge_adapters`] (`density`, `seed`, `svd`, `niter`).
+            As in [`merge_adapters`] (`density`, `seed`, `svd`, `niter`, `svd_seed`, `allow_non_finite`).
 
     Returns:
         [`LoraMergeResult`] with the reconstruction errors.
@@ -534,182 +628,15 @@ def add_magmax_adapter(
     if not _is_peft_model(peft_model):
         raise TypeError(
             f"`peft_model` must be a peft `PeftModel`, got {type(peft_model).__name__}; for a base model use "
-            '`merge_adapters(base_model, adapters, output="adapter")`.'
+            '`merge_adapters(base_model, adapters, lora_output="adapter")`.'
         )
     return merge_adapters(
         peft_model,
         adapters,
         method=method,
         scaling_coef=scaling_coef,
-        output="adapter",
+        lora_output="adapter",
         rank=rank,
         adapter_name=adapter_name,
         **kwargs,
     )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Writing the result: atomic output directory with a model card
-# --------------------------------------------------------------------------------------------------------------------
-
-#: The merge configuration written next to the output (and, as YAML, into its model card).
-LORA_MERGE_CONFIG_NAME = "magmax_config.yaml"
-
-_BASE_FILES_SKIPPED = ("config.json", "generation_config.json", "README.md", LORA_MERGE_CONFIG_NAME)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-
-def lora_merge_config(result: LoraMergeResult, base: str | None = None) -> dict[str, Any]:
-    """The configuration of a LoRA merge as a plain dict (what `hf-magmax merge-lora` needs to re-run it)."""
-    config: dict[str, Any] = {
-        "base": base or result.base_model_name_or_path,
-        "adapters": list(result.adapters),
-        "method": result.method,
-        "scaling_coef": result.scaling_coef,
-        "output": result.output,
-    }
-    config.update(result.method_kwargs)
-    if result.output == "adapter":
-        config["rank"] = result.rank
-        config["adapter_name"] = result.adapter_name
-    return config
-
-
-def _model_card(result: LoraMergeResult, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    import yaml
-
-    from ..hub import MAGMAX_CITATION
-
-    base = config.get("base")
-    model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
-    metadata: dict[str, Any] = {
-        "library_name": "peft" if result.output == "adapter" else "transformers",
-        "tags": ["merge", "magmax", "hf_magmax", "lora"] + ([result.method] if result.method != "magmax" else []),
-    }
-    if base and not os.path.isdir(str(base)):  # a Hub id: the Hub links the card to its base model
-        metadata["base_model"] = str(base)
-        metadata["base_model_relation"] = "adapter" if result.output == "adapter" else "merge"
-    adapters = "\n".join(f"| {i + 1} | `{a}` |" for i, a in enumerate(result.adapters))
-    if result.output == "adapter":
-        ranks = sorted(set(result.adapter.ranks.values()))
-        worst = sorted(result.errors.items(), key=lambda kv: -kv[1])[:10]
-        rows = "\n".join(f"| `{m}` | {result.adapter.ranks[m]} | {e:.3g} |" for m, e in worst)
-        what = (
-            f"A LoRA adapter for `{base}`: the merge `λ·ΔW_sel` of the adapters below, computed on their dense weight "
-            "deltas ΔW = scaling·B@A (per element, with the merge engine of hf_magmax) and re-factored by truncated "
-            f"SVD into rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}–{ranks[-1]}'} "
-            "(`lora_alpha = r`, λ folded into the factors)."
-        )
-        usage = (
-            f"```python\nfrom peft import PeftModel\nfrom transformers import {model_class}\n\n"
-            f'base = {model_class}.from_pretrained("{base}")\n'
-            'model = PeftModel.from_pretrained(base, "<this repo or directory>")\n```'
-        )
-        errors = (
-            f"\n\n## Reconstruction error\n\nOverall relative error ‖λΔW_sel − BA‖_F / ‖λΔW_sel‖_F: "
-            f"**{result.overall_error:.4g}** over {len(result.errors)} module(s) "
-            f"({len(result.adapter.peft_config.modules_to_save or [])} module(s) saved in full as `modules_to_save`)."
-            f"\n\n| module (largest errors first) | rank | relative error |\n|---|---|---|\n{rows}"
-        )
-    else:
-        what = (
-            f"`{base}` with the merge of the LoRA adapters below folded into its weights, θ_0 + λ·ΔW_sel, where ΔW_sel "
-            "merges the adapters' dense weight deltas ΔW = scaling·B@A per element (merge engine of hf_magmax). A "
-            "normal transformers model: no PEFT needed to load it."
-        )
-        usage = (
-            f"```python\nfrom transformers import {model_class}\n\n"
-            f'model = {model_class}.from_pretrained("<this repo or directory>")\n```'
-        )
-        errors = ""
-    body = f"""# MagMax LoRA merge
-
-{what}
-
-- **method:** `{result.method}`{" (MagMax: per element, the value of largest magnitude; ties go to the later adapter)" if result.method == "magmax" else ""}
-- **scaling coefficient λ:** {result.scaling_coef}
-- **output:** {result.output}{f" (rank: {result.rank if result.rank is not None else 'per module, the sum of the input ranks'})" if result.output == "adapter" else ""}
-
-| task | adapter |
-|---|---|
-{adapters}{errors}
-
-## Usage
-
-{usage}
-
-## Merge configuration
-
-Re-run with `hf-magmax merge-lora` and these values (also in `{LORA_MERGE_CONFIG_NAME}`):
-
-```yaml
-{yaml.safe_dump(config, sort_keys=False).strip()}
-```
-
-## Citation
-
-```bibtex
-{MAGMAX_CITATION.strip()}
-```
-"""
-    return metadata, body
-
-
-def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Fail early if `output_dir` is a file, or a non-empty directory without `overwrite`."""
-    from pathlib import Path
-
-    from ..io import check_output_dir
-
-    check_output_dir(Path(output_dir).absolute(), overwrite)
-
-
-def save_lora_merge(
-    result: LoraMergeResult,
-    output_dir: str | os.PathLike,
-    overwrite: bool = False,
-    base: str | os.PathLike | None = None,
-) -> str:
-    """Write a LoRA merge atomically: the adapter (or merged model), a model card and `magmax_config.yaml`.
-
-    Everything is written into a temporary directory beside `output_dir` and renamed into place at the end: after an
-    error nothing is left at `output_dir`. A merged model also gets the base directory's tokenizer and other non-weight
-    files (when `base` is a local directory).
-
-    Args:
-        result ([`LoraMergeResult`]):
-            What [`merge_adapters`] returned.
-        output_dir (`str` or `os.PathLike`):
-            The output directory; must be empty or absent unless `overwrite`.
-        overwrite (`bool`, *optional*, defaults to `False`):
-            Replace a non-empty `output_dir` (the old one is removed only once the new one is in place).
-        base (`str` or `os.PathLike`, *optional*):
-            The base model as the user named it (for the card and the config); defaults to its `name_or_path`.
-
-    Returns:
-        `str`: the output directory.
-    """
-    import shutil
-    from pathlib import Path
-
-    import yaml
-
-    from ..hub import write_model_card
-    from ..io import check_output_dir, staged_output_dir
-
-    output = Path(output_dir).absolute()
-    check_output_dir(output, overwrite)
-    config = lora_merge_config(result, None if base is None else os.fspath(base))
-    with staged_output_dir(output, overwrite) as staging:
-        result.save_pretrained(staging)
-        base_dir = Path(config["base"]) if config.get("base") else None
-        if result.output == "merged" and base_dir is not None and base_dir.is_dir():
-            for source in sorted(base_dir.iterdir()):
-                if source.is_file() and not source.name.startswith(".") and not source.name.endswith(_WEIGHT_SUFFIXES):
-                    if source.name not in _BASE_FILES_SKIPPED and not (staging / source.name).exists():
-                        shutil.copy2(source, staging / source.name)
-        (staging / LORA_MERGE_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
-        metadata, body = _model_card(result, config)
-        write_model_card(staging, metadata, body)
-    logger.info("LoRA merge (%s, %s) written to %s", result.method, result.output, output)
-    return str(output)

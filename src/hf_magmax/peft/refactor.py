@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..merging import apply_merged
 from .deltas import PEFT_PREFIX, _base_model, _require_peft, base_parameters
 
 
@@ -162,6 +164,12 @@ class _Refactorer:
         if layout == "other":
             raise ValueError(f"module `{name}` is not a Linear, Conv1D, Embedding or Conv layer: it cannot hold LoRA.")
         matrix = _to_lora_matrix(delta.detach().float(), layout)  # [rows, cols]
+        if not bool(torch.isfinite(matrix).all()):
+            kind = "NaN" if bool(torch.isnan(matrix).any()) else "Inf"
+            raise ValueError(
+                f"the merged λ·ΔW of module `{name}` holds {kind} values, which cannot be re-factored: lower "
+                "`scaling_coef` (λ), or check the adapters for NaN/Inf."
+            )
         rank = self._rank_for(name, matrix)
         u, s, vh = _truncated_svd(matrix, rank, self.svd, self.niter, self.seed)
         sqrt_s = s.clamp(min=0).sqrt()
@@ -263,9 +271,10 @@ def deltas_to_lora(
     modules_to_save: Sequence[str] | None = None,
     svd: str = "full",
     niter: int = 4,
-    seed: int = 0,
+    svd_seed: int = 0,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    seed: int | None = None,
 ) -> LoraFactorization:
     """Re-factor dense deltas `scaling_coef · ΔW` into a LoRA adapter by truncated SVD (fp32).
 
@@ -297,8 +306,8 @@ def deltas_to_lora(
             faster for large matrices at small rank.
         niter (`int`, *optional*, defaults to `4`):
             Power iterations of the randomized SVD.
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the randomized SVD.
+        svd_seed (`int`, *optional*, defaults to `0`):
+            Seed of the randomized SVD (`seed=` is a deprecated alias).
         base_model_name_or_path (`str`, *optional*):
             Written into the adapter config.
         task_type (`str`, *optional*):
@@ -319,7 +328,14 @@ def deltas_to_lora(
     ```
     """
     _require_peft()
-    refactorer = _Refactorer(rank, svd, niter, seed)
+    if seed is not None:
+        warnings.warn(
+            "`seed` of `deltas_to_lora` is deprecated: it is the seed of the randomized SVD, pass `svd_seed=`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        svd_seed = seed
+    refactorer = _Refactorer(rank, svd, niter, svd_seed)
     modules = _module_layouts(model)
     base_tensors = base_parameters(model) if model is not None else {}
     full_modules = set(modules_to_save or ()) | _modules_to_save_names(model)
@@ -356,8 +372,9 @@ def deltas_to_lora(
         for p, original in [*module.named_parameters(), *module.named_buffers()]:
             base_value = base_tensors.get(f"{name}.{p}", original)
             if f"{p}" in tensors and original.is_floating_point():
-                value = base_value.detach().float() + float(scaling_coef) * tensors[p].float()
-                full[f"{name}.{p}"] = value.to(original.dtype)
+                full[f"{name}.{p}"] = apply_merged(
+                    base_value.detach(), tensors[p], float(scaling_coef), original.dtype
+                )
             else:
                 full[f"{name}.{p}"] = base_value.detach()
         refactorer.add_full(name, full)

@@ -18,6 +18,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from hf_magmax import merge_task_vectors  # noqa: E402
+from hf_magmax.merging import MergeSpec, StateDictMerger, apply_merged  # noqa: E402
 from hf_magmax.peft import (  # noqa: E402
     add_magmax_adapter,
     deltas_to_lora,
@@ -236,15 +237,62 @@ def dense_merge(base, dense, method, **kwargs):
     return {k: v + merged[k] if k in merged else v for k, v in base_state(base).items()}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_merged_output_equals_dense_engine_merge(llama_adapters, method):
-    base, paths, dense = llama_adapters
-    result = merge_adapters(copy.deepcopy(base), paths, method=method, lora_output="merged")
+def test_merged_output_equals_dense_engine_bit_for_bit(llama_adapters, method, dtype):
+    """The LoRA merger and the dense engine (StateDictMerger + apply_merged) on the same ΔWs: identical bits."""
+    base, paths, _ = llama_adapters
+    base = copy.deepcopy(base).to(dtype)
+    theta_0 = base_state(base)
+    holder = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="t0")
+    for i, path in enumerate(paths[1:], start=1):
+        holder.load_adapter(path, adapter_name=f"t{i}")
+    task_vectors = lora_task_vectors(holder, [f"t{i}" for i in range(len(paths))])  # ΔW as the merger sees them
+    spec = MergeSpec(method, seed=7 if method == "random_mix" else None)
+    engine = StateDictMerger(spec)
+    for task_vector in task_vectors:
+        engine.update(task_vector)
+    merged = engine.result()
+    expected = {k: apply_merged(v, merged[k], spec.coef) if k in merged else v for k, v in theta_0.items()}
+
+    result = merge_adapters(copy.deepcopy(base), paths, method=spec)
     assert result.model.__class__ is base.__class__
     assert not any("lora" in k or "modules_to_save" in k for k in result.model.state_dict())
-    expected = dense_merge(base, dense, method)
     for name, value in result.model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
+        assert value.dtype == dtype and torch.equal(value, expected[name]), name
+    assert sum(not torch.equal(expected[k], theta_0[k]) for k in merged) == len(merged)  # every ΔW was applied
+    if method == "random_mix":  # the same merge through the keyword arguments
+        again = merge_adapters(copy.deepcopy(base), paths, method=method, seed=7).model.state_dict()
+        assert all(torch.equal(again[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_seed_and_density_policy_and_deprecated_output(llama_adapters):
+    base, paths, _ = llama_adapters
+    with pytest.raises(ValueError, match="`seed` only applies to `random_mix`"):
+        merge_adapters(copy.deepcopy(base), paths, method="magmax", seed=1)
+    with pytest.raises(ValueError, match="`density` only applies to `ties`"):
+        merge_adapters(copy.deepcopy(base), paths, method="random_mix", density=0.5)
+    with pytest.raises(ValueError, match='`scaling_coef="auto"` is not supported'):
+        merge_adapters(copy.deepcopy(base), paths, scaling_coef="auto")
+    with pytest.raises(ValueError, match="`rank` only applies"):
+        merge_adapters(copy.deepcopy(base), paths, lora_output="merged", rank=2)
+    # random_mix draws differ with the seed; the randomized SVD has its own seed
+    one = merge_adapters(copy.deepcopy(base), paths, method="random_mix", seed=1).model.state_dict()
+    two = merge_adapters(copy.deepcopy(base), paths, method="random_mix", seed=2).model.state_dict()
+    assert not torch.equal(
+        one["model.layers.0.self_attn.q_proj.weight"], two["model.layers.0.self_attn.q_proj.weight"]
+    )
+    svd = [
+        merge_adapters(copy.deepcopy(base), paths, rank=2, svd="randomized", niter=0, svd_seed=s).adapter.state_dict
+        for s in (0, 0, 1)
+    ]
+    key = next(k for k in svd[0] if k.endswith("q_proj.lora_A.weight"))
+    assert torch.equal(svd[0][key], svd[1][key]) and not torch.equal(svd[0][key], svd[2][key])
+    # `output=` still works, with a FutureWarning
+    with pytest.warns(FutureWarning, match="`output=` of `merge_adapters` is deprecated"):
+        old = merge_adapters(copy.deepcopy(base), paths, output="merged").model.state_dict()
+    new = merge_adapters(copy.deepcopy(base), paths).model.state_dict()  # the default: merged
+    assert all(torch.equal(old[k], v) for k, v in new.items())
 
 
 def test_merge_defaults_scaling_and_method_options(llama_adapters):

@@ -205,7 +205,6 @@ def save_lora_merge(
     check_output_dir(output, overwrite)
     with staged_output_dir(output, overwrite) as staging:
         result.save_pretrained(staging)
-        _dedupe_modules_to_save(staging)
         base_dir = Path(config.base) if config.base else None
         if result.lora_output == "merged" and base_dir is not None and base_dir.is_dir():
             for source in sorted(base_dir.iterdir()):
@@ -217,20 +216,6 @@ def save_lora_merge(
         write_model_card(staging, metadata, body)
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.lora_output, output)
     return str(output)
-
-
-def _dedupe_modules_to_save(folder: Path) -> None:
-    """List each of an adapter's `modules_to_save` once (PEFT appends its task type's defaults to the list)."""
-    import json
-
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    modules = data.get("modules_to_save")
-    if isinstance(modules, list) and len(set(modules)) != len(modules):
-        data["modules_to_save"] = sorted(set(modules))
-        path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str | None = None) -> str:

@@ -290,7 +290,9 @@ def merge_adapters(
 
     Everything checkable is checked first: the spec, every adapter (found, readable, LoRA, ranks as its config says,
     no NaN/Inf, made for this base) before the base is loaded or any weight changes; a non-finite merged tensor
-    (e.g. θ_0 + λ·ΔW overflowing float16) is an error naming it. Only one module's deltas are dense at a time.
+    (e.g. θ_0 + λ·ΔW overflowing float16) is an error naming it, raised before that module changes (a model passed
+    in keeps the modules folded before it; a base given by name is yours untouched). Only one module's deltas are
+    dense at a time.
 
     **Rank of the output adapter** (`rank=None`): per module, the sum of the input adapters' ranks on that module
     (capped by the size of ΔW). That reproduces `task_arithmetic` and `average` merges exactly; MagMax, TIES and

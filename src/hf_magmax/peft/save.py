@@ -7,12 +7,15 @@ peft is imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .deltas import _base_model
 from .loading import check_output_not_input
 from .merge import LoraMergeResult, merge_adapters
 
@@ -76,9 +79,7 @@ def _model_card(result: LoraMergeResult, config: MergeConfig) -> tuple[dict[str,
     from ..hub import MAGMAX_CITATION
 
     base = config.base
-    base_model_class = None if result.model is None else type(getattr(result.model, "get_base_model", lambda: None)()
-                                                                or result.model).__name__  # fmt: skip
-    model_class = base_model_class or "AutoModel"
+    model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
     adapter_output = result.lora_output == "adapter"
     metadata: dict[str, Any] = {
         "library_name": "peft" if adapter_output else "transformers",
@@ -218,6 +219,21 @@ def save_lora_merge(
     return str(output)
 
 
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Hide transformers' loading bars too when `show` is false (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if not show and enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not show and enabled:
+            hf_logging.enable_progress_bar()
+
+
 def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str | None = None) -> str:
     """Run a whole LoRA merge from a [`~hf_magmax.config.MergeConfig`] (what `hf-magmax merge-lora` does).
 
@@ -241,21 +257,21 @@ def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str 
         raise ValueError("`adapters` is missing: a LoRA merge needs `adapters` (use `hf-magmax merge` for `models`).")
     check_output_not_input(config.output_dir, _inputs(config.base, list(config.adapters)))
     _check_output_dir(config.output_dir, config.overwrite)
-    spec = config.spec
-    result = merge_adapters(
-        config.base,
-        config.adapters,
-        method=spec,
-        lora_output=config.lora_output,
-        rank=config.rank,
-        svd=config.svd,
-        svd_seed=config.svd_seed,
-        dtype=config.dtype,
-        device=config.device,
-        allow_non_finite=config.allow_non_finite,
-        show_progress=show_progress,
-    )
-    path = save_lora_merge(result, config.output_dir, overwrite=config.overwrite, base=config.base)
+    with _progress_bars(show_progress):
+        result = merge_adapters(
+            config.base,
+            config.adapters,
+            method=config.spec,
+            lora_output=config.lora_output,
+            rank=config.rank,
+            svd=config.svd,
+            svd_seed=config.svd_seed,
+            dtype=config.dtype,
+            device=config.device,
+            allow_non_finite=config.allow_non_finite,
+            show_progress=show_progress,
+        )
+        path = save_lora_merge(result, config.output_dir, overwrite=config.overwrite, base=config.base)
     if result.lora_output == "adapter":
         logger.info("overall relative reconstruction error of the adapter: %.4g", result.overall_error)
     if config.push_to_hub:

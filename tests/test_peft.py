@@ -272,6 +272,9 @@ def test_seed_and_density_policy_and_deprecated_output(llama_adapters):
         merge_adapters(copy.deepcopy(base), paths, method="magmax", seed=1)
     with pytest.raises(ValueError, match="`density` only applies to `ties`"):
         merge_adapters(copy.deepcopy(base), paths, method="random_mix", density=0.5)
+    for coef in (float("nan"), float("inf"), 0.0, -0.5):  # λ as MergeSpec validates it everywhere
+        with pytest.raises(ValueError, match="scaling_coef"):
+            merge_adapters(copy.deepcopy(base), paths, scaling_coef=coef)
     with pytest.raises(ValueError, match='`scaling_coef="auto"` is not supported'):
         merge_adapters(copy.deepcopy(base), paths, scaling_coef="auto")
     with pytest.raises(ValueError, match="`rank` only applies"):

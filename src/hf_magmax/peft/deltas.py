@@ -352,12 +352,12 @@ def lora_task_vectors(model: nn.Module, adapter_names: Sequence[str]) -> list[di
     ```
     """
     per_adapter = [lora_delta_state_dict(model, name) for name in adapter_names]
-    shapes: dict[str, torch.Size] = {}
+    like: dict[str, Tensor] = {}
     for deltas in per_adapter:
         for key, delta in deltas.items():
-            shapes.setdefault(key, delta.shape)
-    order = [name for name in base_parameters(model) if name in shapes]
-    return [{k: deltas[k] if k in deltas else torch.zeros(shapes[k]) for k in order} for deltas in per_adapter]
+            like.setdefault(key, delta)
+    order = [name for name in base_parameters(model) if name in like]
+    return [{k: deltas[k] if k in deltas else torch.zeros_like(like[k]) for k in order} for deltas in per_adapter]
 
 
 def _strip_adapters(model: nn.Module) -> nn.Module:

@@ -456,12 +456,13 @@ def _check_before_merging(
 def _merged_module(info: _ModuleInfo, names: Sequence[str], spec: MergeSpec) -> dict:
     """ΔW_sel of one module: each adapter's ΔW folded into `spec.accumulator(tensor name)`, in task order."""
     shapes = _zeros_shapes(info, names)
+    device = next(info.module.parameters()).device  # ΔW lives where the module does (cpu, or `device`)
     accumulators = {key: spec.accumulator(key) for key in info.keys}  # random_mix: seeded by the tensor's name
     for name in names:
         deltas = _module_delta(info, name)
         for key, accumulator in accumulators.items():
             delta = deltas.get(key)
-            accumulator.update(delta if delta is not None else torch.zeros(shapes[key]))
+            accumulator.update(delta if delta is not None else torch.zeros(shapes[key], device=device))
         del deltas
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 

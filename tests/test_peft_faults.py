@@ -283,3 +283,14 @@ def test_config_errors_name_the_field(inputs, tmp_path, capsys, no_base_loading)
     path.write_text(yaml.safe_dump({"base": str(base), "adapters": adapters, "output_dir": "o", "density": 0.5}))
     assert _cli(path) == 2
     assert "`density` only applies to `ties`" in _one_line_error(capsys)
+
+
+def test_an_older_merge_lora_config_still_runs(inputs, tmp_path):
+    base, adapters = inputs
+    old = {"base": str(base), "adapters": adapters, "method": "magmax", "scaling_coef": 0.5, "output": "adapter",
+           "rank": 2, "adapter_name": "magmax"}  # fmt: skip
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert _cli(path, "--output-dir", tmp_path / "o") == 0
+    recorded = yaml.safe_load((tmp_path / "o" / "magmax_config.yaml").read_text())
+    assert recorded["lora_output"] == "adapter" and recorded["rank"] == 2 and "adapter_name" not in recorded

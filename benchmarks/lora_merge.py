@@ -43,7 +43,7 @@ DENSITY = 0.2
 
 #: (label, kind, options). kind: ours | peft.
 ROWS = [
-    ("hf_magmax magmax, merged (dense θ_0 + λ·ΔW_sel)", "ours", {"method": "magmax", "output": "merged"}),
+    ("hf_magmax magmax, merged (dense θ_0 + λ·ΔW_sel)", "ours", {"method": "magmax", "lora_output": "merged"}),
     ("hf_magmax magmax, adapter rank 48 (= Σ r_i)", "ours", {"method": "magmax", "rank": 48}),
     (
         "hf_magmax magmax, adapter rank 48, randomized SVD",
@@ -51,8 +51,16 @@ ROWS = [
         {"method": "magmax", "rank": 48, "svd": "randomized"},
     ),
     ("hf_magmax magmax, adapter rank 16", "ours", {"method": "magmax", "rank": 16}),
-    ("hf_magmax task_arithmetic λ=1, adapter rank 48", "ours", {"method": "task_arithmetic", "scaling_coef": 1.0}),
-    ("hf_magmax ties λ=1, adapter rank 48", "ours", {"method": "ties", "scaling_coef": 1.0, "density": DENSITY}),
+    (
+        "hf_magmax task_arithmetic λ=1, adapter rank 48",
+        "ours",
+        {"method": "task_arithmetic", "scaling_coef": 1.0, "lora_output": "adapter"},
+    ),
+    (
+        "hf_magmax ties λ=1, adapter rank 48",
+        "ours",
+        {"method": "ties", "scaling_coef": 1.0, "density": DENSITY, "lora_output": "adapter"},
+    ),
     ("PEFT add_weighted_adapter linear", "peft", {"combination_type": "linear"}),
     ("PEFT add_weighted_adapter svd (rank 16)", "peft", {"combination_type": "svd"}),
     ("PEFT add_weighted_adapter svd (rank 48)", "peft", {"combination_type": "svd", "svd_rank": 48}),
@@ -116,7 +124,7 @@ def _worker(workdir: str, kind: str, options: dict) -> dict:
     peak_mib = (_rss_kib("VmHWM") - before) / 1024
 
     # dense change of the output, per base tensor
-    if kind == "ours" and options.get("output") == "merged":
+    if kind == "ours" and options.get("lora_output") == "merged":
         out_sd = result.model.state_dict()
         out = {k: out_sd[k].float() - base_sd[k].float() for k in base_sd}
         # the inputs' deltas: reload them (the PeftModel was consumed by the merge)
@@ -238,7 +246,7 @@ def main() -> None:
     for layers in DEPTHS:
         with tempfile.TemporaryDirectory() as workdir:
             _build(workdir, argparse.Namespace(**{**vars(args), "layers": layers}))
-            res = _run_row(workdir, "ours", {"method": "magmax", "output": "merged"}, args.threads)
+            res = _run_row(workdir, "ours", {"method": "magmax", "lora_output": "merged"}, args.threads)
             depth.append((layers, res))
             print("depth", layers, res, file=sys.stderr, flush=True)
 

@@ -67,16 +67,21 @@ def test_adapter_output_with_card(checkpoints, tmp_path):
     for text in ["`magmax`", "**scaling coefficient λ:** 0.5", "rank: 4", "Reconstruction error", *adapters]:
         assert text in body
     config = yaml.safe_load((out / "magmax_config.yaml").read_text())
-    assert config == {
+    assert config == {  # the one schema (MergeConfig): λ null = the method's default
         "base": str(base),
         "adapters": adapters,
         "method": "magmax",
-        "scaling_coef": 0.5,
-        "output": "adapter",
+        "scaling_coef": None,
+        "output_dir": str(out),
+        "lora_output": "adapter",
         "rank": 4,
-        "adapter_name": "magmax",
+        "svd": "full",
+        "svd_seed": 0,
+        "dtype": None,
+        "device": "cpu",
+        "allow_non_finite": False,
     }
-    assert "```yaml\n" + yaml.safe_dump(config, sort_keys=False) in body
+    assert "```yaml\n" + (out / "magmax_config.yaml").read_text() in body
     # the directory is an ordinary PEFT adapter, equal to the library's result
     base_model = LlamaForSequenceClassification.from_pretrained(base)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), out).merge_and_unload().state_dict()
@@ -109,7 +114,7 @@ def test_merged_output_and_overwrite(checkpoints, tmp_path):
         method="ties",
         density=0.5,
         scaling_coef=0.8,
-        output="merged",
+        lora_output="merged",
     ).model
     for name, value in expected.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], value, atol=0, rtol=0)
@@ -118,7 +123,8 @@ def test_merged_output_and_overwrite(checkpoints, tmp_path):
     # a non-empty output is refused without --overwrite, replaced with it
     assert main([*argv, "--output", str(out)]) == 2
     assert main([*argv, "--output", str(out), "--overwrite"]) == 0
-    assert yaml.safe_load((out / "magmax_config.yaml").read_text())["scaling_coef"] == 1.0  # ties' default
+    assert yaml.safe_load((out / "magmax_config.yaml").read_text())["scaling_coef"] is None  # ties' default
+    assert "**scaling coefficient λ:** 1\n" in (out / "README.md").read_text()
     assert _parent_is_clean(out)
 
 
@@ -135,8 +141,10 @@ def test_bad_adapter_leaves_nothing(checkpoints, tmp_path, capsys):
     )
     assert "`rank`=99 is larger than module" in capsys.readouterr().err
     assert not out.exists() and _parent_is_clean(out)
-    with pytest.raises(SystemExit):  # --merged and --rank exclude each other
-        main(["merge-lora", "--base", str(base), "--adapters", *adapters, "--merged", "--rank", "2", "--output", "x"])
+    # --merged and --rank exclude each other
+    argv = ["merge-lora", "--base", str(base), "--adapters", *adapters, "--merged", "--rank", "2", "--output", "x"]
+    assert main(argv) == 2
+    assert "--rank only applies to an adapter output" in capsys.readouterr().err
     missing = str(tmp_path / "no-such-base")
     assert main(["merge-lora", "--base", missing, "--adapters", *adapters, "--output", str(out)]) == 2
     assert f"base model {missing!r} is neither a local directory nor a Hub repo id" in capsys.readouterr().err
@@ -157,6 +165,8 @@ def test_hub_ids_and_push(checkpoints, fake_hub, tmp_path):  # noqa: F811
         "org/lora-2",
         "--method",
         "task_arithmetic",
+        "--lora-output",
+        "adapter",
     ]
     assert main([*argv, "--output", str(out), "--push-to-hub", "me/magmax-lora", "--private"]) == 0
     repo = fake_hub.repos["me/magmax-lora"]
@@ -166,13 +176,15 @@ def test_hub_ids_and_push(checkpoints, fake_hub, tmp_path):  # noqa: F811
     metadata, _ = parse_model_card(repo.files["README.md"].decode())
     assert metadata["base_model"] == "org/base" and metadata["base_model_relation"] == "adapter"
     # the default rank (sum of input ranks) reproduces the linear merge exactly
-    local = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, method="task_arithmetic")
+    local = merge_adapters(
+        LlamaForSequenceClassification.from_pretrained(base), adapters, method="task_arithmetic", lora_output="adapter"
+    )
     assert local.overall_error < 1e-5
 
 
 def test_result_push_to_hub(checkpoints, fake_hub):  # noqa: F811
     base, adapters = checkpoints
-    result = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, output="merged")
+    result = merge_adapters(LlamaForSequenceClassification.from_pretrained(base), adapters, lora_output="merged")
     url = result.push_to_hub("me/merged-lora")
     repo = fake_hub.repos["me/merged-lora"]
     assert url.startswith(fake_hub.url) and repo.private is False

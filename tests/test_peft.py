@@ -18,6 +18,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from hf_magmax import merge_task_vectors  # noqa: E402
+from hf_magmax.merging import MergeSpec, StateDictMerger, apply_merged  # noqa: E402
 from hf_magmax.peft import (  # noqa: E402
     add_magmax_adapter,
     deltas_to_lora,
@@ -236,26 +237,79 @@ def dense_merge(base, dense, method, **kwargs):
     return {k: v + merged[k] if k in merged else v for k, v in base_state(base).items()}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_merged_output_equals_dense_engine_merge(llama_adapters, method):
-    base, paths, dense = llama_adapters
-    result = merge_adapters(copy.deepcopy(base), paths, method=method, output="merged")
+def test_merged_output_equals_dense_engine_bit_for_bit(llama_adapters, method, dtype):
+    """The LoRA merger and the dense engine (StateDictMerger + apply_merged) on the same ΔWs: identical bits."""
+    base, paths, _ = llama_adapters
+    base = copy.deepcopy(base).to(dtype)
+    theta_0 = base_state(base)
+    holder = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="t0")
+    for i, path in enumerate(paths[1:], start=1):
+        holder.load_adapter(path, adapter_name=f"t{i}")
+    task_vectors = lora_task_vectors(holder, [f"t{i}" for i in range(len(paths))])  # ΔW as the merger sees them
+    spec = MergeSpec(method, seed=7 if method == "random_mix" else None)
+    engine = StateDictMerger(spec)
+    for task_vector in task_vectors:
+        engine.update(task_vector)
+    merged = engine.result()
+    expected = {k: apply_merged(v, merged[k], spec.coef) if k in merged else v for k, v in theta_0.items()}
+
+    result = merge_adapters(copy.deepcopy(base), paths, method=spec)
     assert result.model.__class__ is base.__class__
     assert not any("lora" in k or "modules_to_save" in k for k in result.model.state_dict())
-    expected = dense_merge(base, dense, method)
     for name, value in result.model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
+        assert value.dtype == dtype and torch.equal(value, expected[name]), name
+    assert sum(not torch.equal(expected[k], theta_0[k]) for k in merged) == len(merged)  # every ΔW was applied
+    if method == "random_mix":  # the same merge through the keyword arguments
+        again = merge_adapters(copy.deepcopy(base), paths, method=method, seed=7).model.state_dict()
+        assert all(torch.equal(again[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_seed_and_density_policy_and_deprecated_output(llama_adapters):
+    base, paths, _ = llama_adapters
+    with pytest.raises(ValueError, match="`seed` only applies to `random_mix`"):
+        merge_adapters(copy.deepcopy(base), paths, method="magmax", seed=1)
+    with pytest.raises(ValueError, match="`density` only applies to `ties`"):
+        merge_adapters(copy.deepcopy(base), paths, method="random_mix", density=0.5)
+    for coef in (float("nan"), float("inf"), 0.0, -0.5):  # λ as MergeSpec validates it everywhere
+        with pytest.raises(ValueError, match="scaling_coef"):
+            merge_adapters(copy.deepcopy(base), paths, scaling_coef=coef)
+    with pytest.raises(ValueError, match='`scaling_coef="auto"` is not supported'):
+        merge_adapters(copy.deepcopy(base), paths, scaling_coef="auto")
+    with pytest.raises(ValueError, match="`rank` only applies"):
+        merge_adapters(copy.deepcopy(base), paths, lora_output="merged", rank=2)
+    # random_mix draws differ with the seed; the randomized SVD has its own seed
+    one = merge_adapters(copy.deepcopy(base), paths, method="random_mix", seed=1).model.state_dict()
+    two = merge_adapters(copy.deepcopy(base), paths, method="random_mix", seed=2).model.state_dict()
+    assert not torch.equal(
+        one["model.layers.0.self_attn.q_proj.weight"], two["model.layers.0.self_attn.q_proj.weight"]
+    )
+    svd = [
+        merge_adapters(copy.deepcopy(base), paths, rank=2, svd="randomized", niter=0, svd_seed=s).adapter.state_dict
+        for s in (0, 0, 1)
+    ]
+    key = next(k for k in svd[0] if k.endswith("q_proj.lora_A.weight"))
+    assert torch.equal(svd[0][key], svd[1][key]) and not torch.equal(svd[0][key], svd[2][key])
+    # `output=` still works, with a FutureWarning
+    with pytest.warns(FutureWarning, match="`output=` of `merge_adapters` is deprecated"):
+        old = merge_adapters(copy.deepcopy(base), paths, output="merged").model.state_dict()
+    new = merge_adapters(copy.deepcopy(base), paths).model.state_dict()  # the default: merged
+    assert all(torch.equal(old[k], v) for k, v in new.items())
 
 
 def test_merge_defaults_scaling_and_method_options(llama_adapters):
     base, paths, dense = llama_adapters
-    result = merge_adapters(copy.deepcopy(base), paths, method="ties", density=0.5, scaling_coef=0.7, output="merged")
+    result = merge_adapters(
+        copy.deepcopy(base), paths, method="ties", density=0.5, scaling_coef=0.7, lora_output="merged"
+    )
     expected = dense_merge(base, dense, "ties", density=0.5, scaling_coef=0.7)
     for name, value in result.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0)
-    assert merge_adapters(copy.deepcopy(base), paths[:1], output="merged").scaling_coef == 0.5  # magmax default
+    assert merge_adapters(copy.deepcopy(base), paths[:1], lora_output="merged").scaling_coef == 0.5  # magmax default
     assert (
-        merge_adapters(copy.deepcopy(base), paths[:1], method="task_arithmetic", output="merged").scaling_coef == 0.3
+        merge_adapters(copy.deepcopy(base), paths[:1], method="task_arithmetic", lora_output="merged").scaling_coef
+        == 0.3
     )
 
 
@@ -263,8 +317,8 @@ def test_names_loaded_on_a_peft_model_equal_directories(llama_adapters):
     base, paths, _ = llama_adapters
     model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="a")
     model.load_adapter(paths[1], adapter_name="b")
-    mixed = merge_adapters(model, ["a", "b", paths[2]], output="merged").model.state_dict()
-    from_dirs = merge_adapters(copy.deepcopy(base), paths, output="merged").model.state_dict()
+    mixed = merge_adapters(model, ["a", "b", paths[2]], lora_output="merged").model.state_dict()
+    from_dirs = merge_adapters(copy.deepcopy(base), paths, lora_output="merged").model.state_dict()
     for name, value in from_dirs.items():
         torch.testing.assert_close(mixed[name], value, atol=0, rtol=0)
 
@@ -273,7 +327,7 @@ def test_bf16_base_is_merged_in_fp32_and_stays_bf16(llama_adapters):
     base, paths, dense = llama_adapters
     half = copy.deepcopy(base).to(torch.bfloat16)
     reference = {k: v.clone() for k, v in half.state_dict().items()}
-    merged = merge_adapters(half, paths, output="merged").model.state_dict()
+    merged = merge_adapters(half, paths, lora_output="merged").model.state_dict()
     selected = merge_task_vectors(dense, method="magmax", scaling_coef=0.5)
     for name, value in merged.items():
         assert value.dtype == torch.bfloat16
@@ -288,7 +342,7 @@ def test_bf16_base_is_merged_in_fp32_and_stays_bf16(llama_adapters):
 
 def test_magmax_adapter_has_the_per_element_max_of_the_true_deltas(llama_adapters):
     base, paths, dense = llama_adapters
-    result = merge_adapters(copy.deepcopy(base), paths, output="merged", scaling_coef=1.0)
+    result = merge_adapters(copy.deepcopy(base), paths, lora_output="merged", scaling_coef=1.0)
     name = "model.layers.0.self_attn.q_proj.weight"
     change = result.model.state_dict()[name] - base.state_dict()[name]
     stacked = torch.stack([tv[name] for tv in dense])
@@ -303,7 +357,7 @@ def test_magmax_adapter_has_the_per_element_max_of_the_true_deltas(llama_adapter
 @pytest.mark.parametrize("method", ["task_arithmetic", "average"])
 def test_sum_of_ranks_reproduces_linear_merge_exactly(llama_adapters, method, tmp_path):
     base, paths, dense = llama_adapters
-    result = merge_adapters(copy.deepcopy(base), paths, method=method, output="adapter")
+    result = merge_adapters(copy.deepcopy(base), paths, method=method, lora_output="adapter")
     assert result.overall_error < 1e-5
     assert result.adapter.ranks["model.layers.0.self_attn.q_proj"] == 4 + 2 + 3  # sum of the input ranks
     assert result.adapter.ranks["model.layers.0.mlp.down_proj"] == 3
@@ -386,9 +440,9 @@ def test_adapter_round_trip_per_layer_type(make_base, configs, method, tmp_path)
     for i, m in enumerate(models):
         m.save_pretrained(tmp_path / f"a{i}")
     paths = [str(tmp_path / f"a{i}") for i in range(len(models))]
-    merged = merge_adapters(copy.deepcopy(base), paths, method=method, output="merged").model.state_dict()
+    merged = merge_adapters(copy.deepcopy(base), paths, method=method, lora_output="merged").model.state_dict()
     # full rank: the re-factored adapter reproduces the dense merge
-    result = merge_adapters(copy.deepcopy(base), paths, method=method, rank=full_ranks(base), output="adapter")
+    result = merge_adapters(copy.deepcopy(base), paths, method=method, rank=full_ranks(base), lora_output="adapter")
     result.save_pretrained(tmp_path / "out")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").merge_and_unload().state_dict()
     assert result.overall_error < 1e-5
@@ -450,7 +504,7 @@ def test_failed_merge_leaves_the_models_as_given(llama_adapters, tmp_path):
     other.save_pretrained(tmp_path / "other")
     given = copy.deepcopy(base)
     with pytest.raises(ValueError, match="another base model"):
-        merge_adapters(given, [paths[0], paths[1], str(tmp_path / "other")], output="merged")
+        merge_adapters(given, [paths[0], paths[1], str(tmp_path / "other")], lora_output="merged")
     assert not hasattr(given, "peft_config") and not any("lora" in k for k in given.state_dict())
     for name, value in base.state_dict().items():
         assert torch.equal(given.state_dict()[name], value)
@@ -503,8 +557,8 @@ def test_bad_arguments(llama_adapters):
     base, paths, _ = llama_adapters
     with pytest.raises(ValueError, match="unknown merge method 'maxmag'"):
         merge_adapters(copy.deepcopy(base), paths, method="maxmag")
-    with pytest.raises(ValueError, match="`output`"):
-        merge_adapters(copy.deepcopy(base), paths, output="both")
+    with pytest.raises(ValueError, match="`lora_output` must be"):
+        merge_adapters(copy.deepcopy(base), paths, lora_output="both")
     with pytest.raises(ValueError, match="`density` only applies"):
         merge_adapters(copy.deepcopy(base), paths, density=0.5)
     with pytest.raises(ValueError, match="non-empty list"):
@@ -547,7 +601,7 @@ def test_quantized_base_is_refused(llama_adapters):
     with pytest.raises(
         ValueError, match=r"module `model\.layers\.0\.self_attn\.k_proj` .* is quantized \(Linear4bit\)"
     ):
-        merge_adapters(quantized_layer, paths, output="merged")
+        merge_adapters(quantized_layer, paths, lora_output="merged")
     peft_model = make_adapter(quantized_layer, r=2, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="is quantized"):
         lora_delta_state_dict(peft_model)

@@ -179,106 +179,149 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 _MERGE_LORA_EPILOG = """\
 examples:
-  hf-magmax merge-lora --base ckpt/base --adapters lora/task1 lora/task2 lora/task3 --rank 32 --output magmax-lora
-  hf-magmax merge-lora --base ckpt/base --adapters lora/task1 lora/task2 --merged --output merged-model
+  hf-magmax merge-lora --base ckpt/base --adapters lora/task1 lora/task2 lora/task3 --output-dir merged-model
+  hf-magmax merge-lora --base ckpt/base --adapters lora/task1 lora/task2 --rank 32 --output-dir magmax-lora
   hf-magmax merge-lora --base meta-llama/Llama-3.2-1B --adapters me/lora-a me/lora-b --method ties --density 0.2 \\
-      --rank 16 --output ties-lora --push-to-hub me/ties-lora --private
+      --lora-output adapter --output-dir ties-lora --push-to-hub me/ties-lora --private
+  hf-magmax merge-lora magmax-lora/magmax_config.yaml --output-dir again     # re-run a merge from its config
 
-Without --rank and --merged the output is an adapter whose rank, per module, is the sum of the input adapters' ranks
-(exact for average / task_arithmetic; MagMax, TIES and random_mix report their reconstruction error in the card).
+The output is a full model with the merge folded in (--lora-output merged, the default; --merged says the same) or a
+LoRA adapter (--lora-output adapter; --rank R implies it) whose rank, per module, is R or by default the sum of the
+input adapters' ranks (exact for average / task_arithmetic; MagMax, TIES and random_mix report their reconstruction
+error in the card).
+
+CONFIG.yaml takes the fields of magmax_config.yaml (base, adapters, method, scaling_coef, density, seed, lora_output,
+rank, svd, svd_seed, dtype, device, output_dir, overwrite, allow_non_finite, push_to_hub, private); flags given on the
+command line override it. Every merge saves its configuration as OUTPUT_DIR/magmax_config.yaml and in its card.
 """
 
 
 def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .merging import DEFAULT_SCALING_COEFS
+
     parser = subparsers.add_parser(
         "merge-lora",
-        help="merge LoRA adapters on their true weight deltas (MagMax and baselines) into an adapter or a model",
+        help="merge LoRA adapters on their true weight deltas (MagMax and baselines) into a model or an adapter",
         description=(
             "Merge T LoRA adapters of one base model on their dense weight deltas ΔW = scaling·B@A, one module at a "
-            "time, then either fold θ_0 + λ·ΔW_sel into the base (--merged: a normal transformers model) or re-factor "
-            "λ·ΔW_sel by truncated SVD into a LoRA adapter of rank R (--rank R: an ordinary PEFT adapter directory). "
-            "The output (with a model card and magmax_config.yaml) appears atomically."
+            "time, then either fold θ_0 + λ·ΔW_sel into the base (a normal transformers model) or re-factor "
+            "λ·ΔW_sel by truncated SVD into a LoRA adapter (an ordinary PEFT adapter directory). Every adapter is "
+            "checked before the base is loaded; the output (with a model card and magmax_config.yaml) appears "
+            "atomically."
         ),
         epilog=_MERGE_LORA_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--base", required=True, help="the base model θ_0: a local directory or a Hub repo id")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG.yaml",
+        help="a merge configuration YAML (e.g. a previous merge's magmax_config.yaml); flags override its fields",
+    )
+    parser.add_argument("--base", help="the base model θ_0: a local directory or a Hub repo id")
     parser.add_argument(
         "--adapters",
         nargs="+",
-        required=True,
         metavar="ADAPTER",
         help="the LoRA adapters, in task order (directories or Hub repo ids); for magmax, ties go to the later one",
     )
-    parser.add_argument(
-        "--method",
-        default="magmax",
-        choices=["magmax", "average", "task_arithmetic", "ties", "random_mix"],
-        help="merge method (default: magmax)",
-    )
+    parser.add_argument("--method", choices=sorted(DEFAULT_SCALING_COEFS), help="merge method (default: magmax)")
+    defaults = ", ".join(f"{name} {coef:g}" for name, coef in DEFAULT_SCALING_COEFS.items())
     parser.add_argument(
         "--scaling-coef",
         type=float,
         metavar="λ",
-        help="scaling coefficient λ (default: the method's: magmax 0.5, random_mix 0.5, average 1.0, ties 1.0, "
-        "task_arithmetic 0.3)",
+        help=f"scaling coefficient λ > 0 (default: the method's: {defaults})",
     )
     parser.add_argument("--density", type=float, help="ties only: fraction of each ΔW kept by magnitude (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random_mix and of the randomized SVD (default 0)")
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--merged", action="store_true", help="fold the merge into the base weights (a full model)")
-    output.add_argument("--rank", type=int, metavar="R", help="rank of the output LoRA adapter (default: see below)")
+    parser.add_argument("--seed", type=int, help="random_mix only: random seed (default 0)")
+    parser.add_argument(
+        "--lora-output",
+        choices=["merged", "adapter"],
+        help="merged: a full model with the merge folded in (default); adapter: a re-factored LoRA adapter",
+    )
+    parser.add_argument("--merged", action="store_true", help="the same as --lora-output merged")
+    parser.add_argument(
+        "--rank", type=int, metavar="R", help="rank of the output LoRA adapter (implies --lora-output adapter)"
+    )
     parser.add_argument(
         "--svd",
-        default="full",
         choices=["full", "randomized"],
         help="SVD of the adapter re-factor: full (exact truncation) or randomized (torch.svd_lowrank, for large "
         "matrices) (default: full)",
     )
+    parser.add_argument("--svd-seed", type=int, help="seed of the randomized SVD (default 0)")
     parser.add_argument(
         "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="dtype to load the base model in (default: auto, the checkpoint's); the merge math runs in float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the merged floating tensors (default: the base's); the math runs in float32 either way",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (atomically)")
+    parser.add_argument("--device", help="where the base is loaded and the math runs: cpu or cuda[:N] (default: cpu)")
+    parser.add_argument(
+        "--output-dir",
+        "--output",
+        dest="output_dir",
+        metavar="DIR",
+        help="output directory (required, here or in CONFIG.yaml; --output is an alias)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a non-empty output directory (atomically)"
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        default=None,
+        help="merge even if an adapter holds NaN/Inf or the result overflows (default: an error naming the tensor)",
+    )
     parser.add_argument(
         "--push-to-hub",
         metavar="REPO_ID",
         help="after writing, upload the output and its card to this Hub repo (a failed upload keeps the local output)",
     )
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    parser.add_argument(
+        "--private", action="store_true", default=None, help="with --push-to-hub: create a private repo"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (also: HF_HUB_DISABLE_PROGRESS_BARS=1)"
+    )
+
+
+#: `merge-lora` flags that set a `MergeConfig` field of the same name.
+_MERGE_LORA_FIELDS = (
+    "base", "adapters", "method", "scaling_coef", "density", "seed", "rank", "svd", "svd_seed", "dtype", "device",
+    "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private",
+)  # fmt: skip
 
 
 def _run_merge_lora(args: argparse.Namespace) -> int:
-    from .hub import HubPushError, push_to_hub
-    from .peft import _check_output_dir, _load_base_model, merge_adapters, save_lora_merge
+    from .config import MergeConfig
+    from .hub import HubPushError
 
-    if args.private and not args.push_to_hub:
-        raise ValueError("--private only applies with --push-to-hub REPO_ID.")
-    _check_output_dir(args.output, args.overwrite)  # fail before loading anything
-    base = _load_base_model(args.base, dtype=args.dtype)
-    result = merge_adapters(
-        base,
-        args.adapters,
-        method=args.method,
-        scaling_coef=args.scaling_coef,
-        output="merged" if args.merged else "adapter",
-        rank=args.rank,
-        density=args.density,
-        seed=args.seed,
-        svd=args.svd,
-    )
-    path = save_lora_merge(result, args.output, overwrite=args.overwrite, base=args.base)
-    if result.output == "adapter":
-        logger.info("overall relative reconstruction error of the adapter: %.4g", result.overall_error)
-    if args.push_to_hub:
-        try:
-            push_to_hub(path, args.push_to_hub, private=args.private, commit_message="Upload MagMax LoRA merge")
-        except HubPushError as err:
-            sys.stderr.write(f"hf-magmax merge-lora: error: {err}\n")
-            return 1
+    config = MergeConfig.from_yaml(args.config) if args.config else MergeConfig()
+    where = f" (or in {args.config})" if args.config else ""
+    if args.merged and args.lora_output == "adapter":
+        raise ValueError("--merged and --lora-output adapter contradict each other: pass one.")
+    lora_output = args.lora_output or ("merged" if args.merged else None)
+    if args.rank is not None and lora_output is None:
+        lora_output = "adapter"  # --rank R implies an adapter output
+    if args.rank is not None and lora_output == "merged":
+        raise ValueError("--rank only applies to an adapter output (--lora-output adapter), not to --merged.")
+    config = config.replace(lora_output=lora_output, **{key: getattr(args, key) for key in _MERGE_LORA_FIELDS})
+    for key, flag in (("base", "--base"), ("adapters", "--adapters"), ("output_dir", "--output-dir")):
+        if getattr(config, key) in (None, "", []):
+            raise ValueError(
+                f"missing {flag}{where}: `hf-magmax merge-lora` needs --base, --adapters and --output-dir."
+            )
+    if config.models:
+        raise ValueError(f"`models`{where} is a checkpoint merge: run `hf-magmax merge`, or give `adapters` only.")
+    from .peft import run_lora_merge
+
+    try:
+        path = run_lora_merge(config, show_progress=not args.no_progress, source=args.config)
+    except HubPushError as err:
+        sys.stderr.write(f"hf-magmax merge-lora: error: {err}\n")
+        return 1
+    logger.info("LoRA merge written to %s", path)
     return 0
 
 

@@ -190,6 +190,8 @@ class MergeConfig:
             legacy = data.pop("output")
             key = "lora_output" if legacy in LORA_OUTPUTS and data.get("adapters") else "output_dir"
             data.setdefault(key, legacy)
+        if data.get("adapters") and data.get("adapter_name") == "magmax":  # older merge-lora files: the default name
+            data.pop("adapter_name")
         fields = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(fields))
         if unknown:

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,25 @@ def test_packaging_files():
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "/magmax-demo/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_readme_test_command_is_the_ci_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    (ci_command,) = [line for line in ci.splitlines() if "python -m pytest" in line and not line.startswith("#")]
+    (readme_line,) = [line for line in readme.splitlines() if "python -m pytest" in line and '".[test]"' in line]
+    readme_command = readme_line.split("#")[0].strip()
+    assert ci_command.replace(" -q", "").strip() == readme_command
+    assert "not on PyPI" in readme
+
+
+def test_relative_links_of_the_docs_resolve():
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "recipes" / "README.md"]
+    pages += sorted((ROOT / "docs").glob("*.md"))
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

@@ -240,9 +240,7 @@ class MergeConfig:
         if self.scaling_coef is None:
             default = self.spec.coef
             text = text.replace(
-                "scaling_coef: null\n",
-                f"scaling_coef: null  # the default of the method ({default:g} for {self.method})\n",
-                1,
+                "scaling_coef: null\n", f"scaling_coef: null  # the default of the method ({default:g} for {self.method})\n", 1
             )
         return text
 

@@ -41,4 +41,4 @@ def test_demo_cli_quick_run_writes_results(tmp_path, capsys):
 
 def test_demo_rejects_a_task_count_that_does_not_divide_the_classes(tmp_path, capsys):
     assert main(["demo", "--num-tasks", "3", "--output-dir", str(tmp_path)]) == 2
-    assert "`num_tasks=3` must divide the 10 digit classes" in capsys.readouterr().err
+    assert "`--num-tasks=3` must divide the 10 digit classes" in capsys.readouterr().err

@@ -7,7 +7,15 @@ from builders import make_family
 from fake_hub import FakeHub
 
 from hf_magmax import HubPushError, merge_checkpoints, push_to_hub
-from hf_magmax.hub import MAGMAX_CITATION, parse_model_card, render_model_card, write_model_card
+from hf_magmax.hub import (
+    MAGMAX_CITATION,
+    MAGMAX_TAGS,
+    build_model_card,
+    model_card_tags,
+    parse_model_card,
+    render_model_card,
+    write_model_card,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +136,95 @@ def test_fake_hub_is_usable_without_the_fixture(tmp_path):
         assert hub.repos["a/b"].files == {"x.txt": b"x"}
     with pytest.raises(RuntimeError, match="not running"):
         hub.url  # noqa: B018
+
+
+# --- the one model-card builder --------------------------------------------------------------------------------------
+
+
+def _yaml_block(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text.split("```yaml\n", 1)[1].split("\n```", 1)[0])
+
+
+def test_build_model_card_for_a_checkpoint_merge(tmp_path):
+    import importlib.metadata
+
+    from huggingface_hub import ModelCard
+
+    config = {
+        "base": "org/base",
+        "models": ["org/t1", "org/t2"],
+        "method": "ties",
+        "scaling_coef": None,
+        "density": 0.2,
+    }
+    card = build_model_card(
+        "ties-merge",
+        "A TIES merge of 2 fine-tuned models of `org/base`.",
+        {"Models merged (task order)": "1. `org/t1`\n2. `org/t2`"},
+        base_model="org/base",
+        base_model_relation="merge",
+        method="ties",
+        merge_config=config,
+        config_file="magmax_config.yaml",
+        rerun_command="hf-magmax merge magmax_config.yaml",
+        license="apache-2.0",
+    )
+    text = str(card)
+    metadata, body = parse_model_card(text)
+    assert metadata == {
+        "base_model": "org/base",
+        "library_name": "transformers",
+        "license": "apache-2.0",
+        "tags": ["hf_magmax", "magmax", "model-merging", "ties"],
+        "base_model_relation": "merge",
+    }
+    headings = [line for line in body.splitlines() if line.startswith("#")]
+    assert headings == [
+        "# ties-merge",
+        "## Models merged (task order)",
+        "## Merge configuration",
+        "## Framework versions",
+        "## Citation",
+    ]
+    assert _yaml_block(body) == config  # the merge can be re-run from the card
+    assert "Re-run it with `hf-magmax merge magmax_config.yaml`" in body
+    assert text.count(MAGMAX_CITATION.strip()) == 1
+    assert f"- hf_magmax: {importlib.metadata.version('hf_magmax')}" in body
+    path = write_model_card(tmp_path, card)
+    assert path.read_text() == text
+    assert ModelCard.load(path).data.to_dict() == metadata
+
+
+def test_build_model_card_tags_lora_and_continual():
+    lora = build_model_card("a", "b", library_name="peft", lora=True, method="magmax")
+    assert lora.data.tags == ["hf_magmax", "magmax", "model-merging", "lora"] and lora.data.library_name == "peft"
+    run = build_model_card("a", "b", continual=True, lora=True, tags=["magmax", "my-tag", ""])
+    assert run.data.tags == ["hf_magmax", "magmax", "model-merging", "lora", "continual-learning", "my-tag"]
+    assert model_card_tags() == list(MAGMAX_TAGS)
+    assert "## Merge configuration" not in str(run)  # only with a merge_config
+
+
+def test_build_model_card_records_base_model_only_for_a_hub_id(tmp_path, monkeypatch):
+    local = tmp_path / "base"
+    local.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for base in (local, str(local), "base", "./base", None, ""):  # a local directory (even one named like an id)
+        metadata = build_model_card("m", "s", base_model=base, base_model_relation="merge").data.to_dict()
+        assert "base_model" not in metadata and "base_model_relation" not in metadata, base
+    metadata = build_model_card("m", "s", base_model="org/base", base_model_relation="adapter").data.to_dict()
+    assert metadata["base_model"] == "org/base" and metadata["base_model_relation"] == "adapter"
+
+
+def test_build_model_card_validates_its_metadata():
+    with pytest.raises(ValueError, match="base_model_relation='merged'"):
+        build_model_card("m", "s", base_model="org/base", base_model_relation="merged")
+    with pytest.raises(ValueError, match="library_name='torch'"):
+        build_model_card("m", "s", library_name="torch")
+    with pytest.raises(ValueError, match="invalid model card metadata.*eval_results"):
+        build_model_card("m", "s", eval_results=[object()])  # ModelCardData's own check
+    with pytest.raises(ValueError, match="builder adds it once"):
+        build_model_card("m", "s", {"Cite": MAGMAX_CITATION})
+    with pytest.raises(TypeError, match="drop `body`"):
+        write_model_card(".", build_model_card("m", "s"), "# body")

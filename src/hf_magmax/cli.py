@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,38 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr naming the argument and the fix, exit code 2.
+
+    argparse prints the whole usage block before its error; a user error here is one line, with the fix (the
+    `--help` of the subcommand that was run) at its end. Subparsers inherit this class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _method_choices() -> list[str]:
+    """The merge methods, read from the merge core (`hf_magmax.merging` does not import torch)."""
+    from .merging import ONLINE_MERGES
+
+    return list(ONLINE_MERGES)
+
+
+def _default_scaling_coefs_text() -> str:
+    """'the method's: magmax 0.5, ...', read from `hf_magmax.merging.DEFAULT_SCALING_COEFS`."""
+    from .merging import DEFAULT_SCALING_COEFS
+
+    return "the method's: " + ", ".join(f"{name} {coef:g}" for name, coef in DEFAULT_SCALING_COEFS.items())
+
+
+def _method_option_default(method: str, option: str) -> Any:
+    """The default of one method option (`ties` `density`, `random_mix` `seed`), read from the merge core."""
+    from .merging import ONLINE_MERGES
+
+    return ONLINE_MERGES[method].options[option]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,22 +123,26 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=["magmax", "average", "task_arithmetic", "ties", "random_mix"],
+        choices=_method_choices(),
         help="merge method (default: magmax)",
     )
     parser.add_argument(
         "--scaling-coef",
         type=float,
         metavar="λ",
-        help="scaling coefficient λ of the merged task vector (default: "
-        "the method's: magmax 0.5, random_mix 0.5, average 1.0, ties 1.0, task_arithmetic 0.3)",
+        help=f"scaling coefficient λ of the merged task vector (default: {_default_scaling_coefs_text()})",
     )
     parser.add_argument(
         "--density",
         type=float,
-        help="ties only: fraction of each task vector kept by magnitude, in (0, 1] (default: 0.2)",
+        help="ties only: fraction of each task vector kept by magnitude, in (0, 1] "
+        f"(default: {_method_option_default('ties', 'density')})",
     )
-    parser.add_argument("--seed", type=int, help="random_mix only: random seed (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help=f"random_mix only: random seed (default: {_method_option_default('random_mix', 'seed')})",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
@@ -197,8 +234,6 @@ command line override it. Every merge saves its configuration as OUTPUT_DIR/magm
 
 
 def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
-    from .merging import DEFAULT_SCALING_COEFS
-
     parser = subparsers.add_parser(
         "merge-lora",
         help="merge LoRA adapters on their true weight deltas (MagMax and baselines) into a model or an adapter",
@@ -225,16 +260,23 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADAPTER",
         help="the LoRA adapters, in task order (directories or Hub repo ids); for magmax, ties go to the later one",
     )
-    parser.add_argument("--method", choices=sorted(DEFAULT_SCALING_COEFS), help="merge method (default: magmax)")
-    defaults = ", ".join(f"{name} {coef:g}" for name, coef in DEFAULT_SCALING_COEFS.items())
+    parser.add_argument("--method", choices=_method_choices(), help="merge method (default: magmax)")
     parser.add_argument(
         "--scaling-coef",
         type=float,
         metavar="λ",
-        help=f"scaling coefficient λ > 0 (default: the method's: {defaults})",
+        help=f"scaling coefficient λ > 0 (default: {_default_scaling_coefs_text()})",
     )
-    parser.add_argument("--density", type=float, help="ties only: fraction of each ΔW kept by magnitude (default 0.2)")
-    parser.add_argument("--seed", type=int, help="random_mix only: random seed (default 0)")
+    parser.add_argument(
+        "--density",
+        type=float,
+        help=f"ties only: fraction of each ΔW kept by magnitude (default {_method_option_default('ties', 'density')})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help=f"random_mix only: random seed (default {_method_option_default('random_mix', 'seed')})",
+    )
     parser.add_argument(
         "--lora-output",
         choices=["merged", "adapter"],
@@ -314,6 +356,7 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
             )
     if config.models:
         raise ValueError(f"`models`{where} is a checkpoint merge: run `hf-magmax merge`, or give `adapters` only.")
+    config.validate(args.config)  # every field checked before torch or peft is imported
     from .peft import run_lora_merge
 
     try:
@@ -356,6 +399,13 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import check_demo_arguments
+
+    flags = {"num_tasks": "--num-tasks", "num_train_epochs": "--epochs", "learning_rate": "--learning-rate"}
+    flags["scaling_coef"] = "--scaling-coef"
+    check_demo_arguments(
+        args.num_tasks, args.epochs, args.learning_rate, args.scaling_coef, names=flags
+    )  # no torch yet
     import torch
 
     from .demo import run_demo
@@ -392,7 +442,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Calla
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="hf-magmax",
         description=(
             "MagMax (max-magnitude model merging for continual learning, Marczak et al., ECCV 2024) for the Hugging "
@@ -436,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        message = " ".join(str(message).split())  # one line, whatever the library's message looks like
         sys.stderr.write(f"hf-magmax {args.command}: error: {message}\n")
         return 2
 

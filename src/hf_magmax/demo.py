@@ -36,12 +36,10 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from .metrics import compute_continual_metrics, format_matrix
-
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEMO_METHODS", "format_comparison", "run_demo"]
+__all__ = ["DEMO_METHODS", "check_demo_arguments", "format_comparison", "run_demo"]
 
 #: Methods compared by the demo, in table order: (label, merge method or None, scaling_coef).
 DEMO_METHODS: tuple[tuple[str, str | None, float | None], ...] = (
@@ -168,6 +166,37 @@ def format_comparison(metrics: dict[str, dict[str, float]], scaling_coefs: dict[
     return "\n".join(lines)
 
 
+def check_demo_arguments(
+    num_tasks: int = 5,
+    num_train_epochs: float = 5.0,
+    learning_rate: float = 3e-4,
+    scaling_coef: float = 0.5,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Check the demo's arguments before anything is imported or trained (the CLI calls it before torch).
+
+    Args:
+        names (`dict[str, str]`, *optional*):
+            How to name each argument in the error (the CLI passes its flags, `{"num_tasks": "--num-tasks", ...}`).
+
+    Raises:
+        `ValueError` naming the argument and the values it takes.
+    """
+    import math
+
+    names = names or {}
+    if num_tasks < 1 or 10 % num_tasks:
+        name = names.get("num_tasks", "num_tasks")
+        raise ValueError(f"`{name}={num_tasks}` must divide the 10 digit classes: use 1, 2, 5 or 10.")
+    for key, value in (
+        ("num_train_epochs", num_train_epochs),
+        ("learning_rate", learning_rate),
+        ("scaling_coef", scaling_coef),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"`{names.get(key, key)}={value}` must be a finite number > 0.")
+
+
 def run_demo(
     output_dir: str | os.PathLike = "magmax-demo",
     num_tasks: int = 5,
@@ -223,12 +252,11 @@ def run_demo(
 
     from .continual import class_incremental_split
     from .merging import merge_task_vectors
-    from .metrics import accuracy_compute_metrics, plot_accuracy_matrix
+    from .metrics import accuracy_compute_metrics, compute_continual_metrics, format_matrix, plot_accuracy_matrix
     from .task_vectors import TaskVector
     from .trainer import RESULTS_NAME, MagMaxConfig, MagMaxTrainer
 
-    if 10 % num_tasks:
-        raise ValueError(f"`num_tasks={num_tasks}` must divide the 10 digit classes: use 1, 2, 5 or 10.")
+    check_demo_arguments(num_tasks, num_train_epochs, learning_rate, scaling_coef)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     pretrain, train, test = _digits(seed, pretrain_examples, 0.2, max_train_examples)

@@ -1,26 +1,41 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
 """Model cards and Hub uploads, shared by the checkpoint merge, the LoRA merger and the Trainer.
 
+- [`build_model_card`]: THE model-card builder. The streaming merge (`hf-magmax merge`), the LoRA merger
+  (`hf-magmax merge-lora`) and `MagMaxTrainer` all call it, so every card has the same tag set ([`model_card_tags`]),
+  `base_model` only when it is a Hub id, the merge configuration as YAML (to re-run the merge), the framework
+  versions and the MagMax citation, once. It returns a `huggingface_hub.ModelCard` whose metadata went through
+  `ModelCardData` (validated as TRL's cards are).
 - [`render_model_card`] / [`write_model_card`] / [`parse_model_card`]: a `README.md` with YAML metadata.
-- [`MAGMAX_CITATION`]: the BibTeX entry of the MagMax paper, for every card.
+- [`MAGMAX_CITATION`]: the BibTeX entry of the MagMax paper.
 - [`push_to_hub`]: create the repo (if needed) and upload a folder through `huggingface_hub`.
 
-`huggingface_hub` is imported inside [`push_to_hub`] only, so importing this module stays cheap.
+`huggingface_hub` and `yaml` are imported inside the functions that need them, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAGMAX_CITATION",
+    "MAGMAX_TAGS",
     "HubPushError",
+    "build_model_card",
+    "library_versions",
+    "model_card_tags",
     "parse_model_card",
     "push_to_hub",
     "render_model_card",
@@ -39,6 +54,179 @@ MAGMAX_CITATION = """\
   url       = {https://arxiv.org/abs/2407.06322}
 }
 """
+
+
+#: Tags of every hf_magmax card (`lora` and `continual-learning` are added where they apply).
+MAGMAX_TAGS: tuple[str, ...] = ("hf_magmax", "magmax", "model-merging")
+
+#: `base_model_relation` values the Hub understands (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
+_BASE_MODEL_RELATIONS = ("adapter", "merge", "finetune", "quantized")
+#: Packages whose versions a card records (read from their installed metadata: nothing is imported).
+_VERSIONED_PACKAGES = ("hf_magmax", "transformers", "peft", "torch", "huggingface_hub")
+
+
+def model_card_tags(
+    method: str | None = None, lora: bool = False, continual: bool = False, extra: Sequence[str] = ()
+) -> list[str]:
+    """The tags of an hf_magmax model card: [`MAGMAX_TAGS`], then `lora`, `continual-learning`, the merge method when
+    it is not MagMax, and `extra` (duplicates and empty strings dropped, order kept).
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import model_card_tags
+    >>> model_card_tags("ties", lora=True)
+    ['hf_magmax', 'magmax', 'model-merging', 'lora', 'ties']
+    ```
+    """
+    tags = [*MAGMAX_TAGS, *(["lora"] if lora else []), *(["continual-learning"] if continual else [])]
+    tags += [method] if method and method != "magmax" else []
+    return list(dict.fromkeys(t for t in [*tags, *extra] if t))
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of hf_magmax and the libraries a merged model depends on, from `importlib.metadata`
+    (packages that are not installed are left out; nothing is imported)."""
+    versions = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _hub_base_model(base_model: str | os.PathLike | None) -> str | None:
+    """`base_model` for the card metadata: a Hub repo id, never a local path (the Hub links the card to it)."""
+    from .io import is_hub_id
+
+    if base_model is None:
+        return None
+    name = os.fspath(base_model)
+    if not name or not is_hub_id(name) or os.path.exists(name):
+        return None
+    return name
+
+
+def build_model_card(
+    title: str,
+    summary: str,
+    sections: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+    *,
+    base_model: str | os.PathLike | None = None,
+    base_model_relation: str | None = None,
+    library_name: str = "transformers",
+    method: str | None = None,
+    lora: bool = False,
+    continual: bool = False,
+    tags: Sequence[str] = (),
+    merge_config: Mapping[str, Any] | None = None,
+    config_file: str | None = None,
+    rerun_command: str | None = None,
+    **metadata: Any,
+) -> ModelCard:
+    """Build the model card of a merged model, a merged LoRA adapter or a `MagMaxTrainer` run.
+
+    The card is, in this order: the YAML metadata (validated by `huggingface_hub.ModelCardData`), `# title`, the
+    `summary` paragraph, each of `sections` as `## heading`, `## Merge configuration` (the `merge_config` YAML and how
+    to re-run it), `## Framework versions` and `## Citation` (the MagMax BibTeX, once).
+
+    Args:
+        title (`str`):
+            The card's `#` heading (usually the output directory's or the repo's name).
+        summary (`str`):
+            One paragraph: what this model is and how it was made.
+        sections (`Mapping[str, str]` or `Sequence[tuple[str, str]]`, *optional*):
+            Further sections, heading → Markdown (merged models, accuracy matrices, reconstruction errors, usage).
+            Do not add a citation: the builder does.
+        base_model (`str` or `os.PathLike`, *optional*):
+            The base model θ_0. Recorded in the metadata only when it is a Hub repo id (a local directory is
+            dropped there; name it in `summary`).
+        base_model_relation (`str`, *optional*):
+            `"merge"`, `"adapter"`, `"finetune"` or `"quantized"`; recorded only with a Hub `base_model`.
+        library_name (`str`, *optional*, defaults to `"transformers"`):
+            `"transformers"` for a full model, `"peft"` for an adapter.
+        method (`str`, *optional*):
+            The merge method; a method other than MagMax is added to the tags.
+        lora (`bool`, *optional*, defaults to `False`):
+            Add the `lora` tag (a LoRA merge or a LoRA run).
+        continual (`bool`, *optional*, defaults to `False`):
+            Add the `continual-learning` tag (a `MagMaxTrainer` run).
+        tags (`Sequence[str]`, *optional*):
+            More tags (e.g. the Trainer's `tags` argument), after the hf_magmax ones.
+        merge_config (`Mapping[str, Any]`, *optional*):
+            The merge configuration (what `magmax_config.yaml` holds), embedded as YAML so the merge can be re-run.
+        config_file (`str`, *optional*):
+            The name of the configuration file saved beside the weights (e.g. `"magmax_config.yaml"`).
+        rerun_command (`str`, *optional*):
+            The command that re-runs the merge from that file (e.g. `"hf-magmax merge magmax_config.yaml"`).
+        **metadata:
+            Further `ModelCardData` fields: `license`, `language`, `datasets`, `pipeline_tag`, `model_name`, ...
+
+    Returns:
+        `huggingface_hub.ModelCard`: `str(card)` is the `README.md` text; `card.save(path)` writes it;
+        [`write_model_card`]`(folder, card)` writes `folder/README.md`.
+
+    Raises:
+        `ValueError` for an unknown `base_model_relation` or `library_name`, or metadata `ModelCardData` refuses.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import build_model_card
+    >>> card = build_model_card(
+    ...     "my-merge",
+    ...     "A MagMax merge of 2 fine-tuned models of `org/base`.",
+    ...     {"Models merged (task order)": "1. `org/task-1`, 2. `org/task-2`"},
+    ...     base_model="org/base",
+    ...     base_model_relation="merge",
+    ...     method="magmax",
+    ...     merge_config={"base": "org/base", "models": ["org/task-1", "org/task-2"], "method": "magmax"},
+    ...     config_file="magmax_config.yaml",
+    ...     rerun_command="hf-magmax merge magmax_config.yaml",
+    ... )
+    >>> card.data.base_model, card.data.tags
+    ('org/base', ['hf_magmax', 'magmax', 'model-merging'])
+    ```
+    """
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if library_name not in ("transformers", "peft"):
+        raise ValueError(
+            f"`library_name={library_name!r}` must be 'transformers' (a full model) or 'peft' (an adapter)."
+        )
+    if base_model_relation is not None and base_model_relation not in _BASE_MODEL_RELATIONS:
+        raise ValueError(
+            f"`base_model_relation={base_model_relation!r}` must be one of {list(_BASE_MODEL_RELATIONS)}."
+        )
+    hub_base = _hub_base_model(base_model)
+    fields: dict[str, Any] = {"library_name": library_name, "tags": model_card_tags(method, lora, continual, tags)}
+    if hub_base is not None:
+        fields["base_model"] = hub_base
+        if base_model_relation is not None:
+            fields["base_model_relation"] = base_model_relation
+    fields.update({key: value for key, value in metadata.items() if value is not None})
+    try:
+        card_data = ModelCardData(**fields)
+    except Exception as err:  # huggingface_hub raises ValueError / its own errors for inconsistent metadata
+        raise ValueError(f"invalid model card metadata ({err}); fix the argument it names.") from err
+
+    parts = [f"# {title.strip()}", summary.strip()]
+    items = sections.items() if isinstance(sections, Mapping) else sections
+    for heading, text in items:
+        if MAGMAX_CITATION.strip() in text:
+            raise ValueError(f"section {heading!r} holds the MagMax citation: the builder adds it once, at the end.")
+        parts.append(f"## {heading}\n\n{text.strip()}")
+    if merge_config is not None:
+        where = f" (also saved beside the weights as `{config_file}`)" if config_file else ""
+        how = f"Re-run it with `{rerun_command}`{where}:" if rerun_command else f"The merge configuration{where}:"
+        config_yaml = yaml.safe_dump(dict(merge_config), sort_keys=False, allow_unicode=True).rstrip()
+        parts.append(f"## Merge configuration\n\n{how}\n\n```yaml\n{config_yaml}\n```")
+    versions = "\n".join(f"- {name}: {version}" for name, version in library_versions().items())
+    parts.append(f"## Framework versions\n\n{versions}")
+    parts.append(f"## Citation\n\n```bibtex\n{MAGMAX_CITATION.strip()}\n```")
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
 
 
 class HubPushError(RuntimeError):
@@ -88,10 +276,22 @@ def parse_model_card(text: str) -> tuple[dict[str, Any], str]:
     return metadata, text[end + 5 :].lstrip("\n")
 
 
-def write_model_card(folder: str | os.PathLike, metadata: dict[str, Any], body: str) -> Path:
-    """Write `README.md` (see [`render_model_card`]) into `folder` and return its path."""
+def write_model_card(folder: str | os.PathLike, metadata: dict[str, Any] | ModelCard, body: str | None = None) -> Path:
+    """Write `README.md` into `folder` and return its path.
+
+    `metadata` is either a card from [`build_model_card`] (then `body` is not given) or a metadata dict with its
+    Markdown `body` (see [`render_model_card`]).
+    """
     path = Path(folder) / "README.md"
-    path.write_text(render_model_card(metadata, body), encoding="utf-8")
+    if isinstance(metadata, Mapping):
+        if body is None:
+            raise TypeError("write_model_card(folder, metadata, body): `body` is missing for a metadata dict.")
+        text = render_model_card(dict(metadata), body)
+    else:
+        if body is not None:
+            raise TypeError("write_model_card(folder, card): a ModelCard already holds its body; drop `body`.")
+        text = str(metadata)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -1,0 +1,138 @@
+"""Start-up of the `hf-magmax` command line: help and argument errors import no torch, errors are one line, exit 2.
+
+Each case runs in a fresh interpreter (a subprocess), because the test process itself has torch loaded. The
+`sys.modules` check happens after `main()` returned, so anything a subcommand imported on the way counts.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_magmax
+
+
+SRC = Path(hf_magmax.__file__).resolve().parents[1]  # the src/ directory this test run imports hf_magmax from
+HEAVY = ("torch", "numpy", "transformers", "safetensors")
+
+# runs main() the way the console script does, then reports the exit code and which heavy modules got imported
+WRAPPER = """\
+import json, sys
+from hf_magmax.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+heavy = [name for name in {heavy!r} if name in sys.modules]
+sys.stdout.write("\\n" + json.dumps({{"code": code, "heavy": heavy, "cli": sys.modules["hf_magmax.cli"].__file__}}))
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
+
+
+def _run_main(*argv: str) -> tuple[dict, str]:
+    result = subprocess.run(
+        [sys.executable, "-c", WRAPPER.format(heavy=HEAVY), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    report = json.loads(result.stdout.rsplit("\n", 1)[-1])
+    assert Path(report["cli"]).resolve().is_relative_to(SRC)
+    return report, result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["merge", "--help"], ["merge-lora", "--help"], ["demo", "--help"], ["--version"], []],
+    ids=lambda argv: " ".join(argv) or "no-args",
+)
+def test_help_imports_no_torch(argv):
+    report, _ = _run_main(*argv)
+    assert report["code"] == 0
+    assert report["heavy"] == [], f"`hf-magmax {' '.join(argv)}` imported {report['heavy']}"
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["merge", "--base", "b", "--models", "m", "--output", "o", "--method", "bogus"], ["--method", "bogus"]),
+        (["merge", "--models", "m1", "m2", "--output", "o"], ["--base"]),
+        (["merge", "--base", "b", "--models", "m", "--output", "o", "--scaling-coef", "big"], ["--scaling-coef"]),
+        (["merge", "no/such/magmax_config.yaml"], ["no/such/magmax_config.yaml"]),
+        (["merge-lora", "--adapters", "a", "--output", "o"], ["--base"]),
+        (["merge-lora", "--base", "b", "--adapters", "a", "--output", "o", "--method", "max"], ["--method", "max"]),
+        (["merge-lora", "--base", "b", "--adapters", "a", "--output", "o", "--private"], ["--private", "--push"]),
+        (["merge-lora", "--base", "b", "--adapters", "a", "--output", "o", "--merged", "--rank", "4"], ["--rank"]),
+        (["demo", "--num-tasks", "3"], ["--num-tasks=3", "1, 2, 5 or 10"]),
+        (["demo", "--epochs", "0"], ["--epochs=0"]),
+        (["demo", "--learning-rate", "-1"], ["--learning-rate"]),
+        (["no-such-command"], ["no-such-command"]),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) and value and value[0][0] != "-" else None,
+)
+def test_argument_errors_are_one_line_exit_2_and_import_no_torch(argv, needles):
+    report, stderr = _run_main(*argv)
+    assert report["code"] == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("hf-magmax") and "error:" in lines[0]
+    for needle in needles:
+        assert needle in lines[0]
+    assert report["heavy"] == [], f"`hf-magmax {' '.join(argv)}` imported {report['heavy']} before failing"
+
+
+def test_help_reads_methods_and_defaults_from_the_merge_core(capsys):
+    from hf_magmax.cli import main
+    from hf_magmax.merging import DEFAULT_SCALING_COEFS, ONLINE_MERGES
+
+    for command in ("merge", "merge-lora"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "{" + ",".join(ONLINE_MERGES) + "}" in text
+        for method, coef in DEFAULT_SCALING_COEFS.items():
+            assert f"{method} {coef:g}" in text
+        density = ONLINE_MERGES["ties"].options["density"]
+        assert re.search(rf"--density DENSITY ties only: [^)]*\(default:? {density}\)", text), text
+
+
+CONSOLE_SCRIPT = shutil.which("hf-magmax")
+# imported by `site` at start-up when its folder is on PYTHONPATH: reports, once the console script has exited,
+# which cli.py it ran and what it imported
+SITECUSTOMIZE = """\
+import atexit, json, os, sys
+
+def _report():
+    cli = sys.modules.get("hf_magmax.cli")
+    heavy = [name for name in {heavy!r} if name in sys.modules]
+    with open(os.environ["HF_MAGMAX_TEST_REPORT"], "w") as f:
+        json.dump({{"cli": cli and cli.__file__, "heavy": heavy}}, f)
+
+atexit.register(_report)
+"""
+
+
+@pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="the hf-magmax console script is not installed")
+@pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"], ["merge", "--method", "bogus"]])
+def test_installed_console_script_imports_no_torch(argv, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE.format(heavy=HEAVY))
+    report_path = tmp_path / "report.json"
+    env = _env(HF_MAGMAX_TEST_REPORT=str(report_path))
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])  # src/ first: the script runs this tree
+    result = subprocess.run([CONSOLE_SCRIPT, *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == (2 if "bogus" in argv else 0), result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["cli"] and Path(report["cli"]).resolve().is_relative_to(SRC), report
+    assert report["heavy"] == [], f"`hf-magmax {' '.join(argv)}` imported {report['heavy']}"

@@ -67,8 +67,13 @@ def test_core_never_imports_extras():
     code += "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hf_magmax.extras'))))"
     assert _fresh(code) == []
     for name in CORE:
-        source = (ROOT / "src" / "hf_magmax" / f"{name}.py").read_text()
-        assert "from .extras" not in source and "hf_magmax.extras" not in source, name
+        module = ROOT / "src" / "hf_magmax" / name
+        files = sorted(module.glob("*.py")) if module.is_dir() else [module.with_suffix(".py")]
+        assert files, name
+        for file in files:
+            source = file.read_text()
+            assert "from .extras" not in source and "from ..extras" not in source, file
+            assert "hf_magmax.extras" not in source, file
 
 
 def test_old_paths_of_heads_and_trace_are_the_extras_modules():

@@ -356,6 +356,8 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
             )
     if config.models:
         raise ValueError(f"`models`{where} is a checkpoint merge: run `hf-magmax merge`, or give `adapters` only.")
+    if config.private and not config.push_to_hub:
+        raise ValueError("--private only applies with --push-to-hub REPO_ID.")
     config.validate(args.config)  # every field checked before torch or peft is imported
     from .peft import run_lora_merge
 

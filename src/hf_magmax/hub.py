@@ -120,7 +120,7 @@ def build_model_card(
     lora: bool = False,
     continual: bool = False,
     tags: Sequence[str] = (),
-    merge_config: Mapping[str, Any] | None = None,
+    merge_config: Mapping[str, Any] | str | None = None,
     config_file: str | None = None,
     rerun_command: str | None = None,
     **metadata: Any,
@@ -154,8 +154,9 @@ def build_model_card(
             Add the `continual-learning` tag (a `MagMaxTrainer` run).
         tags (`Sequence[str]`, *optional*):
             More tags (e.g. the Trainer's `tags` argument), after the hf_magmax ones.
-        merge_config (`Mapping[str, Any]`, *optional*):
-            The merge configuration (what `magmax_config.yaml` holds), embedded as YAML so the merge can be re-run.
+        merge_config (`Mapping[str, Any]` or `str`, *optional*):
+            The merge configuration (what `magmax_config.yaml` holds), embedded as YAML so the merge can be re-run;
+            a string is embedded verbatim (e.g. `MergeConfig.to_yaml()`, the very text of the file).
         config_file (`str`, *optional*):
             The name of the configuration file saved beside the weights (e.g. `"magmax_config.yaml"`).
         rerun_command (`str`, *optional*):
@@ -221,7 +222,10 @@ def build_model_card(
     if merge_config is not None:
         where = f" (also saved beside the weights as `{config_file}`)" if config_file else ""
         how = f"Re-run it with `{rerun_command}`{where}:" if rerun_command else f"The merge configuration{where}:"
-        config_yaml = yaml.safe_dump(dict(merge_config), sort_keys=False, allow_unicode=True).rstrip()
+        if isinstance(merge_config, str):
+            config_yaml = merge_config.rstrip()
+        else:
+            config_yaml = yaml.safe_dump(dict(merge_config), sort_keys=False, allow_unicode=True).rstrip()
         parts.append(f"## Merge configuration\n\n{how}\n\n```yaml\n{config_yaml}\n```")
     versions = "\n".join(f"- {name}: {version}" for name, version in library_versions().items())
     parts.append(f"## Framework versions\n\n{versions}")

@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .deltas import _base_model
 from .loading import check_output_not_input
@@ -75,22 +75,17 @@ def lora_merge_config(
     )
 
 
-def _model_card(result: LoraMergeResult, config: MergeConfig) -> tuple[dict[str, Any], str]:
-    from ..hub import MAGMAX_CITATION
+def _model_card(result: LoraMergeResult, config: MergeConfig):
+    """The card of a LoRA merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
+    from ..hub import build_model_card
 
     base = config.base
     model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
     adapter_output = result.lora_output == "adapter"
-    metadata: dict[str, Any] = {
-        "library_name": "peft" if adapter_output else "transformers",
-        "tags": ["merge", "magmax", "hf_magmax", "lora"] + ([result.method] if result.method != "magmax" else []),
-    }
     hub_base = _hub_id(base)
-    if hub_base:  # a Hub id: the Hub links the card to its base model (a local path is never published)
-        metadata["base_model"] = hub_base
-        metadata["base_model_relation"] = "adapter" if adapter_output else "merge"
     base_name = hub_base or (Path(base).name if base else "the base model")
     adapters = "\n".join(f"| {i + 1} | `{a}` |" for i, a in enumerate(result.adapters))
+    sections = {}
     if adapter_output:
         ranks = sorted(set(result.adapter.ranks.values())) or [0]
         worst = sorted(result.errors.items(), key=lambda kv: -kv[1])[:10]
@@ -106,11 +101,11 @@ def _model_card(result: LoraMergeResult, config: MergeConfig) -> tuple[dict[str,
             f'base = {model_class}.from_pretrained("{hub_base or "<the base model>"}")\n'
             'model = PeftModel.from_pretrained(base, "<this repo or directory>")\n```'
         )
-        errors = (
-            f"\n\n## Reconstruction error\n\nOverall relative error ‖λΔW_sel − BA‖_F / ‖λΔW_sel‖_F: "
-            f"**{result.overall_error:.4g}** over {len(result.errors)} module(s) "
-            f"({len(result.adapter.peft_config.modules_to_save or [])} module(s) saved in full as `modules_to_save`)."
-            f"\n\n| module (largest errors first) | rank | relative error |\n|---|---|---|\n{rows}"
+        sections["Reconstruction error"] = (
+            f"Overall relative error ‖λΔW_sel − BA‖_F / ‖λΔW_sel‖_F: **{result.overall_error:.4g}** over "
+            f"{len(result.errors)} module(s) ({len(result.adapter.peft_config.modules_to_save or [])} module(s) saved "
+            f"in full as `modules_to_save`).\n\n| module (largest errors first) | rank | relative error |\n"
+            f"|---|---|---|\n{rows}"
         )
     else:
         what = (
@@ -122,42 +117,27 @@ def _model_card(result: LoraMergeResult, config: MergeConfig) -> tuple[dict[str,
             f"```python\nfrom transformers import {model_class}\n\n"
             f'model = {model_class}.from_pretrained("<this repo or directory>")\n```'
         )
-        errors = ""
     describe = result.spec.describe() if result.spec is not None else result.method
     rank_note = ""
     if adapter_output:
         rank_note = f" (rank: {result.rank if result.rank is not None else 'per module, the sum of the input ranks'})"
-    body = f"""# MagMax LoRA merge
-
-{what}
-
-- **method:** `{result.method}` ({describe})
-- **scaling coefficient λ:** {result.scaling_coef:g}
-- **output:** {result.lora_output}{rank_note}
-
-| task | adapter |
-|---|---|
-{adapters}{errors}
-
-## Usage
-
-{usage}
-
-## Merge configuration
-
-Re-run with `hf-magmax merge-lora {LORA_MERGE_CONFIG_NAME}` (flags override its fields):
-
-```yaml
-{config.to_yaml().strip()}
-```
-
-## Citation
-
-```bibtex
-{MAGMAX_CITATION.strip()}
-```
-"""
-    return metadata, body
+    details = (
+        f"- **method:** `{result.method}` ({describe})\n- **scaling coefficient λ:** {result.scaling_coef:g}\n"
+        f"- **output:** {result.lora_output}{rank_note}\n\n| task | adapter |\n|---|---|\n{adapters}"
+    )
+    return build_model_card(
+        "MagMax LoRA merge",
+        what,
+        {"Merge details": details, **sections, "Usage": usage},
+        base_model=hub_base,
+        base_model_relation="adapter" if adapter_output else "merge",
+        library_name="peft" if adapter_output else "transformers",
+        method=result.method,
+        lora=True,
+        merge_config=config.to_yaml(),
+        config_file=LORA_MERGE_CONFIG_NAME,
+        rerun_command=f"hf-magmax merge-lora {LORA_MERGE_CONFIG_NAME}",
+    )
 
 
 def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
@@ -213,8 +193,7 @@ def save_lora_merge(
                     if source.name not in _BASE_FILES_SKIPPED and not (staging / source.name).exists():
                         shutil.copy2(source, staging / source.name)
         (staging / LORA_MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
-        metadata, body = _model_card(result, config)
-        write_model_card(staging, metadata, body)
+        write_model_card(staging, _model_card(result, config))
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.lora_output, output)
     return str(output)
 

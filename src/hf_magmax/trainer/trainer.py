@@ -501,53 +501,57 @@ def _lora_rank(peft_model: nn.Module) -> int:
 def _model_card(
     run: ContinualRun, model: nn.Module, args: Any, extra_tags: Sequence[str] = (), **metadata: Any
 ) -> str:
-    from ..hub import MAGMAX_CITATION, render_model_card
+    """The card of a continual run, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
+    from ..hub import build_model_card
     from ..metrics import format_matrix
 
     summary = run.summary()
-    tags = ["magmax", "merge", "continual-learning", *[t for t in extra_tags if t]]
-    card_metadata: dict[str, Any] = {
-        "library_name": "peft" if run.lora and is_peft_model(unwrap(model)) else "transformers"
-    }
-    card_metadata["tags"] = list(dict.fromkeys(tags))
     base = metadata.get("finetuned_from") or getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
-    if base:
-        card_metadata["base_model"] = base
-    for key in ("language", "license"):
-        if metadata.get(key):
-            card_metadata[key] = metadata[key]
     title = metadata.get("model_name") or os.path.basename(os.path.normpath(args.output_dir))
-    lines = [f"# {title}", ""]
-    lines.append(
+    intro = (
         f"Fine-tuned sequentially on {len(run.task_names)} task(s) with hf_magmax's `MagMaxTrainer` and merged "
         f"with **{summary['method']}** (scaling coefficient λ = {summary['scaling_coef']:g}"
         + (", chosen on validation data" if run.spec.is_auto else "")
         + f"). This checkpoint holds the **{summary['final_model']}** model."
     )
-    lines += ["", "## Tasks", ""] + [f"{i + 1}. {n}" for i, n in enumerate(run.task_names)]
-    lines += ["", "## Merge", "", "```yaml", f"merge_method: {summary['method']}"]
-    for key, value in summary["method_kwargs"].items():
-        lines.append(f"{key}: {value}")
-    lines.append(f"scaling_coef: {summary['scaling_coef']:g}")
+    sections: dict[str, str] = {"Tasks": "\n".join(f"{i + 1}. {n}" for i, n in enumerate(run.task_names))}
+    merge = [f"merge_method: {summary['method']}"]
+    merge += [f"{key}: {value}" for key, value in summary["method_kwargs"].items()]
+    merge.append(f"scaling_coef: {summary['scaling_coef']:g}")
     if run.spec.is_auto:
-        lines.append(f"scaling_coef_grid: {summary['scaling_coef_grid']}")
-    lines.append(f"final_model: {summary['final_model']}")
-    lines.append("```")
+        merge.append(f"scaling_coef_grid: {summary['scaling_coef_grid']}")
+    merge.append(f"final_model: {summary['final_model']}")
+    sections["Merge"] = "```yaml\n" + "\n".join(merge) + "\n```"
     if summary["scaling_coef_search"]:
         last = summary["scaling_coef_search"][-1]
-        lines += ["", "## Scaling coefficient (validation)", "", "| λ | validation score |", "|---:|---:|"]
-        lines += [f"| {c:g} | {s:.4f} |" for c, s in last["curve"]]
+        rows = [f"| {c:g} | {s:.4f} |" for c, s in last["curve"]]
+        sections["Scaling coefficient (validation)"] = "\n".join(["| λ | validation score |", "|---:|---:|", *rows])
     if run.eval_datasets and run.num_tasks_done == len(run.task_names):
         percent = summary["metric"] == "accuracy"
         for kind, label in (("sequential", "Sequential fine-tuning"), ("merged", f"Merged ({summary['method']})")):
             matrix = summary[kind]["matrix"]
             if all(v is not None for row in matrix for v in row):
-                lines += ["", f"## {label}: {summary['metric']} matrix", ""]
-                lines.append(format_matrix(matrix, run.task_names, percent=percent))
-        lines += ["", "## Summary", "", "| metric | sequential | merged |", "|---|---:|---:|"]
+                sections[f"{label}: {summary['metric']} matrix"] = format_matrix(
+                    matrix, run.task_names, percent=percent
+                )
+        rows = ["| metric | sequential | merged |", "|---|---:|---:|"]
         seq, merged = summary["sequential"]["metrics"], summary["merged"]["metrics"]
         for key in seq:
             m = merged.get(key)
-            lines.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
-    lines += ["", "## Citation", "", "```bibtex", MAGMAX_CITATION.strip(), "```"]
-    return render_model_card(card_metadata, "\n".join(lines))
+            rows.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
+        sections["Summary"] = "\n".join(rows)
+    card = build_model_card(
+        title,
+        intro,
+        sections,
+        base_model=base,
+        base_model_relation="finetune",
+        library_name="peft" if run.lora and is_peft_model(unwrap(model)) else "transformers",
+        method=summary["method"],
+        lora=run.lora,
+        continual=True,
+        tags=[t for t in extra_tags if t],
+        language=metadata.get("language") or None,
+        license=metadata.get("license") or None,
+    )
+    return str(card)

@@ -243,7 +243,7 @@ def test_model_card_and_config_yaml(llama, tmp_path):
         base, models, tmp_path / "out", method="ties", density=0.5, scaling_coef=0.8, show_progress=False
     )
     metadata, body = parse_model_card((out / "README.md").read_text())
-    assert metadata["base_model"] == base
+    assert "base_model" not in metadata  # a local path is never a card's base_model (it would be pushed)
     assert metadata["library_name"] == "transformers"
     assert {"merge", "magmax", "ties"} <= set(metadata["tags"])
     config = yaml.safe_load((out / MERGE_CONFIG_NAME).read_text())
@@ -253,22 +253,43 @@ def test_model_card_and_config_yaml(llama, tmp_path):
         "method": "ties",
         "scaling_coef": 0.8,
         "density": 0.5,
+        "output_dir": str(tmp_path / "out"),
+        "max_shard_size": "5GB",
+        "strict_config": True,
+        "extra_tensors": "error",
         "dtype": None,
         "device": "cpu",
-        "max_shard_size": "5GB",
-        "output": str(tmp_path / "out"),
+        "allow_non_finite": False,
     }
     card_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(card_yaml) == config
     assert "MagMax: Leveraging Model Merging for Seamless Continual Learning" in body
     assert "2407.06322" in body and "Marczak" in body and "ECCV" in body
     assert "hf_magmax 0." in body and "0.8" in body and all(m in body for m in models)
-    assert load_merge_config(out / MERGE_CONFIG_NAME) == config
+    kwargs = load_merge_config(out / MERGE_CONFIG_NAME)
+    assert kwargs == {"base": base, "models": models, "method": "ties", "scaling_coef": 0.8, "density": 0.5,
+                      "output_dir": str(tmp_path / "out")}  # fmt: skip
     # re-running the recorded configuration reproduces the weights
-    again = dict(config, output=str(tmp_path / "again"))
-    again_out = merge_checkpoints(output_dir=again.pop("output"), show_progress=False, **again)
+    again_out = merge_checkpoints(**dict(kwargs, output_dir=str(tmp_path / "again")), show_progress=False)
     first, second = load_dir(out), load_dir(again_out)
-    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_default_scaling_coef_is_recorded_as_null_and_old_files_still_load(llama, tmp_path):
+    base, models = llama
+    out = merge_checkpoints(base, models[:2], tmp_path / "out", show_progress=False)
+    text = (out / MERGE_CONFIG_NAME).read_text()
+    assert "scaling_coef: null" in text and yaml.safe_load(text)["scaling_coef"] is None
+    # a file of the old schema (`output` was the directory, options of other methods recorded)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"base": base, "models": models, "method": "magmax", "scaling_coef": 0.5,
+                                   "dtype": None, "device": "cpu", "max_shard_size": "5GB", "output": "x"}))  # fmt: skip
+    kwargs = load_merge_config(old)
+    assert kwargs == {"base": base, "models": models, "scaling_coef": 0.5, "output_dir": "x"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: b\nmodels: [m]\noutput_dir: o\noverwrite: 'false'\n")
+    with pytest.raises(ValueError, match=f"`overwrite` in {bad} must be true or false"):
+        load_merge_config(bad)
 
 
 def test_overwrite_replaces_atomically(llama, tmp_path):
@@ -290,10 +311,10 @@ def test_overwrite_replaces_atomically(llama, tmp_path):
 
 
 def test_ctrl_c_leaves_nothing(llama, tmp_path, monkeypatch):
-    import hf_magmax.merging
+    from hf_magmax.merging import MergeSpec
 
     base, models = llama
-    real = hf_magmax.merging.make_online_merge
+    real = MergeSpec.accumulator
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -302,7 +323,7 @@ def test_ctrl_c_leaves_nothing(llama, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf_magmax.merging, "make_online_merge", interrupted)
+    monkeypatch.setattr(MergeSpec, "accumulator", interrupted)
     output = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         merge_checkpoints(base, models, output, show_progress=False)

@@ -58,19 +58,22 @@ def tiny_model(kind: str, tie: bool = False):
     raise ValueError(kind)
 
 
-def make_family(root: Path, kind: str = "llama", num_tasks: int = 3, tie: bool = False, **save_kwargs):
-    """Save a base model and `num_tasks` fine-tunes (base + seeded noise per task) under `root`."""
+def make_family(root: Path, kind: str = "llama", num_tasks: int = 3, tie: bool = False, dtype=None, **save_kwargs):
+    """Save a base model and `num_tasks` fine-tunes (base + seeded noise per task) under `root` (in `dtype`, e.g.
+    `torch.bfloat16`, when given)."""
     torch.manual_seed(0)
     base = tiny_model(kind, tie=tie)
-    base.save_pretrained(root / "base", **save_kwargs)
+    (base if dtype is None else base.to(dtype)).save_pretrained(root / "base", **save_kwargs)
     tasks = []
     for t in range(num_tasks):
         model = tiny_model(kind, tie=tie)
+        if dtype is not None:
+            model.to(dtype)
         model.load_state_dict(base.state_dict())
         generator = torch.Generator().manual_seed(100 + t)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+                p.add_((torch.randn(p.shape, generator=generator) * 0.02).to(p.dtype))
         model.save_pretrained(root / f"task{t}", **save_kwargs)
         tasks.append(str(root / f"task{t}"))
     return str(root / "base"), tasks

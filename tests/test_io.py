@@ -12,7 +12,7 @@ import torch
 from builders import leftovers, load_dir, make_synthetic_family
 from safetensors.torch import save_file
 
-from hf_magmax import io, merge_checkpoints
+from hf_magmax import merge_checkpoints
 from hf_magmax.cli import main
 from hf_magmax.io import (
     CheckpointReader,
@@ -22,6 +22,7 @@ from hf_magmax.io import (
     remove_stale_staging_dirs,
     staged_output_dir,
 )
+from hf_magmax.io import output as io_output
 
 
 @pytest.fixture
@@ -36,9 +37,9 @@ def family(tmp_path):
 
 def _refused(base, models, output, match, **kwargs):
     calls = []
-    real = io.CheckpointReader.read_tensor_table
+    real = CheckpointReader.read_tensor_table
     with pytest.MonkeyPatch.context() as patch:  # "before any work": no tensor table is even read
-        patch.setattr(io.CheckpointReader, "read_tensor_table", lambda self: calls.append(self) or real(self))
+        patch.setattr(CheckpointReader, "read_tensor_table", lambda self: calls.append(self) or real(self))
         with pytest.raises(ValueError, match=match):
             merge_checkpoints(base, models, output, show_progress=False, **kwargs)
     assert calls == []
@@ -155,8 +156,8 @@ def test_overwrite_commit_has_no_window_where_the_output_is_missing(tmp_path, mo
     def no_replace(src, dst):
         raise AssertionError(f"os.replace({src}, {dst}): the exchange should have been atomic")
 
-    monkeypatch.setattr(io.shutil, "rmtree", rmtree)
-    monkeypatch.setattr(io.os, "replace", no_replace)
+    monkeypatch.setattr(io_output.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(io_output.os, "replace", no_replace)
     with staged_output_dir(output, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert (output / "new.txt").read_text() == "new" and not (output / "old.txt").exists()
@@ -168,7 +169,7 @@ def test_overwrite_commit_falls_back_to_two_renames(tmp_path, monkeypatch):
     output = tmp_path / "out"
     output.mkdir()
     (output / "old.txt").write_text("old")
-    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(io_output, "_exchange", lambda a, b: False)
     with staged_output_dir(output, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in output.iterdir()) == ["new.txt"] and leftovers(output) == ["out"]

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,10 @@ from .io import (
     copy_non_weight_files,
     expand_path,
     is_hub_id,
-    model_class_for,
     parse_size,
     staged_output_dir,
 )
+from .io.matching import TensorPlan, compare_configs, plan_tensors
 from .merging import MergeSpec, apply_merged
 
 
@@ -89,40 +89,6 @@ MERGE_CONFIG_FIELDS: tuple[str, ...] = (
 #: Files of the base that are regenerated, never copied.
 _REGENERATED = {SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, "README.md", MERGE_CONFIG_NAME}
 
-#: config keys that legitimately differ between a base model and its fine-tunes (never warned about).
-_BENIGN_CONFIG_KEYS = {
-    "_name_or_path",
-    "_commit_hash",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "architectures",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "finetuning_task",
-    "task_specific_params",
-    "use_cache",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "sep_token_id",
-}
-#: Words of a config key that make it define the architecture or the tensor shapes (refused when they differ).
-_ARCHITECTURE_WORDS = {
-    "size", "dim", "num", "n", "layers", "layer", "heads", "head", "experts", "expert", "vocab", "positions",
-    "position", "eps", "act", "rope", "embd", "window", "kv", "tie", "cross", "decoder", "encoder", "groups",
-}  # fmt: skip
-#: transformers' legacy renames of LayerNorm parameters (`conversion_mapping.py`, "legacy"), applied on load.
-_LEGACY_NAMES = (
-    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
-    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
-)
 # 4 MiB of fp32 per block: big enough for torch to use every core and to amortise the per-op overhead (on the 2-core
 # benchmark machine, 1M-element blocks merged 1.75x faster than 32k-element ones), small enough to stay a few MiB.
 _CHUNK_ELEMENTS = 1 << 20
@@ -365,24 +331,12 @@ def _local_inputs(names: Sequence[str]) -> dict[str, Path]:
 
 
 @dataclass
-class _TensorPlan:
-    """One output tensor: where its inputs are and how it is made."""
-
-    name: str  # in the output
-    dtype: str  # output dtype
-    shape: tuple[int, ...]
-    kind: str  # "merge" (θ_0 + λ·merge), "base" (an integer/bool buffer of θ_0), "last" (only the models have it)
-    base: str | None = None  # name in θ_0
-    sources: list[str] = field(default_factory=list)  # name in each model ("merge"); in the last model ("last")
-
-
-@dataclass
 class _Inputs:
     """The checked inputs of a merge: the checkpoints, the plan of every output tensor, whose layout the output has."""
 
     base: CheckpointReader
     models: list[CheckpointReader]
-    tensors: dict[str, _TensorPlan]
+    tensors: dict[str, TensorPlan]
     layout: CheckpointReader  # the base, or the last model when it brings extra tensors
 
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -398,7 +352,7 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     checkpoints = [CheckpointReader.open(name, token=token, weights=False) for name in [config.base, *config.models]]
     base, models = checkpoints[0], checkpoints[1:]
     for model in models:
-        _compare_configs(base, model, config.strict_config)
+        compare_configs(base, model, config.strict_config)
     remote = [c for c in checkpoints if not c.is_local]
     for checkpoint in checkpoints:
         if checkpoint in remote and checkpoint.read_remote_tensor_table(token):
@@ -414,225 +368,9 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     return _plan_tensors(base, models, config)
 
 
-def _config_dict(checkpoint: CheckpointReader) -> dict[str, Any]:
-    """The config as transformers reads it (every default filled in), else the raw `config.json`."""
-    try:
-        import transformers
-
-        return transformers.AutoConfig.from_pretrained(str(checkpoint.path)).to_dict()
-    except Exception as err:  # a model type this transformers does not know, remote code, ...
-        logger.debug("AutoConfig could not read %s (%s): comparing raw config.json", checkpoint.name, err)
-        return dict(checkpoint.config or {})
-
-
-def _is_architecture_key(key: str) -> bool:
-    return bool(set(key.lower().split("_")) & _ARCHITECTURE_WORDS)
-
-
-def _compare_configs(base: CheckpointReader, model: CheckpointReader, strict: bool) -> None:
-    if base.config is None or model.config is None:
-        if (base.config is None) != (model.config is None):
-            logger.warning(
-                "only one of %s and %s has a config.json: cannot check that they are the same architecture.",
-                base.name,
-                model.name,
-            )
-        return
-    base_type, model_type = base.config.get("model_type"), model.config.get("model_type")
-    if base_type != model_type:
-        raise ValueError(
-            f"model {model.name!r} is of another architecture: model_type {model_type!r} in "
-            f"{model.path / 'config.json'} but {base_type!r} in the base {base.path / 'config.json'}. Only fine-tunes "
-            "of the base model can be merged."
-        )
-    base_config, model_config = _config_dict(base), _config_dict(model)
-    differing = [
-        key
-        for key in sorted(set(base_config) | set(model_config))
-        if key not in _BENIGN_CONFIG_KEYS and "dropout" not in key and base_config.get(key) != model_config.get(key)
-    ]
-    architecture = [key for key in differing if _is_architecture_key(key)]
-    other = [key for key in differing if key not in architecture]
-    if other:
-        logger.warning(
-            "model %r has another config than the base in %s (not fields of the architecture: merged anyway)",
-            model.name,
-            ", ".join(f"`{key}` ({model_config.get(key)!r} vs {base_config.get(key)!r})" for key in other[:6]),
-        )
-    if architecture:
-        key = architecture[0]
-        message = (
-            f"model {model.name!r} has another config than the base: `{key}` is {model_config.get(key)!r} in "
-            f"{model.path / 'config.json'} but {base_config.get(key)!r} in {base.path / 'config.json'}"
-            + (f" (and {len(architecture) - 1} more: {', '.join(architecture[1:6])})" if len(architecture) > 1 else "")
-        )
-        if strict:
-            raise ValueError(
-                message + ". If the difference is harmless, pass `strict_config=False` (--no-strict-config)."
-            )
-        logger.warning(message)
-
-
-def _model_class(checkpoints: Sequence[CheckpointReader]):
-    """The transformers class of the first checkpoint whose config names one (for the prefix and tied weights)."""
-    import transformers
-
-    for checkpoint in checkpoints:
-        config = checkpoint.config or {}
-        cls = model_class_for(transformers.PretrainedConfig(architectures=config.get("architectures") or []))
-        if cls is not None:
-            return cls, checkpoint
-    return None, None
-
-
-def _tied_weights(checkpoints: Sequence[CheckpointReader]) -> dict[str, str]:
-    """Tied parameter names (both directions), from a meta-device instance of the base's architecture."""
-    try:
-        import torch
-        import transformers
-
-        model_class, checkpoint = _model_class(checkpoints)
-        if model_class is None:
-            return {}
-        with torch.device("meta"):
-            model = model_class(transformers.AutoConfig.from_pretrained(str(checkpoint.path)))
-        tied = dict(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})
-    except Exception as err:
-        logger.debug("could not determine the tied weights: %s", err)
-        return {}
-    pairs = {str(target): str(source) for target, source in tied.items() if isinstance(source, str)}
-    return {**pairs, **{source: target for target, source in pairs.items()}}
-
-
-def _base_model_prefix(checkpoints: Sequence[CheckpointReader]) -> str:
-    try:
-        model_class, _ = _model_class(checkpoints)
-    except Exception as err:  # transformers missing or broken: no prefix mapping
-        logger.debug("no model class for the prefix mapping: %s", err)
-        return ""
-    return getattr(model_class, "base_model_prefix", "") or ""
-
-
-def _canonical(name: str, prefix: str) -> str:
-    if prefix and name.startswith(prefix + "."):
-        name = name[len(prefix) + 1 :]
-    for pattern, replacement in _LEGACY_NAMES:
-        name = pattern.sub(replacement, name)
-    return name
-
-
-def _canonical_names(checkpoint: CheckpointReader, prefix: str) -> dict[str, str]:
-    """canonical name (prefix stripped, legacy names renamed) → name in the checkpoint."""
-    names: dict[str, str] = {}
-    for name in checkpoint.tensors:
-        key = _canonical(name, prefix)
-        if key in names:
-            raise ValueError(
-                f"model {checkpoint.name!r} holds both {names[key]!r} and {name!r}, which are the same parameter: "
-                "re-save it with `save_pretrained`."
-            )
-        names[key] = name
-    return names
-
-
 def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> _Inputs:
-    """Match every tensor of every model to the base's; raise naming the first missing/extra/mismatched tensor."""
-    same = all(set(model.tensors) == set(base.tensors) for model in models)
-    prefix = "" if same else _base_model_prefix([base, *models])
-    tied = {} if same else _tied_weights([base, *models])
-    tied = {_canonical(k, prefix): _canonical(v, prefix) for k, v in tied.items()}
-    base_names = _canonical_names(base, prefix)
-    model_names = [_canonical_names(model, prefix) for model in models]
-    extras: dict[str, tuple[CheckpointReader, str]] = {}  # canonical name -> the first model that has it, its name
-    sources: dict[str, list[str]] = {key: [] for key in base_names}
-    for model, names in zip(models, model_names):
-        for key, base_name in base_names.items():
-            want = base.tensors[base_name]
-            partner = tied.get(key)
-            if key in names:
-                source = names[key]
-            elif partner is not None and partner in names:
-                source = names[partner]  # the model stores only the other member of a tied pair
-            elif not want.is_floating:
-                continue  # an integer/bool buffer only the base stores (`position_ids`): taken from the base anyway
-            else:
-                files = ", ".join(str(f) for f in model.weight_files()[:3])
-                raise KeyError(
-                    f"model {model.name!r} lacks tensor {base_name!r} of the base model (read from {files}): the "
-                    "models must be fine-tunes of the same architecture."
-                )
-            got = model.tensors[source]
-            if want.shape != got.shape:
-                raise ValueError(
-                    f"shape mismatch for tensor {base_name!r}: {list(got.shape)} in model {model.name!r} ({got.file}) "
-                    f"but {list(want.shape)} in the base model ({want.file})."
-                )
-            if want.is_floating != got.is_floating:
-                raise ValueError(
-                    f"tensor {base_name!r} is {got.dtype} in model {model.name!r} ({got.file}) but {want.dtype} in "
-                    "the base model: floating and integer tensors cannot be merged."
-                )
-            sources[key].append(source)
-        for key, name in names.items():
-            if key in base_names or (tied.get(key) in base_names):
-                continue  # a tied copy the base does not store; transformers re-ties it on load
-            if model.tensors[name].is_floating:
-                extras.setdefault(key, (model, name))
-            else:
-                logger.warning("model %r has integer tensor %r that the base lacks: not written", model.name, name)
-    layout = _check_extras(extras, base, models, model_names[-1], config.extra_tensors)
-    return _Inputs(base, models, _tensor_plans(base, base_names, sources, layout, extras, prefix, config), layout)
-
-
-def _check_extras(extras, base, models, last_names, extra_tensors) -> CheckpointReader:
-    """The checkpoint whose layout the output follows: the base, or the last model when its extra tensors are taken."""
-    if not extras:
-        return base
-    model, name = next(iter(extras.values()))
-    if extra_tensors == "error":
-        others = [n for _, n in list(extras.values())[1:6]]
-        more = f" (and {len(extras) - 1} more: {', '.join(others)})" if len(extras) > 1 else ""
-        raise KeyError(
-            f"model {model.name!r} has tensor {name!r} (in {model.tensors[name].file}){more} that the base model "
-            f"{base.name!r} lacks: a new head? Pass `extra_tensors='last'` (--extra-tensors last) to take such "
-            "tensors from the last model, or merge fine-tunes of the same architecture."
-        )
-    missing = sorted(k for k in extras if k not in last_names)
-    if missing:
-        raise KeyError(
-            f"tensor {extras[missing[0]][1]!r} of model {extras[missing[0]][0].name!r} is in neither the base nor the last model "
-            f"{models[-1].name!r}: with `extra_tensors='last'` the extra tensors are taken from the last model."
-        )
-    return models[-1]
-
-
-def _tensor_plans(base, base_names, sources, layout, extras, prefix, config) -> dict[str, _TensorPlan]:
-    layout_names = base_names if layout is base else _canonical_names(layout, prefix)
-    layout_prefixed = bool(prefix) and any(name.startswith(prefix + ".") for name in layout.tensors)
-
-    def output_name(key: str) -> str:
-        if key in layout_names:
-            prefixed = bool(prefix) and layout_names[key].startswith(prefix + ".")
-        else:
-            prefixed = layout_prefixed
-        return f"{prefix}.{key}" if prefixed else key
-
-    def output_dtype(dtype: str, floating: bool) -> str:
-        return config.dtype if (config.dtype is not None and floating) else dtype
-
-    plans: dict[str, _TensorPlan] = {}
-    for key, base_name in base_names.items():
-        info = base.tensors[base_name]
-        kind = "merge" if info.is_floating else "base"
-        plan = _TensorPlan(output_name(key), output_dtype(info.dtype, info.is_floating), info.shape, kind, base_name)
-        plan.sources = sources[key] if kind == "merge" else []
-        plans[plan.name] = plan
-    for key in extras:
-        source = layout_names[key]
-        info = layout.tensors[source]
-        plan = _TensorPlan(output_name(key), output_dtype(info.dtype, True), info.shape, "last", None, [source])
-        plans[plan.name] = plan
-    return plans
+    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype)
+    return _Inputs(base, models, plans, layout)
 
 
 def _search_scaling_coef(inputs: _Inputs, spec: MergeSpec, score_fn, grid, device: str):
@@ -689,7 +427,7 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-def _merged_blocks(plan: _TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device: str, allow_non_finite: bool):
+def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device: str, allow_non_finite: bool):
     """The output tensor `plan`, block by block, in its output dtype."""
     import torch
 

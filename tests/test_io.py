@@ -257,3 +257,21 @@ def test_unknown_user_home_is_one_line(family, tmp_path, capsys):
     assert main(["merge", "--base", base, "--models", "~nouser-hf-magmax/x", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "~nouser-hf-magmax/x" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_signal_turned_into_another_error_by_library_code_is_still_a_termination():
+    import signal
+
+    from hf_magmax.io import Terminated, terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as caught:
+        with terminate_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type") from None  # as torch may do
+    assert caught.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # restored

@@ -163,16 +163,16 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from .checkpoints import MERGE_CONFIG_FIELDS, merge_checkpoints, merge_checkpoints_kwargs
     from .config import MergeConfig
+    from .hub import HubPushError
 
     config = MergeConfig.from_yaml(args.config) if args.config else MergeConfig()
     if config.adapters:
         raise ValueError(f"{args.config} merges LoRA `adapters`: run it with `hf-magmax merge-lora`.")
-    fields = ("base", "models", "method", "scaling_coef", "density", "seed", "dtype", "device", "max_shard_size")
-    fields += ("output_dir", "overwrite", "allow_non_finite", "strict_config", "extra_tensors", "push_to_hub")
     if args.method is not None and args.method != config.method:  # the options of the file's method do not carry over
         config.density = config.seed = None
-    config = config.replace(**{key: getattr(args, key) for key in (*fields, "private")})
+    config = config.replace(**{key: getattr(args, key) for key in MERGE_CONFIG_FIELDS})  # flags override the file
     where = f" (or in {args.config})" if args.config else ""
     for key, flag in (("base", "--base"), ("models", "--models"), ("output_dir", "--output-dir")):
         if getattr(config, key) in (None, "", []):
@@ -180,10 +180,6 @@ def _run_merge(args: argparse.Namespace) -> int:
     if config.private and not config.push_to_hub:
         raise ValueError("--private only applies with --push-to-hub REPO_ID.")
     config.validate(source=args.config)
-
-    from .checkpoints import merge_checkpoints, merge_checkpoints_kwargs
-    from .hub import HubPushError
-
     try:
         path = merge_checkpoints(show_progress=not args.no_progress, **merge_checkpoints_kwargs(config))
     except HubPushError as err:

@@ -42,19 +42,33 @@ _TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise [`Terminated`] (a `KeyboardInterrupt`), so that the cleanup that
-    Ctrl-C runs also runs for them. Installed only in the main thread (Python delivers signals there), and the previous
-    handlers are restored after."""
+    """Within the block, SIGTERM and SIGHUP (and Ctrl-C, SIGINT, unless it is ignored) raise [`Terminated`], a
+    `KeyboardInterrupt`, so that the cleanup that Ctrl-C runs also runs for them.
+
+    Python runs the handler between two bytecodes, possibly inside library code (torch, safetensors) that turns the
+    exception into another error; so whatever leaves the block after a signal arrived is re-raised as [`Terminated`]
+    (the CLI then exits with 128 + the signal number, not with a misleading message). Installed only in the main
+    thread (Python delivers signals there); the previous handlers are restored after.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
         raise Terminated(signum)
 
-    previous = {signum: signal.signal(signum, handler) for signum in _TERMINATING}
+    signals = list(_TERMINATING)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signals.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield
+    except BaseException as err:
+        if received and not isinstance(err, Terminated):
+            raise Terminated(received[0]) from err
+        raise
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)

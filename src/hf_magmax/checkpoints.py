@@ -443,12 +443,13 @@ def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device
         _check_finite(tensor, allow_non_finite, plan.sources[0], model)
         yield tensor.to(dtype)
         return
-    base_view = inputs.base.get(plan.base)
-    views = [model.get(source) for model, source in zip(inputs.models, plan.sources)]
+    # lazily sliced views of the inputs: only the rows of the current block are read from disk
+    base_view = inputs.base.rows(plan.base)
+    views = [model.rows(source) for model, source in zip(inputs.models, plan.sources)]
     stats = None
     if spec.merge_class.needs_tensor_stats:  # ties: each whole task vector's trim threshold, one τ_t at a time
-        theta_0 = base_view.to(device)
-        stats = [spec.tensor_stat(subtract(view, theta_0, device=device)) for view in views]
+        theta_0 = base_view[...].to(device)
+        stats = [spec.tensor_stat(subtract(view[...], theta_0, device=device)) for view in views]
         del theta_0
     for block, offset in _row_blocks(plan.shape):
         theta_0 = base_view[block].to(device)

@@ -315,6 +315,17 @@ class CheckpointReader:
             return handle.get_tensor(name)
         return handle[name]
 
+    def rows(self, name: str):
+        """One tensor as a lazily sliced view: `view[a:b]` reads only rows `a:b` from the file (safetensors'
+        `get_slice`; the memory-mapped tensor for `.bin`), `view[...]` the whole tensor."""
+        file = self.tensors[name].file
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = self._open(file)
+        if self.fmt == "safetensors":
+            return handle.get_slice(name)
+        return handle[name]
+
     def _open(self, file: Path):
         if self.fmt == "safetensors":
             from safetensors import safe_open

@@ -180,7 +180,7 @@ def read_config(path: Path) -> dict | None:
 class CheckpointReader:
     """One input checkpoint: its location, config and tensor table (name → file/dtype/shape), read without weights.
 
-    Tensors are read lazily ([`get`]: a view of the memory-mapped file) after [`read_tensor_table`] (local files) or
+    Tensors are read on demand ([`get`]: a whole tensor, [`rows`]: only the rows sliced) after [`read_tensor_table`] (local files) or
     [`read_remote_tensor_table`] (a Hub repo's headers over HTTP ranges).
 
     Args:
@@ -305,8 +305,8 @@ class CheckpointReader:
         return True
 
     def get(self, name: str):
-        """One tensor, as a lazy view of the memory-mapped file (`safe_open`, or `torch.load(mmap=True)`): bytes are
-        read when used. Never write into it."""
+        """One whole tensor (read from the memory-mapped file; for `.bin` a view of it: never write into it). For
+        block-wise reading use [`rows`]."""
         file = self.tensors[name].file
         handle = self._handles.get(file)
         if handle is None:

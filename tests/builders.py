@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_magmax import TaskVector, merge_task_vectors
@@ -58,22 +58,46 @@ def tiny_model(kind: str, tie: bool = False):
     raise ValueError(kind)
 
 
-def make_family(root: Path, kind: str = "llama", num_tasks: int = 3, tie: bool = False, **save_kwargs):
-    """Save a base model and `num_tasks` fine-tunes (base + seeded noise per task) under `root`."""
+def make_family(root: Path, kind: str = "llama", num_tasks: int = 3, tie: bool = False, dtype=None, **save_kwargs):
+    """Save a base model and `num_tasks` fine-tunes (base + seeded noise per task) under `root` (in `dtype`, e.g.
+    `torch.bfloat16`, when given)."""
     torch.manual_seed(0)
     base = tiny_model(kind, tie=tie)
-    base.save_pretrained(root / "base", **save_kwargs)
+    (base if dtype is None else base.to(dtype)).save_pretrained(root / "base", **save_kwargs)
     tasks = []
     for t in range(num_tasks):
         model = tiny_model(kind, tie=tie)
+        if dtype is not None:
+            model.to(dtype)
         model.load_state_dict(base.state_dict())
         generator = torch.Generator().manual_seed(100 + t)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+                p.add_((torch.randn(p.shape, generator=generator) * 0.02).to(p.dtype))
         model.save_pretrained(root / f"task{t}", **save_kwargs)
         tasks.append(str(root / f"task{t}"))
     return str(root / "base"), tasks
+
+
+def make_synthetic_family(
+    root: Path, num_tensors: int, shape: tuple[int, ...], num_tasks: int = 2, dtype=torch.float32
+):
+    """A base and `num_tasks` fine-tunes of `num_tensors` random tensors of `shape` (plain safetensors, no config), for
+    tests that need many or large tensors quickly."""
+    generator = torch.Generator().manual_seed(0)
+    base = {f"layer{i:03d}.weight": torch.randn(shape, generator=generator).to(dtype) for i in range(num_tensors)}
+    paths = []
+    for name in ["base", *(f"task{t}" for t in range(num_tasks))]:
+        directory = root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        state = (
+            base
+            if name == "base"
+            else {k: (v + 0.01 * torch.randn(shape, generator=generator)).to(dtype) for k, v in base.items()}
+        )
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        paths.append(str(directory))
+    return paths[0], paths[1:]
 
 
 def load_dir(path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Streaming checkpoint merge: equality with the in-memory merge, sharding, dtypes, cards, and every bad input."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -48,13 +49,38 @@ def test_llama_merge_equals_in_memory_merge_bit_for_bit(llama, tmp_path, method)
     assert not torch.equal(merged["model.norm.weight"], load_dir(base)["model.norm.weight"])
 
 
-@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average", "ties"])
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("llama_bf16"), "llama", num_tasks=3, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_merge_checkpoints_equals_the_engine_bit_for_bit(llama, llama_bf16, tmp_path, monkeypatch, method, precision):
+    """The streaming merge (in row blocks) and the engine (TaskVector -> merge_task_vectors -> apply_to) agree."""
+    import hf_magmax.checkpoints
+
+    monkeypatch.setattr(hf_magmax.checkpoints, "_CHUNK_ELEMENTS", 100)  # many row blocks per tensor
+    base, models = llama if precision == "float32" else llama_bf16
+    kwargs = {"ties": {"density": 0.3}, "random_mix": {"seed": 11}}.get(method, {})
+    out = merge_checkpoints(base, models, tmp_path / "out", method=method, show_progress=False, **kwargs)
+    merged, expected = load_dir(out), expected_merge(base, models, method, **kwargs)
+    assert list(merged) == list(expected)
+    for name in expected:
+        assert merged[name].dtype == getattr(torch, precision) == expected[name].dtype
+        assert torch.equal(merged[name], expected[name]), name
+    base_sd = load_dir(base)
+    assert sum(not torch.equal(merged[n], base_sd[n]) for n in base_sd) >= len(base_sd) - 1
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_row_block_streaming_equals_in_memory_merge(llama, tmp_path, monkeypatch, method):
     import hf_magmax.checkpoints
 
     monkeypatch.setattr(hf_magmax.checkpoints, "_CHUNK_ELEMENTS", 100)  # many row blocks per tensor
     base, models = llama
-    kwargs = {"density": 0.3} if method == "ties" else {}  # ties: whole-tensor trim thresholds, then row blocks
+    # ties: whole-tensor trim thresholds, then row blocks; random_mix: each block draws at its element offset
+    kwargs = {"ties": {"density": 0.3}, "random_mix": {"seed": 3}}.get(method, {})
     out = merge_checkpoints(
         base, models, tmp_path / "out", method=method, dtype="bfloat16", show_progress=False, **kwargs
     )
@@ -243,7 +269,7 @@ def test_model_card_and_config_yaml(llama, tmp_path):
         base, models, tmp_path / "out", method="ties", density=0.5, scaling_coef=0.8, show_progress=False
     )
     metadata, body = parse_model_card((out / "README.md").read_text())
-    assert metadata["base_model"] == base
+    assert "base_model" not in metadata  # a local path is never a card's base_model (it would be pushed)
     assert metadata["library_name"] == "transformers"
     assert {"merge", "magmax", "ties"} <= set(metadata["tags"])
     config = yaml.safe_load((out / MERGE_CONFIG_NAME).read_text())
@@ -253,22 +279,43 @@ def test_model_card_and_config_yaml(llama, tmp_path):
         "method": "ties",
         "scaling_coef": 0.8,
         "density": 0.5,
+        "output_dir": str(tmp_path / "out"),
+        "max_shard_size": "5GB",
+        "strict_config": True,
+        "extra_tensors": "error",
         "dtype": None,
         "device": "cpu",
-        "max_shard_size": "5GB",
-        "output": str(tmp_path / "out"),
+        "allow_non_finite": False,
     }
     card_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(card_yaml) == config
     assert "MagMax: Leveraging Model Merging for Seamless Continual Learning" in body
     assert "2407.06322" in body and "Marczak" in body and "ECCV" in body
     assert "hf_magmax 0." in body and "0.8" in body and all(m in body for m in models)
-    assert load_merge_config(out / MERGE_CONFIG_NAME) == config
+    kwargs = load_merge_config(out / MERGE_CONFIG_NAME)
+    assert kwargs == {"base": base, "models": models, "method": "ties", "scaling_coef": 0.8, "density": 0.5,
+                      "output_dir": str(tmp_path / "out")}  # fmt: skip
     # re-running the recorded configuration reproduces the weights
-    again = dict(config, output=str(tmp_path / "again"))
-    again_out = merge_checkpoints(output_dir=again.pop("output"), show_progress=False, **again)
+    again_out = merge_checkpoints(**dict(kwargs, output_dir=str(tmp_path / "again")), show_progress=False)
     first, second = load_dir(out), load_dir(again_out)
-    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_default_scaling_coef_is_recorded_as_null_and_old_files_still_load(llama, tmp_path):
+    base, models = llama
+    out = merge_checkpoints(base, models[:2], tmp_path / "out", show_progress=False)
+    text = (out / MERGE_CONFIG_NAME).read_text()
+    assert "scaling_coef: null" in text and yaml.safe_load(text)["scaling_coef"] is None
+    # a file of the old schema (`output` was the directory, options of other methods recorded)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"base": base, "models": models, "method": "magmax", "scaling_coef": 0.5,
+                                   "dtype": None, "device": "cpu", "max_shard_size": "5GB", "output": "x"}))  # fmt: skip
+    kwargs = load_merge_config(old)
+    assert kwargs == {"base": base, "models": models, "scaling_coef": 0.5, "output_dir": "x"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: b\nmodels: [m]\noutput_dir: o\noverwrite: 'false'\n")
+    with pytest.raises(ValueError, match=f"`overwrite` in {bad} must be true or false"):
+        load_merge_config(bad)
 
 
 def test_overwrite_replaces_atomically(llama, tmp_path):
@@ -290,10 +337,10 @@ def test_overwrite_replaces_atomically(llama, tmp_path):
 
 
 def test_ctrl_c_leaves_nothing(llama, tmp_path, monkeypatch):
-    import hf_magmax.merging
+    from hf_magmax.merging import MergeSpec
 
     base, models = llama
-    real = hf_magmax.merging.make_online_merge
+    real = MergeSpec.accumulator
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -302,7 +349,7 @@ def test_ctrl_c_leaves_nothing(llama, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf_magmax.merging, "make_online_merge", interrupted)
+    monkeypatch.setattr(MergeSpec, "accumulator", interrupted)
     output = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         merge_checkpoints(base, models, output, show_progress=False)
@@ -371,15 +418,25 @@ def test_config_mismatch_strict_and_lenient(family):
     assert (output / "model.safetensors").is_file()
 
 
-def test_benign_config_differences_are_accepted(family):
+def test_benign_config_differences_are_accepted(family, caplog):
     base, models, output = family
     config_file = Path(models[0]) / "config.json"
     config = json.loads(config_file.read_text())
     config.update(
         _name_or_path="someone/finetune", dtype="bfloat16", transformers_version="4.0", attention_dropout=0.1
     )
+    config["initializer_range"] = 0.5  # not a field of the architecture: a warning naming it
+    for key in ("tie_word_embeddings", "mlp_bias"):  # keys an older transformers did not write: their defaults
+        del config[key]
     config_file.write_text(json.dumps(config))
-    merge_checkpoints(base, models, output, show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="hf_magmax.checkpoints"):
+        merge_checkpoints(base, models, output, show_progress=False)
+    merged, expected = load_dir(output), expected_merge(base, models, "magmax")
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[n], expected[n]) for n in expected)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "task0" in warnings[0] and "`initializer_range` (0.5 vs 0.02)" in warnings[0]
+    for benign in ("_name_or_path", "dtype", "transformers_version", "attention_dropout", "tie_word", "mlp_bias"):
+        assert benign not in warnings[0]
 
 
 def test_missing_tensor(family):

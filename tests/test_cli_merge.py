@@ -114,6 +114,58 @@ def test_bad_inputs_name_the_culprit(family, tmp_path, capsys):
     assert leftovers(Path(out)) == []
 
 
+def test_yaml_values_are_type_checked(family, tmp_path, capsys):
+    base, models = family
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    config_file = tmp_path / "merge.yaml"
+    config_file.write_text(
+        f"base: {base}\nmodels: [{', '.join(models)}]\noutput_dir: {out}\noverwrite: 'false'\n"
+    )  # a quoted 'false' is a string, which used to count as true and replace the output
+    assert main(["merge", str(config_file), "--no-progress"]) == 2
+    _one_line_error(capsys, "`overwrite`", str(config_file), "true or false")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    config_file.write_text(f"base: {base}\nmodels: {models[0]}\noutput_dir: {out}\n")
+    assert main(["merge", str(config_file), "--no-progress"]) == 2
+    _one_line_error(capsys, "`models`", str(config_file), "use a list")
+
+
+def test_rerun_with_another_method_takes_that_methods_default(family, tmp_path):
+    base, models = family
+    first = tmp_path / "first"
+    assert main(["merge", "--base", base, "--models", *models, "--output-dir", str(first), "--no-progress"]) == 0
+    recorded = yaml.safe_load((first / MERGE_CONFIG_NAME).read_text())
+    assert recorded["scaling_coef"] is None and recorded["output_dir"] == str(first)
+    second = tmp_path / "second"
+    argv = ["merge", str(first / MERGE_CONFIG_NAME), "--method", "ties", "--output-dir", str(second)]
+    assert main([*argv, "--no-progress"]) == 0
+    config = yaml.safe_load((second / MERGE_CONFIG_NAME).read_text())
+    assert config["method"] == "ties" and config["scaling_coef"] is None and config["density"] == 0.2
+    expected = expected_merge(base, models, "ties")  # λ = ties' default 1.0, not magmax's 0.5
+    merged = load_dir(second)
+    assert all(torch.equal(merged[n], expected[n]) for n in expected)
+
+
+def test_extra_tensors_flag(family, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, models = family
+    last = tmp_path / "last"
+    shutil.copytree(models[-1], last)
+    state = load_file(last / "model.safetensors")
+    state["score.weight"] = torch.ones(3, 16)
+    save_file(state, last / "model.safetensors", metadata={"format": "pt"})
+    argv = ["merge", "--base", base, "--models", models[0], str(last), "--no-progress"]
+    assert main([*argv, "--output-dir", str(tmp_path / "a")]) == 2
+    _one_line_error(capsys, "'score.weight'", "--extra-tensors last")
+    assert main([*argv, "--output-dir", str(tmp_path / "b"), "--extra-tensors", "last"]) == 0
+    assert torch.equal(load_dir(tmp_path / "b")["score.weight"], torch.ones(3, 16))
+    assert yaml.safe_load((tmp_path / "b" / MERGE_CONFIG_NAME).read_text())["extra_tensors"] == "last"
+
+
 def test_push_to_hub_and_failed_push(fake_hub, family, tmp_path, capsys):  # noqa: F811
     base, models = family
     out = tmp_path / "out"
@@ -128,7 +180,8 @@ def test_push_to_hub_and_failed_push(fake_hub, family, tmp_path, capsys):  # noq
 
 
 def test_merge_help_documents_every_option():
-    env = dict(os.environ, COLUMNS="200")
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's code, not the installed one
+    env = dict(os.environ, COLUMNS="200", PYTHONPATH=src)
     result = subprocess.run(["hf-magmax", "merge", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     for option in [
@@ -142,8 +195,10 @@ def test_merge_help_documents_every_option():
         "--dtype",
         "--device",
         "--max-shard-size",
+        "--output-dir",
         "--output",
         "--overwrite",
+        "--extra-tensors",
         "--allow-non-finite",
         "--no-strict-config",
         "--push-to-hub",

@@ -81,14 +81,17 @@ def _method_option_default(method: str, option: str) -> Any:
 
 _MERGE_EPILOG = """\
 examples:
-  hf-magmax merge --base ckpt/base --models ckpt/task1 ckpt/task2 ckpt/task3 --output merged
-  hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method ties --density 0.2 --output merged-ties
-  hf-magmax merge merged/magmax_config.yaml --output merged-again      # re-run a merge from its config
+  hf-magmax merge --base ckpt/base --models ckpt/task1 ckpt/task2 ckpt/task3 --output-dir merged
+  hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method ties --density 0.2 --output-dir merged-ties
+  hf-magmax merge merged/magmax_config.yaml --output-dir merged-again      # re-run a merge from its config
+  hf-magmax merge merged/magmax_config.yaml --method ties --output-dir m2  # λ null there: ties' default
+  hf-magmax merge --base bert-base --models ft1 ft2 --extra-tensors last --output-dir m3  # new heads: the last's
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
 
 CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, dtype, device,
-max_shard_size, output, overwrite, allow_non_finite, strict_config, push_to_hub, private); flags given on the
-command line override it. Every merge saves its configuration as OUTPUT/magmax_config.yaml and in its model card.
+max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, private); flags
+given on the command line override it. Values are type-checked (`overwrite: "false"` is an error). Every merge saves
+its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
 """
 
 
@@ -98,11 +101,11 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help="merge fine-tuned checkpoints of one base model (MagMax and baselines), streaming tensor by tensor",
         description=(
             "Merge T fine-tuned checkpoints θ_1..θ_T of one base model θ_0 into θ_0 + λ·merge(θ_1−θ_0, …, θ_T−θ_0), "
-            "reading the memory-mapped inputs one block of rows or one tensor at a time (memory does not grow with T "
-            "or the model size). Inputs are local "
-            "directories or Hub repo ids (safetensors, sharded or not, or .bin). Everything is validated before "
-            "weights are read; the output (sharded safetensors + index, the base's config and tokenizer files, a "
-            "model card and magmax_config.yaml) appears atomically."
+            "reading the memory-mapped inputs one block of rows at a time (memory does not grow with T or the model "
+            "size). Inputs are local directories or Hub repo ids (safetensors, sharded or not, or .bin). Everything "
+            "is validated before weights are read; the output (sharded safetensors + index, the base's config and "
+            "tokenizer files, a model card and magmax_config.yaml) appears atomically, and Ctrl-C, SIGTERM or SIGHUP "
+            "leave nothing behind."
         ),
         epilog=_MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,7 +133,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         "--scaling-coef",
         type=float,
         metavar="λ",
-        help=f"scaling coefficient λ of the merged task vector (default: {_default_scaling_coefs_text()})",
+        help=f"scaling coefficient λ > 0 of the merged task vector (default: {_default_scaling_coefs_text()})",
     )
     parser.add_argument(
         "--density",
@@ -155,7 +158,13 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SIZE",
         help='largest output shard, e.g. "5GB", "500MB", "2GiB" or bytes (default: 5GB)',
     )
-    parser.add_argument("--output", metavar="DIR", help="output directory (required, here or in CONFIG.yaml)")
+    parser.add_argument(
+        "--output-dir",
+        "--output",
+        dest="output_dir",
+        metavar="DIR",
+        help="output directory (required, here or in CONFIG.yaml)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", default=None, help="replace a non-empty output directory (atomically)"
     )
@@ -170,9 +179,14 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         dest="strict_config",
         action="store_false",
         default=None,
-        help="merge models whose "
-        "config.json differs from the base's in more than names, dtypes, label maps, dropout and token ids (a "
-        "different model_type is always refused)",
+        help="merge models whose config differs from the base's in a field of the architecture (hidden sizes, "
+        "layer counts, norm eps, activation, ...; other differences are only a warning; a different model_type is "
+        "always refused)",
+    )
+    parser.add_argument(
+        "--extra-tensors",
+        choices=["error", "last"],
+        help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
     parser.add_argument(
         "--push-to-hub",
@@ -188,23 +202,25 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .checkpoints import MERGE_CONFIG_FIELDS, load_merge_config, merge_checkpoints
+    from .checkpoints import MERGE_CONFIG_FIELDS, merge_checkpoints, merge_checkpoints_kwargs
+    from .config import MergeConfig
     from .hub import HubPushError
 
-    config = dict(load_merge_config(args.config)) if args.config else {}
+    config = MergeConfig.from_yaml(args.config) if args.config else MergeConfig()
+    if config.adapters:
+        raise ValueError(f"{args.config} merges LoRA `adapters`: run it with `hf-magmax merge-lora`.")
+    if args.method is not None and args.method != config.method:  # the options of the file's method do not carry over
+        config.density = config.seed = None
+    config = config.replace(**{key: getattr(args, key) for key in MERGE_CONFIG_FIELDS})  # flags override the file
     where = f" (or in {args.config})" if args.config else ""
-    for key in MERGE_CONFIG_FIELDS:
-        value = getattr(args, key, None)
-        if value is not None:
-            config[key] = value
-    for key in ("base", "models", "output"):
-        if config.get(key) in (None, "", []):
-            raise ValueError(f"missing --{key}{where}: `hf-magmax merge` needs --base, --models and --output.")
-    if config.get("private") and not config.get("push_to_hub"):
+    for key, flag in (("base", "--base"), ("models", "--models"), ("output_dir", "--output-dir")):
+        if getattr(config, key) in (None, "", []):
+            raise ValueError(f"missing {flag}{where}: `hf-magmax merge` needs --base, --models and --output-dir.")
+    if config.private and not config.push_to_hub:
         raise ValueError("--private only applies with --push-to-hub REPO_ID.")
-    output = config.pop("output")
+    config.validate(source=args.config)
     try:
-        path = merge_checkpoints(output_dir=output, show_progress=not args.no_progress, **config)
+        path = merge_checkpoints(show_progress=not args.no_progress, **merge_checkpoints_kwargs(config))
     except HubPushError as err:
         sys.stderr.write(f"hf-magmax merge: error: {err}\n")
         return 1
@@ -481,9 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, run = SUBCOMMANDS[args.command]
     try:
         return int(run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP while an output is staged (hf_magmax.io.Terminated)
         sys.stderr.write("hf-magmax: interrupted; nothing partial was left at the output path.\n")
-        return 130
+        return 128 + getattr(err, "signum", 2)
     except USER_ERRORS as err:
         if debug:
             raise

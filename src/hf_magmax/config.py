@@ -23,7 +23,7 @@ from .merging import MergeSpec, check_scaling_coef
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LORA_OUTPUTS", "MERGE_CONFIG_NAME", "OUTPUT_DTYPES", "MergeConfig"]
+__all__ = ["EXTRA_TENSORS", "LORA_OUTPUTS", "MERGE_CONFIG_NAME", "OUTPUT_DTYPES", "MergeConfig"]
 
 #: The merge configuration saved next to the merged weights (the same YAML both subcommands read).
 MERGE_CONFIG_NAME = "magmax_config.yaml"
@@ -32,6 +32,7 @@ LORA_OUTPUTS = ("merged", "adapter")
 #: Output dtypes of merged floating tensors (`None`: each tensor keeps the base's dtype).
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 _SVDS = ("full", "randomized")
+EXTRA_TENSORS = ("error", "last")
 
 # field -> expected YAML kind, for the type check of hand-written files
 _KINDS = {
@@ -53,6 +54,7 @@ _KINDS = {
     "overwrite": "bool",
     "allow_non_finite": "bool",
     "strict_config": "bool",
+    "extra_tensors": "str",
     "push_to_hub": "str",
     "private": "bool",
 }
@@ -94,6 +96,8 @@ class MergeConfig:
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir` (atomically).
         allow_non_finite (`bool`, *optional*, defaults to `False`): merge inputs holding NaN/Inf.
         strict_config (`bool`, *optional*, defaults to `True`): refuse fine-tunes whose architecture differs.
+        extra_tensors (`str`, *optional*, defaults to `"error"`): checkpoints only: tensors only the fine-tunes have
+            (a new head) are an error (`"error"`) or taken from the last model (`"last"`).
         push_to_hub (`str`, *optional*): a Hub repo id to upload the result to.
         private (`bool`, *optional*, defaults to `False`): with `push_to_hub`, create a private repo.
     """
@@ -116,6 +120,7 @@ class MergeConfig:
     overwrite: bool = False
     allow_non_finite: bool = False
     strict_config: bool = True
+    extra_tensors: str = "error"
     push_to_hub: str | None = None
     private: bool = False
 
@@ -159,6 +164,10 @@ class MergeConfig:
         if self.lora_output not in LORA_OUTPUTS:
             raise ValueError(
                 f"`lora_output` must be one of {', '.join(LORA_OUTPUTS)}{where}, got {self.lora_output!r}."
+            )
+        if self.extra_tensors not in EXTRA_TENSORS:
+            raise ValueError(
+                f"`extra_tensors` must be one of {', '.join(EXTRA_TENSORS)}{where}, got {self.extra_tensors!r}."
             )
         if self.svd not in _SVDS:
             raise ValueError(f"`svd` must be one of {', '.join(_SVDS)}{where}, got {self.svd!r}.")
@@ -231,6 +240,7 @@ class MergeConfig:
                 out.update({"rank": self.rank, "svd": self.svd, "svd_seed": self.svd_seed})
         else:
             out.update({"max_shard_size": self.max_shard_size, "strict_config": self.strict_config})
+            out["extra_tensors"] = self.extra_tensors
         out.update({"dtype": self.dtype, "device": self.device, "allow_non_finite": self.allow_non_finite})
         return out
 

@@ -1,0 +1,88 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""Checkpoint IO shared by every reader and writer of hf_magmax.
+
+- **Reading** ([`CheckpointReader`]): one checkpoint directory's config and tensor table (name → file, dtype, shape)
+  from the safetensors headers (or the memory-mapped `.bin` state dicts), checked before a weight is read; tensors are
+  then read lazily, one block of rows at a time. The weight files are chosen as `transformers.from_pretrained` chooses
+  them (`model.safetensors` before its index, safetensors before `.bin`), and index entries must stay inside the
+  checkpoint directory.
+- **Writing** ([`ShardedSafetensorsWriter`]): sharded safetensors whose layout is planned up front (huggingface_hub's
+  shard planner), streamed to disk tensor by tensor and block by block, plus the index.
+- **The output directory** ([`staged_output_dir`]): everything is written into a staging directory beside
+  `output_dir` (`.<name>.hf_magmax-tmp-<pid>-XXXX`), moved into place at the end (with `--overwrite`, an atomic
+  exchange on Linux: `output_dir` never goes missing). Ctrl-C, SIGTERM and SIGHUP remove the staging directory; a
+  staging directory left by a killed process (SIGKILL, power loss) is removed by the next run. [`check_output_path`]
+  refuses, before any work, outputs that are symlinks, the current directory, an input, inside an input, or that
+  contain an input.
+- [`copy_non_weight_files`], [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
+  [`parse_size`].
+
+The package is split by concern: `formats` (names, dtypes, sizes), `output` (the output directory), `reading`,
+`writing`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
+"""
+
+from .formats import (
+    FLOATING,
+    ITEMSIZE,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ST_DTYPES,
+    WEIGHT_SUFFIXES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    expand_path,
+    is_hub_id,
+    parse_size,
+)
+from .output import (
+    Terminated,
+    check_output_dir,
+    check_output_path,
+    remove_stale_staging_dirs,
+    staged_output_dir,
+    terminate_as_interrupt,
+)
+from .reading import (
+    CheckpointReader,
+    TensorInfo,
+    load_bin,
+    load_pretrained,
+    model_class_for,
+    read_config,
+    read_index,
+    read_safetensors_header,
+    resolve_checkpoint,
+)
+from .writing import ShardedSafetensorsWriter, copy_non_weight_files
+
+
+__all__ = [
+    "FLOATING",
+    "ITEMSIZE",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "SAFE_WEIGHTS_NAME",
+    "ST_DTYPES",
+    "WEIGHT_SUFFIXES",
+    "WEIGHTS_INDEX_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointReader",
+    "ShardedSafetensorsWriter",
+    "Terminated",
+    "TensorInfo",
+    "check_output_dir",
+    "check_output_path",
+    "copy_non_weight_files",
+    "expand_path",
+    "is_hub_id",
+    "load_bin",
+    "load_pretrained",
+    "model_class_for",
+    "parse_size",
+    "read_config",
+    "read_index",
+    "read_safetensors_header",
+    "remove_stale_staging_dirs",
+    "resolve_checkpoint",
+    "staged_output_dir",
+    "terminate_as_interrupt",
+]

@@ -1,0 +1,100 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""File names, dtype tables, sizes and names shared by the readers and writers (no torch import)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+#: Suffixes of weight files: never copied by [`copy_non_weight_files`], not downloaded for a config-only look.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+# safetensors dtype names <-> torch dtype names (no torch import at module level)
+ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+}
+_TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+}
+FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+
+
+def expand_path(path: str | os.PathLike) -> Path:
+    """`Path(path).expanduser()`, with an unknown user (`~nouser/x`) a `FileNotFoundError` naming the path."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as err:  # "Could not determine home directory"
+        raise FileNotFoundError(
+            f"path {os.fspath(path)!r} cannot be expanded ({err}): pass an existing path."
+        ) from None
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id (`name` or `namespace/name`) rather than a local path."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-")) and ".." not in name
+
+
+def parse_size(size: int | str, name: str = "max_shard_size") -> int:
+    """Parse a size like `"5GB"`, `"500MB"`, `"2GiB"`, `"100kB"` or a number of bytes into bytes.
+
+    Decimal units (kB, MB, GB, TB) are powers of 1000 and binary units (KiB, MiB, GiB, TiB) powers of 1024, as in
+    `transformers` (huggingface_hub's `parse_size_to_int` knows only the decimal ones, hence this one).
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.io import parse_size
+    >>> parse_size("5GB"), parse_size("2MiB"), parse_size(1000)
+    (5000000000, 2097152, 1000)
+    ```
+    """
+    if isinstance(size, bool):
+        raise ValueError(f"`{name}` must be a size like '5GB', '500MB' or a number of bytes, got {size!r}.")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])?\s*", str(size))
+        if not match:
+            raise ValueError(f"`{name}` must be a size like '5GB', '500MB' or a number of bytes, got {size!r}.")
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+        value = int(number * base**power)
+    if value <= 0:
+        raise ValueError(f"`{name}` must be positive, got {size!r}.")
+    return value

@@ -3,15 +3,17 @@
 
 The reference is the in-memory engine: `TaskVector.from_state_dicts(θ_0, θ_t)` for each task's end weights →
 `merge_task_vectors(spec)` → `apply_to(θ_0)`. Each door is a `*_door(method, dtype, tmp_path)` function returning
-`(θ_0, [θ_1..θ_T], final weights)`, and `test_<door>_door_equals_engine` compares it with `engine_merge`.
+`(θ_0, [θ_1..θ_T], final weights)`; the streaming merge (`cli_door`) merges the same θ_t saved as checkpoints, and
+`test_trainer_cli_and_engine_doors_agree` compares all three.
 """
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_tasks import classification_tasks, tiny_bert
 from transformers import TrainerCallback
 
-from hf_magmax import TaskVector, merge_task_vectors
+from hf_magmax import TaskVector, merge_checkpoints, merge_task_vectors
 from hf_magmax.merging import MergeSpec
 from hf_magmax.trainer import MagMaxConfig, MagMaxTrainer
 
@@ -70,9 +72,30 @@ def trainer_door(method, dtype, tmp_path):
     return theta_0, end.thetas, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+def cli_door(theta_0, thetas, spec, dtype, tmp_path):
+    """The streaming merge (`hf-magmax merge`'s engine) of θ_0..θ_T saved as transformers checkpoints."""
+    paths = []
+    for i, theta in enumerate([theta_0, *thetas]):
+        model = tiny_bert().to(DTYPES[dtype])
+        model.load_state_dict(theta)
+        model.save_pretrained(tmp_path / f"theta_{i}")
+        paths.append(str(tmp_path / f"theta_{i}"))
+    out = merge_checkpoints(
+        paths[0],
+        paths[1:],
+        tmp_path / "merged",
+        method=spec.method,
+        scaling_coef=spec.scaling_coef,
+        density=spec.density,
+        seed=spec.seed,
+        show_progress=False,
+    )
+    return load_file(out / "model.safetensors")
+
+
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("method", sorted(SPECS))
-def test_trainer_door_equals_engine(method, dtype, tmp_path):
+def test_trainer_cli_and_engine_doors_agree(method, dtype, tmp_path):
     theta_0, thetas, final = trainer_door(method, dtype, tmp_path)
     assert len(thetas) == 2
     expected = engine_merge(theta_0, thetas, SPECS[method])
@@ -83,3 +106,8 @@ def test_trainer_door_equals_engine(method, dtype, tmp_path):
         assert torch.equal(final[name], value), f"{method} {dtype}: {name} differs from the engine's merge"
         changed += not torch.equal(value, theta_0[name])
     assert changed > 10  # the merge moved the weights: the comparison is not θ_0 against θ_0
+    streamed = cli_door(theta_0, thetas, SPECS[method], dtype, tmp_path)
+    floating = {name for name, value in expected.items() if value.is_floating_point()}
+    assert floating <= set(streamed)
+    for name in sorted(floating):
+        assert torch.equal(streamed[name], final[name]), f"{method} {dtype}: {name}: the streaming merge differs"

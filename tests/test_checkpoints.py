@@ -271,7 +271,8 @@ def test_model_card_and_config_yaml(llama, tmp_path):
     metadata, body = parse_model_card((out / "README.md").read_text())
     assert "base_model" not in metadata  # a local path is never a card's base_model (it would be pushed)
     assert metadata["library_name"] == "transformers"
-    assert {"merge", "magmax", "ties"} <= set(metadata["tags"])
+    assert {"hf_magmax", "model-merging", "magmax", "ties"} <= set(metadata["tags"])
+    assert body.count("@inproceedings") == 1  # the citation once
     config = yaml.safe_load((out / MERGE_CONFIG_NAME).read_text())
     assert config == {
         "base": base,

@@ -106,7 +106,7 @@ def test_merge_pushes_output_and_card(fake_hub, family, tmp_path):  # noqa: F811
     repo = fake_hub.repos["me/merge"]
     assert repo.private and repo.files == _local_files(out)
     metadata, _ = parse_model_card(repo.files["README.md"].decode())
-    assert {"merge", "magmax"} <= set(metadata["tags"])
+    assert {"model-merging", "magmax"} <= set(metadata["tags"])
     assert repo.commits[-1].message == "hf_magmax magmax merge"
 
 

@@ -508,57 +508,45 @@ def _write_side_files(staging: Path, inputs: _Inputs, config: MergeConfig, num_p
         (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
     from .hub import write_model_card
 
-    metadata, body = _model_card(config, num_parameters, search)
-    write_model_card(staging, metadata, body)
+    write_model_card(staging, _model_card(config, num_parameters, search))
 
 
-def _model_card(config: MergeConfig, num_parameters: int, search: Any = None) -> tuple[dict[str, Any], str]:
+def _model_card(config: MergeConfig, num_parameters: int, search: Any = None):
+    """The card of a checkpoint merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
     from . import __version__
-    from .hub import MAGMAX_CITATION
+    from .hub import build_model_card
 
     spec = config.spec
-    metadata: dict[str, Any] = {}
-    if is_hub_id(config.base) and not expand_path(config.base).exists():  # never a local path
-        metadata["base_model"] = config.base
-        metadata["base_model_relation"] = "merge"
-    metadata["library_name"] = "transformers"
-    metadata["tags"] = ["merge", "magmax", "hf_magmax"] + ([spec.method] if spec.method != "magmax" else [])
-    models = "\n".join(f"{i}. `{m}`" for i, m in enumerate(config.models, start=1))
-    curve = ""
+    hub_base = config.base if is_hub_id(config.base) and not expand_path(config.base).exists() else None
+    base_name = hub_base or expand_path(config.base).name  # a local path is never published, only its name
+
+    def shown(model: str) -> str:
+        return model if is_hub_id(model) and not expand_path(model).exists() else expand_path(model).name
+
+    models = "\n".join(f"{i}. `{shown(m)}`" for i, m in enumerate(config.models, start=1))
+    default = " (the method's default)" if spec.scaling_coef_is_default else ""
+    details = (
+        f"- **Method:** `{spec.method}`, {spec.describe()}.\n"
+        "- **Merged model:** θ_0 + λ · merge(θ_1 − θ_0, …, θ_T − θ_0), with the task vectors taken in the order "
+        "below.\n"
+        f"- **Scaling coefficient (λ):** {spec.coef:g}{default}\n"
+        f"- **Base model (θ_0):** `{base_name}`\n"
+        f"- **Parameters:** {num_parameters:,}"
+    )
+    sections = {"Merge details": details, "Models merged (task order)": models}
     if search is not None:
         from .scaling import scaling_curve_markdown
 
-        curve = f"{scaling_curve_markdown(search)}\n\n"
-    body = f"""# {Path(config.output_dir).name}
-
-This model is a merge of {len(config.models)} fine-tuned model(s) of `{config.base}` made with
-hf_magmax {__version__}.
-
-## Merge details
-
-- **Method:** `{spec.method}`, {spec.describe()}.
-- **Merged model:** θ_0 + λ · merge(θ_1 − θ_0, …, θ_T − θ_0), with the task vectors taken in the order below.
-- **Scaling coefficient (λ):** {spec.coef:g}{" (the method's default)" if spec.scaling_coef_is_default else ""}
-- **Base model (θ_0):** `{config.base}`
-- **Parameters:** {num_parameters:,}
-
-### Models merged (task order)
-
-{models}
-
-{curve}## Configuration
-
-The merge configuration, saved as `{MERGE_CONFIG_NAME}`. Re-run the merge with
-`hf-magmax merge {MERGE_CONFIG_NAME}`:
-
-```yaml
-{config.to_yaml().rstrip()}
-```
-
-## Citation
-
-```bibtex
-{MAGMAX_CITATION.strip()}
-```
-"""
-    return metadata, body
+        sections["Scaling coefficient"] = scaling_curve_markdown(search)
+    return build_model_card(
+        expand_path(config.output_dir).name,
+        f"This model is a merge of {len(config.models)} fine-tuned model(s) of `{base_name}` made with "
+        f"hf_magmax {__version__}.",
+        sections,
+        base_model=hub_base,
+        base_model_relation="merge",
+        method=spec.method,
+        merge_config=config.to_yaml(),
+        config_file=MERGE_CONFIG_NAME,
+        rerun_command=f"hf-magmax merge {MERGE_CONFIG_NAME}",
+    )

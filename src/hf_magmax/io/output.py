@@ -111,7 +111,11 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
         )
 
 
-def check_output_path(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] = {}) -> Path:  # noqa: B006
+def check_output_path(
+    output: str | os.PathLike,
+    inputs: Mapping[str, str | os.PathLike] = {},
+    kind: str = "input model",  # noqa: B006
+) -> Path:
     """Refuse, before any work, an `output_dir` the atomic commit cannot replace safely.
 
     That is a symbolic link, the current directory (or one of its parents), an input directory, a directory inside
@@ -120,6 +124,8 @@ def check_output_path(output: str | os.PathLike, inputs: Mapping[str, str | os.P
     Args:
         output (`str` or `os.PathLike`): the output directory.
         inputs (`dict[str, str]`): name (as the user gave it) → local directory of every input.
+        kind (`str`, *optional*, defaults to `"input model"`): what the inputs are, for the error message (the LoRA
+            merger names each input itself and passes `"input"`).
 
     Returns:
         `Path`: the output path, `~` expanded. Raises `ValueError` naming the case and the fix.
@@ -141,14 +147,14 @@ def check_output_path(output: str | os.PathLike, inputs: Mapping[str, str | os.P
         source = expand_path(directory).resolve()
         if resolved == source or resolved in source.parents:
             raise ValueError(
-                f"`output_dir` {output} would replace the input model {name!r} ({source}): choose another "
-                "`output_dir`."
+                f"`output_dir` {output} would replace the {kind} {name!r} ({source}): choose an `output_dir` "
+                "outside every input."
             )
         if source in resolved.parents:
             raise ValueError(
-                f"`output_dir` {output} lies inside the input model {name!r} ({source}): its files would be copied "
-                "into the output, and the next merge would read the output as part of the input. Choose a directory "
-                "outside it."
+                f"`output_dir` {output} lies inside the {kind} {name!r} ({source}): its files would be copied "
+                "into the output, and the next merge would read the output as part of the input. Choose an "
+                "`output_dir` outside every input."
             )
     return path
 

@@ -45,29 +45,17 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_output_not_input(output_dir: str | os.PathLike, inputs: Iterable[tuple[str, str]]) -> None:
-    """Refuse an `output_dir` that is, contains or lies inside one of the inputs (compared resolved).
+    """Refuse an `output_dir` that is a symbolic link or the current directory, or that is, contains or lies inside
+    one of the inputs: [`hf_magmax.io.check_output_path`], the same check as `hf-magmax merge`'s.
 
-    Writing there (with `overwrite` above all) would replace or mix with an input's files. `inputs` are
-    `(what, path)` pairs such as `("adapter", "lora/task1")`; Hub ids and absent paths are skipped.
+    `inputs` are `(what, path)` pairs such as `("adapter", "lora/task1")`; Hub ids and absent paths are skipped.
     """
-    output = Path(os.path.expanduser(os.fspath(output_dir))).resolve()
+    from ..io import check_output_path
+
+    check_output_path(output_dir)
     for what, source in inputs:
-        path = Path(os.path.expanduser(os.fspath(source)))
-        if not path.exists():
-            continue
-        path = path.resolve()
-        if output == path:
-            relation = "is"
-        elif output in path.parents:
-            relation = "contains"
-        elif path in output.parents:
-            relation = "lies inside"
-        else:
-            continue
-        raise ValueError(
-            f"`output_dir` {os.fspath(output_dir)!r} {relation} the {what} {os.fspath(source)!r}: writing there would "
-            "replace or mix with an input's files. Choose an `output_dir` outside every input."
-        )
+        if Path(os.path.expanduser(os.fspath(source))).exists():  # Hub ids and absent paths are named elsewhere
+            check_output_path(output_dir, {os.fspath(source): source}, kind=what)
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:

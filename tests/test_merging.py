@@ -78,7 +78,7 @@ def test_online_state_dict_roundtrip_continues_identically():
         assert torch.equal(resumed.result(), full.result()), method
 
 
-def test_average_and_task_arithmetic_fp32_math_for_half():
+def test_average_and_task_arithmetic_fp32_math_for_half(small_pieces):
     # fp16 math would lose these: 2048 + 1 rounds back to 2048 in fp16 (spacing 2 there), and 60000 + 60000 overflows
     # fp16's 65504; in fp32 the sum is 2052 / 120000 and the mean 410.4 / 60000, each one rounding away from fp16
     tvs = [torch.tensor([2048.0, 60000.0], dtype=torch.float16)]
@@ -268,11 +268,20 @@ def test_ties_trim_threshold_equals_kthvalue_rule(dtype, shape):
 # -- the integer folds agree with the float formulation bit for bit -------------------------------------------------
 
 
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """CPU folds go through tensors in pieces of 4096 elements: small tensors then cover several pieces."""
+    from hf_magmax import merging
+
+    monkeypatch.setattr(merging, "_FOLD_CHUNK", 4096)
+    return 4096
+
+
 def _bits(t):
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _nasty_tvs(dtype, numel=150_001, num_tasks=6, nan=True):
+def _nasty_tvs(dtype, numel=20_001, num_tasks=6, nan=True):
     """Task vectors over several fold pieces, with ties, ±0, ±inf, subnormals, huge values and (optionally) NaN."""
     g = torch.Generator().manual_seed(3)
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 1.0, -1.0, 3e38, -3e38])
@@ -291,11 +300,11 @@ def _nasty_tvs(dtype, numel=150_001, num_tasks=6, nan=True):
 
 @pytest.mark.parametrize("nan", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_magmax_integer_fold_equals_float_select(dtype, nan):
-    from hf_magmax.merging import _FOLD_CHUNK, MagMaxMerge
+def test_magmax_integer_fold_equals_float_select(dtype, nan, small_pieces):
+    from hf_magmax.merging import MagMaxMerge
 
     tvs = _nasty_tvs(dtype, nan=nan)
-    assert tvs[0].numel() > 2 * _FOLD_CHUNK  # several pieces, the last one short
+    assert tvs[0].numel() > 2 * small_pieces  # several pieces, the last one short
     selected, winners = tvs[0].clone(), torch.zeros(tvs[0].shape, dtype=torch.uint8)
     for t, tv in enumerate(tvs[1:], start=1):  # the float definition: ties (>=) to the later task, NaN never wins
         take = tv.abs() >= selected.abs()
@@ -323,7 +332,7 @@ def _ties_float_state(tvs, thresholds):
 
 @pytest.mark.parametrize("nan", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_ties_piecewise_fold_equals_float_formulation(dtype, nan):
+def test_ties_piecewise_fold_equals_float_formulation(dtype, nan, small_pieces):
     from hf_magmax.merging import TiesMerge, ties_trim_threshold
 
     tvs = _nasty_tvs(dtype, num_tasks=5, nan=nan)
@@ -345,19 +354,21 @@ def test_ties_piecewise_fold_equals_float_formulation(dtype, nan):
 # -- provenance: which task won, element by element ----------------------------------------------------------------
 
 
-def test_magmax_winners_known_by_hand():
-    from hf_magmax.merging import _FOLD_CHUNK, MagMaxMerge, MergeSpec
+def test_magmax_winners_known_by_hand(small_pieces):
+    from hf_magmax.merging import MagMaxMerge, MergeSpec
 
     a = torch.tensor([1.0, -3.0, 2.0, 0.0, 5.0, -1.0])
     b = torch.tensor([-2.0, 3.0, -2.0, -0.0, 1.0, 0.5])
     c = torch.tensor([0.5, 1.0, 2.0, 0.0, -5.0, 0.25])
     # |.|: b wins 0; a/b tie at 3 -> b; all tie at 2 -> c; ±0 ties -> c; a/c tie at 5 -> c; a alone wins 5
     expected = torch.tensor([1, 1, 2, 2, 2, 0], dtype=torch.uint8)
-    for reps in (1, 2 * _FOLD_CHUNK // 6 + 5):  # the float path, and the piecewise integer path
+    # one piece, several pieces (the integer path), and non-contiguous inputs (the float path)
+    for reps, contiguous in ((1, True), (2 * small_pieces // 6 + 5, True), (3, False)):
         acc = MergeSpec("magmax").accumulator("w", track_winners=True)
         assert isinstance(acc, MagMaxMerge)
         for tv in (a, b, c):
-            acc.update(tv.repeat(reps))
+            tv = tv.repeat(reps)
+            acc.update(tv if contiguous else torch.stack([tv, tv], 1)[:, 0])
         winners = acc.winners()
         assert winners.dtype == torch.uint8 and torch.equal(winners, expected.repeat(reps))
         stacked = torch.stack([a, b, c]).repeat(1, reps)

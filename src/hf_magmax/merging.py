@@ -103,7 +103,7 @@ def _check_same_shape(tensors: Sequence[Tensor], name: str = "task_vectors") -> 
 
 #: Elements per piece when a CPU fold goes through a tensor: the few passes over one piece stay in the L2/L3 cache
 #: instead of streaming the whole tensor through memory once per pass (measured in `benchmarks/merge_core.py`).
-_FOLD_CHUNK = 1 << 16
+_FOLD_CHUNK = 1 << 18
 
 
 def _bit_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int] | None:
@@ -457,9 +457,19 @@ class TaskArithmeticMerge(OnlineMerge):
             self.total = task_vector.to(compute_dtype(task_vector.dtype), copy=True)
             return
         task_vector = task_vector.to(device=self.total.device)
-        if torch.promote_types(task_vector.dtype, self.total.dtype) == self.total.dtype:
-            # a widening (bf16/fp16 -> fp32, fp32 -> fp64) is exact: add in the kernel, no converted copy
+        if task_vector.dtype == self.total.dtype:
             self.total.add_(task_vector)
+        elif (
+            self.total.device.type == "cpu"
+            and self.total.is_contiguous()
+            and torch.promote_types(task_vector.dtype, self.total.dtype) == self.total.dtype
+        ):
+            # a widening (bf16/fp16 -> fp32, fp32 -> fp64) is exact: convert piece by piece into one cache-sized
+            # buffer and add, instead of a converted copy of the whole tensor (the same bits)
+            total, flat = self.total.view(-1), task_vector.reshape(-1)
+            buffer = torch.empty(min(flat.numel(), _FOLD_CHUNK), dtype=total.dtype)
+            for start, stop in _pieces(flat.numel()):
+                total[start:stop].add_(buffer[: stop - start].copy_(flat[start:stop]))
         else:
             self.total.add_(task_vector.to(self.total.dtype))
 

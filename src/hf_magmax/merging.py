@@ -558,7 +558,8 @@ class TiesMerge(OnlineMerge):
             self.pos_sum, self.neg_sum = zeros.clone(), zeros.clone()
             self.pos_count, self.neg_count = zeros.clone(), zeros.clone()
         task_vector = task_vector.to(self.pos_sum.device)
-        if self.pos_sum.device.type == "cpu" and task_vector.is_contiguous() and self.pos_sum.dtype == compute:
+        on_cpu = self.pos_sum.device.type == "cpu" and self.pos_sum.dtype == compute
+        if on_cpu and task_vector.is_contiguous() and all(t.is_contiguous() for t in self._state_tensors().values()):
             self._fold_pieces(task_vector, threshold)
             return
         tv = task_vector.to(compute)

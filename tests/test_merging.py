@@ -90,7 +90,7 @@ def test_average_and_task_arithmetic_fp32_math_for_half(small_pieces):
     assert average(tvs)[0] == 410.5 and average(tvs)[1] == 24000
     assert average(tvs).dtype == torch.float16 and task_arithmetic(tvs).dtype == torch.float16
     # in-kernel widening (fp16 into the fp32 total) equals converting first, for many random values too
-    rnd = _tvs(6, shape=(300, 301), dtype=torch.float16)
+    rnd = _tvs(6, shape=(300, 301), dtype=torch.float16)  # > 4 pieces of 4096: converted piece by piece
     assert torch.equal(task_arithmetic(rnd), torch.stack([t.float() for t in rnd]).sum(0).half())
 
 

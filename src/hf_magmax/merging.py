@@ -461,6 +461,7 @@ class TaskArithmeticMerge(OnlineMerge):
             self.total.add_(task_vector)
         elif (
             self.total.device.type == "cpu"
+            and self.total.numel() > 4 * _FOLD_CHUNK  # smaller ones: one converted copy is faster (cache-hot)
             and self.total.is_contiguous()
             and torch.promote_types(task_vector.dtype, self.total.dtype) == self.total.dtype
         ):

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from hf_magmax import merging
+from hf_magmax import _merge_kernels, merging
 from hf_magmax.merging import MagMaxMerge, TaskArithmeticMerge, TiesMerge, ties_trim_threshold
 
 
@@ -149,7 +149,7 @@ def main():
     sizes = [("1M-element block (the streaming merge's)", 1 << 20), ("4096×4096 tensor (whole-tensor merge)", 1 << 24)]
     if args.quick:
         sizes = [("64k", 1 << 16), ("256k", 1 << 18)]
-    chunk_default = merging._FOLD_CHUNK
+    chunk_default = _merge_kernels._FOLD_CHUNK
     for label, numel in sizes:
         tvs32 = [torch.randn(numel, generator=g) for _ in range(T)]
         tvs16 = [t.to(torch.bfloat16) for t in tvs32]
@@ -159,12 +159,12 @@ def main():
         t_old = median_time(lambda: old_magmax(tvs32), reps)
         lines.append(row("magmax fp32, today (`where(|τ| >= |sel|)`, new tensors per task)", t_old, t_old))
         for chunk in (1 << 14, 1 << 16, 1 << 18, 1 << 20):
-            merging._FOLD_CHUNK = chunk
+            _merge_kernels._FOLD_CHUNK = chunk
             assert same(new_fold(MagMaxMerge, tvs32).result(), ref)
             t = median_time(lambda: new_fold(MagMaxMerge, tvs32), reps)
             mark = " (default)" if chunk == chunk_default else ""
             lines.append(row(f"magmax fp32, new: integer bit-pattern select, pieces of {chunk}{mark}", t, t_old))
-        merging._FOLD_CHUNK = chunk_default
+        _merge_kernels._FOLD_CHUNK = chunk_default
         t_new = median_time(lambda: new_fold(MagMaxMerge, tvs32), reps)
         acc = new_fold(MagMaxMerge, tvs32, track_winners=True)
         assert same(acc.result(), ref)

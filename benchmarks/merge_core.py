@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from hf_magmax import _merge_kernels, merging
+from hf_magmax import merging
 from hf_magmax.merging import MagMaxMerge, TaskArithmeticMerge, TiesMerge, ties_trim_threshold
+from hf_magmax.merging import kernels as _merge_kernels
 
 
 # ---------------------------------------------------------------------------------------------------------------------

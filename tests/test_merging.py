@@ -271,7 +271,7 @@ def test_ties_trim_threshold_equals_kthvalue_rule(dtype, shape):
 @pytest.fixture
 def small_pieces(monkeypatch):
     """CPU folds go through tensors in pieces of 4096 elements: small tensors then cover several pieces."""
-    from hf_magmax import _merge_kernels
+    from hf_magmax.merging import kernels as _merge_kernels
 
     monkeypatch.setattr(_merge_kernels, "_FOLD_CHUNK", 4096)
     return 4096

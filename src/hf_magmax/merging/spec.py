@@ -1,0 +1,517 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""`MergeSpec` (one validated merge), `apply_merged` (THE arithmetic of the merged model), the pure merge functions
+(folds of the accumulators), `StateDictMerger` and `merge_task_vectors`. See [`hf_magmax.merging`]."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .methods import (
+    _OPTION_CHECKS,
+    ONLINE_MERGES,
+    AverageMerge,
+    MagMaxMerge,
+    OnlineMerge,
+    RandomMixMerge,
+    TaskArithmeticMerge,
+    TiesMerge,
+    _check_same_shape,
+    _no_grad,
+    check_merge_method,
+    check_scaling_coef,
+    compute_dtype,
+)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MergeSpec: one validated description of a merge, asked by every consumer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """One merge, validated once: the method, λ, and the method's options.
+
+    Every consumer (the Trainer, `hf-magmax merge`, the LoRA merger, the λ search, [`merge_task_vectors`]) builds one
+    and asks it for accumulators, so the same spec gives the same merge everywhere.
+
+    Args:
+        method (`str`, *optional*, defaults to `"magmax"`):
+            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`.
+        scaling_coef (`float` or `"auto"`, *optional*):
+            λ, a finite number > 0. `None` (the default) means the method's default ([`DEFAULT_SCALING_COEFS`]);
+            `"auto"` means a consumer chooses λ on validation data (see [`hf_magmax.scaling`]).
+        density (`float`, *optional*):
+            TIES only: fraction of each task vector kept, in (0, 1]; defaults to 0.2. An error for other methods.
+        seed (`int`, *optional*):
+            random_mix only: the seed; defaults to 0. An error for other methods.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax import MergeSpec
+    >>> spec = MergeSpec("ties", density=0.3)
+    >>> spec.coef, spec.method_options
+    (1.0, {'density': 0.3})
+    >>> MergeSpec("magmax", density=0.3)
+    Traceback (most recent call last):
+    ...
+    ValueError: `density` only applies to `ties`, not to `magmax`: leave it unset.
+    ```
+    """
+
+    method: str = "magmax"
+    scaling_coef: float | str | None = None
+    density: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        cls = ONLINE_MERGES.get(self.method)
+        if cls is None:
+            check_merge_method(self.method)
+        if self.scaling_coef is not None:
+            object.__setattr__(self, "scaling_coef", check_scaling_coef(self.scaling_coef))
+        for option in _OPTION_CHECKS:
+            value = getattr(self, option)
+            if value is None:
+                continue
+            if option not in cls.options:
+                takers = [name for name, c in ONLINE_MERGES.items() if option in c.options]
+                raise ValueError(
+                    f"`{option}` only applies to `{'`, `'.join(takers)}`, not to `{self.method}`: leave it unset."
+                )
+            object.__setattr__(self, option, _OPTION_CHECKS[option](value))
+
+    # -- facts ---------------------------------------------------------------------------------------------------
+
+    @property
+    def merge_class(self) -> type[OnlineMerge]:
+        """The method's class ([`OnlineMerge`] subclass), which carries its facts."""
+        return ONLINE_MERGES[self.method]
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether λ is to be chosen on validation data (`scaling_coef="auto"`)."""
+        return self.scaling_coef == "auto"
+
+    @property
+    def scaling_coef_is_default(self) -> bool:
+        """Whether λ is the method's default (the user set none)."""
+        return self.scaling_coef is None
+
+    @property
+    def coef(self) -> float:
+        """λ as a number: the one set, or the method's default. Raises under `"auto"` until a λ is chosen."""
+        if self.is_auto:
+            raise ValueError(
+                '`scaling_coef="auto"` has no value until λ is chosen on validation data: '
+                "call `spec.with_scaling_coef(best)` with the chosen λ."
+            )
+        return self.merge_class.default_scaling_coef if self.scaling_coef is None else float(self.scaling_coef)
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """The method's options with their defaults filled in (`{}` for methods without options)."""
+        options = {}
+        for name, default in self.merge_class.options.items():
+            value = getattr(self, name)
+            options[name] = default if value is None else value
+        return options
+
+    def with_scaling_coef(self, scaling_coef: float | str | None) -> MergeSpec:
+        """The same merge with another λ (e.g. the one an `"auto"` search chose)."""
+        return dataclasses.replace(self, scaling_coef=scaling_coef)
+
+    # -- use -----------------------------------------------------------------------------------------------------
+
+    def accumulator(
+        self, name: str = "", *, offset: int = 0, stats: Sequence[Any] | None = None, track_winners: bool = False
+    ) -> OnlineMerge:
+        """A fresh accumulator for the tensor `name`.
+
+        Args:
+            name (`str`, *optional*):
+                The tensor's state-dict name: random_mix seeds its draws by it.
+            offset (`int`, *optional*, defaults to `0`):
+                Position of the first element folded in, in the flattened whole tensor (row blocks, shards).
+            stats (`list`, *optional*):
+                For `needs_tensor_stats` methods (ties): each task vector's [`OnlineMerge.tensor_stat`] over the whole
+                tensor, in task order; needed when the task vectors are folded in slices.
+            track_winners (`bool`, *optional*, defaults to `False`):
+                Record, per element, which task's value was kept (`acc.winners()`); only for methods that keep one
+                task's value per element (`can_track_winners`: magmax, random_mix).
+        """
+        if track_winners and not self.merge_class.can_track_winners:
+            takers = [n for n, c in ONLINE_MERGES.items() if c.can_track_winners]
+            raise ValueError(
+                f"`track_winners` only applies to `{'`, `'.join(takers)}` (one task's value per element), not to "
+                f"`{self.method}`: leave it unset."
+            )
+        options = self.method_options
+        if self.method == "ties":
+            return TiesMerge(options["density"], thresholds=stats)
+        if self.method == "random_mix":
+            return RandomMixMerge(options["seed"], name=name, offset=offset, track_winners=track_winners)
+        if track_winners:
+            return self.merge_class(track_winners=True)
+        return self.merge_class()
+
+    def tensor_stat(self, task_vector: Tensor) -> Any:
+        """The whole-tensor statistic of one task vector that `needs_tensor_stats` methods need (see `accumulator`)."""
+        return self.merge_class.tensor_stat(task_vector, **self.method_options)
+
+    def describe(self) -> str:
+        """One line for model cards and logs."""
+        options = ", ".join(f"{k} {v}" for k, v in self.method_options.items())
+        return self.merge_class.description + (f" ({options})" if options else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain values (for `magmax_config.yaml`): λ is recorded as `null` when it is the default, so a
+        re-run with another method takes that method's default."""
+        out: dict[str, Any] = {"method": self.method, "scaling_coef": self.scaling_coef}
+        out.update(self.method_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeSpec:
+        """Inverse of [`to_dict`]; options of another method than `method` are ignored."""
+        method = check_merge_method(data.get("method", "magmax"))
+        options = {k: data.get(k) for k in _OPTION_CHECKS if k in ONLINE_MERGES[method].options}
+        return cls(method, data.get("scaling_coef"), **options)
+
+
+def make_online_merge(method: str = "magmax", **method_kwargs) -> OnlineMerge:
+    """A fresh online accumulator of `method` (`density` for `ties`, `seed` for `random_mix`)."""
+    return MergeSpec(method, **_checked_kwargs(method, method_kwargs)).accumulator()
+
+
+def _checked_kwargs(method: str, method_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    allowed = ONLINE_MERGES[check_merge_method(method)].options
+    unknown = set(method_kwargs) - set(allowed)
+    if unknown:
+        hint = f"`{method}` takes {', '.join(sorted(allowed))}" if allowed else f"`{method}` takes no options"
+        raise TypeError(f"unexpected option(s) {', '.join(sorted(unknown))} for merge method `{method}`: {hint}.")
+    return dict(method_kwargs)
+
+
+def _spec(method: str | MergeSpec, scaling_coef: Any = None, method_kwargs: Mapping[str, Any] | None = None):
+    if isinstance(method, MergeSpec):
+        if method_kwargs:
+            raise TypeError("pass the options on the `MergeSpec`, not as keyword arguments beside it.")
+        return method if scaling_coef is None else method.with_scaling_coef(scaling_coef)
+    return MergeSpec(method, scaling_coef, **_checked_kwargs(method, method_kwargs or {}))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# THE arithmetic of the merged model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@_no_grad
+def apply_merged(theta_0: Tensor, merged: Tensor, scaling_coef: float, dtype: torch.dtype | None = None) -> Tensor:
+    """`θ_0 + λ · merged` for one tensor: the one rounding rule of every consumer.
+
+    The math runs in fp32 (fp64 if either input is fp64): `merged · λ`, then `+ θ_0`, then one cast to `dtype`
+    (θ_0's dtype by default). Integer and bool tensors are not merged: callers take them from θ_0.
+
+    Args:
+        theta_0 (`torch.Tensor`): the base weights (floating).
+        merged (`torch.Tensor`): the merged task vector (unscaled), same shape.
+        scaling_coef (`float`): λ.
+        dtype (`torch.dtype`, *optional*): the output dtype; defaults to θ_0's.
+
+    Returns:
+        `torch.Tensor`: a new tensor on θ_0's device.
+    """
+    import torch
+
+    compute = torch.promote_types(compute_dtype(theta_0.dtype), compute_dtype(merged.dtype))
+    out = merged.to(device=theta_0.device, dtype=compute)
+    out = out.mul_(scaling_coef) if out is not merged else out * scaling_coef
+    out.add_(theta_0.to(compute))
+    target = theta_0.dtype if dtype is None else dtype
+    return out if out.dtype == target else out.to(target)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure functions: list[Tensor] -> Tensor (the merged, unscaled task vector), folds of the accumulators
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fold(accumulator: OnlineMerge, task_vectors: Sequence[Tensor]) -> Tensor:
+    _check_same_shape(task_vectors)
+    for task_vector in task_vectors:
+        accumulator.update(task_vector)
+    return accumulator.result()
+
+
+@_no_grad
+def magmax(task_vectors: Sequence[Tensor]) -> Tensor:
+    """MagMax: per element, the task-vector value with the largest magnitude, its sign kept.
+
+    Ties go to the later task. Every output element is bit-identical to the element of one input.
+
+    Args:
+        task_vectors (`list[torch.Tensor]`):
+            Task vectors `τ_t = θ_t − θ_0` of one parameter, all of the same shape, in task order.
+
+    Returns:
+        `torch.Tensor`: the selected task vector (unscaled), in the input dtype.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import magmax
+    >>> magmax([torch.tensor([1.0, -3.0, 2.0]), torch.tensor([-2.0, 1.0, -2.0])])
+    tensor([-2., -3., -2.])
+    ```
+    """
+    return _fold(MagMaxMerge(), task_vectors)
+
+
+@_no_grad
+def average(task_vectors: Sequence[Tensor]) -> Tensor:
+    """Mean of the task vectors (fp32 math for half inputs). With `scaling_coef=1.0`: the weight average.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import average
+    >>> average([torch.tensor([1.0, -3.0]), torch.tensor([-2.0, 1.0])])
+    tensor([-0.5000, -1.0000])
+    ```
+    """
+    return _fold(AverageMerge(), task_vectors)
+
+
+@_no_grad
+def task_arithmetic(task_vectors: Sequence[Tensor]) -> Tensor:
+    """Sum of the task vectors (task arithmetic; default `scaling_coef` 0.3).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import task_arithmetic
+    >>> task_arithmetic([torch.tensor([1.0, -3.0]), torch.tensor([-2.0, 1.0])])
+    tensor([-1., -2.])
+    ```
+    """
+    return _fold(TaskArithmeticMerge(), task_vectors)
+
+
+@_no_grad
+def ties(task_vectors: Sequence[Tensor], density: float = 0.2) -> Tensor:
+    """TIES-merging: trim to the top-`density` magnitudes per task vector, elect the sign by total mass, disjoint mean.
+
+    See [`TiesMerge`] for the exact definition.
+
+    Args:
+        task_vectors (`list[torch.Tensor]`):
+            Task vectors of one parameter, same shape.
+        density (`float`, *optional*, defaults to `0.2`):
+            Fraction of elements each task vector keeps, in (0, 1].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import ties
+    >>> ties([torch.tensor([1.0, -3.0]), torch.tensor([3.0, 1.0])], density=1.0)
+    tensor([ 2., -3.])
+    ```
+    """
+    return _fold(TiesMerge(density), task_vectors)
+
+
+@_no_grad
+def random_mix(task_vectors: Sequence[Tensor], seed: int = 0, name: str = "") -> Tensor:
+    """Per element, the value of one task vector chosen uniformly at random (seeded); see [`RandomMixMerge`].
+
+    Args:
+        task_vectors (`list[torch.Tensor]`): task vectors of one parameter, same shape.
+        seed (`int`, *optional*, defaults to `0`): the seed.
+        name (`str`, *optional*, defaults to `""`): the tensor's name; merges of a state dict pass it, so that each
+            tensor has its own draws and every consumer draws the same ones.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import random_mix
+    >>> out = random_mix([torch.zeros(4), torch.ones(4)], seed=0)
+    >>> bool(((out == 0) | (out == 1)).all())
+    True
+    ```
+    """
+    return _fold(RandomMixMerge(seed, name=name), task_vectors)
+
+
+#: The pure merge functions by name: `list[Tensor] -> Tensor` (the merged, unscaled task vector).
+MERGE_METHODS: dict[str, Callable[..., Tensor]] = {
+    "magmax": magmax,
+    "average": average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "random_mix": random_mix,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# State-dict level
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class StateDictMerger:
+    """Online merge of whole task vectors (dicts name → tensor): one accumulator per floating tensor.
+
+    Memory is the running state (one tensor set for `magmax`, `random_mix` and the sums; four for `ties`),
+    independent of the number of tasks. This is what the Trainer folds each task into.
+
+    Args:
+        method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
+            The merge method, or a whole spec.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
+            Where the running state lives.
+        **method_kwargs:
+            `density` for `ties`, `seed` for `random_mix` (when `method` is a name). random_mix seeds each tensor's
+            draws by its name, as every other consumer does.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import StateDictMerger
+    >>> merger = StateDictMerger("magmax")
+    >>> merger.update({"w": torch.tensor([1.0, -3.0])})
+    >>> merger.update({"w": torch.tensor([-2.0, 1.0])})
+    >>> merger.result()["w"]
+    tensor([-2., -3.])
+    ```
+    """
+
+    def __init__(
+        self, method: str | MergeSpec = "magmax", device: str | torch.device = "cpu", **method_kwargs
+    ) -> None:
+        import torch
+
+        self.spec = _spec(method, None, method_kwargs)
+        self.method = self.spec.method
+        self.method_kwargs = self.spec.method_options
+        self.device = torch.device(device)
+        self.accumulators: dict[str, OnlineMerge] = {}
+        self.num_tasks = 0
+
+    @_no_grad
+    def update(self, task_vector: Mapping[str, Tensor]) -> None:
+        """Fold one task vector (name → floating tensor) in. Every task vector must have the same names."""
+        if self.num_tasks == 0:
+            self.accumulators = {name: self.spec.accumulator(name) for name in task_vector}
+        else:
+            missing = set(self.accumulators) - set(task_vector)
+            extra = set(task_vector) - set(self.accumulators)
+            if missing or extra:
+                raise KeyError(
+                    f"task vector {self.num_tasks} does not cover the same tensors as the earlier ones "
+                    f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(extra)[:5]})."
+                )
+        for name, tensor in task_vector.items():
+            self.accumulators[name].update(tensor.detach().to(self.device))
+        self.num_tasks += 1
+
+    @_no_grad
+    def result(self) -> dict[str, Tensor]:
+        """The merged task vector (unscaled), name → tensor."""
+        if self.num_tasks == 0:
+            raise ValueError("no task vector has been folded in yet: call `update` at least once before `result`.")
+        return {name: acc.result() for name, acc in self.accumulators.items()}
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "method_kwargs": dict(self.method_kwargs),
+            "num_tasks": self.num_tasks,
+            "accumulators": {name: acc.state_dict() for name, acc in self.accumulators.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        if state["method"] != self.method:
+            raise ValueError(f"cannot load a `{state['method']}` merge state into a `{self.method}` merger.")
+        self.num_tasks = int(state["num_tasks"])
+        self.accumulators = {}
+        for name, acc_state in state["accumulators"].items():
+            acc = self.spec.accumulator(name)
+            acc.load_state_dict(acc_state)
+            self.accumulators[name] = acc
+
+
+def merge_task_vectors(
+    task_vectors: Sequence[Mapping[str, Tensor]] | Sequence[Tensor],
+    method: str | MergeSpec = "magmax",
+    scaling_coef: float | None = None,
+    **method_kwargs,
+):
+    """Merge task vectors with `method` and scale the result by `scaling_coef`.
+
+    Args:
+        task_vectors (`list[TaskVector]`, `list[dict[str, torch.Tensor]]` or `list[torch.Tensor]`):
+            Task vectors in task order (for MagMax, ties go to the later task).
+        method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
+            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`, or a whole spec.
+        scaling_coef (`float`, *optional*):
+            λ, finite and > 0. Defaults to the method's default ([`DEFAULT_SCALING_COEFS`]): 0.5 for `magmax` and
+            `random_mix`, 1.0 for `average` and `ties`, 0.3 for `task_arithmetic`.
+        **method_kwargs:
+            `density` for `ties` (defaults to 0.2), `seed` for `random_mix` (defaults to 0).
+
+    Returns:
+        The scaled merged task vector `λ · merge(τ_1..τ_T)`, of the same kind as the inputs ([`TaskVector`] for
+        task vectors or dicts, a tensor for tensors). Apply it with `TaskVector.apply_to(base_state_dict)`: the
+        result is bit-identical to [`apply_merged`]`(θ_0, merge, λ)`, which every other door uses.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import TaskVector, merge_task_vectors
+    >>> base = {"w": torch.zeros(2)}
+    >>> tv1 = TaskVector.from_state_dicts(base, {"w": torch.tensor([1.0, -3.0])})
+    >>> tv2 = TaskVector.from_state_dicts(base, {"w": torch.tensor([-2.0, 1.0])})
+    >>> merge_task_vectors([tv1, tv2], method="magmax")["w"]  # 0.5 * [-2, -3]
+    tensor([-1.0000, -1.5000])
+    ```
+    """
+    spec = _spec(method, scaling_coef, method_kwargs)
+    if len(task_vectors) == 0:
+        raise ValueError("`task_vectors` is empty: pass at least one task vector to merge.")
+    coef = spec.coef
+
+    if not isinstance(task_vectors[0], Mapping):
+        return _scale(_fold(spec.accumulator(), list(task_vectors)), coef)
+
+    from ..task_vectors import TaskVector
+
+    names = list(task_vectors[0].keys())
+    for i, tv in enumerate(task_vectors[1:], start=1):
+        if set(tv.keys()) != set(names):
+            missing = sorted(set(names) - set(tv.keys()))[:5]
+            extra = sorted(set(tv.keys()) - set(names))[:5]
+            raise KeyError(
+                f"`task_vectors[{i}]` has other tensors than `task_vectors[0]` (missing: {missing}, extra: {extra})."
+            )
+    merged = {name: _scale(_fold(spec.accumulator(name), [tv[name] for tv in task_vectors]), coef) for name in names}
+    return TaskVector(merged)
+
+
+def _scale(tensor: Tensor, coef: float) -> Tensor:
+    """`λ · merged` as [`apply_merged`] computes it (in the compute dtype), returned in the merged tensor's dtype."""
+    return (tensor.to(compute_dtype(tensor.dtype)) * coef).to(tensor.dtype)

@@ -95,6 +95,21 @@ its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
 """
 
 
+def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--push-to-hub`, `--private` and `--no-progress`: the same flags, help and defaults on every merge command."""
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="after writing, upload the output and its card to this Hub repo (a failed upload keeps the local output)",
+    )
+    parser.add_argument(
+        "--private", action="store_true", default=None, help="with --push-to-hub: create a private repo"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (also: HF_HUB_DISABLE_PROGRESS_BARS=1)"
+    )
+
+
 def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge",
@@ -188,17 +203,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=["error", "last"],
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
-    parser.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        help="after writing, upload the output and its card to this Hub repo (a failed upload keeps the local output)",
-    )
-    parser.add_argument(
-        "--private", action="store_true", default=None, help="with --push-to-hub: create a private repo"
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bar (also: HF_HUB_DISABLE_PROGRESS_BARS=1)"
-    )
+    _add_publish_arguments(parser)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -331,17 +336,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="merge even if an adapter holds NaN/Inf or the result overflows (default: an error naming the tensor)",
     )
-    parser.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        help="after writing, upload the output and its card to this Hub repo (a failed upload keeps the local output)",
-    )
-    parser.add_argument(
-        "--private", action="store_true", default=None, help="with --push-to-hub: create a private repo"
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bar (also: HF_HUB_DISABLE_PROGRESS_BARS=1)"
-    )
+    _add_publish_arguments(parser)
 
 
 #: `merge-lora` flags that set a `MergeConfig` field of the same name.

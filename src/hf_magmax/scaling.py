@@ -341,17 +341,11 @@ class ScalingCoefApplier:
 
 
 def _load_model(path: str | os.PathLike, model_class: Any | None, torch_dtype: torch.dtype | None, **kwargs):
-    import transformers
+    if model_class is None:  # the class the config names: the one loader of hf_magmax
+        from .io import load_pretrained
 
-    if model_class is None:
-        config = transformers.AutoConfig.from_pretrained(path, **kwargs)
-        architectures = getattr(config, "architectures", None) or []
-        model_class = next(
-            (getattr(transformers, arch) for arch in architectures if hasattr(transformers, arch)),
-            transformers.AutoModel,
-        )
-    model = model_class.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    return model.eval()
+        return load_pretrained(path, dtype="auto" if torch_dtype is None else torch_dtype, **kwargs).eval()
+    return model_class.from_pretrained(path, dtype=torch_dtype, **kwargs).eval()
 
 
 def select_scaling_coef_for_checkpoints(

@@ -351,13 +351,14 @@ def model_class_for(config: Any, default: Any = None):
     return default
 
 
-def load_pretrained(path: str | os.PathLike, dtype: Any = "auto", **kwargs: Any):
+def load_pretrained(path: str | os.PathLike, dtype: Any = "auto", what: str = "model", **kwargs: Any):
     """Load a model with the class its config names (`config.architectures[0]`, else `AutoModel`).
 
     Args:
         path (`str` or `os.PathLike`): a local checkpoint directory or a Hub repo id.
         dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`): the checkpoint's dtype, or e.g.
             `"bfloat16"` / `torch.float32`.
+        what (`str`, *optional*, defaults to `"model"`): what the model is, for the error message ("base model").
         **kwargs: passed to `from_pretrained` (and to `AutoConfig.from_pretrained`).
 
     Example:
@@ -372,7 +373,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "auto", **kwargs: Any)
 
     path = os.fspath(expand_path(path)) if expand_path(path).exists() else os.fspath(path)
     if not os.path.isdir(path) and not is_hub_id(path):
-        raise FileNotFoundError(f"model {path!r} is neither a local directory nor a Hub repo id.")
+        raise FileNotFoundError(f"{what} {path!r} is neither a local directory nor a Hub repo id.")
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")

@@ -83,26 +83,10 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
 def _load_base_model(
     name_or_path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None
 ) -> nn.Module:
-    """Load a base model by its `config.architectures[0]` class (falls back to `AutoModel`)."""
-    import transformers
+    """Load a base model by its `config.architectures[0]` class (falls back to `AutoModel`): `io.load_pretrained`."""
+    from ..io import load_pretrained
 
-    from ..io import is_hub_id
-
-    local = os.path.expanduser(str(name_or_path))
-    if not os.path.isdir(local) and not is_hub_id(str(name_or_path)):
-        raise FileNotFoundError(f"base model {name_or_path!r} is neither a local directory nor a Hub repo id.")
-    name_or_path = local if os.path.isdir(local) else str(name_or_path)
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        model_class = transformers.AutoModel
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")
-        dtype = getattr(torch, dtype)
-    logger.info("loading base model %s as %s", name_or_path, model_class.__name__)
-    model = model_class.from_pretrained(name_or_path, dtype=dtype)
+    model = load_pretrained(name_or_path, dtype=dtype, what="base model")
     if device is not None and torch.device(device).type != "cpu":
         model = model.to(device)
     return model

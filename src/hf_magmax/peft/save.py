@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +30,6 @@ __all__ = ["lora_merge_config", "run_lora_merge", "save_lora_merge"]
 LORA_MERGE_CONFIG_NAME = "magmax_config.yaml"
 
 _BASE_FILES_SKIPPED = ("config.json", "generation_config.json", "README.md", LORA_MERGE_CONFIG_NAME)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
 def _recorded_path(source: str | None) -> str | None:
@@ -178,7 +176,7 @@ def save_lora_merge(
         `str`: the output directory.
     """
     from ..hub import write_model_card
-    from ..io import check_output_dir, staged_output_dir
+    from ..io import check_output_dir, copy_non_weight_files, staged_output_dir
 
     output = Path(os.path.expanduser(os.fspath(output_dir))).absolute()
     config = lora_merge_config(result, base, output)
@@ -188,10 +186,8 @@ def save_lora_merge(
         result.save_pretrained(staging)
         base_dir = Path(config.base) if config.base else None
         if result.lora_output == "merged" and base_dir is not None and base_dir.is_dir():
-            for source in sorted(base_dir.iterdir()):
-                if source.is_file() and not source.name.startswith(".") and not source.name.endswith(_WEIGHT_SUFFIXES):
-                    if source.name not in _BASE_FILES_SKIPPED and not (staging / source.name).exists():
-                        shutil.copy2(source, staging / source.name)
+            written = [path.name for path in staging.iterdir()]  # what save_pretrained wrote stays as it is
+            copy_non_weight_files(base_dir, staging, skip_names=(*_BASE_FILES_SKIPPED, *written))
         (staging / LORA_MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
         write_model_card(staging, _model_card(result, config))
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.lora_output, output)

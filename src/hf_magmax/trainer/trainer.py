@@ -260,6 +260,7 @@ class MagMaxTrainer(Trainer):
             logger.info("Resuming task %d (%s) from %s", start, self.task_names[start], resume_from_checkpoint)
         else:
             run.begin(self, self.model, self.train_datasets)
+            run.write_base(self)  # θ_0 once per run: output_dir/magmax_base/, then memory-mapped from there
 
         total_steps, total_loss = 0, 0.0
         history: list[dict[str, float]] = []

@@ -39,7 +39,10 @@ def results(tmp_path_factory):
     return [json.loads((out / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed"),
+]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
 from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, unwrap
 
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["STATE_NAME", "ContinualRun"]
 
@@ -183,6 +186,9 @@ class ContinualRun:
                 f.write(f"{digest}  model.safetensors\n")
             os.replace(hash_path + ".tmp", hash_path)
         trainer.accelerator.wait_for_everyone()
+        if not os.path.isfile(hash_path):  # another node without a shared file system: keep θ_0 in memory
+            logger.info("θ_0's file %s is not visible on this process; θ_0 stays in memory.", path)
+            return
         with open(hash_path, encoding="utf-8") as f:
             self.base_sha256 = f.read().split()[0]
         self.base_path = path

@@ -115,9 +115,8 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
             setattr(run, hook, timed)
         trainer.train()
         magmax_seconds = spent[0]
-        tensors = list(run.base.values())
-        for acc in run.merger.accumulators.values():
-            tensors += [v for v in acc.state_dict().values() if isinstance(v, torch.Tensor)]
+        held = run.state.state_tensors()  # θ_0 (memory-mapped from output_dir/magmax_base/) and θ_best / accumulators
+        tensors = held["base"] + held["merge"]
         state_bytes = sum(t.numel() * t.element_size() for t in tensors)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     sampler.running = False

@@ -31,7 +31,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import datasets
 from recipe_common import check_launch, finish_run, parse_recipe_args, resume_argument, setup_logging, write_json
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
@@ -45,6 +44,7 @@ from hf_magmax.trace import (
     trace_summary,
 )
 from hf_magmax.trainer import MagMaxConfig, MagMaxTrainer
+from hf_magmax.trainer.config import check_per_task_length
 
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,6 @@ class ScriptArguments:
     )
     tasks: list[str] = field(
         default_factory=lambda: list(TRACE_TASKS), metadata={"help": "Tasks in learning order (TRACE's by default)."}
-    )
-    epochs_per_task: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Epochs of each task (e.g. TRACE LoRA: 5 3 7 5 3 5 5 7). Implemented by repeating the task's "
-            "training set, so keep `num_train_epochs: 1` when you set it."
-        },
     )
     max_prompt_len: int = field(default=1024, metadata={"help": "Prompt tokens kept (left truncation), as TRACE."})
     max_answer_len: int = field(default=512, metadata={"help": "Answer tokens kept in training, as TRACE."})
@@ -94,13 +87,6 @@ class ScriptArguments:
             raise ValueError("`data_path` is required: a local TRACE folder or a Hub dataset repo id.")
         if not self.tasks:
             raise ValueError(f"`tasks` is empty: list TRACE tasks in learning order, e.g. {list(TRACE_TASKS)}.")
-        if self.epochs_per_task is not None:
-            if len(self.epochs_per_task) != len(self.tasks):
-                raise ValueError(
-                    f"`epochs_per_task` has {len(self.epochs_per_task)} entries but there are {len(self.tasks)} tasks."
-                )
-            if any(int(e) < 1 for e in self.epochs_per_task):
-                raise ValueError(f"`epochs_per_task` must be positive integers, got {self.epochs_per_task}.")
 
 
 class TraceMagMaxTrainer(MagMaxTrainer):
@@ -166,6 +152,7 @@ def main(argv=None):
     training_args.continual_metric = "score"
     training_args.remove_unused_columns = False  # the collator needs the raw `prompt` / `answer` text
 
+    check_per_task_length(training_args, len(script_args.tasks))  # TRACE's per-task epochs: one per task
     check_model(script_args)
     with training_args.main_process_first(desc="loading TRACE"):
         trace = load_trace(
@@ -175,11 +162,8 @@ def main(argv=None):
             max_samples={"train": script_args.max_train_samples, "test": script_args.max_test_samples},
         )
     train_datasets, eval_datasets = {}, {}
-    for t, (task, parts) in enumerate(trace.items()):
-        train = parts["train"]
-        if script_args.epochs_per_task is not None:
-            train = datasets.concatenate_datasets([train] * int(script_args.epochs_per_task[t]))
-        train_datasets[task] = train
+    for task, parts in trace.items():
+        train_datasets[task] = parts["train"]
         eval_datasets[task] = parts["test"].add_column(TASK_COLUMN, [task] * len(parts["test"]))
 
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)

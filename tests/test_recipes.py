@@ -98,12 +98,12 @@ def test_trace_recipe_full_fine_tuning_all_eight_tasks(assets, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-def test_trace_recipe_lora_with_epochs_per_task(assets, tmp_path):
+def test_trace_recipe_lora_with_per_task_epochs(assets, tmp_path):
     out = tmp_path / "trace-lora"
     _recipe("trace").main(
         ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
         + ["--data_path", assets["trace"], "--output_dir", str(out), "--tasks", "FOMC", "20Minuten"]
-        + ["--use_peft", "true", "--epochs_per_task", "2", "1", "--learning_rate", "1e-2"]
+        + ["--use_peft", "true", "--num_train_epochs_per_task", "2", "1", "--learning_rate", "1e-2"]
     )
     results = _json(out / "trace_results.json")
     assert results["tasks"] == ["FOMC", "20Minuten"]
@@ -366,7 +366,16 @@ def test_trace_recipe_learns_a_task(assets, tmp_path):
     out = tmp_path / "learn"
     scores = _recipe("trace").main(
         ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
-        + ["--data_path", assets["trace"], "--output_dir", str(out), "--tasks", "FOMC", "--epochs_per_task", "15"]
+        + [
+            "--data_path",
+            assets["trace"],
+            "--output_dir",
+            str(out),
+            "--tasks",
+            "FOMC",
+            "--num_train_epochs_per_task",
+            "15",
+        ]
         + ["--max_train_samples", "4", "--max_test_samples", "4", "--learning_rate", "3e-3", "--max_new_tokens", "3"]
     )
     matrix = scores["SeqFT"]["matrix"]

@@ -84,13 +84,14 @@ def test_sequential_final_model_and_merge_device_state_is_one_tensor_set(tmp_pat
     trainer.train()
     for name, value in recorder.snapshots[-1].items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
-    # θ_0 and one running tensor per parameter on the CPU: no per-task copies
+    # θ_0 (memory-mapped from output_dir/magmax_base/) and θ_best, one tensor per parameter in the model's dtype, on
+    # the CPU: no per-task copies, no fp32 τ
     run = trainer._magmax.state
-    assert run.merger.num_tasks == 2
+    assert run.num_tasks == 2 and run.base_file == str(tmp_path / "out" / "magmax_base" / "model.safetensors")
     assert all(t.device.type == "cpu" for t in run.base.values())
-    assert all(
-        len(acc.state_dict()) == 4 for acc in run.merger.accumulators.values()
-    )  # num_tasks, method, selected, dtype
+    assert not run.accumulators and set(run.best) == set(run.base)
+    assert all(run.best[name].dtype == run.base[name].dtype for name in run.base)
+    assert run.resident_bytes()["base"] == 0
 
 
 def test_fresh_optimizer_and_lr_schedule_every_task(tmp_path):

@@ -128,11 +128,31 @@ def test_resume_falls_back_to_the_last_complete_checkpoint_of_the_same_task(cras
 def test_a_truncated_checkpoint_file_is_one_error_naming_it(crashed, tmp_path, name):
     out, _ = _copy_crashed(crashed, tmp_path)
     checkpoint = out / "task-01-b" / "checkpoint-2"
-    _truncate(checkpoint / name)
+    # θ_0 lives once per run (output_dir/magmax_base/), the rest in the checkpoint
+    _truncate(out / name if name == BASE_WEIGHTS_NAME else checkpoint / name)
     trainer = MagMaxTrainer(tiny_bert(), make_args(out), train_datasets=three_tasks(), callbacks=[NoStep()])
     with pytest.raises(CheckpointError, match=name) as info:
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert "\n" not in str(info.value) and "truncated or corrupt" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "replaced"])
+def test_resume_checks_the_runs_base_file_against_the_checkpoints_hash(crashed, tmp_path, damage):
+    out, _ = _copy_crashed(crashed, tmp_path)
+    checkpoint = out / "task-01-b" / "checkpoint-2"
+    base = out / BASE_WEIGHTS_NAME
+    if damage == "missing":
+        base.unlink()
+        message = "is missing"
+    else:  # a θ_0 file of the same size and layout, but other values
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v + 1 for k, v in load_file(base).items()}, base)
+        message = "sha256 .* is not the .* that the checkpoint"
+    trainer = MagMaxTrainer(tiny_bert(), make_args(out), train_datasets=three_tasks(), callbacks=[NoStep()])
+    with pytest.raises(CheckpointError, match=message) as info:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert "\n" not in str(info.value) and "magmax_base/model.safetensors" in str(info.value)
 
 
 def test_resume_with_only_broken_checkpoints_says_so(tmp_path):

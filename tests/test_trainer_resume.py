@@ -1,5 +1,6 @@
 """MagMaxTrainer checkpoints carry the task index, θ_0, the running merge and the matrices; resume is exact."""
 
+import hashlib
 import json
 
 import pytest
@@ -65,11 +66,16 @@ def test_resume_in_the_middle_of_a_task_gives_the_same_merge(tmp_path, method):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crashed", callbacks=[Crash(task=1, step=2)], method=method)
     checkpoint = tmp_path / "crashed" / "task-01-b" / "checkpoint-2"
-    for name in (STATE_NAME, BASE_WEIGHTS_NAME, MERGE_STATE_NAME):
+    for name in (STATE_NAME, MERGE_STATE_NAME):
         assert (checkpoint / name).is_file(), name
+    # θ_0 is written once per run, and each checkpoint records its file and sha256
+    base = tmp_path / "crashed" / BASE_WEIGHTS_NAME
+    assert base.is_file() and not list(checkpoint.glob("*base*"))
     with open(checkpoint / STATE_NAME) as f:
         state = json.load(f)
     assert state["task"] == 1 and state["num_tasks_done"] == 1
+    assert state["base"]["sha256"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert (checkpoint / state["base"]["file"]).resolve() == base.resolve()
     assert not (tmp_path / "crashed" / "task-02-c").exists()
 
     resumed = run(tmp_path / "crashed", resume=True, method=method)  # finds task-01-b/checkpoint-2

@@ -19,11 +19,12 @@ from .callback import MagMaxCallback
 from .config import MagMaxConfig, MagMaxOptions
 from .matrices import RESULTS_NAME, AccuracyMatrices
 from .run import STATE_NAME, ContinualRun
-from .state import BASE_WEIGHTS_NAME, MERGE_STATE_NAME, CheckpointError, MergeState
+from .state import BASE_DIR_NAME, BASE_WEIGHTS_NAME, MERGE_STATE_NAME, CheckpointError, MergeState
 from .trainer import MagMaxTrainer
 
 
 __all__ = [
+    "BASE_DIR_NAME",
     "BASE_WEIGHTS_NAME",
     "MERGE_STATE_NAME",
     "RESULTS_NAME",

@@ -229,6 +229,12 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     `continual_metric`), plus these Trainer-only ones:
 
     Args:
+        num_train_epochs_per_task (`list[float]`, *optional*):
+            The number of epochs of each task, one entry per task in task order (e.g. TRACE's 5, 3, 7, 5, 3, 5, 5, 7);
+            overrides `num_train_epochs` task by task. Each task keeps its own fresh learning-rate schedule.
+        max_steps_per_task (`list[int]`, *optional*):
+            The number of optimizer steps of each task, one positive entry per task; overrides `max_steps` (and the
+            epochs) task by task. A resumed task runs its own remaining steps.
         restrict_loss_to_task_classes (`bool`, *optional*, defaults to `False`):
             Class-incremental learning with one head over all classes: mask the logits of the classes that are not in
             the current task out of the training loss (evaluation uses every class).
@@ -252,6 +258,12 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     ```
     """
 
+    num_train_epochs_per_task: list[float] | None = field(
+        default=None, metadata={"help": "Epochs of each task, one per task (overrides num_train_epochs per task)."}
+    )
+    max_steps_per_task: list[int] | None = field(
+        default=None, metadata={"help": "Optimizer steps of each task, one per task (overrides max_steps per task)."}
+    )
     restrict_loss_to_task_classes: bool = field(
         default=False, metadata={"help": "Mask logits of classes outside the current task in the training loss."}
     )
@@ -276,8 +288,39 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
             isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1
         ):
             raise ValueError(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}.")
+        self.num_train_epochs_per_task = _check_per_task(self.num_train_epochs_per_task, "num_train_epochs_per_task")
+        self.max_steps_per_task = _check_per_task(self.max_steps_per_task, "max_steps_per_task", integer=True)
         if self.load_best_model_at_end:
             raise ValueError(
                 "`load_best_model_at_end=True` is not supported by MagMaxTrainer: each task is its own run, and "
                 "loading a best checkpoint would break the task sequence. Set it to False."
+            )
+
+
+def _check_per_task(values: Any, option: str, integer: bool = False) -> list | None:
+    """A per-task schedule option: None, or a non-empty list of positive numbers (integers for steps)."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"`{option}` must be a list with one entry per task, got {values!r}.")
+    values = list(values)
+    if not values:
+        raise ValueError(f"`{option}` is empty: give one entry per task, or leave it unset.")
+    out = []
+    for i, value in enumerate(values):
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or value != value:
+            what = "a positive integer" if integer else "a positive number"
+            raise ValueError(f"`{option}`[{i}] must be {what}, got {value!r}.")
+        out.append(int(value) if integer else value)
+    return out
+
+
+def check_per_task_length(args: Any, num_tasks: int) -> None:
+    """The per-task schedule lists must have one entry per task (known once the trainer has the tasks)."""
+    for option in ("num_train_epochs_per_task", "max_steps_per_task"):
+        values = getattr(args, option, None)
+        if values is not None and len(values) != num_tasks:
+            raise ValueError(
+                f"`{option}` has {len(values)} entries but there are {num_tasks} tasks: give one entry per task."
             )

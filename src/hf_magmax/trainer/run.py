@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -18,8 +19,10 @@ from torch import Tensor, nn
 
 from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
-from .state import CheckpointError, MergeState, unwrap
+from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, unwrap
 
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["STATE_NAME", "ContinualRun"]
 
@@ -62,6 +65,9 @@ class ContinualRun:
         self.finished = False
         self.lora = lora
         self.lora_info: dict[str, Any] | None = None
+        #: the run's one θ_0 file (`output_dir/magmax_base/model.safetensors`) and its sha256, once written
+        self.base_path: str | None = None
+        self.base_sha256: str | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -152,7 +158,7 @@ class ContinualRun:
                     for name, target in targets.items():
                         target.copy_(saved[name].to(target.device, target.dtype))
         else:
-            saved = {name: state_dict[name].detach().to(state.device, copy=True) for name in state.base}
+            saved = {name: t.detach().to(state.device, copy=True) for name, t in state.local(state_dict).items()}
             try:
                 yield lambda coef: state.write_into(model, lambda name: state.merged_tensor(name, coef))
             finally:
@@ -166,6 +172,27 @@ class ContinualRun:
         initial = trainer is None or trainer.model_wrapped is model
         self.state.snapshot(self.weights(trainer, model, initial=initial))
         self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets)
+
+    def write_base(self, trainer: Any) -> None:
+        """Write θ_0 once per run to `output_dir/magmax_base/` (the main process, with its sha256), then hold it
+        memory-mapped from there on every process. Sharded states keep their part in memory."""
+        if self.state.sharded:
+            return
+        path = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_WEIGHTS_NAME))
+        hash_path = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_HASH_NAME))
+        if trainer.is_world_process_zero():
+            digest = self.state.write_base(path)
+            with open(hash_path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(f"{digest}  model.safetensors\n")
+            os.replace(hash_path + ".tmp", hash_path)
+        trainer.accelerator.wait_for_everyone()
+        if not os.path.isfile(hash_path):  # another node without a shared file system: keep θ_0 in memory
+            logger.info("θ_0's file %s is not visible on this process; θ_0 stays in memory.", path)
+            return
+        with open(hash_path, encoding="utf-8") as f:
+            self.base_sha256 = f.read().split()[0]
+        self.base_path = path
+        self.state.map_base(path)
 
     def begin_task(self, trainer: Any, model: nn.Module, task: int) -> None:
         if not self.lora:
@@ -272,14 +299,21 @@ class ContinualRun:
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
     def save(self, directory: str, task: int) -> None:
-        """θ_0 and the merge state, then the run state (`magmax_state.json`, atomically, last)."""
+        """The merge state and the run state (`magmax_state.json`, atomically, last), which records θ_0's file (relative
+        to `directory`) and sha256; θ_0 itself is written once per run ([`write_base`])."""
         self.state.save(directory)
+        if self.base_path is not None:
+            base = {"file": os.path.relpath(self.base_path, directory), "sha256": self.base_sha256}
+        else:  # no run-level θ_0 file (a sharded state): this rank's θ_0 in the checkpoint
+            self.state.write_base(os.path.join(directory, LEGACY_BASE_NAME))
+            base = None
         record = {
             "task": task,
             "num_tasks_done": self.num_tasks_done,
             "task_names": self.task_names,
             "method": self.spec.method,
             "method_kwargs": self.spec.method_options,
+            "base": base,
             **self.matrices.to_dict(),
         }
         path = os.path.join(directory, STATE_NAME)
@@ -330,7 +364,16 @@ class ContinualRun:
             raise CheckpointError(f"{trainer_state!r} is missing: the checkpoint is incomplete.") from None
         except ValueError as err:
             raise CheckpointError(f"{trainer_state!r} is truncated or corrupt ({err}).") from None
-        base, merge_state = MergeState.read(directory, self.state.device)
-        self.state.restore(base, merge_state)
+        merge_state = MergeState.read(directory, self.state.device)
+        recorded = record.get("base")
+        if recorded:
+            base_path = os.path.normpath(os.path.join(directory, recorded["file"]))
+            base = MergeState.read_base(base_path, recorded.get("sha256"), directory)
+        else:  # θ_0 inside the checkpoint (a sharded state, or a checkpoint of an older version)
+            base_path = os.path.join(directory, LEGACY_BASE_NAME)
+            base = MergeState.read_base(base_path, None, directory)
+        self.state.restore(base, merge_state, base_file=base_path)
+        self.base_path = os.path.abspath(base_path) if recorded else None
+        self.base_sha256 = recorded.get("sha256") if recorded else None
         self.matrices.load(record)
         return int(record["task"])

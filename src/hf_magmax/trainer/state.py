@@ -1,14 +1,29 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
 """[`MergeState`]: θ_0 and the running merge of the tensors this process holds, asked of the one merge core.
 
-The state is a thin layer over [`~hf_magmax.merging.StateDictMerger`] built from the run's
-[`~hf_magmax.merging.MergeSpec`]: `τ_t = θ_t − θ_0` comes from [`~hf_magmax.task_vectors.TaskVector`] (fp32 for
-half-precision models), the merged weights from [`~hf_magmax.merging.apply_merged`] (one rounding rule), so the
-Trainer's weights equal the in-memory engine's bit for bit. Under DDP (or one process) the tensors held are whole.
+The state is a thin layer over the accumulators of the run's [`~hf_magmax.merging.MergeSpec`]: `τ_t = θ_t − θ_0`
+comes from [`~hf_magmax.task_vectors.subtract`] (fp32 for half-precision models), the merged weights from
+[`~hf_magmax.merging.apply_merged`] (one rounding rule), so the Trainer's weights equal the in-memory engine's bit for
+bit.
+
+What is resident, per parameter:
+
+- the *selecting* methods (`magmax`, `random_mix`: every merged element is one task's value) keep the winning
+  fine-tuned value θ_best in the model's dtype, not τ in fp32; `τ_best = subtract(θ_best, θ_0)` is recomputed when it
+  is needed, which gives the same τ bit for bit (2 B/param for a bf16 model, 4 for fp32);
+- the other methods keep their accumulators (one fp32 sum; four tensors for `ties`);
+- θ_0 is memory-mapped from the run's one base file (`output_dir/magmax_base/`, [`write_base`]) once it is written,
+  so it costs page cache, not private memory.
+
+The tensors held are those *this rank owns*: whole tensors under DDP or one process, the local shards of DTensor
+parameters under FSDP2 (`fully_shard`), each with its global flat offset (random_mix draws by it, so a sharded run
+equals one process). TIES needs the threshold of the whole task vector and is refused on sharded weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -16,19 +31,53 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..merging import MergeSpec, StateDictMerger, apply_merged
-from ..task_vectors import TaskVector, shared_tensor_groups
+from ..merging import MergeSpec, OnlineMerge, apply_merged
+from ..task_vectors import shared_tensor_groups, subtract
 
 
-__all__ = ["BASE_WEIGHTS_NAME", "MERGE_STATE_NAME", "CheckpointError", "MergeState"]
+__all__ = [
+    "BASE_DIR_NAME",
+    "BASE_HASH_NAME",
+    "BASE_WEIGHTS_NAME",
+    "MERGE_STATE_NAME",
+    "CheckpointError",
+    "MergeState",
+    "file_sha256",
+]
 
-#: Files a checkpoint carries for the merge state, besides the `Trainer`'s own.
-BASE_WEIGHTS_NAME = "magmax_base.safetensors"
+#: θ_0 of a run, written once: `output_dir/magmax_base/model.safetensors` and the sha256 of that file.
+BASE_DIR_NAME = "magmax_base"
+BASE_WEIGHTS_NAME = "magmax_base/model.safetensors"
+BASE_HASH_NAME = "magmax_base/sha256"
+#: The merge state a checkpoint carries, besides the `Trainer`'s own files.
 MERGE_STATE_NAME = "magmax_merge_state.pt"
+#: Where older checkpoints kept a full copy of θ_0 (still read on resume).
+LEGACY_BASE_NAME = "magmax_base.safetensors"
+
+#: Methods whose merged element is one task vector's element: the state may keep θ_best instead of τ.
+SELECTING_METHODS = ("magmax", "random_mix")
 
 
 class CheckpointError(ValueError):
     """A MagMaxTrainer checkpoint file is missing, truncated or corrupt (the message names the file)."""
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 (hex) of a file's content, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def map_safetensors(path: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, memory-mapped by safetensors (a private file mapping: reading them costs page
+    cache, which the kernel can drop, not private memory)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -48,8 +97,45 @@ def live_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
+def local_part(tensor: Tensor) -> tuple[Tensor, int, bool]:
+    """`(the part of tensor this rank holds, the global flat offset of its first element, whether it is a shard)`.
+
+    A plain tensor is held whole (offset 0). A DTensor (FSDP2's parameters) gives its local shard: `Shard(0)` over
+    the mesh (FSDP2's layout) holds a contiguous run of rows, so its elements are one contiguous range of the flattened
+    whole tensor. Other layouts (sharding another dim, partial sums) are refused.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return tensor, 0, False
+    if not isinstance(tensor, DTensor):
+        return tensor, 0, False
+    placements = tensor.placements
+    if any(p.is_partial() or (p.is_shard() and p.dim != 0) for p in placements):
+        raise ValueError(
+            f"a DTensor with placements {placements} is not supported by the merge state: it holds row shards "
+            "(Shard(0), FSDP2's layout) or replicated tensors."
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, global_offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
+    row = int(global_offset[0]) if len(global_offset) else 0
+    flat_offset = row * math.prod(tensor.shape[1:])
+    sharded = any(p.is_shard() for p in placements) and tensor.device_mesh.size() > 1
+    return tensor.to_local(), flat_offset, sharded
+
+
+def _bits(tensor: Tensor) -> Tensor:
+    """The tensor's bits as integers (exact comparison: -0.0 and 0.0 differ, as they do in the merge)."""
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _nbytes(tensors: Sequence[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class MergeState:
-    """θ_0 and the running merge of one task sequence, for the tensors this process holds.
+    """θ_0 and the running merge of one task sequence, for the tensors this process holds (see the module docstring).
 
     Args:
         spec ([`~hf_magmax.merging.MergeSpec`]):
@@ -80,22 +166,27 @@ class MergeState:
         self.spec = spec
         self.device = torch.device(device)
         self.frozen_modules = list(frozen_modules or [])
-        self.merger = StateDictMerger(spec, device=self.device)
+        #: the selecting methods keep θ_best (model dtype) instead of τ (fp32 for half models)
+        self.selecting = spec.method in SELECTING_METHODS
         self.base: dict[str, Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-
-    @property
-    def num_tasks(self) -> int:
-        return self.merger.num_tasks
+        self.offsets: dict[str, int] = {}
+        self.sharded = False
+        #: the file θ_0 is memory-mapped from (None: θ_0 is a copy in memory)
+        self.base_file: str | None = None
+        self.best: dict[str, Tensor] = {}
+        self.accumulators: dict[str, OnlineMerge] = {}
+        self.num_tasks = 0
 
     # -- θ_0 -------------------------------------------------------------------------------------------------------
 
     def names(self, state_dict: Mapping[str, Tensor]) -> list[str]:
         """The tensors of the task vectors: floating, not tied to an earlier name, outside `frozen_modules`."""
-        aliases = shared_tensor_groups(state_dict)
+        local = {name: local_part(t)[0] if isinstance(t, Tensor) else t for name, t in state_dict.items()}
+        aliases = shared_tensor_groups(local)
         return [
             name
-            for name, tensor in state_dict.items()
+            for name, tensor in local.items()
             if isinstance(tensor, Tensor)
             and tensor.is_floating_point()
             and aliases.get(name, name) == name
@@ -104,14 +195,26 @@ class MergeState:
 
     @torch.no_grad()
     def snapshot(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Take θ_0 (a copy on `device`) from the model's weights."""
+        """Take θ_0 (a copy on `device` of the part of each tensor this rank holds) from the model's weights."""
         names = self.names(state_dict)
         if not names:
             raise ValueError(
                 "the model has no floating-point weights outside `frozen_modules`: there is nothing to train or merge."
             )
-        self.base = {name: state_dict[name].detach().to(self.device, copy=True) for name in names}
-        self.shapes = {name: tuple(t.shape) for name, t in self.base.items()}
+        parts = {name: local_part(state_dict[name]) for name in names}
+        sharded = any(part[2] for part in parts.values())
+        if sharded and self.spec.merge_class.needs_tensor_stats:
+            raise ValueError(
+                f"merge_method={self.spec.method!r} is not supported on sharded (FSDP2) weights: its trim threshold "
+                "is a statistic of each whole task vector, which no rank holds. Use magmax, average, "
+                "task_arithmetic or random_mix, or train under DDP."
+            )
+        self.base = {name: local.detach().to(self.device, copy=True) for name, (local, _, _) in parts.items()}
+        self.offsets = {name: offset for name, (_, offset, _) in parts.items()}
+        self.shapes = {name: tuple(state_dict[name].shape) for name in names}
+        self.sharded = sharded
+        self.base_file = None
+        self.best, self.accumulators, self.num_tasks = {}, {}, 0
 
     def check_shapes(self, state_dict: Mapping[str, Tensor], task: str) -> None:
         """Raise if the model's weights no longer match θ_0 (a head resized between tasks, another model...)."""
@@ -129,27 +232,105 @@ class MergeState:
                     "`restrict_loss_to_task_classes=True`) instead of resizing it."
                 )
 
+    def write_base(self, path: str) -> str:
+        """Write θ_0 (this rank's part) to the safetensors file `path` (atomically); returns its sha256."""
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        save_file({k: v.contiguous().cpu() for k, v in self.base.items()}, tmp)
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+        return digest
+
+    def map_base(self, path: str) -> None:
+        """Hold θ_0 memory-mapped from `path` (written by [`write_base`]) instead of a copy in memory.
+
+        Only on the CPU (another `merge_device` keeps its copy). The file must hold the same tensors, bit for bit.
+        """
+        if self.device.type != "cpu":
+            return
+        mapped = map_safetensors(path)
+        for name, tensor in self.base.items():
+            other = mapped.get(name)
+            if other is None or other.dtype != tensor.dtype or other.shape != tensor.shape:
+                raise CheckpointError(f"{path!r} does not hold θ_0's tensor {name!r} as the run took it.")
+        self.base = {name: mapped[name] for name in self.base}
+        self.base_file = path
+
     # -- the merge -------------------------------------------------------------------------------------------------
+
+    def local(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The part of each task-vector tensor of `state_dict` that this rank holds (the layout θ_0 was taken in)."""
+        out = {}
+        for name, base in self.base.items():
+            tensor, offset, _ = local_part(state_dict[name])
+            if tuple(tensor.shape) != tuple(base.shape) or offset != self.offsets.get(name, 0):
+                raise ValueError(
+                    f"this rank holds {tuple(tensor.shape)} elements of {name!r} at offset {offset}, but held "
+                    f"{tuple(base.shape)} at offset {self.offsets.get(name, 0)} when θ_0 was taken: keep the same "
+                    "sharding for the whole run."
+                )
+            out[name] = tensor
+        return out
 
     @torch.no_grad()
     def fold(self, state_dict: Mapping[str, Tensor], task: str) -> None:
         """Fold `τ_t = θ_t − θ_0` (fp32 for half-precision weights) into the running merge; non-finite τ is an error."""
-        finetuned = {name: state_dict[name] for name in self.base}
-        task_vector = TaskVector.from_state_dicts(self.base, finetuned, device=self.device)
-        for name, tensor in task_vector.items():
-            if not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
+        finetuned = self.local(state_dict)
+        for name, theta in finetuned.items():  # checked before anything is folded: a bad task leaves the state as is
+            if not bool(torch.isfinite(theta).all()):
+                bad = int((~torch.isfinite(theta)).sum())
                 raise ValueError(
                     f"the task vector of task {task!r} has {bad} non-finite value(s) (NaN/Inf) in tensor {name!r}: "
                     "training diverged. Lower the learning rate (or use `max_grad_norm`) and train that task again; "
                     "it is not merged."
                 )
-        self.merger.update(task_vector.vector)
+        for name, theta in finetuned.items():
+            base = self.base[name]
+            tau = subtract(theta, base, device=self.device)
+            if self.selecting:
+                self.best[name] = self._select(name, theta, tau)
+            else:
+                if self.num_tasks == 0:
+                    self.accumulators[name] = self.spec.accumulator(name, offset=self.offsets.get(name, 0))
+                self.accumulators[name].update(tau)
+        self.num_tasks += 1
+
+    def _select(self, name: str, theta: Tensor, tau: Tensor) -> Tensor:
+        """θ_best after folding `τ = θ − θ_0`: the core's accumulator chooses on `τ_best = subtract(θ_best, θ_0)`."""
+        theta = theta.detach().to(self.device)
+        if self.num_tasks == 0:
+            return theta.clone()
+        best = self.best[name]
+        tau_best = subtract(best, self.base[name], device=self.device)
+        accumulator = self.spec.accumulator(name, offset=self.offsets.get(name, 0))
+        accumulator.load_state_dict(
+            {
+                "method": self.spec.method,
+                "num_tasks": self.num_tasks,
+                "selected": tau_best,
+                "dtype": str(tau_best.dtype).removeprefix("torch."),
+            }
+        )
+        accumulator.update(tau)
+        # where the accumulator took τ, θ wins (where τ equals τ_best bit for bit, either θ gives that τ)
+        taken = _bits(accumulator.result()) == _bits(tau)
+        return torch.where(taken, theta, best)
+
+    @torch.no_grad()
+    def merged_task_vector(self, name: str) -> Tensor:
+        """The merged task vector (unscaled) of one tensor: `subtract(θ_best, θ_0)` for the selecting methods."""
+        if self.num_tasks == 0:
+            raise ValueError("no task has been folded in yet: nothing to merge.")
+        if self.selecting:
+            return subtract(self.best[name], self.base[name], device=self.device)
+        return self.accumulators[name].result()
 
     @torch.no_grad()
     def merged_tensor(self, name: str, scaling_coef: float) -> Tensor:
         """`θ_0 + λ · merge` for one tensor ([`~hf_magmax.merging.apply_merged`]: fp32 math, one cast)."""
-        return apply_merged(self.base[name], self.merger.accumulators[name].result(), scaling_coef)
+        return apply_merged(self.base[name], self.merged_task_vector(name), scaling_coef)
 
     @torch.no_grad()
     def merged_state_dict(self, scaling_coef: float) -> dict[str, Tensor]:
@@ -158,48 +339,102 @@ class MergeState:
 
     @torch.no_grad()
     def write_into(self, model: nn.Module, tensors: Callable[[str], Tensor]) -> None:
-        """Copy `tensors(name)` into the model's weights in place, for every name of the task vectors."""
+        """Copy `tensors(name)` into the model's weights in place (into the local shard of a DTensor)."""
         live = live_tensors(unwrap(model))
         for name in self.base:
             if name not in live:
                 raise KeyError(f"the model has no weight {name!r} to write the merged value into.")
-            target = live[name]
+            target = local_part(live[name])[0]
             target.copy_(tensors(name).to(target.device, target.dtype))
+
+    # -- memory ----------------------------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, list[Tensor]]:
+        """The tensors held: `"base"` (θ_0; memory-mapped when `base_file` is set) and `"merge"` (θ_best or the
+        accumulators' running tensors)."""
+        merge = list(self.best.values())
+        for accumulator in self.accumulators.values():
+            merge += [v for v in accumulator.state_dict().values() if isinstance(v, Tensor)]
+        return {"base": list(self.base.values()), "merge": merge}
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of private memory the state holds: `base` (0 when θ_0 is memory-mapped), `merge`, and `total`."""
+        tensors = self.state_tensors()
+        base = 0 if self.base_file is not None else _nbytes(tensors["base"])
+        merge = _nbytes(tensors["merge"])
+        return {"base": base, "merge": merge, "total": base + merge}
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
-    def save(self, directory: str) -> None:
-        """Write θ_0 (`magmax_base.safetensors`) and the running merge (`magmax_merge_state.pt`) to `directory`."""
-        from safetensors.torch import save_file
+    def state_dict(self) -> dict[str, object]:
+        """The running merge (θ_best or the accumulators), enough to continue folding after a restart."""
+        return {
+            "method": self.spec.method,
+            "method_kwargs": dict(self.spec.method_options),
+            "num_tasks": self.num_tasks,
+            "accumulators": {name: acc.state_dict() for name, acc in self.accumulators.items()},
+            "best": dict(self.best),
+            "offsets": dict(self.offsets),
+        }
 
+    def save(self, directory: str) -> None:
+        """Write the running merge to `directory/magmax_merge_state.pt` (θ_0 is written once, by [`write_base`])."""
         os.makedirs(directory, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.base.items()}, os.path.join(directory, BASE_WEIGHTS_NAME))
-        torch.save(self.merger.state_dict(), os.path.join(directory, MERGE_STATE_NAME))
+        torch.save(self.state_dict(), os.path.join(directory, MERGE_STATE_NAME))
 
     @staticmethod
-    def read(directory: str, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
-        """Read θ_0 and the merge state of a checkpoint; a missing or corrupt file is a [`CheckpointError`]."""
-        from safetensors.torch import load_file
-
-        base_path = os.path.join(directory, BASE_WEIGHTS_NAME)
+    def read(directory: str, device: str | torch.device = "cpu") -> dict:
+        """Read the merge state of a checkpoint; a missing or corrupt file is a [`CheckpointError`]."""
         merge_path = os.path.join(directory, MERGE_STATE_NAME)
-        for path in (base_path, merge_path):
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path!r} is missing: the checkpoint is incomplete (interrupted while saving).")
-        try:
-            base = {k: v.to(device) for k, v in load_file(base_path).items()}
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise CheckpointError(f"{base_path!r} is truncated or corrupt ({type(err).__name__}: {err}).") from None
+        if not os.path.isfile(merge_path):
+            raise CheckpointError(
+                f"{merge_path!r} is missing: the checkpoint is incomplete (interrupted while saving)."
+            )
         try:
             merge_state = torch.load(merge_path, map_location=device, weights_only=True)
         except Exception as err:  # noqa: BLE001 - zip, pickle and OS errors alike
             raise CheckpointError(f"{merge_path!r} is truncated or corrupt ({type(err).__name__}: {err}).") from None
-        if not isinstance(merge_state, Mapping) or "accumulators" not in merge_state:
-            raise CheckpointError(f"{merge_path!r} is not a MagMax merge state.")
-        return base, dict(merge_state)
+        if not isinstance(merge_state, Mapping) or "accumulators" not in merge_state or "best" not in merge_state:
+            raise CheckpointError(
+                f"{merge_path!r} is not a MagMax merge state of this version (no θ_best): resume a run written by "
+                "this version, or train from the start."
+            )
+        return dict(merge_state)
 
-    def restore(self, base: Mapping[str, Tensor], merge_state: Mapping) -> None:
-        """Load what [`read`] returned."""
-        self.merger.load_state_dict(merge_state)
-        self.base = dict(base)
+    @staticmethod
+    def read_base(path: str, sha256: str | None, checkpoint: str) -> dict[str, Tensor]:
+        """θ_0 from the run's base file, memory-mapped, after checking its sha256 against the checkpoint's record."""
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"{path!r} is missing: the checkpoint {checkpoint!r} needs the run's θ_0 there (it is written once per "
+                "run, in output_dir/magmax_base/); keep the checkpoint inside its run directory."
+            )
+        if sha256 is not None:
+            digest = file_sha256(path)
+            if digest != sha256:
+                raise CheckpointError(
+                    f"{path!r} is truncated or corrupt: its sha256 {digest[:16]}… is not the {sha256[:16]}… that "
+                    f"the checkpoint {checkpoint!r} recorded (θ_0 must not change during a run)."
+                )
+        try:
+            return map_safetensors(path)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{path!r} is truncated or corrupt ({type(err).__name__}: {err}).") from None
+
+    def restore(self, base: Mapping[str, Tensor], merge_state: Mapping, base_file: str | None = None) -> None:
+        """Load what [`read`] / [`read_base`] returned (θ_0 stays memory-mapped on the CPU)."""
+        if merge_state["method"] != self.spec.method:
+            raise ValueError(f"cannot load a `{merge_state['method']}` merge state into a `{self.spec.method}` one.")
+        on_cpu = self.device.type == "cpu"
+        self.base = {name: t if on_cpu else t.to(self.device) for name, t in base.items()}
+        self.base_file = base_file if on_cpu else None
         self.shapes = {name: tuple(t.shape) for name, t in self.base.items()}
+        self.offsets = {name: int(merge_state.get("offsets", {}).get(name, 0)) for name in self.base}
+        self.sharded = False
+        self.num_tasks = int(merge_state["num_tasks"])
+        self.best = {name: t.to(self.device) for name, t in merge_state["best"].items()}
+        self.accumulators = {}
+        for name, acc_state in merge_state["accumulators"].items():
+            accumulator = self.spec.accumulator(name, offset=self.offsets.get(name, 0))
+            accumulator.load_state_dict(acc_state)
+            self.accumulators[name] = accumulator

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..task_vectors import shared_tensor_groups
-from .config import MagMaxConfig
+from .config import MagMaxConfig, check_per_task_length
 from .inputs import (
     check_datasets,
     check_same_tasks,
@@ -147,6 +147,7 @@ class MagMaxTrainer(Trainer):
         names, datasets, split_classes = normalize_tasks(train_datasets, "train_datasets")
         if not datasets:
             raise ValueError("no tasks: `train_datasets` is empty; pass at least one task.")
+        check_per_task_length(args, len(datasets))
         eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
         check_same_tasks(names, eval_names, eval_datasets, "eval_datasets")
         val_names, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
@@ -259,27 +260,22 @@ class MagMaxTrainer(Trainer):
             logger.info("Resuming task %d (%s) from %s", start, self.task_names[start], resume_from_checkpoint)
         else:
             run.begin(self, self.model, self.train_datasets)
+            run.write_base(self)  # θ_0 once per run: output_dir/magmax_base/, then memory-mapped from there
 
         total_steps, total_loss = 0, 0.0
         history: list[dict[str, float]] = []
-        for task in range(start, len(self.task_names)):
-            self._magmax_task = task
-            self.train_dataset = self.train_datasets[task]
-            self._magmax_class_mask = self._class_mask(task)
-            run.begin_task(self, self.model, task)
-            # a fresh optimizer and learning-rate schedule for every task
-            self.optimizer, self.lr_scheduler = None, None
-            logger.info("***** MagMax task %d/%d: %s *****", task + 1, len(self.task_names), self.task_names[task])
-            output = super().train(
-                resume_from_checkpoint=resume_from_checkpoint if task == start else None,
-                trial=trial,
-                ignore_keys_for_eval=ignore_keys_for_eval,
-            )
-            self.optimizer, self.lr_scheduler = None, None
-            total_steps += output.global_step
-            total_loss += output.training_loss * output.global_step
-            run.end_task(self, self.model, task)
-            history.extend(self.state.log_history)  # every train() call starts a new TrainerState
+        schedule = (self.args.num_train_epochs, self.args.max_steps)
+        try:
+            for task in range(start, len(self.task_names)):
+                self._magmax_task = task
+                self._set_task_schedule(task)
+                output = self._train_task(task, start, resume_from_checkpoint, trial, ignore_keys_for_eval)
+                total_steps += output.global_step
+                total_loss += output.training_loss * output.global_step
+                run.end_task(self, self.model, task)
+                history.extend(self.state.log_history)  # every train() call starts a new TrainerState
+        finally:
+            self.args.num_train_epochs, self.args.max_steps = schedule
         self._magmax_task = None
         self._magmax_class_mask = None
         done = len(self.state.log_history)
@@ -293,6 +289,41 @@ class MagMaxTrainer(Trainer):
                 metrics[f"continual_{kind}_{key}"] = value
         metrics["scaling_coef"] = run.final_scaling_coef
         return TrainOutput(total_steps, total_loss / max(total_steps, 1), metrics)
+
+    def _set_task_schedule(self, task: int) -> None:
+        """The epochs / steps of `task`: `num_train_epochs_per_task` / `max_steps_per_task` override the global ones
+        (`max_steps` wins over epochs, as in `TrainingArguments`)."""
+        epochs, steps = self.args.num_train_epochs_per_task, self.args.max_steps_per_task
+        if epochs is not None:
+            self.args.num_train_epochs = epochs[task]
+            if steps is None:
+                self.args.max_steps = -1
+        if steps is not None:
+            self.args.max_steps = steps[task]
+
+    def _train_task(
+        self, task: int, start: int, resume_from_checkpoint: str | None, trial: Any, ignore_keys_for_eval: Any
+    ) -> TrainOutput:
+        """One task's `Trainer.train`, with a fresh optimizer and learning-rate schedule."""
+        self.train_dataset = self.train_datasets[task]
+        self._magmax_class_mask = self._class_mask(task)
+        self._magmax.begin_task(self, self.model, task)
+        self.optimizer, self.lr_scheduler = None, None
+        logger.info(
+            "***** MagMax task %d/%d: %s (epochs %s, max_steps %s) *****",
+            task + 1,
+            len(self.task_names),
+            self.task_names[task],
+            self.args.num_train_epochs,
+            self.args.max_steps,
+        )
+        output = super().train(
+            resume_from_checkpoint=resume_from_checkpoint if task == start else None,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+        self.optimizer, self.lr_scheduler = None, None
+        return output
 
     @property
     def continual_results(self) -> dict[str, Any]:

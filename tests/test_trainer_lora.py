@@ -80,7 +80,7 @@ def test_lora_merged_equals_merge_of_per_task_adapters(tmp_path):
     # the same result from the LoRA merger on the adapters saved along the way
     base = tiny_llama()
     base.load_state_dict(base_state)
-    merged = merge_adapters(base, saver.dirs, method="magmax", scaling_coef=0.5, output="merged").model
+    merged = merge_adapters(base, saver.dirs, method="magmax", scaling_coef=0.5, lora_output="merged").model
     for name, value in merged.state_dict().items():
         torch.testing.assert_close(final.state_dict()[name], value, rtol=0, atol=1e-6)
 

@@ -6,8 +6,8 @@ separately (as PEFT's `add_weighted_adapter` does for `linear`/`ties`/`dare`) is
 changes; this module merges the dense deltas, one module at a time, through the engine in [`hf_magmax.merging`], and
 then either
 
-- folds `θ_0 + λ · ΔW_sel` into the base weights (`output="merged"`: a normal transformers model), or
-- re-factors `λ · ΔW_sel` by truncated SVD into a new LoRA adapter (`output="adapter"`: an ordinary PEFT adapter
+- folds `θ_0 + λ · ΔW_sel` into the base weights (`lora_output="merged"`: a normal transformers model), or
+- re-factors `λ · ΔW_sel` by truncated SVD into a new LoRA adapter (`lora_output="adapter"`: an ordinary PEFT adapter
   directory), reporting the relative reconstruction error per module and overall.
 
 **What a task vector is for each kind of adapter** (the dict of [`lora_delta_state_dict`], keyed by the *base*

@@ -213,7 +213,7 @@ class _Refactorer:
         if self.bias_modules and self.no_bias_modules:
             raise ValueError(
                 f"modules {self.bias_modules[:3]} need a LoRA bias but modules {self.no_bias_modules[:3]} have no base "
-                'bias, and PEFT\'s `lora_bias` applies to every target module: use `output="merged"` instead.'
+                'bias, and PEFT\'s `lora_bias` applies to every target module: use `lora_output="merged"` instead.'
             )
         if not self.bias_modules:
             self.state_dict = {k: v for k, v in self.state_dict.items() if not k.endswith(".lora_B.bias")}

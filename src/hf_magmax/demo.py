@@ -208,6 +208,7 @@ def run_demo(
     max_train_examples: int | None = None,
     seed: int = 0,
     plot: bool = True,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run the class-incremental digits demo (see the module docstring) and write its outputs to `output_dir`.
 
@@ -232,6 +233,9 @@ def run_demo(
             Seed of the data shuffle, the model initialisation and training.
         plot (`bool`, *optional*, defaults to `True`):
             Write the heatmaps (needs matplotlib).
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show one progress bar on stderr over the stages (θ_0's pretraining, each task, the baseline merges);
+            `HF_HUB_DISABLE_PROGRESS_BARS=1` also hides it.
 
     Returns:
         `dict`: `task_names`, `matrices` and `metrics` (method label → accuracy matrix / metrics, plus `"θ_0"`),
@@ -248,6 +252,7 @@ def run_demo(
     ```
     """
     import torch
+    from huggingface_hub.utils import tqdm
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from .continual import class_incremental_split
@@ -260,6 +265,10 @@ def run_demo(
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     pretrain, train, test = _digits(seed, pretrain_examples, 0.2, max_train_examples)
+    baselines = [method for _, method, _ in DEMO_METHODS if method not in (None, "magmax")]
+    progress = tqdm(
+        total=1 + num_tasks + len(baselines), desc="pretraining θ_0", unit="stage", disable=not show_progress
+    )
 
     # 1. θ_0: a tiny ViT pretrained on a disjoint slice of all ten classes (the stand-in for a pretrained model)
     model = _build_model(seed)
@@ -271,6 +280,7 @@ def run_demo(
         pretrainer = Trainer(model=model, args=pretrain_args, train_dataset=pretrain)
         pretrainer.remove_callback(PrinterCallback)
         pretrainer.train()
+    progress.update()
 
     # 2. the task sequence: 5 tasks × 2 classes, the same split of the test set
     per_task = 10 // num_tasks
@@ -283,8 +293,13 @@ def run_demo(
     after_task: list[dict[str, torch.Tensor]] = []
 
     class _KeepWeights(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            task = len(after_task)
+            progress.set_description(f"task {task + 1}/{num_tasks} ({digit_names[task]})")
+
         def on_train_end(self, args, state, control, model=None, **kwargs):  # after each task, before the merge
             after_task.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            progress.update()
 
     args = MagMaxConfig(
         output_dir=output_dir,
@@ -328,13 +343,16 @@ def run_demo(
             matrices[label] = results["merged"]["matrix"]
             coef = results["scaling_coef"]
         else:
+            progress.set_description(f"baseline {label}")
             rows = [results["sequential"]["matrix"][0]]
             for t in range(1, len(task_vectors) + 1):
                 merged = merge_task_vectors(task_vectors[:t], method=method, scaling_coef=coef)
                 scratch.load_state_dict(merged.apply_to(theta_0))
                 rows.append(_accuracies(scratch, test_tasks))
             matrices[label] = rows
+            progress.update()
         coefs[label] = coef
+    progress.close()
     base_row = results["sequential"]["matrix"][0]
     metrics = {"θ_0 (no training)": compute_continual_metrics([base_row] * (len(task_names) + 1))}
     metrics.update({label: compute_continual_metrics(matrix) for label, matrix in matrices.items()})

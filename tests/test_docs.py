@@ -6,7 +6,8 @@ A fenced block runs when the line before its opening fence is
     <!-- test: write FILENAME -->  (any block: its text is written to FILENAME, e.g. a YAML config used next)
 
 The blocks of one file run in order, in one fresh directory, python blocks in one shared namespace (as in a notebook),
-bash blocks with `hf-magmax` bound to this checkout's CLI. Unmarked on purpose (they need real models, a Hub account or
+bash blocks made only of `hf-magmax` commands through `hf_magmax.cli.main` in this process (each must exit 0),
+other bash blocks in bash with `hf-magmax` bound to this checkout's CLI. Unmarked on purpose (they need real models, a Hub account or
 `pip install`): the install commands, `docs/continual.md`'s label-embedding heads on real encoders, `docs/trainer.md`
 and `docs/scaling_coef.md` (they continue the user's own `model` and datasets; the README's quick start 1 is their
 runnable form), `docs/merge.md`'s `push_to_hub` example, `docs/lora.md`'s command lines on Hub ids, and
@@ -19,12 +20,15 @@ its source (a fresh run of the demo, `benchmarks/results/`); the test fails when
 import os
 import re
 import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from builders import make_family
+
+from hf_magmax.cli import main
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,11 +80,26 @@ def run_blocks(path: Path, directory: Path) -> None:
                 exec(compile(code, where, "exec"), namespace)
             except Exception as err:
                 raise AssertionError(f"the python block at {where} failed: {type(err).__name__}: {err}") from err
+        elif all(command[:1] == ["hf-magmax"] for command in _commands(code)):
+            for command in _commands(code):  # in this process: no torch import per command
+                assert _cli(command[1:]) == 0, f"`{' '.join(command)}` at {where} failed (see the captured stderr)"
         else:
             result = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", cli + code], cwd=directory, env=env, capture_output=True, text=True
             )
             assert result.returncode == 0, f"the bash block at {where} failed:\n{result.stderr[-3000:]}"
+
+
+def _commands(code: str) -> list[list[str]]:
+    """The commands of a bash block (continuation lines joined, comments dropped)."""
+    return [shlex.split(line, comments=True) for line in code.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:  # --help
+        return int(exit.code or 0)
 
 
 @pytest.mark.parametrize("path", MARKED, ids=[p.name for p in MARKED])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import json
 import os
@@ -159,10 +160,17 @@ def check(root: Path = ROOT, values: dict[str, str] | None = None) -> list[str]:
     problems = []
     for path, quotes in quoted(root).items():
         for key, value in quotes:
-            if value != values[key]:
+            if value == values[key]:
+                continue
+            where = f"{path.relative_to(root)}: `{key}`"
+            if "\n" in value.strip() or "\n" in values[key].strip():  # a table: the lines that differ
+                diff = difflib.unified_diff(
+                    value.splitlines(), values[key].splitlines(), "quoted", "source", lineterm=""
+                )
+                problems.append(f"{where} differs from its source (run `make docs-numbers`):\n" + "\n".join(diff))
+            else:
                 problems.append(
-                    f"{path.relative_to(root)}: `{key}` quotes {value.strip()!r}, its source gives "
-                    f"{values[key].strip()!r} (run `make docs-numbers`)"
+                    f"{where} quotes {value!r}, its source gives {values[key]!r} (run `make docs-numbers`)"
                 )
     return problems
 

@@ -140,7 +140,8 @@ def current_values(docs_numbers):
 @pytest.mark.slow
 def test_quoted_numbers_match_their_sources(docs_numbers, current_values):
     assert "demo-comparison" in current_values and "| MagMax | 0.5 |" in current_values["demo-comparison"]
-    assert docs_numbers["check"](ROOT, current_values) == []
+    problems = docs_numbers["check"](ROOT, current_values)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
@@ -161,7 +162,8 @@ def test_a_changed_number_fails_and_make_docs_numbers_fixes_it(docs_numbers, cur
     assert stale != text
     readme.write_text(stale, encoding="utf-8")
     problems = docs_numbers["check"](tmp_path, current_values)
-    assert len(problems) == 1 and "README.md: `demo-comparison` quotes" in problems[0] and "81.2" in problems[0]
+    assert len(problems) == 1 and problems[0].startswith("README.md: `demo-comparison` differs from its source")
+    assert "\n-| TIES | 1 | 76.6 | 81.2 |" in problems[0]
     assert docs_numbers["rewrite"](tmp_path, current_values) == [readme]
     assert readme.read_text(encoding="utf-8") == text
     assert docs_numbers["check"](tmp_path, current_values) == []

@@ -57,17 +57,33 @@ _TABLE_METRICS = (
 )
 
 
+def _load_digits():
+    """scikit-learn's bundled digits as (images (1797, 64), labels): `load_digits(return_X_y=True)`.
+
+    The CSV file scikit-learn ships is read directly when it is where scikit-learn keeps it: importing scikit-learn
+    costs more than the rest of a `--quick` demo's data preparation.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ImportError('the demo needs scikit-learn for its bundled data: `pip install "hf_magmax[demo]"`.')
+    path = os.path.join(os.path.dirname(spec.origin or ""), "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1], data[:, -1].astype(int)
+    from sklearn.datasets import load_digits  # pragma: no cover - another scikit-learn layout
+
+    return load_digits(return_X_y=True)  # pragma: no cover
+
+
 def _digits(seed: int, pretrain_examples: int, test_fraction: float, max_train_examples: int | None):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError(
-            'the demo needs scikit-learn for its bundled data: `pip install "hf_magmax[demo]"`.'
-        ) from err
     import numpy as np
     from datasets import Array3D, Dataset, Features, Value
 
-    images, labels = load_digits(return_X_y=True)
+    images, labels = _load_digits()
     images = (images / 16.0).astype("float32").reshape(-1, 1, 8, 8)
     order = np.random.RandomState(seed).permutation(len(labels))
     images, labels = images[order], labels[order].astype("int64")

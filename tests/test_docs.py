@@ -8,9 +8,9 @@ A fenced block runs when the line before its opening fence is
 The blocks of one file run in order, in one fresh directory, python blocks in one shared namespace (as in a notebook),
 bash blocks made only of `hf-magmax` commands through `hf_magmax.cli.main` in this process (each must exit 0),
 other bash blocks in bash with `hf-magmax` bound to this checkout's CLI. Unmarked on purpose (they need real models, a Hub account or
-`pip install`): the install commands, `docs/continual.md`'s label-embedding heads on real encoders, `docs/trainer.md`
-and `docs/scaling_coef.md` (they continue the user's own `model` and datasets; the README's quick start 1 is their
-runnable form), `docs/merge.md`'s `push_to_hub` example, `docs/lora.md`'s command lines on Hub ids, and
+`pip install`): the install commands, `docs/continual.md`'s label-embedding heads on real encoders, `docs/trainer.md`'s
+`MagMaxTrainer`, resume and LoRA snippets and `docs/scaling_coef.md` (they continue the user's own `model` and datasets;
+the README's quick start 1 is their runnable form; the `MagMaxCallback` snippet runs on a tiny plain `Trainer`), `docs/merge.md`'s `push_to_hub` example, `docs/lora.md`'s command lines on Hub ids, and
 `docs/demo.md`'s `hf-magmax demo` (its output is checked verbatim by the numbers test below).
 
 The numbers: `benchmarks/docs_numbers.py` (`make docs-numbers`) computes every `<!-- n:KEY -->VALUE<!-- /n -->` from
@@ -61,13 +61,31 @@ def _checkpoints(directory: Path) -> None:
     make_family(directory / "ckpt", num_tasks=4)
 
 
-#: files whose snippets continue from something the reader already has
-SETUP = {"merge.md": _checkpoints}
+def _plain_trainer(directory: Path) -> dict:
+    """The `trainer`, `train_tasks` and `test_tasks` docs/trainer.md's `MagMaxCallback` snippet starts from."""
+    from tiny_tasks import classification_task, tiny_bert
+    from transformers import Trainer, TrainingArguments
+
+    from hf_magmax import class_incremental_split
+
+    train_tasks = class_incremental_split(
+        classification_task([0, 1, 2, 3], 32, seed=1), num_tasks=2, label_column="labels"
+    )
+    test_tasks = train_tasks.apply_to(classification_task([0, 1, 2, 3], 16, seed=2))
+    args = TrainingArguments(
+        output_dir=str(directory / "out"), max_steps=2, save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True
+    )
+    trainer = Trainer(tiny_bert(), args, train_dataset=train_tasks.datasets[0])
+    return {"trainer": trainer, "train_tasks": train_tasks, "test_tasks": test_tasks}
+
+
+#: files whose snippets continue from something the reader already has: setup(directory) -> python namespace
+SETUP = {"merge.md": _checkpoints, "trainer.md": _plain_trainer}
 MARKED = [path for path in DOCS if marked_blocks(path)]
 
 
-def run_blocks(path: Path, directory: Path) -> None:
-    namespace = {"__name__": "__main__"}
+def run_blocks(path: Path, directory: Path, namespace: dict | None = None) -> dict:
+    namespace = {"__name__": "__main__", **(namespace or {})}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
     cli = f'hf-magmax() {{ "{sys.executable}" -m hf_magmax.cli "$@"; }}\n'
@@ -88,6 +106,7 @@ def run_blocks(path: Path, directory: Path) -> None:
                 ["bash", "-euo", "pipefail", "-c", cli + code], cwd=directory, env=env, capture_output=True, text=True
             )
             assert result.returncode == 0, f"the bash block at {where} failed:\n{result.stderr[-3000:]}"
+    return namespace
 
 
 def _commands(code: str) -> list[list[str]]:
@@ -105,9 +124,12 @@ def _cli(argv: list[str]) -> int:
 @pytest.mark.parametrize("path", MARKED, ids=[p.name for p in MARKED])
 def test_marked_snippets_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if path.name in SETUP:
-        SETUP[path.name](tmp_path)
-    run_blocks(path, tmp_path)
+    namespace = SETUP[path.name](tmp_path) if path.name in SETUP else None
+    namespace = run_blocks(path, tmp_path, namespace)
+    if path.name == "trainer.md":  # the callback's files, as the text under the snippet says
+        for task in ("task-00-task_1", "task-01-task_2"):
+            assert (tmp_path / "out" / task / "checkpoint-2").is_dir()
+        assert (tmp_path / "out" / "continual_results.json").is_file()
 
 
 def test_the_readme_and_every_quick_start_are_marked():

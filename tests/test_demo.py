@@ -75,3 +75,12 @@ def test_demo_cli_runs_on_its_own_threads_and_passes_no_progress(monkeypatch, ca
     assert "Comparison (%, test set of every task):\nC" in capsys.readouterr().out
     assert main(["demo", "--num-threads", "0"]) == 2
     assert "`--num-threads=0` must be a positive integer" in capsys.readouterr().err
+
+
+def test_every_subcommand_takes_no_progress():
+    from hf_magmax.cli import SUBCOMMANDS, build_parser
+
+    parser = build_parser()
+    for name in SUBCOMMANDS:
+        args = parser.parse_args([name, "--no-progress"])
+        assert args.no_progress is True, name

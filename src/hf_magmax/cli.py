@@ -392,7 +392,7 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
 def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="continual-learning demo on bundled data: class-incremental digits, sequential vs merges (~1 min, CPU)",
+        help="continual-learning demo on bundled data: class-incremental digits, sequential vs merges (CPU, <1 min)",
         description=(
             "Class-incremental learning on scikit-learn's bundled digits (5 tasks x 2 classes) with a tiny ViT built "
             "from a config: θ_0 is pretrained on a disjoint slice, then MagMaxTrainer fine-tunes it task after task "

@@ -1,7 +1,8 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
 """A continual-learning demo on bundled data: class-incremental digits, sequential fine-tuning vs merges.
 
-`hf-magmax demo` (or [`run_demo`]) runs, offline and in about a minute on 2 CPU cores:
+`hf-magmax demo` (or [`run_demo`]) runs, offline and in well under a minute on one CPU core (the measured wall
+times are in `benchmarks/results/demo_timing.json`):
 
 1. **θ_0.** scikit-learn's `load_digits` (1,797 8×8 images, 10 classes) is shuffled and split into a *pretraining*
    slice (200 images of all classes), a continual-learning training set and a test set. A tiny ViT

@@ -5,7 +5,9 @@ A quoted number sits between two HTML comments, invisible once the markdown is r
 
     about <!-- n:demo-seconds -->13<!-- /n --> s on one CPU core
 
-`KEY` names a source below: the demo's comparison table (`hf-magmax demo`, run here, its `comparison.md` verbatim),
+`KEY` names a source below: the demo's comparison table and printed output (`hf-magmax demo`, run here once, its
+`comparison.md` and stdout verbatim) and the differences its prose quotes (a sentence like "MagMax leads average by
+0.8 points" is then re-read by whoever runs this after a change),
 the demo's measured wall times (`benchmarks/results/demo_timing.json`, written by `--timings`) and benchmark headlines
 read from `benchmarks/results/*.md`. Usage:
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import io
 import json
 import os
@@ -49,16 +52,45 @@ TIMED_RUNS = {
 }
 
 
-def demo_comparison(root: Path = ROOT) -> str:
-    """The full demo's comparison table, as `hf-magmax demo` writes it (`comparison.md`), in a fence."""
+@functools.cache
+def _demo(root: Path) -> tuple[str, str, dict]:
+    """One full `hf-magmax demo` run: (what it prints, its comparison.md, its demo_results.json)."""
     from hf_magmax.cli import main
 
-    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+    printed = io.StringIO()
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(printed):
         code = main(["--log-level", "WARNING", "demo", "--no-plot", "--no-progress", "--output-dir", out])
         if code != 0:
             raise RuntimeError(f"`hf-magmax demo` exited with {code}")
         table = Path(out, "comparison.md").read_text(encoding="utf-8").strip()
-    return f"\n```\n{table}\n```\n"
+        results = json.loads(Path(out, "demo_results.json").read_text(encoding="utf-8"))
+    return printed.getvalue(), table, results
+
+
+def demo_comparison(root: Path = ROOT) -> str:
+    """The full demo's comparison table, as `hf-magmax demo` writes it (`comparison.md`), in a fence."""
+    return f"\n```\n{_demo(root)[1]}\n```\n"
+
+
+def demo_output(root: Path = ROOT) -> str:
+    """What the full demo prints, from its first accuracy matrix to the end of its comparison table, in a fence."""
+    printed = _demo(root)[0]
+    start = printed.index("Accuracy matrix")
+    end = printed.index(_demo(root)[1]) + len(_demo(root)[1])
+    return f"\n```\n{printed[start:end]}\n```\n"
+
+
+def _demo_points(method: str, metric: str, minus: tuple[str, str] | None = None, digits: int = 1):
+    """A demo metric in percent as the table shows it (or the difference of two table entries), as text."""
+
+    def value(root: Path) -> str:
+        metrics = _demo(root)[2]["metrics"]
+        points = round(100 * metrics[method][metric], 1)
+        if minus is not None:
+            points = round(points - round(100 * metrics[minus[0]][minus[1]], 1), 1)
+        return f"{points:.{digits}f}"
+
+    return value
 
 
 def measure_timings(repeats: int = 1) -> dict:
@@ -107,6 +139,19 @@ def _from_results(file: str, pattern: str, fmt: Callable[[re.Match], str]) -> Ca
 #: KEY -> how to compute the quoted text from its source
 SOURCES: dict[str, Callable[[Path], str]] = {
     "demo-comparison": demo_comparison,
+    "demo-output": demo_output,
+    "demo-sequential-forgetting": _demo_points("sequential fine-tuning", "forgetting"),
+    "demo-sequential-below-base": _demo_points(
+        "θ_0 (no training)", "final_average_accuracy", ("sequential fine-tuning", "final_average_accuracy"), 0
+    ),
+    "demo-magmax-final": _demo_points("MagMax", "final_average_accuracy"),
+    "demo-magmax-over-sequential": _demo_points(
+        "MagMax", "final_average_accuracy", ("sequential fine-tuning", "final_average_accuracy"), 0
+    ),
+    "demo-magmax-over-average": _demo_points(
+        "MagMax", "final_average_accuracy", ("average", "final_average_accuracy")
+    ),
+    "demo-magmax-over-ties": _demo_points("MagMax", "final_average_accuracy", ("TIES", "final_average_accuracy")),
     "demo-seconds": _timing("demo"),
     "demo-omp2-seconds": _timing("demo-omp2"),
     "quick-seconds": _timing("quick"),

@@ -6,16 +6,17 @@ A quoted number sits between two HTML comments, invisible once the markdown is r
     about <!-- n:demo-seconds -->13<!-- /n --> s on one CPU core
 
 `KEY` names a source below: the demo's comparison table and printed output (`hf-magmax demo`, run here once, its
-`comparison.md` and stdout verbatim) and the differences its prose quotes (a sentence like "MagMax leads average by
-0.8 points" is then re-read by whoever runs this after a change),
-the demo's measured wall times (`benchmarks/results/demo_timing.json`, written by `--timings`) and benchmark headlines
-read from `benchmarks/results/*.md`. Usage:
+`comparison.md` and stdout verbatim) and the differences its prose quotes (a sentence such as "MagMax leads average
+by 0.8 points" then needs re-reading after a change), the demo's measured wall times
+(`benchmarks/results/demo_timing.json`, written by `--timings`) and benchmark headlines read from
+`benchmarks/results/*.md`. Usage:
 
-    python benchmarks/docs_numbers.py            # rewrite README.md, docs/*.md, benchmarks/README.md (make docs-numbers)
+    python benchmarks/docs_numbers.py            # rewrite README.md, docs/*.md, benchmarks/README.md
     python benchmarks/docs_numbers.py --check    # exit 1 and name every quoted value that differs (tests/test_docs.py)
     python benchmarks/docs_numbers.py --timings  # first re-measure the demo's wall times (~1 min on 2 cores)
 
-Timings are machine-dependent, so `--check` compares the docs with the recorded measurement, not with a new one.
+`make docs-numbers` runs the first, `make docs-timings` the last. Timings are machine-dependent, so `--check`
+compares the docs with the recorded measurement, not with a new one.
 """
 
 from __future__ import annotations

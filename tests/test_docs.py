@@ -5,13 +5,16 @@ A fenced block runs when the line before its opening fence is
     <!-- test: run -->             (a ```python or ```bash block)
     <!-- test: write FILENAME -->  (any block: its text is written to FILENAME, e.g. a YAML config used next)
 
-The blocks of one file run in order, in one fresh directory, python blocks in one shared namespace (as in a notebook),
-bash blocks made only of `hf-magmax` commands through `hf_magmax.cli.main` in this process (each must exit 0),
-other bash blocks in bash with `hf-magmax` bound to this checkout's CLI. Unmarked on purpose (they need real models, a Hub account or
-`pip install`): the install commands, `docs/continual.md`'s label-embedding heads on real encoders, `docs/trainer.md`'s
-`MagMaxTrainer`, resume and LoRA snippets and `docs/scaling_coef.md` (they continue the user's own `model` and datasets;
-the README's quick start 1 is their runnable form; the `MagMaxCallback` snippet runs on a tiny plain `Trainer`), `docs/merge.md`'s `push_to_hub` example, `docs/lora.md`'s command lines on Hub ids, and
-`docs/demo.md`'s `hf-magmax demo` (its output is checked verbatim by the numbers test below).
+The blocks of one file run in order, in one fresh directory; python blocks share one namespace (as in a notebook);
+bash blocks made only of `hf-magmax` commands run through `hf_magmax.cli.main` in this process (each must exit 0),
+other bash blocks in bash with `hf-magmax` bound to this checkout's CLI. `SETUP` gives a file the fixtures its text
+assumes (docs/merge.md: `ckpt/base`, `ckpt/task1..3`; docs/trainer.md: a tiny plain `Trainer` and its tasks).
+
+Unmarked on purpose (they need real models, a Hub account, `pip install` or the reader's own data): the install
+commands, docs/continual.md's label-embedding heads on real encoders, docs/trainer.md's `MagMaxTrainer`, resume and
+LoRA snippets and docs/scaling_coef.md (they continue the reader's `model` and datasets; the README's quick start 1
+is their runnable form), docs/merge.md's `push_to_hub` example, docs/lora.md's command lines on placeholders and Hub
+ids, and docs/demo.md's `hf-magmax demo` (its output is checked verbatim by the numbers tests below).
 
 The numbers: `benchmarks/docs_numbers.py` (`make docs-numbers`) computes every `<!-- n:KEY -->VALUE<!-- /n -->` from
 its source (a fresh run of the demo, `benchmarks/results/`); the test fails when a quoted value differs.

@@ -48,10 +48,10 @@ class MagMaxCallback(TrainerCallback):
     trainer's optimizer and learning-rate schedule after every task, so each task starts fresh as in the paper.
 
     Attached to a plain `Trainer`, the callback makes it behave as [`MagMaxTrainer`] where files are written: the
-    checkpoints of task k go to `output_dir/task-<kk>-<name>/checkpoint-<step>` (k from 00; so a task's checkpoints no longer
-    overwrite the previous task's; `save_total_limit` applies per task), and once a task is done
-    `trainer.save_model(...)` and `trainer.push_to_hub(...)` write the MagMax model card (tasks, method, λ, the
-    accuracy matrices) in place of transformers' generic one. It does so by overriding `_get_output_dir`,
+    checkpoints of the k-th task go to `output_dir/task-<k>-<name>/checkpoint-<step>` (`task-00-...` first, so a
+    task's checkpoints no longer overwrite the previous task's; `save_total_limit` applies per task), and once a task
+    is done `trainer.save_model(...)` and `trainer.push_to_hub(...)` write the MagMax model card (tasks, method, λ,
+    the accuracy matrices) in place of transformers' generic one. It does so by overriding `_get_output_dir`,
     `save_model` and `create_model_card` on that trainer instance only (a `MagMaxTrainer` is left as it is).
 
     Args:

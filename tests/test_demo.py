@@ -10,8 +10,11 @@ from hf_magmax.metrics import compute_continual_metrics
 def test_demo_cli_quick_run_writes_results(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--num-tasks", "2", "--output-dir", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Accuracy matrix, MagMax" in printed and "Comparison" in printed
+    # one progress bar over the stages: θ_0's pretraining, each task, each baseline merge (closed at 5/5)
+    assert "task 2/2 (digits 5-9)" in captured.err and "5/5" in captured.err
 
     results = json.loads((out / "demo_results.json").read_text())
     assert results["task_names"] == ["digits 0-4", "digits 5-9"]
@@ -42,3 +45,42 @@ def test_demo_cli_quick_run_writes_results(tmp_path, capsys):
 def test_demo_rejects_a_task_count_that_does_not_divide_the_classes(tmp_path, capsys):
     assert main(["demo", "--num-tasks", "3", "--output-dir", str(tmp_path)]) == 2
     assert "`--num-tasks=3` must divide the 10 digit classes" in capsys.readouterr().err
+
+
+def test_demo_cli_runs_on_its_own_threads_and_passes_no_progress(monkeypatch, capsys):
+    import gc
+
+    import torch
+
+    import hf_magmax.demo
+
+    seen = {}
+
+    def fake_run_demo(**kwargs):
+        seen.update(kwargs, threads=torch.get_num_threads(), frozen=gc.get_freeze_count())
+        return {"matrix_tables": {"sequential fine-tuning": "S", "MagMax": "M"}, "comparison": "C", "files": {}}
+
+    monkeypatch.setattr(hf_magmax.demo, "run_demo", fake_run_demo)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # inherited: no longer makes the demo run on 2 busy threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--no-progress", "--output-dir", "unused"]) == 0
+        assert seen["threads"] == 1 and seen["show_progress"] is False and seen["frozen"] > 0
+        assert torch.get_num_threads() == 2 and gc.get_freeze_count() == 0  # restored afterwards
+        assert main(["demo", "--num-threads", "2", "--quick", "--output-dir", "unused"]) == 0
+        assert seen["threads"] == 2 and seen["show_progress"] is True and seen["max_train_examples"] == 300
+    finally:
+        torch.set_num_threads(before)
+    assert "Comparison (%, test set of every task):\nC" in capsys.readouterr().out
+    assert main(["demo", "--num-threads", "0"]) == 2
+    assert "`--num-threads=0` must be a positive integer" in capsys.readouterr().err
+
+
+def test_every_subcommand_takes_no_progress():
+    from hf_magmax.cli import SUBCOMMANDS, build_parser
+
+    parser = build_parser()
+    for name in SUBCOMMANDS:
+        args = parser.parse_args([name, "--no-progress"])
+        assert args.no_progress is True, name

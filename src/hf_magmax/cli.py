@@ -387,7 +387,7 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
 def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="continual-learning demo on bundled data: class-incremental digits, sequential vs merges (~1 min, CPU)",
+        help="continual-learning demo on bundled data: class-incremental digits, sequential vs merges (CPU, <1 min)",
         description=(
             "Class-incremental learning on scikit-learn's bundled digits (5 tasks x 2 classes) with a tiny ViT built "
             "from a config: θ_0 is pretrained on a disjoint slice, then MagMaxTrainer fine-tunes it task after task "
@@ -407,8 +407,17 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a few-second smoke run (fewer epochs and examples; numbers not meaningful)",
+        help="a smoke run of a few seconds (fewer epochs and examples; numbers not meaningful)",
     )
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default: 1, the fastest for the demo's tiny ViT; an inherited OMP_NUM_THREADS is "
+        "not used, since 2 threads on a busy machine can make the demo several times slower)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (per stage and task)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -419,24 +428,40 @@ def _run_demo(args: argparse.Namespace) -> int:
     check_demo_arguments(
         args.num_tasks, args.epochs, args.learning_rate, args.scaling_coef, names=flags
     )  # no torch yet
+    if args.num_threads < 1:
+        raise ValueError(f"`--num-threads={args.num_threads}` must be a positive integer.")
+    import gc
+
     import torch
 
     from .demo import run_demo
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # the demo's tiny ViT runs ~5x faster on one thread than on two busy ones
+    # the demo's tiny ViT runs several times faster on one thread than on two busy ones, whatever OMP_NUM_THREADS says
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.num_threads)
+    if os.environ.get("OMP_NUM_THREADS") not in (None, str(args.num_threads)):
+        logger.info("demo: %d torch thread(s) (--num-threads), not OMP_NUM_THREADS=%s", args.num_threads,
+                    os.environ["OMP_NUM_THREADS"])  # fmt: skip
+    # Trainer.train() ends in gc.collect() (accelerate's free_memory); with torch and transformers loaded each one
+    # takes ~0.25 s, 6+ times per run: freezing the objects that exist now makes them cheap.
+    gc.freeze()
     quick = {"num_train_epochs": 1.0, "pretrain_epochs": 3.0, "max_train_examples": 300} if args.quick else {}
-    results = run_demo(
-        output_dir=args.output_dir,
-        num_tasks=args.num_tasks,
-        num_train_epochs=quick.get("num_train_epochs", args.epochs),
-        learning_rate=args.learning_rate,
-        scaling_coef=args.scaling_coef,
-        pretrain_epochs=quick.get("pretrain_epochs", 30.0),
-        max_train_examples=quick.get("max_train_examples"),
-        seed=args.seed,
-        plot=not args.no_plot,
-    )
+    try:
+        results = run_demo(
+            output_dir=args.output_dir,
+            num_tasks=args.num_tasks,
+            num_train_epochs=quick.get("num_train_epochs", args.epochs),
+            learning_rate=args.learning_rate,
+            scaling_coef=args.scaling_coef,
+            pretrain_epochs=quick.get("pretrain_epochs", 30.0),
+            max_train_examples=quick.get("max_train_examples"),
+            seed=args.seed,
+            plot=not args.no_plot,
+            show_progress=not args.no_progress,
+        )
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
     out = sys.stdout
     for label in ("sequential fine-tuning", "MagMax"):
         out.write(f"\nAccuracy matrix, {label} (row t: after task t; %):\n{results['matrix_tables'][label]}\n")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +13,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import MagMaxOptions
-from .inputs import check_datasets, freeze, head, is_peft_model, normalize_tasks
+from .inputs import check_datasets, freeze, head, is_peft_model, normalize_tasks, task_dir_name
 from .run import ContinualRun
 from .state import unwrap
 
@@ -44,6 +46,13 @@ class MagMaxCallback(TrainerCallback):
     `num_tasks`-th task writes `θ_0 + λ · merge` into the model (`final_model="merged"`) and
     `output_dir/continual_results.json` — the same weights and metrics as [`MagMaxTrainer`]. It also resets the
     trainer's optimizer and learning-rate schedule after every task, so each task starts fresh as in the paper.
+
+    Attached to a plain `Trainer`, the callback makes it behave as [`MagMaxTrainer`] where files are written: the
+    checkpoints of the k-th task go to `output_dir/task-<k>-<name>/checkpoint-<step>` (`task-00-...` first, so a
+    task's checkpoints no longer overwrite the previous task's; `save_total_limit` applies per task), and once a task
+    is done `trainer.save_model(...)` and `trainer.push_to_hub(...)` write the MagMax model card (tasks, method, λ,
+    the accuracy matrices) in place of transformers' generic one. It does so by overriding `_get_output_dir`,
+    `save_model` and `create_model_card` on that trainer instance only (a `MagMaxTrainer` is left as it is).
 
     Args:
         trainer (`transformers.Trainer`, *optional*):
@@ -115,6 +124,7 @@ class MagMaxCallback(TrainerCallback):
         if val_list and self.options.max_validation_samples is not None:
             val_list = [head(ds, self.options.max_validation_samples) for ds in val_list]
         self.num_tasks = num_tasks
+        self._current_task: int | None = None  # the task being trained (for the checkpoint directories)
         self._run = ContinualRun(self.options, names, eval_list, val_list or None)
         self.trainer: Trainer | None = None
         if trainer is not None:
@@ -125,9 +135,83 @@ class MagMaxCallback(TrainerCallback):
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        self._hook(trainer)
         if self.options.frozen_modules:
             freeze(trainer.model, self.options.frozen_modules)
         return self
+
+    def _hook(self, trainer: Trainer) -> None:
+        """Per-task checkpoint directories and the MagMax model card on `trainer` (this instance only)."""
+        from .trainer import MagMaxTrainer
+
+        if isinstance(trainer, MagMaxTrainer) or getattr(trainer, "_magmax_callback", None) is self:
+            return
+        trainer._magmax_callback = self
+        callback = self
+        get_output_dir, save_model = trainer._get_output_dir, trainer.save_model
+        create_model_card = trainer.create_model_card
+
+        def _get_output_dir(self, trial: Any = None) -> str:
+            run_dir = get_output_dir(trial=trial)
+            task = callback._current_task
+            if task is None:
+                return run_dir
+            return os.path.join(run_dir, task_dir_name(task, callback._run.task_names[task]))
+
+        def _save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            save_model(output_dir, _internal_call=_internal_call)
+            if not _internal_call and self.is_world_process_zero() and callback._run.num_tasks_done:
+                directory = output_dir if output_dir is not None else self.args.output_dir
+                with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+                    f.write(callback.model_card(self))
+
+        def _create_model_card(
+            self,
+            language: str | None = None,
+            license: str | None = None,
+            tags: str | list[str] | None = None,
+            model_name: str | None = None,
+            finetuned_from: str | None = None,
+            **kwargs: Any,
+        ) -> None:
+            if not callback._run.num_tasks_done:  # nothing merged yet: transformers' card
+                create_model_card(language, license, tags, model_name, finetuned_from, **kwargs)
+                return
+            if not self.is_world_process_zero():
+                return
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            text = callback.model_card(
+                self,
+                extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
+                model_name=model_name,
+                language=language,
+                license=license,
+                finetuned_from=finetuned_from,
+            )
+            with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(text)
+
+        trainer._get_output_dir = types.MethodType(_get_output_dir, trainer)
+        trainer.save_model = types.MethodType(_save_model, trainer)
+        trainer.create_model_card = types.MethodType(_create_model_card, trainer)
+
+    def model_card(self, trainer: Trainer | None = None, extra_tags: Sequence[str] = (), **metadata: Any) -> str:
+        """The MagMax model card of this run (the one [`MagMaxTrainer`] writes), as markdown text.
+
+        Args:
+            trainer (`transformers.Trainer`, *optional*):
+                Whose model and `output_dir` the card describes (default: the attached trainer).
+            extra_tags (`list[str]`, *optional*):
+                Tags added to the card's metadata.
+            metadata:
+                `model_name`, `language`, `license`, `finetuned_from` (as in `Trainer.create_model_card`).
+        """
+        from .trainer import _model_card
+
+        trainer = trainer if trainer is not None else self.trainer
+        if trainer is None:
+            raise ValueError("MagMaxCallback.model_card needs a trainer: attach one with `attach(trainer)`.")
+        return _model_card(self._run, trainer.model, trainer.args, extra_tags=extra_tags, **metadata)
 
     @property
     def results(self) -> dict[str, Any]:
@@ -154,6 +238,7 @@ class MagMaxCallback(TrainerCallback):
         if task >= len(self._run.task_names):  # open-ended sequence
             self._run.matrices.add_task(f"task_{task}")
         train_dataset = trainer.train_dataset if trainer is not None else None
+        self._current_task = task
         if task == 0:
             if trainer is not None:
                 check_datasets(trainer.model, self._run.task_names, [train_dataset], self._run.eval_datasets)
@@ -165,6 +250,7 @@ class MagMaxCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         task = self._task()
+        self._current_task = None
         self._run.end_task(self.trainer, model, task)
         if self.trainer is not None:
             # a fresh optimizer and learning-rate schedule for the next task

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_tasks import classification_task, classification_tasks, tiny_bert
+from tiny_tasks import Crash, classification_task, classification_tasks, tiny_bert
 from transformers import TrainerCallback
 
 from hf_magmax.trainer import (
@@ -19,20 +19,6 @@ from hf_magmax.trainer import (
     MagMaxConfig,
     MagMaxTrainer,
 )
-
-
-class Crash(TrainerCallback):
-    """Raises in task `task` once step `step` has run (its checkpoint written)."""
-
-    def __init__(self, task, step):
-        self.task, self.step, self.seen = task, step, -1
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.seen += 1
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.seen == self.task and state.global_step == self.step + 1:
-            raise KeyboardInterrupt("simulated crash")
 
 
 class Steps(TrainerCallback):

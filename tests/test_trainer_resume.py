@@ -5,24 +5,9 @@ import json
 
 import pytest
 import torch
-from tiny_tasks import classification_task, tiny_bert  # noqa: E402
-from transformers import TrainerCallback
+from tiny_tasks import Crash, classification_task, tiny_bert  # noqa: E402
 
 from hf_magmax.trainer import BASE_WEIGHTS_NAME, MERGE_STATE_NAME, STATE_NAME, MagMaxConfig, MagMaxTrainer
-
-
-class Crash(TrainerCallback):
-    """Simulates a crash in the middle of task `task` at step `step` (after the checkpoint of that step)."""
-
-    def __init__(self, task, step):
-        self.task, self.step, self.seen = task, step, -1
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.seen += 1
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.seen == self.task and state.global_step == self.step + 1:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def tasks():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 
 NUM_LABELS = 4
@@ -83,3 +83,17 @@ def lm_task(token: int, num_examples: int = 8, seed: int = 0) -> Dataset:
         for i in range(num_examples)
     ]
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * SEQ_LEN] * num_examples, "labels": ids})
+
+
+class Crash(TrainerCallback):
+    """Simulates a crash in the middle of task `task` at step `step` (after the checkpoint of that step)."""
+
+    def __init__(self, task, step):
+        self.task, self.step, self.seen = task, step, -1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seen == self.task and state.global_step == self.step + 1:
+            raise KeyboardInterrupt("simulated crash")

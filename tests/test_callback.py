@@ -93,6 +93,8 @@ def test_callback_on_a_plain_trainer_writes_what_magmax_trainer_writes(tmp_path,
         pushed_card.replace("# callback\n", "# trainer\n") == fake_hub.repos["me/trainer"].files["README.md"].decode()
     )
     assert "continual_results.json" in pushed and "model.safetensors" in pushed
+    for repo in ("me/callback", "me/trainer"):  # the per-task checkpoints stay local on both paths
+        assert not [name for name in fake_hub.repos[repo].files if name.startswith("task-")], repo
     assert callback.model_card() == ours._model_card_text()
 
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -447,6 +448,22 @@ def test_push_to_hub_uploads_model_and_card(tmp_path, fake_hub):  # noqa: F811
     assert card.startswith("---") and "- magmax" in card and "- continual-learning" in card
     assert "## Merged (magmax): accuracy matrix" in card and "scaling_coef: 0.5" in card
     assert "model.safetensors" in files and "continual_results.json" in files
+
+
+def test_push_to_hub_leaves_the_run_folders_local(tmp_path, fake_hub):  # noqa: F811
+    """Per-task checkpoints and the run's θ_0 (`magmax_base/`, a full copy of the base) are never uploaded."""
+    train, evaluation = classification_tasks()
+    args = make_args(
+        tmp_path, hub_model_id="me/magmax-run", hub_token=fake_hub.token, save_strategy="steps", save_steps=2
+    )
+    trainer = MagMaxTrainer(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    local = {p.relative_to(args.output_dir).parts[0] for p in Path(args.output_dir).rglob("*") if p.is_file()}
+    assert "magmax_base" in local and any(name.startswith("task-") for name in local)
+    trainer.push_to_hub()
+    pushed = {name.split("/")[0] for name in fake_hub.repos["me/magmax-run"].files}
+    assert "model.safetensors" in pushed and "README.md" in pushed
+    assert not [name for name in pushed if name.startswith(("task-", "magmax_base"))], sorted(pushed)
 
 
 # -- the evaluation leaves the trainer as it was ------------------------------------------------------------------

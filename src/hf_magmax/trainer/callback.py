@@ -142,7 +142,7 @@ class MagMaxCallback(TrainerCallback):
 
     def _hook(self, trainer: Trainer) -> None:
         """Per-task checkpoint directories and the MagMax model card on `trainer` (this instance only)."""
-        from .trainer import MagMaxTrainer
+        from .trainer import MagMaxTrainer, run_folders_kept_local
 
         if isinstance(trainer, MagMaxTrainer) or getattr(trainer, "_magmax_callback", None) is self:
             return
@@ -150,6 +150,7 @@ class MagMaxCallback(TrainerCallback):
         callback = self
         get_output_dir, save_model = trainer._get_output_dir, trainer.save_model
         create_model_card = trainer.create_model_card
+        push_to_hub, push_from_checkpoint = trainer.push_to_hub, trainer._push_from_checkpoint
 
         def _get_output_dir(self, trial: Any = None) -> str:
             run_dir = get_output_dir(trial=trial)
@@ -191,6 +192,16 @@ class MagMaxCallback(TrainerCallback):
             with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(text)
 
+        def _push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+            with run_folders_kept_local():  # per-task checkpoints and θ_0 stay local
+                return push_to_hub(*args, **kwargs)
+
+        def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+            with run_folders_kept_local():
+                push_from_checkpoint(checkpoint_folder)
+
+        trainer.push_to_hub = types.MethodType(_push_to_hub, trainer)
+        trainer._push_from_checkpoint = types.MethodType(_push_from_checkpoint, trainer)
         trainer._get_output_dir = types.MethodType(_get_output_dir, trainer)
         trainer.save_model = types.MethodType(_save_model, trainer)
         trainer.create_model_card = types.MethodType(_create_model_card, trainer)

@@ -10,11 +10,12 @@ every task, and ends with the merged model `θ_0 + λ · merge(τ_1, …, τ_T)`
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from .inputs import (
     task_dir_name,
 )
 from .run import ContinualRun
-from .state import CheckpointError, unwrap
+from .state import BASE_DIR_NAME, CheckpointError, unwrap
 
 
 logger = logging.getLogger(__name__)
@@ -487,6 +488,17 @@ class MagMaxTrainer(Trainer):
         self.model = self.model_wrapped = new_model
         run.write_results(self)
 
+    # -- Hub ---------------------------------------------------------------------------------------------------------
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub`, without the run's own folders (per-task checkpoints, θ_0): see [`run_folders_kept_local`]."""
+        with run_folders_kept_local():
+            return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with run_folders_kept_local():
+            super()._push_from_checkpoint(checkpoint_folder)
+
     # -- model card ----------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -522,6 +534,31 @@ class MagMaxTrainer(Trainer):
 
     def _model_card_text(self, extra_tags: Sequence[str] = (), **metadata: Any) -> str:
         return _model_card(self._magmax, self.model, self.args, extra_tags=extra_tags, **metadata)
+
+
+#: `output_dir` entries of a continual run that a push must not upload: the per-task checkpoint folders and the run's
+#: copy of θ_0 (`magmax_base/`, as large as the model). `Trainer` itself only leaves out `checkpoint-*` and `_*`.
+RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*")
+
+
+@contextlib.contextmanager
+def run_folders_kept_local() -> Iterator[None]:
+    """Within the block, Hub uploads through transformers' shared `HfApi` (what `Trainer.push_to_hub` and the
+    checkpoint pushes use) also ignore [`RUN_FOLDER_PATTERNS`]."""
+    from transformers.utils.hub import hf_api
+
+    api = hf_api()
+    upload_folder = api.upload_folder
+
+    def upload_without_run_folders(*args: Any, ignore_patterns: Any = None, **kwargs: Any) -> Any:
+        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        return upload_folder(*args, ignore_patterns=[*patterns, *RUN_FOLDER_PATTERNS], **kwargs)
+
+    api.upload_folder = upload_without_run_folders  # this instance only, for this block
+    try:
+        yield
+    finally:
+        del api.upload_folder
 
 
 def _lora_rank(peft_model: nn.Module) -> int:

@@ -425,3 +425,55 @@ def test_track_winners_only_for_selecting_methods(method):
 
     with pytest.raises(ValueError, match="`track_winners` only applies to `magmax`, `random_mix`"):
         MergeSpec(method).accumulator("w", track_winners=True)
+
+
+# -- provenance at the state-dict level: which task won where -------------------------------------------------------
+
+
+def _provenance_tvs():
+    return [
+        {"a": torch.tensor([3.0, 0.0, -1.0, 2.0]), "b": torch.tensor([[1.0, -5.0]])},
+        {"a": torch.tensor([-1.0, 0.0, 2.0, -2.0]), "b": torch.tensor([[-2.0, 5.0]])},
+        {"a": torch.tensor([0.5, 0.0, -2.0, 1.0]), "b": torch.tensor([[2.0, 1.0]])},
+    ]
+
+
+def test_state_dict_merger_and_merge_task_vectors_record_the_winners():
+    from hf_magmax.merging import winner_shares
+
+    tvs = _provenance_tvs()
+    # by hand: the largest |τ| wins, ties (the zeros, |-1|/|2|/|-2|, |2|/|-2|, |2|/|2|, |5|/|5|) to the later task
+    expected = {"a": torch.tensor([0, 2, 2, 1]), "b": torch.tensor([[2, 1]])}
+    merger = StateDictMerger("magmax", track_winners=True)
+    for tv in tvs:
+        merger.update(tv)
+    winners = merger.winners()
+    merged, winners_too = merge_task_vectors(tvs, "magmax", scaling_coef=1.0, return_winners=True)
+    for name, want in expected.items():
+        assert winners[name].dtype == torch.uint8 and torch.equal(winners[name].long(), want), name
+        assert torch.equal(winners_too[name], winners[name]), name
+        chosen = torch.stack([tv[name] for tv in tvs]).gather(0, want.unsqueeze(0)).squeeze(0)
+        assert torch.equal(merged[name], chosen), name  # the merged value is the winner's value
+    shares = winner_shares(winners, num_tasks=3)
+    assert shares["a"] == [0.25, 0.25, 0.5] and shares["b"] == [0.0, 0.5, 0.5]
+    assert shares["*"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    # resumable: the winners survive a state-dict round trip mid-way
+    half = StateDictMerger("magmax", track_winners=True)
+    for tv in tvs[:2]:
+        half.update(tv)
+    resumed = StateDictMerger("magmax", track_winners=True)
+    resumed.load_state_dict(half.state_dict())
+    resumed.update(tvs[2])
+    assert all(torch.equal(resumed.winners()[n], winners[n]) for n in winners)
+
+
+def test_winners_only_for_methods_that_keep_one_tasks_value():
+    with pytest.raises(ValueError, match="track_winners"):
+        StateDictMerger("ties", track_winners=True)
+    with pytest.raises(ValueError, match="track_winners"):
+        StateDictMerger("magmax").winners()
+    (tensor_merge, tensor_winners) = merge_task_vectors([torch.tensor([1.0, -4.0]), torch.tensor([-2.0, 3.0])],
+                                                         "magmax", return_winners=True)  # fmt: skip
+    assert torch.equal(tensor_winners.long(), torch.tensor([1, 0])) and torch.equal(
+        tensor_merge, torch.tensor([-1.0, -2.0])
+    )

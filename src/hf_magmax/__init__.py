@@ -48,6 +48,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
         "random_mix",
         "task_arithmetic",
         "ties",
+        "winner_shares",
     ),
     "metrics": (
         "accuracy_compute_metrics",
@@ -141,6 +142,7 @@ __all__ = [
     "task_arithmetic",
     "task_incremental_split",
     "ties",
+    "winner_shares",
 ]
 
 #: submodules reachable as attributes (`hf_magmax.merging` after a bare `import hf_magmax`).

@@ -53,6 +53,7 @@ from .spec import (
     random_mix,
     task_arithmetic,
     ties,
+    winner_shares,
 )
 
 
@@ -82,4 +83,5 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "ties_trim_threshold",
+    "winner_shares",
 ]

@@ -382,6 +382,9 @@ class StateDictMerger:
             The merge method, or a whole spec.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
             Where the running state lives.
+        track_winners (`bool`, *optional*, defaults to `False`):
+            Record, per element, which task's value was kept ([`winners`]; magmax and random_mix): the provenance of
+            the merge, one small integer tensor per merged tensor whatever the number of tasks.
         **method_kwargs:
             `density` for `ties`, `seed` for `random_mix` (when `method` is a name). random_mix seeds each tensor's
             draws by its name, as every other consumer does.
@@ -400,11 +403,18 @@ class StateDictMerger:
     """
 
     def __init__(
-        self, method: str | MergeSpec = "magmax", device: str | torch.device = "cpu", **method_kwargs
+        self,
+        method: str | MergeSpec = "magmax",
+        device: str | torch.device = "cpu",
+        track_winners: bool = False,
+        **method_kwargs,
     ) -> None:
         import torch
 
         self.spec = _spec(method, None, method_kwargs)
+        self.track_winners = bool(track_winners)
+        if self.track_winners:
+            self.spec.accumulator(track_winners=True)  # validates: only methods that keep one task's value
         self.method = self.spec.method
         self.method_kwargs = self.spec.method_options
         self.device = torch.device(device)
@@ -415,7 +425,9 @@ class StateDictMerger:
     def update(self, task_vector: Mapping[str, Tensor]) -> None:
         """Fold one task vector (name → floating tensor) in. Every task vector must have the same names."""
         if self.num_tasks == 0:
-            self.accumulators = {name: self.spec.accumulator(name) for name in task_vector}
+            self.accumulators = {
+                name: self.spec.accumulator(name, track_winners=self.track_winners) for name in task_vector
+            }
         else:
             missing = set(self.accumulators) - set(task_vector)
             extra = set(task_vector) - set(self.accumulators)
@@ -435,6 +447,15 @@ class StateDictMerger:
             raise ValueError("no task vector has been folded in yet: call `update` at least once before `result`.")
         return {name: acc.result() for name, acc in self.accumulators.items()}
 
+    def winners(self) -> dict[str, Tensor]:
+        """Name → the 0-based index of the task whose value each element kept (`uint8`, wider past 255 tasks; ties
+        go to the later task). Needs `track_winners=True`. See [`winner_shares`] for the fractions per task."""
+        if not self.track_winners:
+            raise ValueError(
+                "the merger records no winners: build it with `StateDictMerger(..., track_winners=True)`."
+            )
+        return {name: acc.winners() for name, acc in self.accumulators.items()}
+
     def state_dict(self) -> dict[str, object]:
         return {
             "method": self.method,
@@ -449,7 +470,7 @@ class StateDictMerger:
         self.num_tasks = int(state["num_tasks"])
         self.accumulators = {}
         for name, acc_state in state["accumulators"].items():
-            acc = self.spec.accumulator(name)
+            acc = self.spec.accumulator(name, track_winners=self.track_winners)
             acc.load_state_dict(acc_state)
             self.accumulators[name] = acc
 
@@ -458,6 +479,7 @@ def merge_task_vectors(
     task_vectors: Sequence[Mapping[str, Tensor]] | Sequence[Tensor],
     method: str | MergeSpec = "magmax",
     scaling_coef: float | None = None,
+    return_winners: bool = False,
     **method_kwargs,
 ):
     """Merge task vectors with `method` and scale the result by `scaling_coef`.
@@ -470,13 +492,17 @@ def merge_task_vectors(
         scaling_coef (`float`, *optional*):
             λ, finite and > 0. Defaults to the method's default ([`DEFAULT_SCALING_COEFS`]): 0.5 for `magmax` and
             `random_mix`, 1.0 for `average` and `ties`, 0.3 for `task_arithmetic`.
+        return_winners (`bool`, *optional*, defaults to `False`):
+            magmax and random_mix: also return the provenance, per element the 0-based index of the task whose value
+            was kept (ties to the later task), of the same kind as the inputs (a dict of tensors, or one tensor).
         **method_kwargs:
             `density` for `ties` (defaults to 0.2), `seed` for `random_mix` (defaults to 0).
 
     Returns:
         The scaled merged task vector `λ · merge(τ_1..τ_T)`, of the same kind as the inputs ([`TaskVector`] for
-        task vectors or dicts, a tensor for tensors). Apply it with `TaskVector.apply_to(base_state_dict)`: the
-        result is bit-identical to [`apply_merged`]`(θ_0, merge, λ)`, which every other door uses.
+        task vectors or dicts, a tensor for tensors); with `return_winners=True`, the pair `(merged, winners)`.
+        Apply it with `TaskVector.apply_to(base_state_dict)`: the result is bit-identical to
+        [`apply_merged`]`(θ_0, merge, λ)`, which every other door uses.
 
     Example:
 
@@ -496,7 +522,9 @@ def merge_task_vectors(
     coef = spec.coef
 
     if not isinstance(task_vectors[0], Mapping):
-        return _scale(_fold(spec.accumulator(), list(task_vectors)), coef)
+        accumulator = spec.accumulator(track_winners=return_winners)
+        merged = _scale(_fold(accumulator, list(task_vectors)), coef)
+        return (merged, accumulator.winners()) if return_winners else merged
 
     from ..task_vectors import TaskVector
 
@@ -508,8 +536,51 @@ def merge_task_vectors(
             raise KeyError(
                 f"`task_vectors[{i}]` has other tensors than `task_vectors[0]` (missing: {missing}, extra: {extra})."
             )
-    merged = {name: _scale(_fold(spec.accumulator(name), [tv[name] for tv in task_vectors]), coef) for name in names}
-    return TaskVector(merged)
+    merged, winners = {}, {}
+    for name in names:
+        accumulator = spec.accumulator(name, track_winners=return_winners)
+        merged[name] = _scale(_fold(accumulator, [tv[name] for tv in task_vectors]), coef)
+        if return_winners:
+            winners[name] = accumulator.winners()
+    return (TaskVector(merged), winners) if return_winners else TaskVector(merged)
+
+
+def winner_shares(winners: Mapping[str, Tensor], num_tasks: int) -> dict[str, list[float]]:
+    """The fraction of elements each task won, per tensor and over all of them (key `"*"`).
+
+    Args:
+        winners (`dict[str, torch.Tensor]`): name → winner map, as [`StateDictMerger.winners`] returns it.
+        num_tasks (`int`): T, the number of tasks merged.
+
+    Returns:
+        `dict[str, list[float]]`: name → `[share of task 1, ..., share of task T]` (each list sums to 1), and `"*"`
+        for all elements together.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax.merging import winner_shares
+    >>> winner_shares({"w": torch.tensor([0, 1, 1, 1], dtype=torch.uint8)}, num_tasks=2)
+    {'w': [0.25, 0.75], '*': [0.25, 0.75]}
+    ```
+    """
+    import torch
+
+    if num_tasks < 1:
+        raise ValueError(f"`num_tasks` must be at least 1, got {num_tasks!r}.")
+    shares: dict[str, list[float]] = {}
+    total = torch.zeros(num_tasks, dtype=torch.float64)
+    for name, winner in winners.items():
+        counts = torch.bincount(winner.reshape(-1).long(), minlength=num_tasks).to(torch.float64)
+        if counts.numel() > num_tasks:
+            raise ValueError(
+                f"the winners of {name!r} name task {counts.numel() - 1}, but `num_tasks` is {num_tasks}."
+            )
+        total += counts
+        shares[name] = (counts / max(winner.numel(), 1)).tolist()
+    shares["*"] = (total / max(float(total.sum()), 1.0)).tolist()
+    return shares
 
 
 def _scale(tensor: Tensor, coef: float) -> Tensor:

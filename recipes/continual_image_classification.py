@@ -176,12 +176,35 @@ def load_data(args: ScriptArguments, training_args):
             seed=args.split_seed,
         )
     else:
+        domain_order, task_names = _domain_ids(train, args.domain_column, args.domain_order)
         split = domain_incremental_split(
-            train, args.domain_column, domain_order=args.domain_order, label_column=args.label_column
+            train, args.domain_column, domain_order=domain_order, label_column=args.label_column, task_names=task_names
         )
     if len(split) == 0:
         raise ValueError("the split produced no tasks: check `num_tasks`, `class_order` or `domain_order`.")
     return split, split.apply_to(test), label_names
+
+
+def _domain_ids(train, domain_column: str, domain_order: list[str] | None):
+    """`domain_order` and the task names for `domain_incremental_split`.
+
+    A `ClassLabel` domain column (e.g. `wltjr1007/DomainNet`) stores ids: `domain_order` then lists its label names,
+    mapped to the stored ids, and the tasks are named by those names. Any other column is used as it is.
+    """
+    feature = train.features[domain_column]
+    if not hasattr(feature, "names"):
+        return domain_order, None
+    if domain_order is None:
+        ids = sorted(set(train.with_format(None)[domain_column]))
+    else:
+        unknown = [d for d in domain_order if d not in feature.names]
+        if unknown:
+            raise ValueError(
+                f"`domain_order` lists {unknown}, which the ClassLabel column {domain_column!r} does not name; its "
+                f"domains are {feature.names}."
+            )
+        ids = [feature.str2int(d) for d in domain_order]
+    return ids, [feature.int2str(i) for i in ids]
 
 
 def build_model(args: ScriptArguments, config, label_names: list[str]):

@@ -152,6 +152,24 @@ def test_image_recipe_domain_incremental(assets, tmp_path):
     _check_matrix(continual["merged"]["matrix"], 2, 0.0, 1.0)
 
 
+def test_image_recipe_domain_order_names_a_class_label_domain_column(assets, tmp_path):
+    """A ClassLabel domain column (as wltjr1007/DomainNet's) stores ids: `domain_order` lists its names."""
+    from datasets import ClassLabel, load_from_disk
+
+    data = str(tmp_path / "data")
+    load_from_disk(assets["cifar"]).cast_column("domain", ClassLabel(names=["photo", "sketch"])).save_to_disk(data)
+    out = tmp_path / "domains"
+    argv = ["--config", os.path.join(CONFIGS, "tiny_image_clip.yaml"), "--model_name_or_path", assets["clip"]]
+    argv += ["--dataset_name", data, "--scenario", "domain_incremental", "--domain_column", "domain"]
+    argv += ["--restrict_loss_to_task_classes", "false"]
+    image = _recipe("continual_image_classification")
+    with pytest.raises(ValueError, match=r"lists \['clipart'\].*photo"):
+        image.main(argv + ["--output_dir", str(tmp_path / "bad"), "--domain_order", "sketch", "clipart"])
+    image.main(argv + ["--output_dir", str(out), "--domain_order", "sketch", "photo"])
+    continual = _json(out / "continual_results.json")
+    assert continual["task_names"] == ["sketch", "photo"]
+
+
 # --- text -------------------------------------------------------------------------------------------------------------
 
 

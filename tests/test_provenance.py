@@ -147,3 +147,141 @@ def test_merge_lora_cli_save_provenance(tmp_path, capsys):
     assert winners and all(w.dtype == torch.uint8 for w in winners.values())
     assert main([*argv, str(tmp_path / "o2"), "--save-provenance", "--method", "ties"]) == 2
     assert "save_provenance" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+# -- Trainer: the merge state ---------------------------------------------------------------------------------------
+
+
+def _fold_all(state, thetas):
+    for t, theta in enumerate(thetas):
+        state.fold(theta, task=f"t{t}")
+
+
+def test_merge_state_winners_known_by_hand_ties_to_the_later_task():
+    from hf_magmax.merging import MergeSpec
+    from hf_magmax.trainer import MergeState
+
+    state = MergeState(MergeSpec("magmax"), track_winners=True)
+    state.snapshot({"w": torch.zeros(5)})
+    # τ_1..τ_3 (θ_0 = 0): element 0 → task 2 (largest), 1 → task 0, 2 → a tie of tasks 0 and 1 (|−2| = |2|) → 1,
+    # 3 → a tie of all three → 2, 4 → task 1
+    _fold_all(state, [{"w": torch.tensor(v)} for v in ([1.0, 5.0, 2.0, 1.0, 0.0], [2.0, 1.0, -2.0, 1.0, 3.0],
+                                                         [3.0, 0.0, 1.0, -1.0, 0.5])])  # fmt: skip
+    assert state.winners["w"].dtype == torch.uint8
+    assert state.winners["w"].tolist() == [2, 0, 1, 2, 1]
+    assert state.merged_task_vector("w").tolist() == [3.0, 5.0, -2.0, -1.0, 3.0]
+
+
+@pytest.mark.parametrize("method", ["magmax", "random_mix"])
+def test_merge_state_winners_equal_the_core_and_survive_a_checkpoint(method, tmp_path):
+    from hf_magmax.merging import MergeSpec
+    from hf_magmax.trainer import MergeState
+
+    torch.manual_seed(0)
+    base = {"a.weight": torch.randn(6, 5), "b.bias": torch.randn(7)}
+    # rounded task vectors, so that ties happen
+    thetas = [{k: v + torch.randint(-2, 3, v.shape).float() for k, v in base.items()} for _ in range(4)]
+    spec = MergeSpec(method)
+    core = StateDictMerger(spec, track_winners=True)
+    for theta in thetas:
+        core.update({k: theta[k] - base[k] for k in base})
+
+    state = MergeState(spec, track_winners=True)
+    state.snapshot(base)
+    _fold_all(state, thetas[:2])
+    state.save(str(tmp_path))
+    resumed = MergeState(spec, track_winners=True)
+    resumed.restore(base, MergeState.read(str(tmp_path)))
+    assert all(torch.equal(resumed.winners[k], state.winners[k]) for k in base)
+    _fold_all(resumed, thetas[2:])
+    expected = core.winners()
+    for name in base:
+        assert torch.equal(resumed.winners[name], expected[name]), name
+        assert torch.equal(resumed.merged_task_vector(name), core.result()[name])
+    with pytest.raises(ValueError, match="save_provenance"):
+        plain = MergeState(spec)
+        plain.snapshot(base)
+        _fold_all(plain, thetas[:1])
+        plain.save(str(tmp_path / "plain"))
+        MergeState(spec, track_winners=True).restore(base, MergeState.read(str(tmp_path / "plain")))
+
+
+def test_merge_state_memory_is_flat_in_the_number_of_tasks():
+    from hf_magmax.merging import MergeSpec
+    from hf_magmax.trainer import MergeState
+
+    sizes = {}
+    for T in (2, 12):
+        state = MergeState(MergeSpec("magmax"), track_winners=True)
+        state.snapshot({"w": torch.zeros(100, 10)})
+        _fold_all(state, [{"w": torch.randn(100, 10)} for _ in range(T)])
+        sizes[T] = state.resident_bytes()["merge"]
+    plain = MergeState(MergeSpec("magmax"))
+    plain.snapshot({"w": torch.zeros(100, 10)})
+    _fold_all(plain, [{"w": torch.randn(100, 10)} for _ in range(2)])
+    assert sizes[2] == sizes[12] == plain.resident_bytes()["merge"] + 1000  # θ_best + one uint8 per element
+
+
+# -- Trainer: end to end --------------------------------------------------------------------------------------------
+
+
+def _trainer_run(output_dir, callbacks=(), resume=None, **kwargs):
+    from tiny_tasks import classification_task, tiny_bert
+
+    from hf_magmax.trainer import MagMaxConfig, MagMaxTrainer
+
+    train = {n: classification_task(c, 16, seed=i) for i, (n, c) in enumerate({"a": [0, 1], "b": [2, 3]}.items())}
+    evaluation = {
+        n: classification_task(ds.unique("labels"), 8, seed=10 + i) for i, (n, ds) in enumerate(train.items())
+    }
+    args = MagMaxConfig(
+        output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        save_provenance=True, **kwargs,
+    )  # fmt: skip
+    trainer = MagMaxTrainer(
+        tiny_bert(), args, train_datasets=train, eval_datasets=evaluation, callbacks=list(callbacks)
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_trainer_writes_provenance_and_resume_keeps_the_maps(tmp_path):
+    from tiny_tasks import Crash
+
+    reference = _trainer_run(tmp_path / "reference")
+    out = tmp_path / "reference"
+    winners = load_file(out / "magmax_provenance.safetensors")
+    state = reference._magmax.state
+    assert sorted(winners) == sorted(state.base)
+    assert all(w.dtype == torch.uint8 and torch.equal(w, state.winners[k]) for k, w in winners.items())
+    results = json.loads((out / "continual_results.json").read_text())
+    provenance = results["provenance"]
+    assert provenance == json.loads((out / "magmax_provenance.json").read_text())
+    assert provenance["tasks"] == ["a", "b"] and sum(provenance["overall"]) == pytest.approx(1.0)
+    assert provenance["overall"] == pytest.approx(winner_shares(winners, 2)["*"])
+    assert "bert.encoder.layer.0" in provenance["layers"] and 0 < provenance["overall"][1] < 1
+    reference.save_model()
+    card = (out / "README.md").read_text()
+    assert "## Provenance" in card and "| 2 | `b` |" in card
+    pytest.importorskip("matplotlib")
+    assert (out / "magmax_provenance.png").stat().st_size > 0
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer_run(tmp_path / "crashed", callbacks=[Crash(task=1, step=2)])
+    resumed = _trainer_run(tmp_path / "crashed", resume=True)
+    again = load_file(tmp_path / "crashed" / "magmax_provenance.safetensors")
+    assert all(torch.equal(again[k], winners[k]) for k in winners)
+    expected = reference.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_trainer_save_provenance_needs_a_selecting_method(tmp_path):
+    from hf_magmax.trainer import MagMaxConfig, MagMaxOptions
+
+    for method in ("ties", "average", "task_arithmetic"):
+        with pytest.raises(ValueError, match="save_provenance=True.*magmax, random_mix"):
+            MagMaxConfig(output_dir=str(tmp_path), merge_method=method, save_provenance=True, report_to="none")
+    with pytest.raises(ValueError, match="save_provenance"):
+        MagMaxOptions(save_provenance="yes")
+    assert MagMaxOptions(merge_method="random_mix", save_provenance=True).save_provenance

@@ -449,6 +449,12 @@ class MergeState:
         """Load what [`read`] / [`read_base`] returned (θ_0 stays memory-mapped on the CPU)."""
         if merge_state["method"] != self.spec.method:
             raise ValueError(f"cannot load a `{merge_state['method']}` merge state into a `{self.spec.method}` one.")
+        winners = merge_state.get("winners")
+        if self.track_winners and int(merge_state["num_tasks"]) and winners is None:
+            raise ValueError(
+                "the checkpoint's merge state has no winner maps (it was written without `save_provenance`): resume "
+                "with `save_provenance=False`, or train from the start."
+            )
         on_cpu = self.device.type == "cpu"
         self.base = {name: t if on_cpu else t.to(self.device) for name, t in base.items()}
         self.base_file = base_file if on_cpu else None
@@ -457,12 +463,6 @@ class MergeState:
         self.sharded = False
         self.num_tasks = int(merge_state["num_tasks"])
         self.best = {name: t.to(self.device) for name, t in merge_state["best"].items()}
-        winners = merge_state.get("winners")
-        if self.track_winners and self.num_tasks and winners is None:
-            raise ValueError(
-                "the checkpoint's merge state has no winner maps (it was written without `save_provenance`): resume "
-                "with `save_provenance=False`, or train from the start."
-            )
         self.winners = {name: t.to(self.device) for name, t in (winners or {}).items()} if self.track_winners else {}
         self.accumulators = {}
         for name, acc_state in merge_state["accumulators"].items():

@@ -336,13 +336,20 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="merge even if an adapter holds NaN/Inf or the result overflows (default: an error naming the tensor)",
     )
+    parser.add_argument(
+        "--save-provenance",
+        action="store_true",
+        default=None,
+        help="magmax/random_mix: also write which adapter won each ΔW element (magmax_provenance.safetensors, "
+        "shares in magmax_provenance.json and the model card)",
+    )
     _add_publish_arguments(parser)
 
 
 #: `merge-lora` flags that set a `MergeConfig` field of the same name.
 _MERGE_LORA_FIELDS = (
     "base", "adapters", "method", "scaling_coef", "density", "seed", "rank", "svd", "svd_seed", "dtype", "device",
-    "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private",
+    "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private", "save_provenance",
 )  # fmt: skip
 
 

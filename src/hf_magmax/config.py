@@ -57,6 +57,7 @@ _KINDS = {
     "extra_tensors": "str",
     "push_to_hub": "str",
     "private": "bool",
+    "save_provenance": "bool",
 }
 
 
@@ -100,6 +101,8 @@ class MergeConfig:
             (a new head) are an error (`"error"`) or taken from the last model (`"last"`).
         push_to_hub (`str`, *optional*): a Hub repo id to upload the result to.
         private (`bool`, *optional*, defaults to `False`): with `push_to_hub`, create a private repo.
+        save_provenance (`bool`, *optional*, defaults to `False`): magmax and random_mix only: write which task won
+            each element (`magmax_provenance.safetensors`, the shares in `magmax_provenance.json` and the card).
     """
 
     base: str | None = None
@@ -123,6 +126,7 @@ class MergeConfig:
     extra_tensors: str = "error"
     push_to_hub: str | None = None
     private: bool = False
+    save_provenance: bool = False
 
     # -- kinds and validation --------------------------------------------------------------------------------------
 
@@ -179,6 +183,11 @@ class MergeConfig:
             raise ValueError(f"`dtype` must be one of {', '.join(OUTPUT_DTYPES)}{where}, got {self.dtype!r}.")
         if self.private and not self.push_to_hub:
             raise ValueError(f"`private` only applies with `push_to_hub`{where}: name the repo to create.")
+        if self.save_provenance and not self.spec.merge_class.can_track_winners:
+            raise ValueError(
+                f"`save_provenance` needs a method that keeps one task's value per element (magmax, random_mix), not "
+                f"`{self.method}`{where}: drop `save_provenance` or change the method."
+            )
         return self
 
     def replace(self, **changes: Any) -> MergeConfig:
@@ -242,6 +251,8 @@ class MergeConfig:
             out.update({"max_shard_size": self.max_shard_size, "strict_config": self.strict_config})
             out["extra_tensors"] = self.extra_tensors
         out.update({"dtype": self.dtype, "device": self.device, "allow_non_finite": self.allow_non_finite})
+        if self.save_provenance:
+            out["save_provenance"] = True
         return out
 
     def to_yaml(self) -> str:

@@ -36,7 +36,16 @@ __all__ = [
     "load_continual_metric",
     "metric_module_path",
     "plot_accuracy_matrix",
+    "plot_provenance",
+    "provenance_summary",
+    "provenance_table",
+    "save_provenance",
 ]
+
+#: The winner maps of a merge (tensor name → task index per element), written by [`save_provenance`].
+PROVENANCE_FILE = "magmax_provenance.safetensors"
+#: The winner shares (per tensor, per layer, overall), written by [`save_provenance`].
+PROVENANCE_SUMMARY_FILE = "magmax_provenance.json"
 
 #: The keys returned by [`compute_continual_metrics`], in this order.
 CONTINUAL_METRIC_NAMES: tuple[str, ...] = (
@@ -294,6 +303,137 @@ def plot_accuracy_matrix(
         os.makedirs(parent, exist_ok=True)
         fig.savefig(path, dpi=120)
         logger.info("Saved the accuracy-matrix heatmap to %s", path)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Provenance: which task won where
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _layer_of(name: str) -> str:
+    """The layer a tensor belongs to: its name up to the first numeric part (`model.layers.3`), else its module."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def provenance_summary(winners: Any, task_names: Sequence[str]) -> dict[str, Any]:
+    """The winner shares of a merge: the fraction of elements each task won, overall, per layer and per tensor.
+
+    Args:
+        winners (`dict[str, torch.Tensor]`):
+            Tensor name → winner map (0-based task index per element), as
+            [`~hf_magmax.merging.StateDictMerger.winners`] returns it.
+        task_names (`Sequence[str]`):
+            One name per task, in merge order.
+
+    Returns:
+        `dict`: `{"tasks": [...], "overall": [share per task], "layers": {layer: [...]}, "tensors": {name: [...]}}`.
+        A layer is a tensor name up to its first numeric part (`model.layers.3`), else the tensor's module; its
+        shares weigh each tensor by its number of elements.
+    """
+    import torch
+
+    from .merging import winner_shares
+
+    names = [str(n) for n in task_names]
+    T = len(names)
+    shares = winner_shares(winners, T)
+    overall = shares.pop("*")
+    layer_counts: dict[str, Any] = {}
+    for name, winner in winners.items():
+        counts = torch.bincount(winner.reshape(-1).long(), minlength=T).to(torch.float64)
+        layer = _layer_of(name)
+        layer_counts[layer] = layer_counts[layer] + counts if layer in layer_counts else counts
+    layers = {layer: (c / max(float(c.sum()), 1.0)).tolist() for layer, c in layer_counts.items()}
+    return {"tasks": names, "overall": overall, "layers": layers, "tensors": shares}
+
+
+def provenance_table(summary: dict[str, Any], top: int = 10) -> str:
+    """A short markdown table of a [`provenance_summary`]: the overall share of every task, then the `top` tensors
+    where the last task won most (for the model card)."""
+    names, overall = summary["tasks"], summary["overall"]
+    rows = "\n".join(f"| {i + 1} | `{n}` | {100 * s:.1f}% |" for i, (n, s) in enumerate(zip(names, overall)))
+    text = f"| task | name | share of elements won |\n|---|---|---|\n{rows}"
+    last = sorted(summary["tensors"].items(), key=lambda kv: (-kv[1][-1], kv[0]))[:top]
+    if last and len(names) > 1:
+        lines = "\n".join(f"| `{name}` | {100 * s[-1]:.1f}% |" for name, s in last)
+        text += (
+            f"\n\nThe {len(last)} tensor(s) where the last task (`{names[-1]}`) won most:\n\n"
+            f"| tensor | share of the last task |\n|---|---|\n{lines}"
+        )
+    return text
+
+
+def save_provenance(
+    directory: str | os.PathLike, winners: Any, task_names: Sequence[str], summary: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write a merge's provenance into `directory`: the winner maps as `magmax_provenance.safetensors` (name →
+    `uint8` map, `int16` beyond 256 tasks) and the shares of [`provenance_summary`] as `magmax_provenance.json`.
+
+    Returns:
+        `dict`: the summary written.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    summary = provenance_summary(winners, task_names) if summary is None else summary
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: w.detach().to("cpu").contiguous() for name, w in winners.items()}
+    save_file(tensors, os.path.join(directory, PROVENANCE_FILE), metadata={"tasks": json.dumps(summary["tasks"])})
+    with open(os.path.join(directory, PROVENANCE_SUMMARY_FILE), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def plot_provenance(
+    summary: dict[str, Any],
+    path: str | os.PathLike | None = None,
+    title: str = "Which task won (share of elements per layer)",
+    cmap: str = "magma",
+):
+    """Draw the per-layer winner shares of a [`provenance_summary`] as a layers × tasks heatmap.
+
+    Needs matplotlib (`pip install "hf_magmax[plot]"`); draws on a bare `matplotlib.figure.Figure` (no pyplot).
+
+    Args:
+        summary (`dict`): what [`provenance_summary`] returns.
+        path (`str` or `os.PathLike`, *optional*): where to save the figure (parent folders are created).
+        title (`str`, *optional*): title of the plot.
+        cmap (`str`, *optional*, defaults to `"magma"`): matplotlib colormap name.
+
+    Returns:
+        `matplotlib.figure.Figure`: the figure.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            'plot_provenance needs matplotlib: install it with `pip install "hf_magmax[plot]"`.'
+        ) from err
+
+    names = list(summary["tasks"])
+    layers = list(summary["layers"])
+    shares = 100 * np.asarray([summary["layers"][layer] for layer in layers], dtype=float).reshape(len(layers), -1)
+    T = len(names)
+    fig = Figure(figsize=(0.9 * T + 4.0, 0.3 * len(layers) + 1.8))
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
+    ax.set_xticks(range(T), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
+    ax.set_xlabel("task")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="elements won (%)")
+    fig.tight_layout()
+    if path is not None:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120)
+        logger.info("Saved the provenance heatmap to %s", path)
     return fig
 
 

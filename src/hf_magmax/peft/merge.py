@@ -82,6 +82,11 @@ class LoraMergeResult:
         adapter_name (`str`), rank (`int` or `None`), base_model_name_or_path (`str` or `None`), svd (`str`),
         svd_seed (`int`), dtype (`str` or `None`), allow_non_finite (`bool`):
             How the merge was made (written into `magmax_config.yaml` and the model card).
+        winners (`dict[str, torch.Tensor]`, *optional*):
+            With `save_provenance=True`: per merged tensor (`"<module>.weight"`, ...), the 0-based index of the adapter
+            whose ΔW element the merge kept (`uint8`, `int16` beyond 256 adapters; ties go to the later adapter).
+            [`save_lora_merge`] writes it as `magmax_provenance.safetensors` and the shares into the card and
+            `magmax_provenance.json`; see [`~hf_magmax.merging.winner_shares`].
     """
 
     lora_output: str
@@ -99,6 +104,20 @@ class LoraMergeResult:
     svd_seed: int = 0
     dtype: str | None = None
     allow_non_finite: bool = False
+    winners: dict[str, torch.Tensor] | None = None
+
+    @property
+    def save_provenance(self) -> bool:
+        """Whether the merge recorded its winner maps (`winners`)."""
+        return self.winners is not None
+
+    def winner_shares(self) -> dict[str, list[float]]:
+        """Per merged tensor (and overall, key `"*"`), the fraction of ΔW elements each adapter won."""
+        from ..merging import winner_shares
+
+        if self.winners is None:
+            raise ValueError("the merge recorded no winners: run `merge_adapters(..., save_provenance=True)`.")
+        return winner_shares(self.winners, len(self.adapters))
 
     @property
     def output(self) -> str:
@@ -172,6 +191,7 @@ class _LoraMergeRequest:
     dtype: torch.dtype | None
     allow_non_finite: bool
     show_progress: bool
+    save_provenance: bool = False
 
     @property
     def coef(self) -> float:
@@ -199,9 +219,16 @@ def _lora_spec(method: str | MergeSpec, scaling_coef: Any, density: Any, seed: A
 
 def _check_request(
     method, scaling_coef, lora_output, rank, adapter_name, density, seed, svd, niter, svd_seed, dtype,
-    allow_non_finite, show_progress,
+    allow_non_finite, show_progress, save_provenance=False,
 ) -> _LoraMergeRequest:  # fmt: skip
     spec = _lora_spec(method, scaling_coef, density, seed)
+    if not isinstance(save_provenance, bool):
+        raise ValueError(f"`save_provenance` must be True or False, got {save_provenance!r}.")
+    if save_provenance and not spec.merge_class.can_track_winners:
+        raise ValueError(
+            f"`save_provenance` needs a method that keeps one adapter's value per element (magmax, random_mix), not "
+            f"`{spec.method}`: drop `save_provenance` or change the method."
+        )
     if lora_output is None:
         lora_output = "adapter" if rank is not None else "merged"
     if lora_output not in LORA_OUTPUTS:
@@ -224,8 +251,9 @@ def _check_request(
     if not isinstance(allow_non_finite, bool):
         raise ValueError(f"`allow_non_finite` must be True or False, got {allow_non_finite!r}.")
     return _LoraMergeRequest(
-        spec, lora_output, rank, adapter_name, svd, niter, svd_seed, dtype, allow_non_finite, bool(show_progress)
-    )
+        spec, lora_output, rank, adapter_name, svd, niter, svd_seed, dtype, allow_non_finite, bool(show_progress),
+        save_provenance,
+    )  # fmt: skip
 
 
 def _check_sources(adapters: Sequence[str | os.PathLike]) -> list[str]:
@@ -270,6 +298,7 @@ def merge_adapters(
     device: str | torch.device | None = None,
     allow_non_finite: bool = False,
     show_progress: bool = True,
+    save_provenance: bool = False,
     output: str | None = None,
 ) -> LoraMergeResult:
     """Merge LoRA adapters on their true weight deltas ΔW, module by module, with the merge engine.
@@ -337,6 +366,9 @@ def merge_adapters(
             Merge adapters holding NaN/Inf and keep non-finite results (default: an error naming the tensor).
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar over the modules (for more than a few modules).
+        save_provenance (`bool`, *optional*, defaults to `False`):
+            magmax and random_mix only (an error for other methods): record, per element of every merged ΔW, which
+            adapter won (`result.winners`, one small integer tensor per merged tensor; ties go to the later adapter).
 
     Returns:
         [`LoraMergeResult`].
@@ -365,7 +397,7 @@ def merge_adapters(
         lora_output = output
     request = _check_request(
         method, scaling_coef, lora_output, rank, adapter_name, density, seed, svd, niter, svd_seed, dtype,
-        allow_non_finite, show_progress,
+        allow_non_finite, show_progress, save_provenance,
     )  # fmt: skip
     sources = _check_sources(adapters)
     check_device(device)
@@ -453,17 +485,25 @@ def _check_before_merging(
             )
 
 
-def _merged_module(info: _ModuleInfo, names: Sequence[str], spec: MergeSpec) -> dict:
-    """ΔW_sel of one module: each adapter's ΔW folded into `spec.accumulator(tensor name)`, in task order."""
+def _merged_module(
+    info: _ModuleInfo, names: Sequence[str], spec: MergeSpec, winners: dict[str, torch.Tensor] | None = None
+) -> dict:
+    """ΔW_sel of one module: each adapter's ΔW folded into `spec.accumulator(tensor name)`, in task order.
+
+    With `winners` (a dict), each tensor's winner map (which adapter's element was kept) is stored into it."""
     shapes = _zeros_shapes(info, names)
     device = next(info.module.parameters()).device  # ΔW lives where the module does (cpu, or `device`)
-    accumulators = {key: spec.accumulator(key) for key in info.keys}  # random_mix: seeded by the tensor's name
+    track = winners is not None
+    # random_mix: seeded by the tensor's name
+    accumulators = {key: spec.accumulator(key, track_winners=track) for key in info.keys}
     for name in names:
         deltas = _module_delta(info, name)
         for key, accumulator in accumulators.items():
             delta = deltas.get(key)
             accumulator.update(delta if delta is not None else torch.zeros(shapes[key], device=device))
         del deltas
+    if track:
+        winners.update({key: accumulator.winners().cpu() for key, accumulator in accumulators.items()})
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
 
@@ -497,10 +537,11 @@ def _merge_loaded(
     rank = request.rank
     ranks = dict(rank) if isinstance(rank, Mapping) else ({} if rank is None else rank)
     refactorer = None if merged_output else _Refactorer(ranks, request.svd, request.niter, request.svd_seed)
+    winners: dict[str, torch.Tensor] | None = {} if request.save_provenance else None
 
     disable = True if not request.show_progress else (len(infos) < 8 or None)
     for info in tqdm(infos, desc=f"merging {len(names)} adapters ({spec.method})", disable=disable):
-        merged = _merged_module(info, names, spec)
+        merged = _merged_module(info, names, spec, winners)
         if merged_output:
             fold_deltas_into_base(model, merged, coef, dtype=request.dtype, allow_non_finite=request.allow_non_finite)
         elif info.kind == "lora":
@@ -546,6 +587,7 @@ def _merge_loaded(
         svd_seed=request.svd_seed,
         dtype=request.dtype_name,
         allow_non_finite=request.allow_non_finite,
+        winners=winners,
     )
     if merged_output:
         result.model = _strip_adapters(model)

@@ -70,10 +70,11 @@ def lora_merge_config(
         svd_seed=result.svd_seed,
         dtype=result.dtype,
         allow_non_finite=result.allow_non_finite,
+        save_provenance=result.save_provenance,
     )
 
 
-def _model_card(result: LoraMergeResult, config: MergeConfig):
+def _model_card(result: LoraMergeResult, config: MergeConfig, provenance: dict | None = None):
     """The card of a LoRA merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
     from ..hub import build_model_card
 
@@ -123,6 +124,14 @@ def _model_card(result: LoraMergeResult, config: MergeConfig):
         f"- **method:** `{result.method}` ({describe})\n- **scaling coefficient λ:** {result.scaling_coef:g}\n"
         f"- **output:** {result.lora_output}{rank_note}\n\n| task | adapter |\n|---|---|\n{adapters}"
     )
+    if provenance is not None:
+        from ..metrics import PROVENANCE_FILE, PROVENANCE_SUMMARY_FILE, provenance_table
+
+        sections["Provenance"] = (
+            "Which adapter won each element of the merged ΔW (ties go to the later adapter): the winner maps are in "
+            f"`{PROVENANCE_FILE}`, the shares per tensor and per layer in `{PROVENANCE_SUMMARY_FILE}`.\n\n"
+            + provenance_table(provenance)
+        )
     return build_model_card(
         "MagMax LoRA merge",
         what,
@@ -189,7 +198,13 @@ def save_lora_merge(
             written = [path.name for path in staging.iterdir()]  # what save_pretrained wrote stays as it is
             copy_non_weight_files(base_dir, staging, skip_names=(*_BASE_FILES_SKIPPED, *written))
         (staging / LORA_MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
-        write_model_card(staging, _model_card(result, config))
+        provenance = None
+        if result.winners is not None:
+            from ..metrics import save_provenance
+
+            names = [f"{i + 1}. {a}" for i, a in enumerate(result.adapters)]
+            provenance = save_provenance(staging, result.winners, names)
+        write_model_card(staging, _model_card(result, config, provenance))
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.lora_output, output)
     return str(output)
 
@@ -245,6 +260,7 @@ def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str 
             device=config.device,
             allow_non_finite=config.allow_non_finite,
             show_progress=show_progress,
+            save_provenance=config.save_provenance,
         )
         path = save_lora_merge(result, config.output_dir, overwrite=config.overwrite, base=config.base)
     if result.lora_output == "adapter":

@@ -63,6 +63,13 @@ class MagMaxOptions:
             `"accuracy"`. Defaults to `"accuracy"` when the training labels are class ids (a built-in accuracy is used
             if `compute_metrics` is not given), and to `"neg_loss"` (minus the evaluation loss, so higher is better
             and forgetting is a loss increase) otherwise, e.g. for causal language models.
+        save_provenance (`bool`, *optional*, defaults to `False`):
+            `magmax` and `random_mix` only (an error for other methods, raised here, before the first step): record
+            which task won each merged element (ties go to the later task). The maps are kept in the merge state
+            (one `uint8` tensor per merged tensor) and its checkpoints; at the end the run writes
+            `magmax_provenance.safetensors`, `magmax_provenance.json` and, with matplotlib, `magmax_provenance.png`
+            (layers × tasks) to `output_dir`, the shares per tensor and per layer under `provenance` in
+            `continual_results.json`, and a short table in the model card.
 
     Example:
 
@@ -115,6 +122,10 @@ class MagMaxOptions:
     continual_metric: str | None = field(
         default=None,
         metadata={"help": "Metric of the accuracy matrices (e.g. accuracy); default accuracy or neg_loss."},
+    )
+    save_provenance: bool = field(
+        default=False,
+        metadata={"help": "magmax/random_mix: record which task won each merged element (magmax_provenance.*)."},
     )
 
     def __post_init__(self) -> None:
@@ -181,6 +192,13 @@ def check_options(options: Any) -> None:
     except ValueError as err:
         message = str(err).replace("`density`", "`merge_density`").replace("`seed`", "`merge_seed`")
         raise ValueError(message) from None
+    if not isinstance(options.save_provenance, bool):
+        raise ValueError(f"`save_provenance` must be True or False, got {options.save_provenance!r}.")
+    if options.save_provenance and not spec.merge_class.can_track_winners:
+        raise ValueError(
+            f"`save_provenance=True` needs a merge method that keeps one task's value per element (magmax, "
+            f"random_mix), not `merge_method={options.merge_method!r}`: drop `save_provenance` or change the method."
+        )
     # the value the user reads back: the method's default λ when unset
     options.scaling_coef = spec.scaling_coef if spec.scaling_coef is not None else spec.coef
     options.merge_density, options.merge_seed = spec.density, spec.seed
@@ -226,7 +244,7 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     `max_steps`, … restart with every task). The MagMax options are those of [`MagMaxOptions`] (`scaling_coef`,
     `scaling_coef_grid`, `merge_method`, `merge_density`, `merge_seed`, `final_model`, `eval_merged_every_task`,
     `merge_device`, `frozen_modules`, `max_validation_samples`, `select_scaling_coef_every_task`,
-    `continual_metric`), plus these Trainer-only ones:
+    `continual_metric`, `save_provenance`), plus these Trainer-only ones:
 
     Args:
         num_train_epochs_per_task (`list[float]`, *optional*):

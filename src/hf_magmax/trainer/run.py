@@ -59,7 +59,9 @@ class ContinualRun:
         self.spec = options.merge_spec()
         self.eval_datasets = list(eval_datasets)
         self.validation_datasets = list(validation_datasets) if validation_datasets else None
-        self.state = MergeState(self.spec, options.merge_device, options.frozen_modules)
+        self.state = MergeState(
+            self.spec, options.merge_device, options.frozen_modules, track_winners=options.save_provenance
+        )
         self.matrices = AccuracyMatrices(task_names)
         self.final_scaling_coef: float | None = None
         self.finished = False
@@ -262,6 +264,7 @@ class ContinualRun:
             logs["continual/final_scaling_coef"] = self.final_scaling_coef
             log(trainer, logs)
             self.write_results(trainer)
+            self.write_provenance(trainer)
 
     # -- results ---------------------------------------------------------------------------------------------------
 
@@ -290,7 +293,30 @@ class ContinualRun:
                 "metrics": matrices.metrics(matrices.merged, done) if evaluated else {},
             },
             **({"lora": self.lora_info} if self.lora_info is not None else {}),
+            **({"provenance": self.provenance()} if self.state.track_winners and done else {}),
         }
+
+    def provenance(self) -> dict[str, Any]:
+        """Which task won where: the shares per tensor, per layer and overall ([`~hf_magmax.metrics.provenance_summary`])."""
+        from ..metrics import provenance_summary
+
+        return provenance_summary(self.state.winners, self.task_names[: self.num_tasks_done])
+
+    def write_provenance(self, trainer: Any) -> None:
+        """With `save_provenance`: `magmax_provenance.safetensors` / `.json` and, with matplotlib, the layers × tasks
+        heatmap `magmax_provenance.png` in `output_dir` (the main process)."""
+        if not self.state.track_winners or not trainer.is_world_process_zero():
+            return
+        from ..metrics import plot_provenance, save_provenance
+
+        output_dir = trainer.args.output_dir
+        summary = save_provenance(output_dir, self.state.winners, self.task_names[: self.num_tasks_done])
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            logger.info('matplotlib is not installed: no provenance plot (pip install "hf_magmax[plot]").')
+            return
+        plot_provenance(summary, os.path.join(output_dir, "magmax_provenance.png"))
 
     def write_results(self, trainer: Any) -> None:
         if trainer.is_world_process_zero():

@@ -144,6 +144,10 @@ class MergeState:
             Where θ_0 and the running merge live.
         frozen_modules (`list[str]`, *optional*):
             Module names or regexes left out of the task vectors.
+        track_winners (`bool`, *optional*, defaults to `False`):
+            magmax and random_mix only: also keep, per element, the index of the task whose value the merge holds
+            (`winners`, one `uint8` tensor per merged tensor, `int16` beyond 256 tasks; ties go to the later task, as
+            in the core). It is written into checkpoints and restored with them.
 
     Example:
 
@@ -161,9 +165,16 @@ class MergeState:
     """
 
     def __init__(
-        self, spec: MergeSpec, device: str | torch.device = "cpu", frozen_modules: Sequence[str] | None = None
+        self,
+        spec: MergeSpec,
+        device: str | torch.device = "cpu",
+        frozen_modules: Sequence[str] | None = None,
+        track_winners: bool = False,
     ) -> None:
+        if track_winners:
+            spec.accumulator(track_winners=True)  # validates: only methods that keep one task's value per element
         self.spec = spec
+        self.track_winners = bool(track_winners)
         self.device = torch.device(device)
         self.frozen_modules = list(frozen_modules or [])
         #: the selecting methods keep θ_best (model dtype) instead of τ (fp32 for half models)
@@ -176,6 +187,8 @@ class MergeState:
         self.base_file: str | None = None
         self.best: dict[str, Tensor] = {}
         self.accumulators: dict[str, OnlineMerge] = {}
+        #: with `track_winners`: name → the task index (0-based, fold order) each element of θ_best came from
+        self.winners: dict[str, Tensor] = {}
         self.num_tasks = 0
 
     # -- θ_0 -------------------------------------------------------------------------------------------------------
@@ -203,6 +216,11 @@ class MergeState:
             )
         parts = {name: local_part(state_dict[name]) for name in names}
         sharded = any(part[2] for part in parts.values())
+        if sharded and self.track_winners:
+            raise ValueError(
+                "`save_provenance` is not supported on sharded (FSDP2) weights: the winner maps would be split over "
+                "the ranks. Train under DDP or one process, or drop `save_provenance`."
+            )
         if sharded and self.spec.merge_class.needs_tensor_stats:
             raise ValueError(
                 f"merge_method={self.spec.method!r} is not supported on sharded (FSDP2) weights: its trim threshold "
@@ -214,7 +232,7 @@ class MergeState:
         self.shapes = {name: tuple(state_dict[name].shape) for name in names}
         self.sharded = sharded
         self.base_file = None
-        self.best, self.accumulators, self.num_tasks = {}, {}, 0
+        self.best, self.accumulators, self.winners, self.num_tasks = {}, {}, {}, 0
 
     def check_shapes(self, state_dict: Mapping[str, Tensor], task: str) -> None:
         """Raise if the model's weights no longer match θ_0 (a head resized between tasks, another model...)."""
@@ -301,19 +319,24 @@ class MergeState:
         """θ_best after folding `τ = θ − θ_0`: the core's accumulator chooses on `τ_best = subtract(θ_best, θ_0)`."""
         theta = theta.detach().to(self.device)
         if self.num_tasks == 0:
+            if self.track_winners:
+                self.winners[name] = torch.zeros(theta.shape, dtype=torch.uint8, device=self.device)
             return theta.clone()
         best = self.best[name]
         tau_best = subtract(best, self.base[name], device=self.device)
-        accumulator = self.spec.accumulator(name, offset=self.offsets.get(name, 0))
-        accumulator.load_state_dict(
-            {
-                "method": self.spec.method,
-                "num_tasks": self.num_tasks,
-                "selected": tau_best,
-                "dtype": str(tau_best.dtype).removeprefix("torch."),
-            }
-        )
+        accumulator = self.spec.accumulator(name, offset=self.offsets.get(name, 0), track_winners=self.track_winners)
+        state = {
+            "method": self.spec.method,
+            "num_tasks": self.num_tasks,
+            "selected": tau_best,
+            "dtype": str(tau_best.dtype).removeprefix("torch."),
+        }
+        if self.track_winners:
+            state["winners"] = self.winners[name]
+        accumulator.load_state_dict(state)
         accumulator.update(tau)
+        if self.track_winners:  # the core's own winners: ties go to the later task
+            self.winners[name] = accumulator.state_dict()["winners"]
         # where the accumulator took τ, θ wins (where τ equals τ_best bit for bit, either θ gives that τ)
         taken = _bits(accumulator.result()) == _bits(tau)
         return torch.where(taken, theta, best)
@@ -352,7 +375,7 @@ class MergeState:
     def state_tensors(self) -> dict[str, list[Tensor]]:
         """The tensors held: `"base"` (θ_0; memory-mapped when `base_file` is set) and `"merge"` (θ_best or the
         accumulators' running tensors)."""
-        merge = list(self.best.values())
+        merge = list(self.best.values()) + list(self.winners.values())
         for accumulator in self.accumulators.values():
             merge += [v for v in accumulator.state_dict().values() if isinstance(v, Tensor)]
         return {"base": list(self.base.values()), "merge": merge}
@@ -375,6 +398,7 @@ class MergeState:
             "accumulators": {name: acc.state_dict() for name, acc in self.accumulators.items()},
             "best": dict(self.best),
             "offsets": dict(self.offsets),
+            **({"winners": dict(self.winners)} if self.track_winners else {}),
         }
 
     def save(self, directory: str) -> None:
@@ -425,6 +449,12 @@ class MergeState:
         """Load what [`read`] / [`read_base`] returned (θ_0 stays memory-mapped on the CPU)."""
         if merge_state["method"] != self.spec.method:
             raise ValueError(f"cannot load a `{merge_state['method']}` merge state into a `{self.spec.method}` one.")
+        winners = merge_state.get("winners")
+        if self.track_winners and int(merge_state["num_tasks"]) and winners is None:
+            raise ValueError(
+                "the checkpoint's merge state has no winner maps (it was written without `save_provenance`): resume "
+                "with `save_provenance=False`, or train from the start."
+            )
         on_cpu = self.device.type == "cpu"
         self.base = {name: t if on_cpu else t.to(self.device) for name, t in base.items()}
         self.base_file = base_file if on_cpu else None
@@ -433,6 +463,7 @@ class MergeState:
         self.sharded = False
         self.num_tasks = int(merge_state["num_tasks"])
         self.best = {name: t.to(self.device) for name, t in merge_state["best"].items()}
+        self.winners = {name: t.to(self.device) for name, t in (winners or {}).items()} if self.track_winners else {}
         self.accumulators = {}
         for name, acc_state in merge_state["accumulators"].items():
             accumulator = self.spec.accumulator(name, offset=self.offsets.get(name, 0))

@@ -608,6 +608,14 @@ def _model_card(
             m = merged.get(key)
             rows.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
         sections["Summary"] = "\n".join(rows)
+    if "provenance" in summary:
+        from ..metrics import PROVENANCE_FILE, provenance_table
+
+        sections["Provenance"] = (
+            "Which task won each merged element (ties go to the later task); the winner maps are in "
+            f"`{PROVENANCE_FILE}`, the shares per tensor and per layer in `continual_results.json`.\n\n"
+            + provenance_table(summary["provenance"])
+        )
     card = build_model_card(
         title,
         intro,

@@ -164,6 +164,14 @@ SOURCES: dict[str, Callable[[Path], str]] = {
     "mergekit-ties-speedup": _from_results(
         "merge_checkpoints.md", r"faster than mergekit on ties: .*?, ([\d.]+)x", lambda m: f"{float(m[1]):.1f}"
     ),
+    "magmax-floor-ratio": _from_results(
+        "merge_checkpoints.md", r"magmax within 1.3x of the I/O floor: ([\d.]+)x", lambda m: f"{float(m[1]):.1f}"
+    ),
+    "ties-floor-ratio": _from_results(
+        "merge_checkpoints.md",
+        r"\| hf_magmax ties \| ties \| \d+ \| [\d.]+ \| ([\d.]+)x \|",
+        lambda m: f"{float(m[1]):.1f}",
+    ),
     "trainer-overhead": _from_results(
         "trainer_overhead.md", r"(?s).*\| wall time \(s\) \|[^\n]*\| ([+-][\d.]+%) \|", lambda m: m[1]
     ),

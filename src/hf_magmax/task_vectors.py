@@ -28,8 +28,11 @@ def subtract(finetuned: Tensor, base: Tensor, device: str | torch.device | None 
     """
     compute = torch.promote_types(compute_dtype(finetuned.dtype), compute_dtype(base.dtype))
     target = finetuned.device if device is None else torch.device(device)
+    base = base.detach().to(device=target, dtype=compute)
+    if finetuned.dtype == compute and finetuned.device == target:  # one pass, no copy first (the same bits)
+        return torch.sub(finetuned.detach(), base)
     tau = finetuned.detach().to(device=target, dtype=compute, copy=True)
-    return tau.sub_(base.detach().to(device=target, dtype=compute))
+    return tau.sub_(base)
 
 
 def shared_tensor_groups(state_dict: Mapping[str, Tensor]) -> dict[str, str]:

@@ -105,6 +105,8 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
             f"{model.path / 'config.json'} but {base_type!r} in the base {base.path / 'config.json'}. Only fine-tunes "
             "of the base model can be merged."
         )
+    if model.config == base.config:  # the same config.json (the usual fine-tune): nothing can differ, no AutoConfig
+        return
     base_config, model_config = _config_dict(base), _config_dict(model)
     differing = [
         key

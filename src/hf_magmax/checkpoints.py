@@ -82,6 +82,7 @@ MERGE_CONFIG_FIELDS: tuple[str, ...] = (
     "allow_non_finite",
     "strict_config",
     "extra_tensors",
+    "save_provenance",
     "push_to_hub",
     "private",
 )
@@ -156,6 +157,7 @@ def merge_checkpoints(
     score_fn: Any = None,
     scaling_coef_grid: Sequence[float] | None = None,
     extra_tensors: str = "error",
+    save_provenance: bool = False,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base model, streaming tensor by tensor, into a new checkpoint directory.
 
@@ -218,6 +220,11 @@ def merge_checkpoints(
             Floating tensors that the fine-tuned models have and the base lacks (a new classification head):
             `"error"` refuses them by name; `"last"` takes them from the last model (what sequential fine-tuning
             ends with), and the output then follows the last model's layout and config.
+        save_provenance (`bool`, *optional*, defaults to `False`):
+            magmax and random_mix: also write which task won where, `magmax_provenance.safetensors` (per merged
+            tensor, the 0-based task index of every element, `uint8` up to 255 tasks, else `int16`; ties to the later
+            task), streamed block by block like the weights, and the shares per task, layer and tensor as
+            `magmax_provenance.json` and a table in the model card.
 
     Returns:
         `Path`: the output directory.
@@ -242,9 +249,11 @@ def merge_checkpoints(
             config = config.replace(scaling_coef=spec.coef)
         with staged_output_dir(output, overwrite) as staging:
             with ShardedSafetensorsWriter(staging, inputs.entries(), parse_size(max_shard_size)) as writer:
-                _stream_merge(inputs, spec, writer, device=config.device, allow_non_finite=allow_non_finite,
-                              show_progress=show_progress)  # fmt: skip
-            _write_side_files(staging, inputs, config, writer.num_parameters, search)
+                provenance = _Provenance(staging, inputs, writer.order) if config.save_provenance else None
+                _stream_merge(inputs, spec, writer, provenance, device=config.device,
+                              allow_non_finite=allow_non_finite, show_progress=show_progress)  # fmt: skip
+            summary = provenance.finish() if provenance is not None else None
+            _write_side_files(staging, inputs, config, writer.num_parameters, search, summary)
     finally:
         inputs.close()
     logger.info("merged %d model(s) into %s with %s", len(config.models), output, spec.describe())
@@ -292,6 +301,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         allow_non_finite=args["allow_non_finite"],
         strict_config=args["strict_config"],
         extra_tensors=args["extra_tensors"],
+        save_provenance=bool(args["save_provenance"]),
         push_to_hub=args["push_to_hub"],
         private=args["private"],
     )
@@ -398,6 +408,7 @@ def _stream_merge(
     inputs: _Inputs,
     spec: MergeSpec,
     writer: ShardedSafetensorsWriter,
+    provenance: _Provenance | None = None,
     *,
     device: str,
     allow_non_finite: bool,
@@ -411,11 +422,64 @@ def _stream_merge(
                                disable=not show_progress) as progress:  # fmt: skip
         for name in writer.order:
             plan = inputs.tensors[name]
+            tracked = provenance is not None and provenance.covers(name)
             writer.begin(name)
-            for block in _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite):
+            if tracked:
+                provenance.begin(name)
+            blocks = _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
+                                    track_winners=tracked)  # fmt: skip
+            for block, winners in blocks:
                 writer.write_part(block)
+                if tracked:
+                    provenance.write_part(name, winners)
             writer.end()
+            if tracked:
+                provenance.end()
             progress.update(1)
+
+
+class _Provenance:
+    """The winner maps of a streaming merge, written block by block into `magmax_provenance.safetensors` (one file,
+    planned up front like the weights), and the per-tensor counts that the shares are made of."""
+
+    def __init__(self, staging: Path, inputs: _Inputs, order: Sequence[str]) -> None:
+        from .metrics import PROVENANCE_FILE
+
+        self.task_names = [model.name for model in inputs.models]
+        num_tasks = len(self.task_names)
+        self.dtype = "uint8" if num_tasks <= 255 else "int16"
+        plans = [inputs.tensors[name] for name in order]  # the weights' order: both files are written side by side
+        entries = [(plan.name, self.dtype, plan.shape) for plan in plans if plan.kind == "merge"]
+        pattern = PROVENANCE_FILE.replace(".safetensors", "{suffix}.safetensors")  # one file: no shard limit
+        self.writer = ShardedSafetensorsWriter(staging, entries, max_shard_size=2**62, filename_pattern=pattern)
+        self.counts: dict[str, list[float]] = {}
+        self._names = {name for name, _, _ in entries}
+
+    def covers(self, name: str) -> bool:
+        return name in self._names
+
+    def begin(self, name: str) -> None:
+        self.writer.begin(name)
+        self.counts[name] = [0.0] * len(self.task_names)
+
+    def write_part(self, name: str, winners) -> None:
+        import torch
+
+        counts = torch.bincount(winners.reshape(-1), minlength=len(self.task_names)).tolist()
+        self.counts[name] = [a + b for a, b in zip(self.counts[name], counts)]
+        self.writer.write_part(winners.to(getattr(torch, self.dtype)))
+
+    def end(self) -> None:
+        self.writer.end()
+
+    def finish(self) -> dict[str, Any]:
+        """Close the file; write the shares (`magmax_provenance.json`); return them."""
+        from .metrics import PROVENANCE_SUMMARY_FILE, provenance_summary_from_counts
+
+        self.writer.close()
+        summary = provenance_summary_from_counts(self.counts, self.task_names)
+        (self.writer.directory / PROVENANCE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
 
 def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
@@ -427,21 +491,23 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device: str, allow_non_finite: bool):
-    """The output tensor `plan`, block by block, in its output dtype."""
+def _merged_blocks(
+    plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device: str, allow_non_finite: bool, track_winners=False
+):
+    """The output tensor `plan`, block by block, in its output dtype: `(block, winners of the block or None)`."""
     import torch
 
     from .task_vectors import subtract
 
     dtype = getattr(torch, plan.dtype)
     if plan.kind == "base":  # integer / bool buffers are taken from the base
-        yield inputs.base.get(plan.base)
+        yield inputs.base.get(plan.base), None
         return
     if plan.kind == "last":  # a tensor only the fine-tunes have (a new head): the last model's
         model = inputs.models[-1]
         tensor = model.get(plan.sources[0])
         _check_finite(tensor, allow_non_finite, plan.sources[0], model)
-        yield tensor.to(dtype)
+        yield tensor.to(dtype), None
         return
     # lazily sliced views of the inputs: only the rows of the current block are read from disk
     base_view = inputs.base.rows(plan.base)
@@ -456,7 +522,7 @@ def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device
     for block, offset in _row_blocks(plan.shape):
         theta_0 = _widened(base_view[block], device)
         _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
-        accumulator = spec.accumulator(plan.base, offset=offset, stats=stats)
+        accumulator = spec.accumulator(plan.base, offset=offset, stats=stats, track_winners=track_winners)
         for model, source, view in zip(inputs.models, plan.sources, views):
             tau = subtract(view[block], theta_0, device=device)
             _check_finite(tau, allow_non_finite, source, model)
@@ -469,7 +535,7 @@ def _merged_blocks(plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device
                 f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
                 "`allow_non_finite=True` (--allow-non-finite)."
             )
-        yield merged
+        yield merged, accumulator.winners() if track_winners else None
 
 
 def _widened(tensor, device: str):
@@ -503,7 +569,9 @@ def _check_finite(tensor, allow_non_finite: bool, name: str, checkpoint: Checkpo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _write_side_files(staging: Path, inputs: _Inputs, config: MergeConfig, num_parameters: int, search: Any) -> None:
+def _write_side_files(
+    staging: Path, inputs: _Inputs, config: MergeConfig, num_parameters: int, search: Any, provenance: Any = None
+) -> None:
     copy_non_weight_files(inputs.base.path, staging, skip_names=_REGENERATED)
     if inputs.layout is not inputs.base and (inputs.layout.path / "config.json").is_file():
         shutil.copy2(inputs.layout.path / "config.json", staging / "config.json")  # its head, labels, architectures
@@ -517,10 +585,10 @@ def _write_side_files(staging: Path, inputs: _Inputs, config: MergeConfig, num_p
         (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
     from .hub import write_model_card
 
-    write_model_card(staging, _model_card(config, num_parameters, search))
+    write_model_card(staging, _model_card(config, num_parameters, search, provenance))
 
 
-def _model_card(config: MergeConfig, num_parameters: int, search: Any = None):
+def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, provenance: Any = None):
     """The card of a checkpoint merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
     from . import __version__
     from .hub import build_model_card
@@ -547,6 +615,12 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None):
         from .scaling import scaling_curve_markdown
 
         sections["Scaling coefficient"] = scaling_curve_markdown(search)
+    if provenance is not None:
+        from .metrics import PROVENANCE_FILE, provenance_table
+
+        sections["Provenance"] = (
+            f"Which task won where (saved per element in `{PROVENANCE_FILE}`):\n\n{provenance_table(provenance)}"
+        )
     return build_model_card(
         expand_path(config.output_dir).name,
         f"This model is a merge of {len(config.models)} fine-tuned model(s) of `{base_name}` made with "

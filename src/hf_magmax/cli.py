@@ -199,6 +199,13 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         "always refused)",
     )
     parser.add_argument(
+        "--save-provenance",
+        action="store_true",
+        default=None,
+        help="magmax/random_mix: also write which task won where (magmax_provenance.safetensors, per element the task "
+        "index; shares per task and layer in magmax_provenance.json and the card)",
+    )
+    parser.add_argument(
         "--extra-tensors",
         choices=["error", "last"],
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",

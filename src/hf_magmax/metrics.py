@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -337,19 +337,37 @@ def provenance_summary(winners: Any, task_names: Sequence[str]) -> dict[str, Any
     """
     import torch
 
-    from .merging import winner_shares
+    T = len(task_names)
+    counts = {
+        name: torch.bincount(winner.reshape(-1).long(), minlength=T).to(torch.float64).tolist()
+        for name, winner in winners.items()
+    }
+    return provenance_summary_from_counts(counts, task_names)
 
+
+def provenance_summary_from_counts(counts: Mapping[str, Sequence[float]], task_names: Sequence[str]) -> dict[str, Any]:
+    """[`provenance_summary`] from the number of elements each task won per tensor (`name → [count per task]`):
+    what a streaming merge accumulates block by block, without holding any winner map."""
     names = [str(n) for n in task_names]
     T = len(names)
-    shares = winner_shares(winners, T)
-    overall = shares.pop("*")
-    layer_counts: dict[str, Any] = {}
-    for name, winner in winners.items():
-        counts = torch.bincount(winner.reshape(-1).long(), minlength=T).to(torch.float64)
-        layer = _layer_of(name)
-        layer_counts[layer] = layer_counts[layer] + counts if layer in layer_counts else counts
-    layers = {layer: (c / max(float(c.sum()), 1.0)).tolist() for layer, c in layer_counts.items()}
-    return {"tasks": names, "overall": overall, "layers": layers, "tensors": shares}
+
+    def normalized(values: Sequence[float]) -> list[float]:
+        total = float(sum(values))
+        return [float(v) / total if total else 0.0 for v in values]
+
+    tensors, layer_counts, overall = {}, {}, [0.0] * T
+    for name, tensor_counts in counts.items():
+        if len(tensor_counts) != T:
+            raise ValueError(
+                f"the winners of {name!r} count {len(tensor_counts)} tasks, but there are {T} task names."
+            )
+        tensors[name] = normalized(tensor_counts)
+        layer = layer_counts.setdefault(_layer_of(name), [0.0] * T)
+        for i, c in enumerate(tensor_counts):
+            layer[i] += float(c)
+            overall[i] += float(c)
+    layers = {layer: normalized(c) for layer, c in layer_counts.items()}
+    return {"tasks": names, "overall": normalized(overall), "layers": layers, "tensors": tensors}
 
 
 def provenance_table(summary: dict[str, Any], top: int = 10) -> str:

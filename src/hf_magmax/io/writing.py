@@ -35,6 +35,7 @@ class ShardedSafetensorsWriter:
         directory (`Path`): where the shards (and the index, when there are several) go.
         entries (`list[tuple[str, str, tuple[int, ...]]]`): `(name, dtype name, shape)` of every tensor.
         max_shard_size (`int`): the largest shard in bytes (a tensor larger than that gets a shard of its own).
+        filename_pattern (`str`, *optional*, defaults to `"model{suffix}.safetensors"`): the shards' file names.
 
     Example:
 
@@ -49,7 +50,13 @@ class ShardedSafetensorsWriter:
     ```
     """
 
-    def __init__(self, directory: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_size: int):
+    def __init__(
+        self,
+        directory: Path,
+        entries: Sequence[tuple[str, str, tuple[int, ...]]],
+        max_shard_size: int,
+        filename_pattern: str = "model{suffix}.safetensors",
+    ):
         from huggingface_hub import split_state_dict_into_shards_factory
 
         self.directory = Path(directory)
@@ -58,7 +65,7 @@ class ShardedSafetensorsWriter:
             self.entries,
             get_storage_size=lambda entry: math.prod(entry[2]) * ITEMSIZE[entry[1]],
             get_storage_id=lambda entry: None,
-            filename_pattern="model{suffix}.safetensors",
+            filename_pattern=filename_pattern,
             max_shard_size=max_shard_size,
         )
         self.is_sharded = split.is_sharded

@@ -95,6 +95,20 @@ its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
 """
 
 
+def _add_output_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--output-dir` (alias `--output`) and `--overwrite`: one name, help and default on every merge command."""
+    parser.add_argument(
+        "--output-dir",
+        "--output",
+        dest="output_dir",
+        metavar="DIR",
+        help="output directory (required, here or in CONFIG.yaml; --output is an alias)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a non-empty output directory (atomically)"
+    )
+
+
 def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     """`--push-to-hub`, `--private` and `--no-progress`: the same flags, help and defaults on every merge command."""
     parser.add_argument(
@@ -173,16 +187,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SIZE",
         help='largest output shard, e.g. "5GB", "500MB", "2GiB" or bytes (default: 5GB)',
     )
-    parser.add_argument(
-        "--output-dir",
-        "--output",
-        dest="output_dir",
-        metavar="DIR",
-        help="output directory (required, here or in CONFIG.yaml)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", default=None, help="replace a non-empty output directory (atomically)"
-    )
+    _add_output_dir_arguments(parser)
     parser.add_argument(
         "--allow-non-finite",
         action="store_true",
@@ -327,16 +332,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of the merged floating tensors (default: the base's); the math runs in float32 either way",
     )
     parser.add_argument("--device", help="where the base is loaded and the math runs: cpu or cuda[:N] (default: cpu)")
-    parser.add_argument(
-        "--output-dir",
-        "--output",
-        dest="output_dir",
-        metavar="DIR",
-        help="output directory (required, here or in CONFIG.yaml; --output is an alias)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", default=None, help="replace a non-empty output directory (atomically)"
-    )
+    _add_output_dir_arguments(parser)
     parser.add_argument(
         "--allow-non-finite",
         action="store_true",

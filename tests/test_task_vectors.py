@@ -1,21 +1,12 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from builders import tiny_model
 
 from hf_magmax import TaskVector, merge_task_vectors
 
 
 def _tiny_llama(tie=True):
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_model("llama", tie=tie)
 
 
 def test_from_models_skips_integer_buffers_and_roundtrips():

@@ -7,7 +7,7 @@ bit for bit against the plain float formulation in `tests/test_merging.py`. Torc
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 
@@ -193,18 +193,27 @@ def _mix32(x):
 _RADIX_MIN_NUMEL = 1 << 14
 
 
-def _select_bucket(keys: Tensor, rank: int, num_buckets: int) -> tuple[int, int]:
+def _select_bucket(
+    keys: Tensor, rank: int, num_buckets: int, reduce: Callable[[Tensor], Tensor] | None = None
+) -> tuple[int, int]:
     """The bucket holding the element of 0-based ascending `rank` among integer `keys` in [0, num_buckets), and the
-    element's rank inside that bucket."""
+    element's rank inside that bucket. With `reduce`, the histogram is first summed over the other parts of the
+    tensor (e.g. an all-reduce over the ranks holding its shards): `keys` is then this part's keys and `rank` a rank
+    in the whole tensor."""
     import torch
 
-    cumulative = torch.bincount(keys, minlength=num_buckets).cumsum_(0)
+    histogram = torch.bincount(keys, minlength=num_buckets)
+    if reduce is not None:
+        histogram = reduce(histogram)
+    cumulative = histogram.cumsum_(0)
     bucket = int(torch.searchsorted(cumulative, rank, right=True))  # the first bucket with more than `rank` below it
     below = int(cumulative[bucket - 1]) if bucket else 0
     return bucket, rank - below
 
 
-def _kth_largest_magnitude(task_vector: Tensor, k: int) -> float:
+def _kth_largest_magnitude(
+    task_vector: Tensor, k: int, reduce: Callable[[Tensor], Tensor] | None = None, numel: int | None = None
+) -> float:
     """The k-th largest `|x|` of an fp32, fp16 or bf16 tensor (1 ≤ k ≤ numel), as a Python float, without sorting.
 
     Non-negative floats order like their bit patterns, so the k-th largest magnitude is found by counting: fp32 takes a
@@ -212,22 +221,27 @@ def _kth_largest_magnitude(task_vector: Tensor, k: int) -> float:
     histogram of the low 16 bits of the elements in that bucket; fp16/bf16 need only the first histogram (the fp32
     magnitudes of half values order like the half ones: conversion is exact). Bit for bit what `kthvalue` returns on
     the fp32 magnitudes, signed zeros, subnormals, infinities and NaN (above +inf, as `kthvalue` orders it) included.
+
+    With `reduce` (a sum of an integer tensor over the parts of a tensor split across processes, e.g. an all-reduce
+    over the ranks holding its shards), `task_vector` is this process's part and `numel` the whole tensor's: every
+    histogram is summed over the parts, so each process gets the whole tensor's k-th largest magnitude, bit for bit
+    (every process must call it, with the same `k`, `numel` and dtype: the histograms are collective).
     """
     import torch
 
     flat = task_vector.reshape(-1)
     if not flat.is_contiguous():  # pragma: no cover - reshape(-1) returns a contiguous tensor or a contiguous copy
         flat = flat.contiguous()
-    rank = flat.numel() - k  # 0-based ascending rank of the k-th largest
+    rank = (flat.numel() if numel is None else numel) - k  # 0-based ascending rank of the k-th largest
     if flat.dtype == torch.float32:
         words = flat.view(torch.int16)  # two 16-bit words per element, in memory order
         high_words = words[1::2] if sys.byteorder == "little" else words[0::2]
         high = high_words & 0x7FFF  # |x|'s high 16 bits (sign cleared), in [0, 2**15)
-        bucket, rank = _select_bucket(high, rank, 1 << 15)
+        bucket, rank = _select_bucket(high, rank, 1 << 15, reduce)
         low = flat.view(torch.int32)[high == bucket] & 0xFFFF  # the low 16 bits of the elements in that bucket
-        fine, _ = _select_bucket(low, rank, 1 << 16)
+        fine, _ = _select_bucket(low, rank, 1 << 16, reduce)
         bits = torch.tensor((bucket << 16) | fine, dtype=torch.int32)
         return bits.view(torch.float32).item()
     keys = flat.view(torch.int16) & 0x7FFF  # fp16 / bf16: |x|'s 15 bits
-    bucket, _ = _select_bucket(keys, rank, 1 << 15)
+    bucket, _ = _select_bucket(keys, rank, 1 << 15, reduce)
     return torch.tensor(bucket, dtype=torch.int16).view(flat.dtype).float().item()

@@ -385,8 +385,10 @@ class TiesMerge(OnlineMerge):
         self.thresholds = None if thresholds is None else list(thresholds)
 
     @classmethod
-    def tensor_stat(cls, task_vector: Tensor, density: float = 0.2) -> float | None:
-        return ties_trim_threshold(task_vector, density)
+    def tensor_stat(
+        cls, task_vector: Tensor, density: float = 0.2, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> float | None:
+        return ties_trim_threshold(task_vector, density, reduce=reduce)
 
     def _threshold(self, task_vector: Tensor) -> float | None:
         """This task vector's trim threshold: the given one (whole-tensor, for slices), or computed here."""
@@ -506,24 +508,41 @@ def default_scaling_coef(method: str) -> float:
     return ONLINE_MERGES[check_merge_method(method)].default_scaling_coef
 
 
-def ties_trim_threshold(task_vector: Tensor, density: float) -> float | None:
+def ties_trim_threshold(
+    task_vector: Tensor, density: float, reduce: Callable[[Tensor], Tensor] | None = None
+) -> float | None:
     """TIES' trim threshold of one task vector: the k-th largest magnitude, k = int(density · numel).
 
     Returns `None` when nothing is trimmed (`density` 1) and `inf` when nothing is kept (k = 0). The value is exactly
     `|τ|.kthvalue(numel − k + 1)` on the fp32 magnitudes (fp64 for fp64; NaN counts as the largest magnitude), found
     without sorting for fp32, fp16 and bf16 tensors: a histogram select on the bit patterns of `|τ|` (see
     [`_kth_largest_magnitude`]), several times faster than `kthvalue` on large tensors.
+
+    `reduce` is for a task vector split over processes (FSDP2 shards): a function that sums an integer tensor over
+    the processes holding the parts (e.g. `dist.all_reduce` over the shard group, returning its argument). Then
+    `task_vector` is this process's part, `numel` the sum of the parts' sizes, every histogram is summed with it, and
+    each process gets the whole tensor's threshold, bit for bit what one process computes on the whole tensor. Every
+    process of the group must call it (fp32, fp16 and bf16 only).
     """
     import torch
 
     if density >= 1.0:
         return None
     numel = task_vector.numel()
+    if reduce is not None:
+        if task_vector.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"the TIES threshold of a task vector split over processes needs fp32, fp16 or bf16, not "
+                f"{task_vector.dtype}: train in one of them, or under DDP."
+            )
+        numel = int(reduce(torch.tensor([numel], dtype=torch.int64))[0])  # the whole tensor's size
     k = int(density * numel)
     if k == 0:
         return math.inf
     task_vector = task_vector.detach()
-    if numel >= _RADIX_MIN_NUMEL and task_vector.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return _kth_largest_magnitude(task_vector, k)
+    if reduce is not None or (
+        numel >= _RADIX_MIN_NUMEL and task_vector.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    ):
+        return _kth_largest_magnitude(task_vector, k, reduce=reduce, numel=numel)
     magnitudes = task_vector.to(compute_dtype(task_vector.dtype)).abs().flatten()
     return magnitudes.kthvalue(numel - k + 1).values.item()

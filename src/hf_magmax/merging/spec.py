@@ -163,9 +163,16 @@ class MergeSpec:
             return self.merge_class(track_winners=True)
         return self.merge_class()
 
-    def tensor_stat(self, task_vector: Tensor) -> Any:
-        """The whole-tensor statistic of one task vector that `needs_tensor_stats` methods need (see `accumulator`)."""
-        return self.merge_class.tensor_stat(task_vector, **self.method_options)
+    def tensor_stat(self, task_vector: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Any:
+        """The whole-tensor statistic of one task vector that `needs_tensor_stats` methods need (see `accumulator`).
+
+        `reduce`: `task_vector` is one process's part of a tensor split over processes (FSDP2 shards), and `reduce`
+        sums an integer tensor over the processes holding the parts (an all-reduce); the statistic is then the whole
+        tensor's, on every process (see [`ties_trim_threshold`]).
+        """
+        if reduce is None:
+            return self.merge_class.tensor_stat(task_vector, **self.method_options)
+        return self.merge_class.tensor_stat(task_vector, **self.method_options, reduce=reduce)
 
     def describe(self) -> str:
         """One line for model cards and logs."""

@@ -17,7 +17,9 @@ What is resident, per parameter:
 
 The tensors held are those *this rank owns*: whole tensors under DDP or one process, the local shards of DTensor
 parameters under FSDP2 (`fully_shard`), each with its global flat offset (random_mix draws by it, so a sharded run
-equals one process). TIES needs the threshold of the whole task vector and is refused on sharded weights.
+equals one process). TIES needs the trim threshold of each whole task vector: on shards its histogram select sums
+the ranks' histograms (an all-reduce of 32768 + 65536 counts per fp32 tensor and task), which gives the one-process
+threshold bit for bit.
 """
 
 from __future__ import annotations
@@ -125,9 +127,40 @@ def local_part(tensor: Tensor) -> tuple[Tensor, int, bool]:
     return tensor.to_local(), flat_offset, sharded
 
 
+def shard_reduce(tensor: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """For a DTensor split over processes: a function that sums an integer tensor over the processes holding its
+    shards (an all-reduce over each sharded mesh dimension), which makes TIES' histogram select give the whole
+    tensor's threshold ([`~hf_magmax.merging.ties_trim_threshold`]); None for a tensor this process holds whole."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    if not isinstance(tensor, DTensor):
+        return None
+    mesh = tensor.device_mesh
+    groups = [mesh.get_group(dim) for dim, p in enumerate(tensor.placements) if p.is_shard() and mesh.size(dim) > 1]
+    if not groups:
+        return None
+
+    def reduce(counts: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        for group in groups:  # Shard(0) over these dims; the others replicate the same data
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        return counts
+
+    return reduce
+
+
 def _bits(tensor: Tensor) -> Tensor:
     """The tensor's bits as integers (exact comparison: -0.0 and 0.0 differ, as they do in the merge)."""
     return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _nbytes(tensors: Sequence[Tensor]) -> int:
@@ -221,12 +254,6 @@ class MergeState:
                 "`save_provenance` is not supported on sharded (FSDP2) weights: the winner maps would be split over "
                 "the ranks. Train under DDP or one process, or drop `save_provenance`."
             )
-        if sharded and self.spec.merge_class.needs_tensor_stats:
-            raise ValueError(
-                f"merge_method={self.spec.method!r} is not supported on sharded (FSDP2) weights: its trim threshold "
-                "is a statistic of each whole task vector, which no rank holds. Use magmax, average, "
-                "task_arithmetic or random_mix, or train under DDP."
-            )
         self.base = {name: local.detach().to(self.device, copy=True) for name, (local, _, _) in parts.items()}
         self.offsets = {name: offset for name, (_, offset, _) in parts.items()}
         self.shapes = {name: tuple(state_dict[name].shape) for name in names}
@@ -296,23 +323,35 @@ class MergeState:
     def fold(self, state_dict: Mapping[str, Tensor], task: str) -> None:
         """Fold `τ_t = θ_t − θ_0` (fp32 for half-precision weights) into the running merge; non-finite τ is an error."""
         finetuned = self.local(state_dict)
-        for name, theta in finetuned.items():  # checked before anything is folded: a bad task leaves the state as is
-            if not bool(torch.isfinite(theta).all()):
-                bad = int((~torch.isfinite(theta)).sum())
+        # checked before anything is folded: a bad task leaves the state as is (on every rank, when sharded)
+        bad = torch.tensor([int((~torch.isfinite(theta)).sum()) for theta in finetuned.values()], dtype=torch.int64)
+        if self.sharded and _distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        for (name, _), count in zip(finetuned.items(), bad.tolist()):
+            if count:
+                where = " (in one rank's shard)" if self.sharded else ""
                 raise ValueError(
-                    f"the task vector of task {task!r} has {bad} non-finite value(s) (NaN/Inf) in tensor {name!r}: "
-                    "training diverged. Lower the learning rate (or use `max_grad_norm`) and train that task again; "
-                    "it is not merged."
+                    f"the task vector of task {task!r} has {count} non-finite value(s) (NaN/Inf) in tensor "
+                    f"{name!r}{where}: training diverged. Lower the learning rate (or use `max_grad_norm`) and train "
+                    "that task again; it is not merged."
                 )
+        needs_stats = self.spec.merge_class.needs_tensor_stats
         for name, theta in finetuned.items():
             base = self.base[name]
             tau = subtract(theta, base, device=self.device)
             if self.selecting:
                 self.best[name] = self._select(name, theta, tau)
-            else:
-                if self.num_tasks == 0:
-                    self.accumulators[name] = self.spec.accumulator(name, offset=self.offsets.get(name, 0))
-                self.accumulators[name].update(tau)
+                continue
+            if self.num_tasks == 0:
+                self.accumulators[name] = self.spec.accumulator(name, offset=self.offsets.get(name, 0))
+            accumulator = self.accumulators[name]
+            reduce = shard_reduce(state_dict[name]) if needs_stats else None
+            if reduce is not None:  # ties on a shard: the whole task vector's threshold, from all ranks' histograms
+                # the accumulator reads `thresholds[num_tasks]`; the earlier tasks' are not needed any more
+                accumulator.thresholds = [None] * accumulator.num_tasks + [self.spec.tensor_stat(tau, reduce=reduce)]
+            accumulator.update(tau)
         self.num_tasks += 1
 
     def _select(self, name: str, theta: Tensor, tau: Tensor) -> Tensor:

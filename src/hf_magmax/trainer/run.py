@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
-from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, unwrap
+from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, reshard, unwrap
 
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,41 @@ def log(trainer: Any, logs: dict[str, float]) -> None:
     if trainer is None or not logs:
         return
     trainer.log({k: float(v) for k, v in logs.items() if v is not None})
+
+
+def has_dtensor_parameters(model: nn.Module) -> bool:
+    """Whether the model's parameters are DTensors (FSDP2's `fully_shard`, as Accelerate applies it)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sharded_world(state: MergeState) -> int | None:
+    """The number of processes a sharded state is split over (None: the state is whole, as under DDP)."""
+    world = _world_size()
+    return world if state.sharded and world > 1 else None
+
+
+def _rank_name(name: str, rank: int | None) -> str:
+    """`magmax_base.safetensors` → `magmax_base-rank1.safetensors` for one rank's part."""
+    if rank is None:
+        return name
+    stem, ext = os.path.splitext(name)
+    return f"{stem}-rank{rank}{ext}"
 
 
 class ContinualRun:
@@ -116,13 +151,17 @@ class ContinualRun:
     # -- weights ---------------------------------------------------------------------------------------------------
 
     def weights(self, trainer: Any, model: nn.Module, initial: bool = False) -> dict[str, Tensor]:
-        """The model's full weights: gathered through Accelerate (FSDP/ZeRO-3) once training has started."""
+        """The model's weights as this rank holds them: under FSDP2 (DTensor parameters) the live local shards, with
+        no gather ([`MergeState`] folds them); otherwise the full weights, gathered through Accelerate (ZeRO-3)
+        once training has started."""
         unwrapped = unwrap(model)
         if self.lora:
             from ..peft import lora_delta_state_dict
 
             return lora_delta_state_dict(unwrapped, adapter_name=getattr(unwrapped, "active_adapter", "default"))
-        if trainer is not None and not initial:
+        if has_dtensor_parameters(unwrapped):
+            reshard(unwrapped)  # the shards, not parameters an evaluation left unsharded
+        elif trainer is not None and not initial:
             return trainer.accelerator.get_state_dict(trainer.model_wrapped)
         return unwrapped.state_dict()
 
@@ -324,15 +363,27 @@ class ContinualRun:
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
-    def save(self, directory: str, task: int) -> None:
+    def save(self, directory: str, task: int, main: bool = True) -> None:
         """The merge state and the run state (`magmax_state.json`, atomically, last), which records θ_0's file (relative
-        to `directory`) and sha256; θ_0 itself is written once per run ([`write_base`])."""
-        self.state.save(directory)
+        to `directory`) and sha256; θ_0 itself is written once per run ([`write_base`]).
+
+        A sharded state (FSDP2) is saved by every rank, each its own `magmax_merge_state-rank{r}.pt`; `main` says
+        whether this process writes the run state, after every rank's file is written. Otherwise only the main
+        process calls it."""
+        ranks = _sharded_world(self.state)
+        rank = _rank() if ranks else None
+        self.state.save(directory, rank=rank)
         if self.base_path is not None:
             base = {"file": os.path.relpath(self.base_path, directory), "sha256": self.base_sha256}
-        else:  # no run-level θ_0 file (a sharded state): this rank's θ_0 in the checkpoint
-            self.state.write_base(os.path.join(directory, LEGACY_BASE_NAME))
+        else:  # no run-level θ_0 file (sharded from the start): this rank's θ_0 in the checkpoint
+            self.state.write_base(os.path.join(directory, _rank_name(LEGACY_BASE_NAME, rank)))
             base = None
+        if ranks:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's files are written before the run state marks the checkpoint complete
+        if not main:
+            return
         record = {
             "task": task,
             "num_tasks_done": self.num_tasks_done,
@@ -340,6 +391,7 @@ class ContinualRun:
             "method": self.spec.method,
             "method_kwargs": self.spec.method_options,
             "base": base,
+            **({"merge_state_ranks": ranks} if ranks else {}),
             **self.matrices.to_dict(),
         }
         path = os.path.join(directory, STATE_NAME)
@@ -390,13 +442,22 @@ class ContinualRun:
             raise CheckpointError(f"{trainer_state!r} is missing: the checkpoint is incomplete.") from None
         except ValueError as err:
             raise CheckpointError(f"{trainer_state!r} is truncated or corrupt ({err}).") from None
-        merge_state = MergeState.read(directory, self.state.device)
+        ranks = record.get("merge_state_ranks")
+        rank = None
+        if ranks:  # a sharded state: this rank's file
+            rank, world = _rank(), _world_size()
+            if int(ranks) != world:
+                raise ValueError(
+                    f"the checkpoint {directory!r} holds a merge state sharded over {ranks} processes, but this run "
+                    f"has {world}: resume with {ranks} processes and the same FSDP layout."
+                )
+        merge_state = MergeState.read(directory, self.state.device, rank=rank)
         recorded = record.get("base")
         if recorded:
             base_path = os.path.normpath(os.path.join(directory, recorded["file"]))
             base = MergeState.read_base(base_path, recorded.get("sha256"), directory)
-        else:  # θ_0 inside the checkpoint (a sharded state, or a checkpoint of an older version)
-            base_path = os.path.join(directory, LEGACY_BASE_NAME)
+        else:  # θ_0 inside the checkpoint (sharded from the start, or a checkpoint of an older version)
+            base_path = os.path.join(directory, _rank_name(LEGACY_BASE_NAME, rank))
             base = MergeState.read_base(base_path, None, directory)
         self.state.restore(base, merge_state, base_file=base_path)
         self.base_path = os.path.abspath(base_path) if recorded else None

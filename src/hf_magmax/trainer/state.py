@@ -42,6 +42,7 @@ __all__ = [
     "BASE_HASH_NAME",
     "BASE_WEIGHTS_NAME",
     "MERGE_STATE_NAME",
+    "RANK_MERGE_STATE_NAME",
     "CheckpointError",
     "MergeState",
     "file_sha256",
@@ -53,6 +54,8 @@ BASE_WEIGHTS_NAME = "magmax_base/model.safetensors"
 BASE_HASH_NAME = "magmax_base/sha256"
 #: The merge state a checkpoint carries, besides the `Trainer`'s own files.
 MERGE_STATE_NAME = "magmax_merge_state.pt"
+#: One merge-state file per rank when the state is sharded (FSDP2): each rank writes and reads its own.
+RANK_MERGE_STATE_NAME = "magmax_merge_state-rank{rank}.pt"
 #: Where older checkpoints kept a full copy of θ_0 (still read on resume).
 LEGACY_BASE_NAME = "magmax_base.safetensors"
 
@@ -93,7 +96,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back in place: after a forward pass (an evaluation) FSDP2 may leave a module's
+    parameters unsharded (the root module by default), and the merge state reads and writes the shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def live_tensors(model: nn.Module) -> dict[str, Tensor]:
+    reshard(model)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     return tensors
@@ -308,8 +324,10 @@ class MergeState:
     def local(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The part of each task-vector tensor of `state_dict` that this rank holds (the layout θ_0 was taken in)."""
         out = {}
-        for name, base in self.base.items():
-            tensor, offset, _ = local_part(state_dict[name])
+        for name, base in list(self.base.items()):
+            tensor, offset, sharded = local_part(state_dict[name])
+            if sharded and tuple(base.shape) == self.shapes.get(name) and tuple(tensor.shape) != tuple(base.shape):
+                base = self._take_shard(name, tensor, offset)
             if tuple(tensor.shape) != tuple(base.shape) or offset != self.offsets.get(name, 0):
                 raise ValueError(
                     f"this rank holds {tuple(tensor.shape)} elements of {name!r} at offset {offset}, but held "
@@ -318,6 +336,27 @@ class MergeState:
                 )
             out[name] = tensor
         return out
+
+    def _take_shard(self, name: str, shard: Tensor, offset: int) -> Tensor:
+        """Keep only this rank's rows of a θ_0 taken whole (before Accelerate sharded the model with FSDP2): a view of
+        the memory-mapped file, or a copy that frees the whole tensor."""
+        if self.track_winners:
+            raise ValueError(
+                "`save_provenance` is not supported on sharded (FSDP2) weights: the winner maps would be split over "
+                "the ranks. Train under DDP or one process, or drop `save_provenance`."
+            )
+        if self.num_tasks and offset != self.offsets.get(name, 0):
+            raise ValueError(
+                f"this rank holds the elements of {name!r} from offset {offset}, but its merge state was folded from "
+                f"offset {self.offsets.get(name, 0)}: resume with the same number of processes and FSDP layout."
+            )
+        base = self.base[name]
+        row_size = math.prod(base.shape[1:])
+        part = base.narrow(0, offset // row_size if row_size else 0, shard.shape[0])
+        self.base[name] = part if self.base_file is not None else part.clone()
+        self.offsets[name] = offset
+        self.sharded = True
+        return self.base[name]
 
     @torch.no_grad()
     def fold(self, state_dict: Mapping[str, Tensor], task: str) -> None:
@@ -437,18 +476,27 @@ class MergeState:
             "accumulators": {name: acc.state_dict() for name, acc in self.accumulators.items()},
             "best": dict(self.best),
             "offsets": dict(self.offsets),
+            "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+            "sharded": self.sharded,
             **({"winners": dict(self.winners)} if self.track_winners else {}),
         }
 
-    def save(self, directory: str) -> None:
-        """Write the running merge to `directory/magmax_merge_state.pt` (θ_0 is written once, by [`write_base`])."""
+    def save(self, directory: str, rank: int | None = None) -> None:
+        """Write the running merge to `directory/magmax_merge_state.pt`, or with `rank` (a sharded state: every rank
+        calls it) to `directory/magmax_merge_state-rank{rank}.pt`; atomically. θ_0 is written once, by
+        [`write_base`]."""
         os.makedirs(directory, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(directory, MERGE_STATE_NAME))
+        path = os.path.join(directory, MERGE_STATE_NAME if rank is None else RANK_MERGE_STATE_NAME.format(rank=rank))
+        torch.save(self.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
 
     @staticmethod
-    def read(directory: str, device: str | torch.device = "cpu") -> dict:
-        """Read the merge state of a checkpoint; a missing or corrupt file is a [`CheckpointError`]."""
-        merge_path = os.path.join(directory, MERGE_STATE_NAME)
+    def read(directory: str, device: str | torch.device = "cpu", rank: int | None = None) -> dict:
+        """Read the merge state of a checkpoint (with `rank`: that rank's file of a sharded state); a missing or
+        corrupt file is a [`CheckpointError`]."""
+        merge_path = os.path.join(
+            directory, MERGE_STATE_NAME if rank is None else RANK_MERGE_STATE_NAME.format(rank=rank)
+        )
         if not os.path.isfile(merge_path):
             raise CheckpointError(
                 f"{merge_path!r} is missing: the checkpoint is incomplete (interrupted while saving)."
@@ -497,9 +545,11 @@ class MergeState:
         on_cpu = self.device.type == "cpu"
         self.base = {name: t if on_cpu else t.to(self.device) for name, t in base.items()}
         self.base_file = base_file if on_cpu else None
-        self.shapes = {name: tuple(t.shape) for name, t in self.base.items()}
+        # the whole tensors' shapes (θ_0 may be the run's whole file while this rank's state holds shards of it)
+        shapes = merge_state.get("shapes") or {}
+        self.shapes = {name: tuple(shapes.get(name, t.shape)) for name, t in self.base.items()}
         self.offsets = {name: int(merge_state.get("offsets", {}).get(name, 0)) for name in self.base}
-        self.sharded = False
+        self.sharded = bool(merge_state.get("sharded", False))
         self.num_tasks = int(merge_state["num_tasks"])
         self.best = {name: t.to(self.device) for name, t in merge_state["best"].items()}
         self.winners = {name: t.to(self.device) for name, t in (winners or {}).items()} if self.track_winners else {}

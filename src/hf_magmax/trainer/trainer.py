@@ -387,10 +387,11 @@ class MagMaxTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """`Trainer._save_checkpoint`, plus the MagMax state: task index, θ_0, the running merge and the matrices."""
         super()._save_checkpoint(model, trial)
-        if self._magmax_task is None or not self.args.should_save:
+        sharded = self._magmax.state.sharded  # FSDP2: every rank writes its part of the merge state
+        if self._magmax_task is None or not (self.args.should_save or sharded):
             return
         directory = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-        self._magmax.save(directory, self._magmax_task)
+        self._magmax.save(directory, self._magmax_task, main=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """`Trainer._load_from_checkpoint`, made exact for models whose saved tensor names differ from their

@@ -16,8 +16,9 @@ What is resident, per parameter:
   so it costs page cache, not private memory.
 
 The tensors held are those *this rank owns*: whole tensors under DDP or one process, the local shards of DTensor
-parameters under FSDP2 (`fully_shard`), each with its global flat offset (random_mix draws by it, so a sharded run
-equals one process). TIES needs the trim threshold of each whole task vector: on shards its histogram select sums
+parameters under FSDP2 (`fully_shard`) or the partitions of DeepSpeed ZeRO-3 parameters (`ds_tensor`), each with its
+global flat offset (random_mix draws by it, so a sharded run equals one process). A θ_0 taken whole before the model
+was sharded is cut down to this rank's part at the first fold. TIES needs the trim threshold of each whole task vector: on shards its histogram select sums
 the ranks' histograms (an all-reduce of 32768 + 65536 counts per fp32 tensor and task), which gives the one-process
 threshold bit for bit.
 """
@@ -54,7 +55,7 @@ BASE_WEIGHTS_NAME = "magmax_base/model.safetensors"
 BASE_HASH_NAME = "magmax_base/sha256"
 #: The merge state a checkpoint carries, besides the `Trainer`'s own files.
 MERGE_STATE_NAME = "magmax_merge_state.pt"
-#: One merge-state file per rank when the state is sharded (FSDP2): each rank writes and reads its own.
+#: One merge-state file per rank when the state is sharded (FSDP2, ZeRO-3): each rank writes and reads its own.
 RANK_MERGE_STATE_NAME = "magmax_merge_state-rank{rank}.pt"
 #: Where older checkpoints kept a full copy of θ_0 (still read on resume).
 LEGACY_BASE_NAME = "magmax_base.safetensors"
@@ -120,8 +121,12 @@ def local_part(tensor: Tensor) -> tuple[Tensor, int, bool]:
 
     A plain tensor is held whole (offset 0). A DTensor (FSDP2's parameters) gives its local shard: `Shard(0)` over
     the mesh (FSDP2's layout) holds a contiguous run of rows, so its elements are one contiguous range of the flattened
-    whole tensor. Other layouts (sharding another dim, partial sums) are refused.
+    whole tensor. Other layouts (sharding another dim, partial sums) are refused. A DeepSpeed ZeRO-3 parameter gives
+    its partition (`ds_tensor`: rank r holds the flat elements from `r · partition size`, less the end padding).
     """
+    partition = _zero3_partition(tensor)
+    if partition is not None:
+        return partition
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -143,10 +148,34 @@ def local_part(tensor: Tensor) -> tuple[Tensor, int, bool]:
     return tensor.to_local(), flat_offset, sharded
 
 
+def _zero3_partition(tensor: Tensor) -> tuple[Tensor, int, bool] | None:
+    """`local_part` of a DeepSpeed ZeRO-3 parameter (None for any other tensor)."""
+    ds_tensor = getattr(tensor, "ds_tensor", None)
+    if ds_tensor is None:
+        return None
+    import torch.distributed as dist
+
+    group = getattr(tensor, "ds_process_group", None)
+    rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+    size = int(getattr(ds_tensor, "ds_numel", ds_tensor.numel()))  # the partition size, padding included
+    offset = rank * size
+    valid = max(0, min(size, int(tensor.ds_numel) - offset))  # the last partitions are padded
+    return ds_tensor.view(-1).narrow(0, 0, valid), offset, world > 1
+
+
+def global_shape(tensor: Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape (a ZeRO-3 parameter's own shape is empty outside a gather: `ds_shape`)."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
 def shard_reduce(tensor: Tensor) -> Callable[[Tensor], Tensor] | None:
     """For a DTensor split over processes: a function that sums an integer tensor over the processes holding its
     shards (an all-reduce over each sharded mesh dimension), which makes TIES' histogram select give the whole
     tensor's threshold ([`~hf_magmax.merging.ties_trim_threshold`]); None for a tensor this process holds whole."""
+    partition = _zero3_partition(tensor)
+    if partition is not None:
+        groups = [getattr(tensor, "ds_process_group", None)] if partition[2] else []
+        return _all_reduce(groups) if groups else None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -155,13 +184,14 @@ def shard_reduce(tensor: Tensor) -> Callable[[Tensor], Tensor] | None:
         return None
     mesh = tensor.device_mesh
     groups = [mesh.get_group(dim) for dim, p in enumerate(tensor.placements) if p.is_shard() and mesh.size(dim) > 1]
-    if not groups:
-        return None
+    return _all_reduce(groups) if groups else None
 
+
+def _all_reduce(groups: list) -> Callable[[Tensor], Tensor]:
     def reduce(counts: Tensor) -> Tensor:
         import torch.distributed as dist
 
-        for group in groups:  # Shard(0) over these dims; the others replicate the same data
+        for group in groups:  # the sharded mesh dims (the others replicate the same data), or ZeRO-3's group
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         return counts
 
@@ -272,7 +302,7 @@ class MergeState:
             )
         self.base = {name: local.detach().to(self.device, copy=True) for name, (local, _, _) in parts.items()}
         self.offsets = {name: offset for name, (_, offset, _) in parts.items()}
-        self.shapes = {name: tuple(state_dict[name].shape) for name in names}
+        self.shapes = {name: global_shape(state_dict[name]) for name in names}
         self.sharded = sharded
         self.base_file = None
         self.best, self.accumulators, self.winners, self.num_tasks = {}, {}, {}, 0
@@ -285,9 +315,9 @@ class MergeState:
                     f"at task {task!r} the model lacks the weight {name!r} it had at the start: MagMax needs the same "
                     "architecture for every task (do not replace or resize the model)."
                 )
-            if tuple(state_dict[name].shape) != shape:
+            if global_shape(state_dict[name]) != shape:
                 raise ValueError(
-                    f"the weight {name!r} has shape {tuple(state_dict[name].shape)} at task {task!r} but {shape} at "
+                    f"the weight {name!r} has shape {global_shape(state_dict[name])} at task {task!r} but {shape} at "
                     "the start: MagMax needs parameters of the same shape for every task. Size the classification "
                     "head for all classes from the start (class-incremental learning with "
                     "`restrict_loss_to_task_classes=True`) instead of resizing it."
@@ -338,8 +368,8 @@ class MergeState:
         return out
 
     def _take_shard(self, name: str, shard: Tensor, offset: int) -> Tensor:
-        """Keep only this rank's rows of a θ_0 taken whole (before Accelerate sharded the model with FSDP2): a view of
-        the memory-mapped file, or a copy that frees the whole tensor."""
+        """Keep only this rank's part of a θ_0 taken whole (before Accelerate sharded the model with FSDP2, or before
+        DeepSpeed partitioned it): a view of the memory-mapped file, or a copy that frees the whole tensor."""
         if self.track_winners:
             raise ValueError(
                 "`save_provenance` is not supported on sharded (FSDP2) weights: the winner maps would be split over "
@@ -350,9 +380,8 @@ class MergeState:
                 f"this rank holds the elements of {name!r} from offset {offset}, but its merge state was folded from "
                 f"offset {self.offsets.get(name, 0)}: resume with the same number of processes and FSDP layout."
             )
-        base = self.base[name]
-        row_size = math.prod(base.shape[1:])
-        part = base.narrow(0, offset // row_size if row_size else 0, shard.shape[0])
+        # FSDP2's rows and ZeRO-3's partitions alike: one contiguous range of the flattened whole tensor
+        part = self.base[name].reshape(-1).narrow(0, offset, shard.numel()).view(shard.shape)
         self.base[name] = part if self.base_file is not None else part.clone()
         self.offsets[name] = offset
         self.sharded = True

@@ -21,7 +21,7 @@ PY
 
 # the driver: runs a recipe's main() and records peak GPU memory and the merge state's bytes on this rank
 cat > "$WORK/driver.py" <<'PY'
-import importlib.util, json, os, sys
+import importlib.util, json, math, os, sys
 import torch
 from hf_magmax.trainer import MagMaxTrainer
 recipe, out = sys.argv[1], sys.argv[2]
@@ -30,7 +30,8 @@ train = MagMaxTrainer.train
 def recorded(self, *args, **kwargs):
     result = train(self, *args, **kwargs)
     record["state_bytes"] = self._magmax.state.resident_bytes()
-    record["params"] = sum(t.numel() for t in self._magmax.state.base.values())
+    record["params"] = sum(t.numel() for t in self._magmax.state.base.values())  # held by this rank
+    record["params_total"] = sum(math.prod(s) for s in self._magmax.state.shapes.values())  # the whole model's
     return result
 MagMaxTrainer.train = recorded
 spec = importlib.util.spec_from_file_location(f"_recipe_{recipe}", os.path.join(os.environ["RECIPES"], f"{recipe}.py"))
@@ -80,9 +81,10 @@ if mode != "ddp" and os.path.isfile(reference):
     ours, theirs = load_file(os.path.join(out, "model.safetensors")), load_file(reference)
     delta = f"{max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs):.3g}"
 peak = max(r["peak_gpu_bytes"] for r in ranks) / 2**20
-state = [r["state_bytes"]["total"] / max(r["params"], 1) for r in ranks]
+state = [r["state_bytes"]["total"] / max(r.get("params_total", r["params"]), 1) for r in ranks]
 print(f"{mode} {recipe} ok ({len(ranks)} ranks) | max|Δ| vs ddp {delta} | peak GPU {peak:.0f} MiB/rank | "
-      f"merge state {max(state):.2f} B/param/rank (of {ranks[0]['params']:,} params held)")
+      f"merge state {max(state):.2f} B per model param per rank ({ranks[0]['params']:,} of "
+      f"{ranks[0].get('params_total', ranks[0]['params']):,} params held on rank 0)")
 PY
   else
     echo "$mode $recipe FAILED (log: $out/log.txt)"; tail -5 "$out/log.txt"

@@ -7,9 +7,9 @@ flat offset, TIES sums the ranks' histograms. The merged weights equal the one-p
 holds half of the one-process state. Skipped where DeepSpeed is not installed (`pip install deepspeed`,
 `DS_BUILD_OPS=0`; CPU only).
 
-Where the line is: this tests `MergeState` on ZeRO-3 partitions directly; `MagMaxTrainer` under Accelerate's DeepSpeed
-integration is not tested (Accelerate runs DeepSpeed only on accelerators) and still takes the weights through
-`accelerator.get_state_dict` there.
+Where the line is: this tests `MergeState` on ZeRO-3 partitions directly. `MagMaxTrainer` under Accelerate's DeepSpeed
+ZeRO-3 (which does run on CPU) still takes the weights through `accelerator.get_state_dict`, which is `None` on ranks
+> 0 there; see docs/memory.md.
 """
 
 import json

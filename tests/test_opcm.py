@@ -310,6 +310,22 @@ def test_streaming_merge_and_cli_equal_the_engine_bit_for_bit(tmp_path, monkeypa
     assert all(torch.equal(again[k], cli[k]) for k in cli)
 
 
+def test_lambda_search_goes_through_the_same_merge(tmp_path):
+    theta_0, thetas = fine_tunes(torch.float32, num_tasks=2)
+    base, *models = _save([theta_0, *thetas], tmp_path)
+    target = engine(theta_0, thetas, MergeSpec("opcm", 0.3))["classifier.weight"]
+
+    def score_fn(model):  # best where the merge's classifier is closest to the λ = 0.3 merge's
+        return -float((model.classifier.weight - target).norm())
+
+    out = merge_checkpoints(base, models, tmp_path / "auto", method="opcm", scaling_coef="auto",
+                            score_fn=score_fn, scaling_coef_grid=[0.1, 0.3, 1.0], show_progress=False)  # fmt: skip
+    assert yaml.safe_load((out / "magmax_config.yaml").read_text())["scaling_coef"] == 0.3
+    written = load_file(out / "model.safetensors")
+    expected = engine(theta_0, thetas, MergeSpec("opcm", 0.3))
+    assert all(torch.equal(written[k], expected[k]) for k in expected if expected[k].is_floating_point())
+
+
 def test_cli_refuses_alpha_for_another_method(tmp_path, capsys):
     argv = ["merge", "--base", "b", "--models", "m", "--method", "magmax", "--alpha", "0.3", "--output-dir"]
     assert main([*argv, str(tmp_path / "out"), "--no-progress"]) == 2

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 import yaml
+from builders import load_dir, make_family, tiny_model
 from safetensors.torch import load_file
 from tiny_tasks import Crash, classification_task, tiny_bert
 from torch import nn
@@ -399,3 +400,31 @@ def test_trainer_equals_the_paper_and_resumes_bit_for_bit(tmp_path):
         assert torch.equal(value, final[name]), name
     for kind in ("sequential", "merged"):
         assert resumed.continual_results[kind]["matrix"] == reference.continual_results[kind]["matrix"]
+
+
+def test_tied_weights_are_merged_and_counted_once(tmp_path):
+    base, models = make_family(tmp_path, "llama", num_tasks=3, tie=True)
+    theta_0 = load_dir(base)
+    assert "lm_head.weight" not in theta_0  # saved once, under the embedding's name
+    streamed = load_dir(merge_checkpoints(base, models, tmp_path / "merged", method="opcm", show_progress=False))
+    tvs = [TaskVector.from_state_dicts(theta_0, load_dir(m)) for m in models]
+    expected = merge_task_vectors(tvs, "opcm").apply_to(theta_0)
+    floating = [k for k, v in expected.items() if v.is_floating_point()]
+    assert all(torch.equal(streamed[k], expected[k]) for k in floating)
+    # a model's state_dict names the one tensor twice: the engine and StateDictMerger fold it once, count it once
+    base_model, finetuned = tiny_model("llama", tie=True), tiny_model("llama", tie=True)
+    base_model.load_state_dict(theta_0, strict=False)
+    tied_0 = base_model.state_dict()
+    assert "lm_head.weight" in tied_0
+    tied_tvs = []
+    for m in models:
+        finetuned.load_state_dict(load_dir(m), strict=False)
+        tied_tvs.append(TaskVector.from_state_dicts(tied_0, finetuned.state_dict()))
+    tied = merge_task_vectors(tied_tvs, "opcm").apply_to(tied_0)
+    merger = StateDictMerger("opcm")
+    for tv in tied_tvs:
+        merger.update(tv)
+    via_merger = TaskVector(merger.result()).apply_to(tied_0)
+    for k in floating:
+        assert torch.equal(tied[k], expected[k]) and torch.equal(via_merger[k], expected[k]), k
+    assert torch.equal(tied["lm_head.weight"], tied["model.embed_tokens.weight"])

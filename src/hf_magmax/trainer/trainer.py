@@ -621,7 +621,8 @@ def _model_card(
     merge.append(f"scaling_coef: {coef:g}")
     if run.spec.is_auto:
         merge.append(f"scaling_coef_grid: {summary['scaling_coef_grid']}")
-    merge.append(f"final_model: {summary['final_model']}")
+    if revision is None:
+        merge.append(f"final_model: {summary['final_model']}")
     sections["Merge"] = "```yaml\n" + "\n".join(merge) + "\n```"
     if summary["scaling_coef_search"]:
         last = summary["scaling_coef_search"][-1]

@@ -91,9 +91,8 @@ examples:
 
 CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, dtype, device,
 max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, revision,
-private); flags
-given on the command line override it. Values are type-checked (`overwrite: "false"` is an error). Every merge saves
-its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
+private); flags given on the command line override it. Values are type-checked (`overwrite: "false"` is an error).
+Every merge saves its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
 """
 
 

@@ -212,6 +212,15 @@ def test_a_failed_push_keeps_the_folder_and_training_goes_on(fake_hub, tmp_path,
     assert str(tmp_path / "out" / "magmax_releases" / "after-task-2") in warnings[1]
     written = json.loads((tmp_path / "out" / "continual_results.json").read_text())
     assert written["hub_revisions"] == records
+    if failure == "refused commit":  # the recorded command pushes the kept folder to its branch, main left alone
+        fake_hub.fail_commits = False
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        env.pop("TRANSFORMERS_OFFLINE", None)
+        subprocess.run(records[0]["retry"], shell=True, check=True, env=env, timeout=120, capture_output=True)
+        repo = fake_hub.repos[REPO]
+        assert set(repo.branches) == {"after-task-1"} and repo.files == {}
+        kept = tmp_path / "out" / "magmax_releases" / "after-task-1"
+        assert repo.branches["after-task-1"]["model.safetensors"] == (kept / "model.safetensors").read_bytes()
 
 
 def test_only_the_main_process_pushes(fake_hub, tmp_path, monkeypatch):

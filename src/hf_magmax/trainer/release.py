@@ -13,7 +13,8 @@ asks the Hub for the repo's branches (`list_repo_refs`): a branch that already e
 commit is recorded instead), so a task is not published twice even when the record was lost.
 
 A failed push is a warning, not an error: a continual run can take days, and a Hub outage must not lose it. The
-folder is kept (named in the warning and in the record, with the command that pushes it later), and training goes on.
+folder is kept (named in the warning and in the record, with the command that pushes it later to its branch, leaving
+`main` to the latest model), and training goes on.
 """
 
 from __future__ import annotations
@@ -155,9 +156,10 @@ class HubReleases:
             error += f"; the local output is kept at {folder}"
         record.update(status=FAILED, error=error, folder=folder)
         if folder is not None:
+            # to the branch only: `main` may hold a later task's model by then
             record["retry"] = (
-                f'python -c "from hf_magmax.hub import push_release; push_release({folder!r}, '
-                f'{record["repo_id"]!r}, {record["branch"]!r})"'
+                f'python -c "from hf_magmax.hub import push_to_hub; push_to_hub({folder!r}, '
+                f'{record["repo_id"]!r}, revision={record["branch"]!r})"'
             )
         logger.warning(
             "Task %d (%s): the Hub revision %r was not pushed: %s. Training goes on; the failure is recorded under "

@@ -87,6 +87,7 @@ MERGE_CONFIG_FIELDS: tuple[str, ...] = (
     "extra_tensors",
     "save_provenance",
     "push_to_hub",
+    "revision",
     "private",
 )
 
@@ -162,6 +163,7 @@ def merge_checkpoints(
     extra_tensors: str = "error",
     save_provenance: bool = False,
     alpha: float | None = None,
+    revision: str | None = None,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base model, streaming tensor by tensor, into a new checkpoint directory.
 
@@ -212,6 +214,8 @@ def merge_checkpoints(
             fails the local output is kept and a [`~hf_magmax.hub.HubPushError`] says so.
         private (`bool`, *optional*, defaults to `False`):
             Create the Hub repo as private.
+        revision (`str`, *optional*):
+            With `push_to_hub`: the branch to push to (created from `main` if missing; `main` is left as it is).
         token (`str` or `bool`, *optional*):
             Hub token for downloading inputs and pushing; defaults to the usual `HF_TOKEN` / saved login.
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -267,7 +271,14 @@ def merge_checkpoints(
     if push_to_hub:
         from .hub import push_to_hub as push
 
-        push(output, push_to_hub, private=private, token=token, commit_message=f"hf_magmax {spec.method} merge")
+        push(
+            output,
+            push_to_hub,
+            private=private,
+            token=token,
+            commit_message=f"hf_magmax {spec.method} merge",
+            revision=config.revision,
+        )
     return output
 
 
@@ -311,6 +322,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         extra_tensors=args["extra_tensors"],
         save_provenance=bool(args["save_provenance"]),
         push_to_hub=args["push_to_hub"],
+        revision=args["revision"],
         private=args["private"],
     )
     return config.validate()

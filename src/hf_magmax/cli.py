@@ -88,11 +88,12 @@ examples:
   hf-magmax merge merged/magmax_config.yaml --method ties --output-dir m2  # λ null there: ties' default
   hf-magmax merge --base bert-base --models ft1 ft2 --extra-tensors last --output-dir m3  # new heads: the last's
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
+  hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --revision after-task-3  # to a branch; main left as it is
 
 CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, alpha, dtype, device,
-max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, private); flags
-given on the command line override it. Values are type-checked (`overwrite: "false"` is an error). Every merge saves
-its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
+max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, revision,
+private); flags given on the command line override it. Values are type-checked (`overwrite: "false"` is an error).
+Every merge saves its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
 """
 
 
@@ -223,6 +224,12 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
     _add_publish_arguments(parser)
+    parser.add_argument(
+        "--revision",
+        metavar="BRANCH",
+        help="with --push-to-hub: push to this branch (created from main if missing; main is left as it is), e.g. "
+        "after-task-3",
+    )
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -242,6 +249,8 @@ def _run_merge(args: argparse.Namespace) -> int:
             raise ValueError(f"missing {flag}{where}: `hf-magmax merge` needs --base, --models and --output-dir.")
     if config.private and not config.push_to_hub:
         raise ValueError("--private only applies with --push-to-hub REPO_ID.")
+    if config.revision and not config.push_to_hub:
+        raise ValueError("--revision only applies with --push-to-hub REPO_ID.")
     config.validate(source=args.config)
     try:
         path = merge_checkpoints(show_progress=not args.no_progress, **merge_checkpoints_kwargs(config))
@@ -392,6 +401,8 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
         raise ValueError(f"`models`{where} is a checkpoint merge: run `hf-magmax merge`, or give `adapters` only.")
     if config.private and not config.push_to_hub:
         raise ValueError("--private only applies with --push-to-hub REPO_ID.")
+    if config.revision:
+        raise ValueError(f"`revision`{where} is not supported by `hf-magmax merge-lora` yet: drop it (push to main).")
     config.validate(args.config)  # every field checked before torch or peft is imported
     from .peft import run_lora_merge
 

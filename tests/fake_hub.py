@@ -8,7 +8,9 @@ Endpoints (as `huggingface_hub` 1.x/2.x calls them):
 - `POST /api/validate-yaml`                              the model card's metadata must be a YAML mapping
 - `GET  /api/models/{repo}[/revision/{rev}]`             repo info with `siblings` (snapshot_download, repo_info)
 - `GET  /api/models/{repo}/tree/{rev}[/{path}]`          file listing (snapshot_download)
-- `POST /api/models/{repo}/branch/{branch}`              create a branch
+- `POST /api/models/{repo}/branch/{branch}`              create a branch (at `startingPoint`: a branch or a commit oid;
+                                                         default main), 409 if it exists
+- `GET  /api/models/{repo}/refs`                         the branches and their head commits (`list_repo_refs`)
 - `POST /api/models/{repo}/preupload/{rev}`              upload modes: `regular` (inline in the commit) by default,
                                                          `lfs` for files of at least `lfs_threshold` bytes
 - `POST /{repo}.git/info/lfs/objects/batch`              LFS batch API ("basic" transfer, with a verify action)
@@ -76,11 +78,33 @@ class FakeRepo:
     repo_type: str = "model"
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[FakeCommit] = field(default_factory=list)
-    branches: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    branches: dict[str, dict[str, bytes]] = field(default_factory=dict)  # branch other than main -> its files
+    heads: dict[str, str] = field(default_factory=dict)  # branch (main included) -> its head commit oid
+    snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit oid -> every file at that commit
 
     @property
     def sha(self) -> str:
         return self.commits[-1].oid if self.commits else "0" * 40
+
+    def head(self, revision: str = "main") -> str:
+        """The head commit of a branch (`main`: the last commit on main, or the repo's last commit if none)."""
+        return self.heads.get(revision) or self.sha
+
+    def commits_on(self, revision: str) -> list[FakeCommit]:
+        """The commits made on `revision` (a branch name), oldest first."""
+        return [c for c in self.commits if c.revision == revision]
+
+    def files_at(self, revision: str) -> dict[str, bytes] | None:
+        """The files of a branch (`main` included) or of a commit oid; None if it is neither."""
+        if revision == "main" or revision == self.heads.get("main"):
+            return self.files
+        if revision in self.branches:
+            return self.branches[revision]
+        if revision in self.snapshots:
+            return self.snapshots[revision]
+        if revision == self.sha:
+            return self.files
+        return None
 
 
 class FakeHub:
@@ -89,7 +113,10 @@ class FakeHub:
     Args:
         token (`str`, *optional*): the only token the server accepts for writes.
         lfs_threshold (`int`, *optional*): files of at least this many bytes get upload mode `lfs` (default: never).
-        fail_commits (`bool`, *optional*): answer every commit with HTTP 403 (to test failed pushes).
+        fail_commits (`bool`, *optional*): answer every commit with HTTP `fail_status` (to test failed pushes).
+        fail_status (`int`, *optional*, defaults to 403): the status of refused commits. (`huggingface_hub` retries
+            a commit answered 5xx for ~25 s: for a quick server error use `outage`.)
+        outage (`int`, *optional*): answer *every* request with this HTTP status (e.g. 500: the Hub is down).
         user (`str`, *optional*): the namespace of repos created without one.
     """
 
@@ -99,10 +126,14 @@ class FakeHub:
         lfs_threshold: int | None = None,
         fail_commits: bool = False,
         user: str = FAKE_USER,
+        fail_status: int = 403,
+        outage: int | None = None,
     ) -> None:
+        self.outage = outage
         self.token = token
         self.lfs_threshold = lfs_threshold
         self.fail_commits = fail_commits
+        self.fail_status = fail_status
         self.user = user
         self.repos: dict[str, FakeRepo] = {}
         self.lfs_objects: dict[str, bytes] = {}
@@ -220,12 +251,16 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(split.path), parse_qs(split.query)
         with hub._lock:
             hub.requests.append((self.command, path))
+        if hub.outage is not None:
+            self._body()
+            return self._error(hub.outage, f"fake Hub: outage (HTTP {hub.outage})")
         routes = [
             ("POST", r"/api/repos/create", self._create_repo),
             ("POST", r"/api/validate-yaml", self._validate_yaml),
             ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", self._preupload),
             ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", self._commit),
             ("POST", rf"/api/models/{_REPO}/branch/(?P<rev>[^/]+)", self._branch),
+            ("GET", rf"/api/models/{_REPO}/refs", self._refs),
             ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", self._repo_info),
             ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<prefix>.*))?", self._tree),
             ("GET", rf"/api/models/{_REPO}", self._repo_info),
@@ -283,14 +318,30 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(400 if errors else 200, {"errors": errors, "warnings": []})
 
     def _branch(self, repo, rev, query):
-        self._body()
+        payload = json.loads(self._body() or b"{}")
+        if not self._authorized():
+            return self._error(401, "Invalid credentials in Authorization header")
         found = self._get_repo(repo)
         if found is None:
             return
-        if rev in found.branches or rev == "main":
-            return self._error(409, f"Branch {rev} already exists")
-        found.branches[rev] = dict(found.files)
+        with self.fake_hub._lock:
+            if rev in found.branches or rev == "main":
+                return self._error(409, f"Branch {rev} already exists")
+            start = payload.get("startingPoint") or "main"
+            files = found.files_at(start)
+            if files is None:
+                return self._error(404, f"Invalid rev id: {start}", "RevisionNotFound")
+            found.branches[rev] = dict(files)
+            found.heads[rev] = found.heads.get(start) or (start if start in found.snapshots else found.head())
         self._send(200, {})
+
+    def _refs(self, repo, query):
+        found = self._get_repo(repo)
+        if found is None:
+            return
+        names = ["main", *found.branches]
+        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": found.head(n)} for n in names]
+        self._send(200, {"branches": branches, "converts": [], "tags": []})
 
     def _repo_info(self, repo, query, rev="main"):
         found = self._get_repo(repo)
@@ -298,13 +349,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         files = self._files_at(found, rev)
         siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())]
+        sha = found.head(rev) if rev in found.heads else found.sha
         self._send(
             200,
-            {"id": repo, "modelId": repo, "sha": found.sha, "private": found.private, "siblings": siblings},
+            {"id": repo, "modelId": repo, "sha": sha, "private": found.private, "siblings": siblings},
         )
 
     def _files_at(self, found: FakeRepo, rev: str) -> dict[str, bytes]:
-        return found.files if rev in ("main", found.sha) else found.branches.get(rev, {})
+        files = found.files_at(unquote(rev))
+        return {} if files is None else files
 
     def _tree(self, repo, rev, query, prefix=None):
         found = self._get_repo(repo)
@@ -376,7 +429,8 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             return
         if self.fake_hub.fail_commits:
-            return self._error(403, "fake Hub: commits are refused (fail_commits=True)")
+            status = self.fake_hub.fail_status
+            return self._error(status, f"fake Hub: commits are refused (fail_commits=True, HTTP {status})")
         header, files, deleted, lfs_files = {}, {}, [], []
         for line in body.decode().splitlines():
             if not line.strip():
@@ -403,6 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
                 for name in [n for n in target if n == path or n.startswith(path.rstrip("/") + "/")]:
                     del target[name]
             target.update(files)
+            found.heads[revision] = oid
+            found.snapshots[oid] = dict(target)
             found.commits.append(
                 FakeCommit(
                     oid, header.get("summary", ""), header.get("description", ""), revision, files, deleted, lfs_files
@@ -428,7 +484,10 @@ class _Handler(BaseHTTPRequestHandler):
         data = files[file]
         if self.command == "GET":
             self.fake_hub.downloads.append((urlsplit(self.path).path, self.headers.get("Range")))
-        headers = {"X-Repo-Commit": found.sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        commit = found.head(unquote(rev)) if unquote(rev) in found.heads else found.sha
+        if unquote(rev) in found.snapshots:
+            commit = unquote(rev)
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Accept-Ranges": "bytes"}
         status = 200
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match:

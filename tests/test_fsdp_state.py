@@ -80,6 +80,13 @@ def test_fsdp_each_rank_holds_about_half_the_state(results, method, dtype):
         assert ranks[0]["one_process_bytes"]["merge"] == ranks[0]["params"] * (2 if dtype == "bf16" else 4)
 
 
+def test_fsdp_opcm_and_provenance_are_refused_on_shards_with_the_reason(results):
+    for rank in results:
+        errors = rank["errors"]
+        assert errors["opcm"] and "'opcm' is not supported on sharded" in errors["opcm"]
+        assert errors["provenance"] and "`save_provenance` is not supported on sharded" in errors["provenance"]
+
+
 def _split_thresholds(parts, density):
     """`ties_trim_threshold` of each part, in one thread per part, with `reduce` summing the parts' histograms (what
     an all-reduce over the ranks does)."""

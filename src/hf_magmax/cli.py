@@ -63,7 +63,7 @@ def _default_scaling_coefs_text() -> str:
 
 
 def _method_option_default(method: str, option: str) -> Any:
-    """The default of one method option (`ties` `density`, `random_mix` `seed`), read from the merge core."""
+    """The default of one method option (`ties` `density`, `random_mix` `seed`, `opcm` `alpha`), from the core."""
     from .merging import ONLINE_MERGES
 
     return ONLINE_MERGES[method].options[option]
@@ -83,15 +83,17 @@ _MERGE_EPILOG = """\
 examples:
   hf-magmax merge --base ckpt/base --models ckpt/task1 ckpt/task2 ckpt/task3 --output-dir merged
   hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method ties --density 0.2 --output-dir merged-ties
+  hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method opcm --alpha 0.5 --output-dir merged-opcm
   hf-magmax merge merged/magmax_config.yaml --output-dir merged-again      # re-run a merge from its config
   hf-magmax merge merged/magmax_config.yaml --method ties --output-dir m2  # λ null there: ties' default
   hf-magmax merge --base bert-base --models ft1 ft2 --extra-tensors last --output-dir m3  # new heads: the last's
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
+  hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --revision after-task-3  # to a branch; main left as it is
 
-CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, dtype, device,
-max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, private); flags
-given on the command line override it. Values are type-checked (`overwrite: "false"` is an error). Every merge saves
-its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
+CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, alpha, dtype, device,
+max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, revision,
+private); flags given on the command line override it. Values are type-checked (`overwrite: "false"` is an error).
+Every merge saves its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
 """
 
 
@@ -176,6 +178,12 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"random_mix only: random seed (default: {_method_option_default('random_mix', 'seed')})",
     )
     parser.add_argument(
+        "--alpha",
+        type=float,
+        help="opcm only: share of the merged task vector's singular-value mass whose directions each new task "
+        f"vector is projected off, in [0, 1) (default: {_method_option_default('opcm', 'alpha')})",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the merged floating tensors "
@@ -216,6 +224,12 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
     _add_publish_arguments(parser)
+    parser.add_argument(
+        "--revision",
+        metavar="BRANCH",
+        help="with --push-to-hub: push to this branch (created from main if missing; main is left as it is), e.g. "
+        "after-task-3",
+    )
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -227,7 +241,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     if config.adapters:
         raise ValueError(f"{args.config} merges LoRA `adapters`: run it with `hf-magmax merge-lora`.")
     if args.method is not None and args.method != config.method:  # the options of the file's method do not carry over
-        config.density = config.seed = None
+        config.density = config.seed = config.alpha = None
     config = config.replace(**{key: getattr(args, key) for key in MERGE_CONFIG_FIELDS})  # flags override the file
     where = f" (or in {args.config})" if args.config else ""
     for key, flag in (("base", "--base"), ("models", "--models"), ("output_dir", "--output-dir")):
@@ -235,6 +249,8 @@ def _run_merge(args: argparse.Namespace) -> int:
             raise ValueError(f"missing {flag}{where}: `hf-magmax merge` needs --base, --models and --output-dir.")
     if config.private and not config.push_to_hub:
         raise ValueError("--private only applies with --push-to-hub REPO_ID.")
+    if config.revision and not config.push_to_hub:
+        raise ValueError("--revision only applies with --push-to-hub REPO_ID.")
     config.validate(source=args.config)
     try:
         path = merge_checkpoints(show_progress=not args.no_progress, **merge_checkpoints_kwargs(config))
@@ -260,8 +276,8 @@ LoRA adapter (--lora-output adapter; --rank R implies it) whose rank, per module
 input adapters' ranks (exact for average / task_arithmetic; MagMax, TIES and random_mix report their reconstruction
 error in the card).
 
-CONFIG.yaml takes the fields of magmax_config.yaml (base, adapters, method, scaling_coef, density, seed, lora_output,
-rank, svd, svd_seed, dtype, device, output_dir, overwrite, allow_non_finite, push_to_hub, private); flags given on the
+CONFIG.yaml takes the fields of magmax_config.yaml (base, adapters, method, scaling_coef, density, seed, alpha,
+lora_output, rank, svd, svd_seed, dtype, device, output_dir, overwrite, allow_non_finite, push_to_hub, private); flags given on the
 command line override it. Every merge saves its configuration as OUTPUT_DIR/magmax_config.yaml and in its card.
 """
 
@@ -311,6 +327,12 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"random_mix only: random seed (default {_method_option_default('random_mix', 'seed')})",
     )
     parser.add_argument(
+        "--alpha",
+        type=float,
+        help="opcm only: share of the merge's singular-value mass each new ΔW is projected off, in [0, 1) "
+        f"(default {_method_option_default('opcm', 'alpha')})",
+    )
+    parser.add_argument(
         "--lora-output",
         choices=["merged", "adapter"],
         help="merged: a full model with the merge folded in (default); adapter: a re-factored LoRA adapter",
@@ -351,8 +373,8 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
 
 #: `merge-lora` flags that set a `MergeConfig` field of the same name.
 _MERGE_LORA_FIELDS = (
-    "base", "adapters", "method", "scaling_coef", "density", "seed", "rank", "svd", "svd_seed", "dtype", "device",
-    "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private", "save_provenance",
+    "base", "adapters", "method", "scaling_coef", "density", "seed", "alpha", "rank", "svd", "svd_seed", "dtype",
+    "device", "output_dir", "overwrite", "allow_non_finite", "push_to_hub", "private", "save_provenance",
 )  # fmt: skip
 
 
@@ -379,6 +401,8 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
         raise ValueError(f"`models`{where} is a checkpoint merge: run `hf-magmax merge`, or give `adapters` only.")
     if config.private and not config.push_to_hub:
         raise ValueError("--private only applies with --push-to-hub REPO_ID.")
+    if config.revision:
+        raise ValueError(f"`revision`{where} is not supported by `hf-magmax merge-lora` yet: drop it (push to main).")
     config.validate(args.config)  # every field checked before torch or peft is imported
     from .peft import run_lora_merge
 

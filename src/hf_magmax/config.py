@@ -43,6 +43,7 @@ _KINDS = {
     "scaling_coef": "coef",
     "density": "float",
     "seed": "int",
+    "alpha": "float",
     "output_dir": "str",
     "lora_output": "str",
     "rank": "int",
@@ -56,6 +57,7 @@ _KINDS = {
     "strict_config": "bool",
     "extra_tensors": "str",
     "push_to_hub": "str",
+    "revision": "str",
     "private": "bool",
     "save_provenance": "bool",
 }
@@ -82,6 +84,7 @@ class MergeConfig:
             method's default).
         density (`float`, *optional*): ties only, defaults to 0.2.
         seed (`int`, *optional*): random_mix only, defaults to 0.
+        alpha (`float`, *optional*): opcm only, in [0, 1), defaults to 0.5 (FusionBench).
         output_dir (`str`):
             The output directory (always a directory).
         lora_output (`str`, *optional*, defaults to `"merged"`):
@@ -100,6 +103,8 @@ class MergeConfig:
         extra_tensors (`str`, *optional*, defaults to `"error"`): checkpoints only: tensors only the fine-tunes have
             (a new head) are an error (`"error"`) or taken from the last model (`"last"`).
         push_to_hub (`str`, *optional*): a Hub repo id to upload the result to.
+        revision (`str`, *optional*): with `push_to_hub`, the branch to push to (created from `main` if missing;
+            `main` itself is left as it is); defaults to `main`.
         private (`bool`, *optional*, defaults to `False`): with `push_to_hub`, create a private repo.
         save_provenance (`bool`, *optional*, defaults to `False`): magmax and random_mix only: write which task won
             each element (`magmax_provenance.safetensors`, the shares in `magmax_provenance.json` and the card).
@@ -112,6 +117,7 @@ class MergeConfig:
     scaling_coef: float | str | None = None
     density: float | None = None
     seed: int | None = None
+    alpha: float | None = None
     output_dir: str | None = None
     lora_output: str = "merged"
     rank: int | None = None
@@ -125,6 +131,7 @@ class MergeConfig:
     strict_config: bool = True
     extra_tensors: str = "error"
     push_to_hub: str | None = None
+    revision: str | None = None
     private: bool = False
     save_provenance: bool = False
 
@@ -138,7 +145,7 @@ class MergeConfig:
     @property
     def spec(self) -> MergeSpec:
         """The validated [`~hf_magmax.merging.MergeSpec`] of this merge."""
-        return MergeSpec(self.method, self.scaling_coef, density=self.density, seed=self.seed)
+        return MergeSpec(self.method, self.scaling_coef, density=self.density, seed=self.seed, alpha=self.alpha)
 
     def validate(self, source: str | None = None) -> MergeConfig:
         """Check every field (types, choices, what belongs together) before anything is read or written.
@@ -183,6 +190,12 @@ class MergeConfig:
             raise ValueError(f"`dtype` must be one of {', '.join(OUTPUT_DTYPES)}{where}, got {self.dtype!r}.")
         if self.private and not self.push_to_hub:
             raise ValueError(f"`private` only applies with `push_to_hub`{where}: name the repo to create.")
+        if self.revision is not None:
+            from .hub import check_branch_name
+
+            if not self.push_to_hub:
+                raise ValueError(f"`revision` only applies with `push_to_hub`{where}: name the repo to push to.")
+            check_branch_name(self.revision, "revision")
         if self.save_provenance and not self.spec.merge_class.can_track_winners:
             raise ValueError(
                 f"`save_provenance` needs a method that keeps one task's value per element (magmax, random_mix), not "

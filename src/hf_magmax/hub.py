@@ -8,17 +8,24 @@
   `ModelCardData` (validated as TRL's cards are).
 - [`render_model_card`] / [`write_model_card`] / [`parse_model_card`]: a `README.md` with YAML metadata.
 - [`MAGMAX_CITATION`]: the BibTeX entry of the MagMax paper.
-- [`push_to_hub`]: create the repo (if needed) and upload a folder through `huggingface_hub`.
+- [`push_to_hub`]: create the repo (if needed) and upload a folder through `huggingface_hub` (to `main` or a branch).
+- [`push_release`]: one revision of a continual release: the folder becomes `main`'s new commit and a branch
+  (`after-task-<k>`) points at that very commit; [`hub_branches`] lists a repo's branches and their commits.
+- [`check_branch_name`], [`check_revision_pattern`], [`format_revision`]: valid git branch names, and the
+  `hub_revision_pattern` of a continual release (`"after-task-{k}"`).
 
 `huggingface_hub` and `yaml` are imported inside the functions that need them, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+import string
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +39,17 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MAGMAX_CITATION",
     "MAGMAX_TAGS",
+    "REVISION_FIELDS",
     "HubPushError",
     "build_model_card",
+    "check_branch_name",
+    "check_revision_pattern",
+    "format_revision",
+    "hub_branches",
     "library_versions",
     "model_card_tags",
     "parse_model_card",
+    "push_release",
     "push_to_hub",
     "render_model_card",
     "write_model_card",
@@ -340,22 +353,9 @@ def push_to_hub(
     'https://huggingface.co/me/my-merged-model/commit/...'
     ```
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot push {folder} to the Hub: it is not a directory.")
-    from huggingface_hub import HfApi, constants
-
-    where = f"the local output is kept at {folder}"
-    if constants.is_offline_mode():
-        raise HubPushError(
-            f"cannot push to {repo_id!r}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1); {where}. Unset "
-            "HF_HUB_OFFLINE and push again with `hf_magmax.hub.push_to_hub`.",
-            folder,
-        )
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        repo_id = repo_url.repo_id
+    folder = _check_folder(folder)
+    with _hub_api(folder, repo_id, token) as (api, constants):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(
@@ -364,9 +364,207 @@ def push_to_hub(
             commit_message=commit_message or "Upload with hf_magmax",
             revision=revision,
         )
-    except Exception as err:
-        logger.error("push of %s to %s failed: %s", folder, repo_id, err)
-        reason = " ".join(str(err).split())
-        raise HubPushError(f"push to the Hub repo {repo_id!r} failed ({reason}); {where}.", folder) from err
     logger.info("pushed %s to %s", folder, commit.commit_url)
     return str(commit.commit_url)
+
+
+def push_release(
+    folder: str | os.PathLike,
+    repo_id: str,
+    branch: str,
+    private: bool = False,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+) -> dict[str, str]:
+    """Publish `folder` as one revision of a continual release: `main`'s new commit, and the branch `branch` at it.
+
+    The folder is uploaded once, as a commit on `main` (so `main` always holds the latest model), then `branch` is
+    created at that very commit: `branch` and `main` then hold the same files, and the branch keeps them when `main`
+    moves on to the next release. The branch must not exist yet (list them with [`hub_branches`]).
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The local directory to upload (a `save_pretrained` folder with its card).
+        repo_id (`str`):
+            `"user/name"` or `"name"` (in the token owner's namespace); created if needed.
+        branch (`str`):
+            The branch of this revision, e.g. `"after-task-2"` (a valid git branch name, not `main`).
+        private (`bool`, *optional*, defaults to `False`):
+            Create the repo as private (an existing repo keeps its visibility).
+        token (`str` or `bool`, *optional*):
+            Hub token; defaults to `HF_TOKEN` or the saved login.
+        commit_message (`str`, *optional*):
+            Defaults to `"Upload <branch> with hf_magmax"`.
+
+    Returns:
+        `dict[str, str]`: `repo_id` (with its namespace), `branch`, `commit` (the commit oid) and `url` (its URL).
+
+    Raises:
+        `ValueError` for an invalid branch name; [`HubPushError`] if anything fails (the local folder is never
+        modified; if the branch could not be created after the commit, `main` already holds the new commit and the
+        error says so).
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import push_release
+    >>> push_release("releases/after-task-2", "me/continual-model", "after-task-2")  # doctest: +SKIP
+    {'repo_id': 'me/continual-model', 'branch': 'after-task-2', 'commit': '...', 'url': '...'}
+    ```
+    """
+    folder = _check_folder(folder)
+    branch = check_branch_name(branch, "branch")
+    if branch == "main":
+        raise ValueError("`branch` must not be 'main': push_release always updates main; name the revision's branch.")
+    with _hub_api(folder, repo_id, token) as (api, _):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {branch} with hf_magmax",
+            revision="main",
+        )
+        try:
+            api.create_branch(repo_id, branch=branch, revision=commit.oid, exist_ok=False)
+        except Exception as err:
+            raise RuntimeError(
+                f"main holds the new commit {commit.oid}, but creating the branch failed: {err}"
+            ) from err
+    logger.info("pushed %s to %s (branch %s)", folder, commit.commit_url, branch)
+    return {"repo_id": repo_id, "branch": branch, "commit": str(commit.oid), "url": str(commit.commit_url)}
+
+
+def hub_branches(repo_id: str, token: str | bool | None = None) -> dict[str, str] | None:
+    """The branches of a Hub repo and their head commits (`list_repo_refs`), or `None` if the repo does not exist.
+
+    Raises:
+        [`HubPushError`] if the Hub cannot be asked (offline mode, network, permissions).
+    """
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with _hub_api(None, repo_id, token) as (api, _):
+        try:
+            refs = api.list_repo_refs(repo_id)
+        except RepositoryNotFoundError:
+            return None
+    return {ref.name: ref.target_commit for ref in refs.branches}
+
+
+def _check_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot push {folder} to the Hub: it is not a directory.")
+    return folder
+
+
+@contextlib.contextmanager
+def _hub_api(folder: Path | None, repo_id: str, token: str | bool | None) -> Iterator[tuple[Any, Any]]:
+    """An `HfApi` on `HF_ENDPOINT` (read now) and huggingface_hub's constants; any error in the block becomes one
+    [`HubPushError`] naming the repo, the reason and (for a push) the local folder that is kept."""
+    from huggingface_hub import HfApi, constants
+
+    where = f"; the local output is kept at {folder}" if folder is not None else ""
+    if constants.is_offline_mode():
+        fix = "push again with `hf_magmax.hub.push_to_hub`" if folder is not None else "try again"
+        raise HubPushError(
+            f"cannot reach the Hub repo {repo_id!r}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1){where}. "
+            f"Unset HF_HUB_OFFLINE and {fix}.",
+            folder,
+        )
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    try:
+        yield api, constants
+    except Exception as err:
+        logger.error("Hub request for %s (%s) failed: %s", repo_id, folder or "no upload", err)
+        reason = " ".join(str(err).split())
+        action = "push to" if folder is not None else "request to"
+        raise HubPushError(f"{action} the Hub repo {repo_id!r} failed ({reason}){where}.", folder) from err
+
+
+#: The fields a `hub_revision_pattern` may use: `{k}` (the 1-based task index, required) and `{name}` (the task name).
+REVISION_FIELDS = ("k", "name")
+_BAD_BRANCH_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def check_branch_name(name: Any, option: str = "revision") -> str:
+    """`name` if it is a valid git branch name (`git check-ref-format --branch`), else a `ValueError` naming `option`.
+
+    Refused: empty names, spaces, control characters and any of `~ ^ : ? * [ \\`, `..`, `@{`, `//`, a leading or
+    trailing `/`, a trailing `.` or `.lock`, a component starting with `.`, the name `@`, and `refs/...` names.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import check_branch_name
+    >>> check_branch_name("after-task-1")
+    'after-task-1'
+    ```
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`{option}` must be a non-empty git branch name, got {name!r}.")
+    problems = _branch_problems(name)
+    if problems:
+        raise ValueError(f"`{option}` = {name!r} is not a valid git branch name ({problems}): {_BRANCH_FIX}.")
+    return name
+
+
+_BRANCH_FIX = "use letters, digits, '-', '_', '.' and '/', e.g. 'after-task-1'"
+
+
+def _branch_problems(name: str) -> str:
+    """Why `name` is not a valid git branch name ('' if it is one)."""
+    problems = []
+    if _BAD_BRANCH_CHARS.search(name):
+        problems.append("spaces, control characters and ~ ^ : ? * [ \\ are not allowed")
+    if ".." in name or "@{" in name or "//" in name:
+        problems.append("'..', '@{' and '//' are not allowed")
+    if name.startswith("/") or name.endswith("/") or name.endswith(".") or name.endswith(".lock"):
+        problems.append("it must not start or end with '/' nor end with '.' or '.lock'")
+    if any(part.startswith(".") for part in name.split("/")) or name in ("@", "HEAD") or name.startswith("refs/"):
+        problems.append("no component may start with '.', and '@', 'HEAD', 'refs/...' are reserved")
+    return "; ".join(problems)
+
+
+def check_revision_pattern(pattern: Any, option: str = "hub_revision_pattern") -> str:
+    """Validate a revision pattern such as `"after-task-{k}"` or `"v1-task{k:02d}"`: it must use `{k}` (the 1-based
+    task index; `{name}`, the task name, is optional) and give a valid git branch name other than `main`.
+
+    Raises:
+        `ValueError` naming `option` and the fix.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f'`{option}` must be a string with `{{k}}`, e.g. "after-task-{{k}}", got {pattern!r}.')
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError as err:
+        raise ValueError(
+            f"`{option}` = {pattern!r} is not a format string ({err}): write e.g. 'after-task-{{k}}'."
+        ) from None
+    unknown = sorted(fields - set(REVISION_FIELDS))
+    if unknown or "k" not in fields:
+        raise ValueError(
+            f"`{option}` = {pattern!r} must contain `{{k}}` (the 1-based task index) and may use `{{name}}` (the task "
+            f"name), nothing else{f' (it uses {unknown})' if unknown else ''}: e.g. 'after-task-{{k}}'."
+        )
+    for k in (1, 12):
+        format_revision(pattern, k, "task", option)
+    return pattern
+
+
+def format_revision(pattern: str, k: int, name: str = "", option: str = "hub_revision_pattern") -> str:
+    """The branch of task `k` (1-based) named `name` under `pattern`, checked ([`check_branch_name`], not `main`)."""
+    try:
+        branch = pattern.format(k=k, name=name)
+    except (ValueError, KeyError, IndexError) as err:
+        raise ValueError(
+            f"`{option}` = {pattern!r} cannot be formatted ({err}): write e.g. 'after-task-{{k}}'."
+        ) from None
+    problems = _branch_problems(branch) if branch else "it is empty"
+    if problems:
+        raise ValueError(
+            f"`{option}` = {pattern!r} gives {branch!r} for task {k}{f' ({name!r})' if name else ''}, which is not a "
+            f"valid git branch name ({problems}): {_BRANCH_FIX}."
+        )
+    if branch == "main":
+        raise ValueError(f"`{option}` = {pattern!r} gives 'main' for task {k}: main holds the latest release already.")
+    return branch

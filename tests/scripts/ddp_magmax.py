@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--per_device_train_batch_size", type=int, required=True)
     parser.add_argument("--optim", default="adamw_torch")
     parser.add_argument("--train_sampling_strategy", default="random")
+    parser.add_argument("--push_every_task_to", default=None, help="a Hub repo: push_every_task=True to it")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     train, evaluation = classification_tasks(num_examples=16, eval_examples=8)
@@ -45,6 +46,8 @@ def main() -> None:
         seed=0,
         average_tokens_across_devices=False,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        push_every_task=cli.push_every_task_to is not None,
+        hub_model_id=cli.push_every_task_to,
     )
     trainer = MagMaxTrainer(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation)
     trainer.train()

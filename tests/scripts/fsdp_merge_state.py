@@ -113,6 +113,19 @@ def main():
     for dtype in DTYPES:
         for method in SPECS:
             result[f"{method}-{dtype}"] = run(method, dtype, mesh, rank)
+    # refused on shards, with the reason: OPCM (whole-tensor SVDs) at once, the winner maps of `save_provenance` at the
+    # first fold of a θ_0 taken whole (as the Trainer takes it before Accelerate shards the model)
+    errors = {}
+    for key, spec, track in (("opcm", MergeSpec("opcm"), False), ("provenance", MergeSpec("magmax"), True)):
+        model = build(torch.float32, mesh)
+        state = MergeState(spec, track_winners=track)
+        try:
+            state.snapshot(model.state_dict() if key == "opcm" else full(model))
+            state.fold(model.state_dict(), task="t0")
+            errors[key] = None
+        except ValueError as err:
+            errors[key] = str(err)
+    result["errors"] = errors
     with open(os.path.join(args.output_dir, f"result_rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
     dist.destroy_process_group()

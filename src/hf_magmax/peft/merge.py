@@ -202,13 +202,13 @@ class _LoraMergeRequest:
         return None if self.dtype is None else str(self.dtype).removeprefix("torch.")
 
 
-def _lora_spec(method: str | MergeSpec, scaling_coef: Any, density: Any, seed: Any) -> MergeSpec:
+def _lora_spec(method: str | MergeSpec, scaling_coef: Any, density: Any, seed: Any, alpha: Any = None) -> MergeSpec:
     if isinstance(method, MergeSpec):
-        if density is not None or seed is not None:
-            raise TypeError("pass `density` / `seed` on the `MergeSpec`, not beside it.")
+        if density is not None or seed is not None or alpha is not None:
+            raise TypeError("pass `density` / `seed` / `alpha` on the `MergeSpec`, not beside it.")
         spec = method if scaling_coef is None else method.with_scaling_coef(scaling_coef)
     else:
-        spec = MergeSpec(method, scaling_coef, density=density, seed=seed)
+        spec = MergeSpec(method, scaling_coef, density=density, seed=seed, alpha=alpha)
     if spec.is_auto:
         raise ValueError(
             '`scaling_coef="auto"` is not supported by the LoRA merger (it has no validation data): pass a number, '
@@ -219,9 +219,9 @@ def _lora_spec(method: str | MergeSpec, scaling_coef: Any, density: Any, seed: A
 
 def _check_request(
     method, scaling_coef, lora_output, rank, adapter_name, density, seed, svd, niter, svd_seed, dtype,
-    allow_non_finite, show_progress, save_provenance=False,
+    allow_non_finite, show_progress, save_provenance=False, alpha=None,
 ) -> _LoraMergeRequest:  # fmt: skip
-    spec = _lora_spec(method, scaling_coef, density, seed)
+    spec = _lora_spec(method, scaling_coef, density, seed, alpha)
     if not isinstance(save_provenance, bool):
         raise ValueError(f"`save_provenance` must be True or False, got {save_provenance!r}.")
     if save_provenance and not spec.merge_class.can_track_winners:
@@ -300,6 +300,7 @@ def merge_adapters(
     show_progress: bool = True,
     save_provenance: bool = False,
     output: str | None = None,
+    alpha: float | None = None,
 ) -> LoraMergeResult:
     """Merge LoRA adapters on their true weight deltas ΔW, module by module, with the merge engine.
 
@@ -335,7 +336,8 @@ def merge_adapters(
         adapters (`list[str]`):
             In task order: adapter names loaded on `model_or_base`, local adapter directories, or Hub repo ids.
         method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
-            `magmax`, `average`, `task_arithmetic`, `ties` or `random_mix`, or a whole spec.
+            `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix` or `opcm`, or a whole spec. opcm (SVD
+            projection of each ΔW, one rescale over all modules) folds every module twice: once for the norms.
         scaling_coef (`float`, *optional*):
             λ, finite and > 0. Defaults to the method's default ([`hf_magmax.DEFAULT_SCALING_COEFS`]).
         lora_output (`str`, *optional*):
@@ -369,6 +371,8 @@ def merge_adapters(
         save_provenance (`bool`, *optional*, defaults to `False`):
             magmax and random_mix only (an error for other methods): record, per element of every merged ΔW, which
             adapter won (`result.winners`, one small integer tensor per merged tensor; ties go to the later adapter).
+        alpha (`float`, *optional*):
+            opcm only: the share of singular-value mass each new ΔW is projected off, in [0, 1) (defaults to 0.5).
 
     Returns:
         [`LoraMergeResult`].
@@ -397,7 +401,7 @@ def merge_adapters(
         lora_output = output
     request = _check_request(
         method, scaling_coef, lora_output, rank, adapter_name, density, seed, svd, niter, svd_seed, dtype,
-        allow_non_finite, show_progress, save_provenance,
+        allow_non_finite, show_progress, save_provenance, alpha,
     )  # fmt: skip
     sources = _check_sources(adapters)
     check_device(device)
@@ -486,14 +490,35 @@ def _check_before_merging(
 
 
 def _merged_module(
-    info: _ModuleInfo, names: Sequence[str], spec: MergeSpec, winners: dict[str, torch.Tensor] | None = None
+    info: _ModuleInfo,
+    names: Sequence[str],
+    spec: MergeSpec,
+    winners: dict[str, torch.Tensor] | None = None,
+    model_scale: float | None = None,
 ) -> dict:
     """ΔW_sel of one module: each adapter's ΔW folded into `spec.accumulator(tensor name)`, in task order.
 
-    With `winners` (a dict), each tensor's winner map (which adapter's element was kept) is stored into it."""
+    With `winners` (a dict), each tensor's winner map (which adapter's element was kept) is stored into it. opcm:
+    `model_scale` is the factor over every module ([`_model_scale`])."""
+    accumulators = _module_accumulators(info, names, spec, track=winners is not None)
+    if winners is not None:
+        winners.update({key: accumulator.winners().cpu() for key, accumulator in accumulators.items()})
+    return {key: accumulator.result(model_scale=model_scale) for key, accumulator in accumulators.items()}
+
+
+def _model_scale(infos: Sequence[_ModuleInfo], names: Sequence[str], spec: MergeSpec) -> float | None:
+    """opcm (`needs_model_stats`): the model-wide factor of the merged ΔW, from a first pass that folds every module
+    and keeps only each tensor's statistic (the merge then folds every module again); None for the other methods."""
+    if not spec.merge_class.needs_model_stats:
+        return None
+    stats = [acc.model_stat() for info in infos for acc in _module_accumulators(info, names, spec).values()]
+    return spec.merge_class.model_scale_from_stats(stats)
+
+
+def _module_accumulators(info: _ModuleInfo, names: Sequence[str], spec: MergeSpec, track: bool = False) -> dict:
+    """Each tensor of one module with every adapter's ΔW folded in (a whole tensor: every method, opcm included)."""
     shapes = _zeros_shapes(info, names)
     device = next(info.module.parameters()).device  # ΔW lives where the module does (cpu, or `device`)
-    track = winners is not None
     # random_mix: seeded by the tensor's name
     accumulators = {key: spec.accumulator(key, track_winners=track) for key in info.keys}
     for name in names:
@@ -502,9 +527,7 @@ def _merged_module(
             delta = deltas.get(key)
             accumulator.update(delta if delta is not None else torch.zeros(shapes[key], device=device))
         del deltas
-    if track:
-        winners.update({key: accumulator.winners().cpu() for key, accumulator in accumulators.items()})
-    return {key: accumulator.result() for key, accumulator in accumulators.items()}
+    return accumulators
 
 
 def _check_finite_model(model: nn.Module, coef: float) -> None:
@@ -540,8 +563,9 @@ def _merge_loaded(
     winners: dict[str, torch.Tensor] | None = {} if request.save_provenance else None
 
     disable = True if not request.show_progress else (len(infos) < 8 or None)
+    model_scale = _model_scale(infos, names, spec)
     for info in tqdm(infos, desc=f"merging {len(names)} adapters ({spec.method})", disable=disable):
-        merged = _merged_module(info, names, spec, winners)
+        merged = _merged_module(info, names, spec, winners, model_scale)
         if merged_output:
             fold_deltas_into_base(model, merged, coef, dtype=request.dtype, allow_non_finite=request.allow_non_finite)
         elif info.kind == "lora":

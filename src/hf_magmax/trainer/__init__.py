@@ -11,6 +11,7 @@ The package, one concept per module:
 - `state.py`: [`MergeState`], θ_0 and the running merge of the tensors this process holds (asked of the merge core);
 - `matrices.py`: the accuracy matrices, how a model is scored, `continual_results.json`;
 - `run.py`: the run that drives one task sequence (shared by the trainer and the callback);
+- `release.py`: the per-task Hub revisions of a run (`push_every_task=True`) and their record;
 - `inputs.py`: the task sequence as given, and every check on it before the first step;
 - `trainer.py`, `callback.py`: [`MagMaxTrainer`], [`MagMaxCallback`].
 """

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .config import MagMaxOptions
+from .config import MagMaxOptions, check_push_options
 from .inputs import check_datasets, freeze, head, is_peft_model, normalize_tasks, task_dir_name
 from .run import ContinualRun
 from .state import unwrap
@@ -69,9 +69,12 @@ class MagMaxCallback(TrainerCallback):
             Per-task validation sets for `scaling_coef="auto"`.
         options ([`MagMaxOptions`] or [`MagMaxConfig`], *optional*):
             The MagMax options (may also be passed first, in place of `trainer`). Defaults to `MagMaxOptions()`.
-        scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, final_model, eval_merged_every_task,
-        merge_device, frozen_modules, max_validation_samples, select_scaling_coef_every_task, continual_metric:
-            Each field of [`MagMaxOptions`] as a keyword argument (same defaults), on top of `options`.
+        scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, merge_alpha, final_model,
+        eval_merged_every_task, merge_device, frozen_modules, max_validation_samples, select_scaling_coef_every_task,
+        continual_metric, save_provenance, push_every_task, hub_revision_pattern:
+            Each field of [`MagMaxOptions`] as a keyword argument (same defaults), on top of `options`. With
+            `push_every_task=True` the trainer's `args.hub_model_id` names the repo (an error at `attach` without it),
+            and the merged model is pushed after every task as [`MagMaxTrainer`] does.
 
     Example:
 
@@ -117,6 +120,7 @@ class MagMaxCallback(TrainerCallback):
             raise ValueError(f"`task_names` has {len(names)} names but there are {num_tasks} tasks.")
         if eval_list and len(eval_list) != len(names):
             raise ValueError(f"`eval_datasets` has {len(eval_list)} tasks but there are {len(names)} tasks.")
+        check_push_options(self.options, names)
         if val_list and len(val_list) != len(names):
             raise ValueError(f"`validation_datasets` has {len(val_list)} tasks but there are {len(names)} tasks.")
         if self.options.is_auto and not val_list:
@@ -132,6 +136,11 @@ class MagMaxCallback(TrainerCallback):
 
     def attach(self, trainer: Trainer) -> MagMaxCallback:
         """Bind the callback to `trainer` (and add it to the trainer's callbacks if it is not there yet)."""
+        if self.options.push_every_task and not getattr(trainer.args, "hub_model_id", None):
+            raise ValueError(
+                "`push_every_task=True` needs the Hub repo to push to: set `hub_model_id` in the trainer's "
+                "TrainingArguments (`hub_token` and `hub_private_repo` apply too)."
+            )
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -241,6 +250,10 @@ class MagMaxCallback(TrainerCallback):
                 "MagMaxCallback merges full weights; for a PEFT (LoRA) model use `MagMaxTrainer(peft_config=...)`, "
                 "whose task vectors are the adapter's ΔW, or merge the saved adapters with `merge_adapters`."
             )
+        if trainer is None and self.options.push_every_task:
+            raise ValueError(
+                "MagMaxCallback with `push_every_task=True` needs the trainer: `MagMaxCallback(trainer)`."
+            )
         if trainer is None and self._run.eval_datasets:
             raise ValueError("MagMaxCallback needs the trainer to evaluate: build it with `MagMaxCallback(trainer)`.")
         task = self._task()
@@ -263,6 +276,7 @@ class MagMaxCallback(TrainerCallback):
         task = self._task()
         self._current_task = None
         self._run.end_task(self.trainer, model, task)
+        self._run.publish(self.trainer, model, task)  # push_every_task: the merged model as this task's revision
         if self.trainer is not None:
             # a fresh optimizer and learning-rate schedule for the next task
             self.trainer.optimizer, self.trainer.lr_scheduler = None, None

@@ -37,12 +37,15 @@ class MagMaxOptions:
         scaling_coef_grid (`list[float]`, *optional*):
             Candidate λ for `scaling_coef="auto"`; defaults to 0.1, 0.2, …, 1.0.
         merge_method (`str`, *optional*, defaults to `"magmax"`):
-            `magmax`, or a baseline of the merge engine: `average`, `task_arithmetic`, `ties`, `random_mix`.
+            `magmax`, or a baseline of the merge engine: `average`, `task_arithmetic`, `ties`, `random_mix`, `opcm`.
         merge_density (`float`, *optional*):
             Fraction of each task vector TIES keeps (`merge_method="ties"` only; defaults to 0.2 there). An error
             for other methods.
         merge_seed (`int`, *optional*):
             Seed of `merge_method="random_mix"` (defaults to 0 there). An error for other methods.
+        merge_alpha (`float`, *optional*):
+            OPCM's share of singular-value mass each new task vector is projected off, in [0, 1)
+            (`merge_method="opcm"` only; defaults to 0.5 there). An error for other methods.
         final_model (`str`, *optional*, defaults to `"merged"`):
             Which weights the model holds after training: `"merged"` or `"sequential"` (the weights after the last
             task). Both are evaluated either way.
@@ -70,6 +73,18 @@ class MagMaxOptions:
             `magmax_provenance.safetensors`, `magmax_provenance.json` and, with matplotlib, `magmax_provenance.png`
             (layers × tasks) to `output_dir`, the shares per tensor and per layer under `provenance` in
             `continual_results.json`, and a short table in the model card.
+        push_every_task (`bool`, *optional*, defaults to `False`):
+            A continual release on the Hub: after every task, push the merged model `θ_0 + λ · merge` of the tasks so
+            far (in the model's dtype, with its config and tokenizer/processor, as a `save_pretrained` folder, and its
+            card: the task order so far, λ, the accuracy rows so far, the provenance shares when recorded) to the repo
+            `hub_model_id` of the `TrainingArguments` (`hub_token`, `hub_private_repo`), as a new commit on `main` and
+            a branch named by `hub_revision_pattern` at that commit. Only the main process pushes; a failed push is a
+            warning (the local folder `output_dir/magmax_releases/<branch>` is kept and named, the failure recorded
+            under `hub_revisions` in `continual_results.json`) and training goes on; a resumed run does not push a
+            task twice. Full fine-tuning under one process or DDP (not LoRA, not sharded FSDP weights).
+        hub_revision_pattern (`str`, *optional*, defaults to `"after-task-{k}"`):
+            The branch of each task's revision: `{k}` is the 1-based task index (required), `{name}` the task name;
+            e.g. `"v1-task{k:02d}"`. Checked here: it must give a valid git branch name other than `main`.
 
     Example:
 
@@ -94,12 +109,15 @@ class MagMaxOptions:
     )
     merge_method: str = field(
         default="magmax",
-        metadata={"help": "Merge method: magmax, or a baseline: average, task_arithmetic, ties, random_mix."},
+        metadata={"help": "Merge method: magmax, or a baseline: average, task_arithmetic, ties, random_mix, opcm."},
     )
     merge_density: float | None = field(
         default=None, metadata={"help": "Fraction of each task vector TIES keeps (ties only; default 0.2)."}
     )
     merge_seed: int | None = field(default=None, metadata={"help": "Seed of merge_method=random_mix (default 0)."})
+    merge_alpha: float | None = field(
+        default=None, metadata={"help": "OPCM's singular-value share projected off (opcm only; default 0.5)."}
+    )
     final_model: str = field(
         default="merged",
         metadata={"help": "Weights the model holds after training: merged or sequential.", "choices": FINAL_MODELS},
@@ -127,13 +145,21 @@ class MagMaxOptions:
         default=False,
         metadata={"help": "magmax/random_mix: record which task won each merged element (magmax_provenance.*)."},
     )
+    push_every_task: bool = field(
+        default=False,
+        metadata={"help": "After every task, push the merged model to hub_model_id: main and a branch per task."},
+    )
+    hub_revision_pattern: str = field(
+        default="after-task-{k}",
+        metadata={"help": "Branch of each task's revision with push_every_task: {k} = 1-based task, {name} = task."},
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
 
     def merge_spec(self) -> MergeSpec:
         """The one [`~hf_magmax.merging.MergeSpec`] of these options (method, λ, density, seed), validated."""
-        return MergeSpec(self.merge_method, self.scaling_coef, self.merge_density, self.merge_seed)
+        return MergeSpec(self.merge_method, self.scaling_coef, self.merge_density, self.merge_seed, self.merge_alpha)
 
     @property
     def is_auto(self) -> bool:
@@ -170,6 +196,20 @@ def _check_device(value: Any) -> None:
         )
 
 
+def check_push_options(options: Any, task_names: Any = None) -> None:
+    """Validate `push_every_task` / `hub_revision_pattern` (and, with `task_names`, every task's branch)."""
+    from ..hub import check_revision_pattern, format_revision
+
+    if not isinstance(options.push_every_task, bool):
+        raise ValueError(f"`push_every_task` must be True or False, got {options.push_every_task!r}.")
+    check_revision_pattern(options.hub_revision_pattern)
+    branches = [format_revision(options.hub_revision_pattern, k + 1, n) for k, n in enumerate(task_names or ())]
+    if len(set(branches)) != len(branches):
+        raise ValueError(
+            f"`hub_revision_pattern` = {options.hub_revision_pattern!r} gives the same branch to two tasks: use {{k}}."
+        )
+
+
 def check_options(options: Any) -> None:
     """Validate (and normalize in place) the MagMax options on `options`: a [`MagMaxOptions`] or [`MagMaxConfig`].
 
@@ -188,9 +228,10 @@ def check_options(options: Any) -> None:
     if coef is not None:
         coef = check_scaling_coef(coef)  # λ finite and > 0, or "auto": the policy of every door
     try:
-        spec = MergeSpec(options.merge_method, coef, options.merge_density, options.merge_seed)
+        spec = MergeSpec(options.merge_method, coef, options.merge_density, options.merge_seed, options.merge_alpha)
     except ValueError as err:
         message = str(err).replace("`density`", "`merge_density`").replace("`seed`", "`merge_seed`")
+        message = message.replace("`alpha`", "`merge_alpha`")
         raise ValueError(message) from None
     if not isinstance(options.save_provenance, bool):
         raise ValueError(f"`save_provenance` must be True or False, got {options.save_provenance!r}.")
@@ -199,9 +240,10 @@ def check_options(options: Any) -> None:
             f"`save_provenance=True` needs a merge method that keeps one task's value per element (magmax, "
             f"random_mix), not `merge_method={options.merge_method!r}`: drop `save_provenance` or change the method."
         )
+    check_push_options(options)
     # the value the user reads back: the method's default λ when unset
     options.scaling_coef = spec.scaling_coef if spec.scaling_coef is not None else spec.coef
-    options.merge_density, options.merge_seed = spec.density, spec.seed
+    options.merge_density, options.merge_seed, options.merge_alpha = spec.density, spec.seed, spec.alpha
     if options.scaling_coef_grid is not None:
         options.scaling_coef_grid = list(check_scaling_coef_grid(options.scaling_coef_grid))
         if not spec.is_auto:
@@ -244,7 +286,9 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     `max_steps`, … restart with every task). The MagMax options are those of [`MagMaxOptions`] (`scaling_coef`,
     `scaling_coef_grid`, `merge_method`, `merge_density`, `merge_seed`, `final_model`, `eval_merged_every_task`,
     `merge_device`, `frozen_modules`, `max_validation_samples`, `select_scaling_coef_every_task`,
-    `continual_metric`, `save_provenance`), plus these Trainer-only ones:
+    `continual_metric`, `save_provenance`, `push_every_task`, `hub_revision_pattern`), plus these Trainer-only ones.
+    With `push_every_task=True`, `hub_model_id` is required (an error here, before training), and `hub_token` and
+    `hub_private_repo` apply to the pushes. The Trainer-only options:
 
     Args:
         num_train_epochs_per_task (`list[float]`, *optional*):
@@ -308,6 +352,11 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
             raise ValueError(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}.")
         self.num_train_epochs_per_task = _check_per_task(self.num_train_epochs_per_task, "num_train_epochs_per_task")
         self.max_steps_per_task = _check_per_task(self.max_steps_per_task, "max_steps_per_task", integer=True)
+        if self.push_every_task and not self.hub_model_id:
+            raise ValueError(
+                "`push_every_task=True` needs the Hub repo to push to: set `hub_model_id` (e.g. "
+                '`hub_model_id="me/my-continual-model"`; `hub_token` and `hub_private_repo` apply too).'
+            )
         if self.load_best_model_at_end:
             raise ValueError(
                 "`load_best_model_at_end=True` is not supported by MagMaxTrainer: each task is its own run, and "

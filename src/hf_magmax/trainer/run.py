@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
+from .release import HubReleases
 from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, reshard, unwrap
 
 
@@ -98,6 +99,8 @@ class ContinualRun:
             self.spec, options.merge_device, options.frozen_modules, track_winners=options.save_provenance
         )
         self.matrices = AccuracyMatrices(task_names)
+        #: the per-task Hub revisions (`push_every_task`) and the record of what was pushed
+        self.releases = HubReleases(options, self.task_names)
         self.final_scaling_coef: float | None = None
         self.finished = False
         self.lora = lora
@@ -284,6 +287,13 @@ class ContinualRun:
         if trainer is not None:
             self.write_results(trainer)
 
+    def publish(self, trainer: Any, model: nn.Module, task: int) -> None:
+        """With `push_every_task`: push the merged model after `task` as its Hub revision ([`HubReleases.publish`];
+        the main process only, a failure is a warning), then rewrite `continual_results.json` with the record."""
+        self.releases.task_names = self.task_names
+        if self.releases.publish(self, trainer, model, task) is not None:
+            self.write_results(trainer)
+
     def finish(self, trainer: Any, model: nn.Module) -> None:
         """After the last task: put the final weights into the model (full fine-tuning) and write the results."""
         if self.num_tasks_done == 0:
@@ -333,6 +343,7 @@ class ContinualRun:
             },
             **({"lora": self.lora_info} if self.lora_info is not None else {}),
             **({"provenance": self.provenance()} if self.state.track_winners and done else {}),
+            **({"hub_revisions": self.releases.to_list()} if self.releases.enabled or self.releases.records else {}),
         }
 
     def provenance(self) -> dict[str, Any]:
@@ -391,6 +402,7 @@ class ContinualRun:
             "method": self.spec.method,
             "method_kwargs": self.spec.method_options,
             "base": base,
+            "hub_revisions": self.releases.to_list(),
             **({"merge_state_ranks": ranks} if ranks else {}),
             **self.matrices.to_dict(),
         }
@@ -432,7 +444,7 @@ class ContinualRun:
         if saved_options is not None and saved_options != self.spec.method_options:
             raise ValueError(
                 f"the checkpoint merges with options {saved_options}, but the config has {self.spec.method_options}: "
-                "resume with the same `merge_density`/`merge_seed`."
+                "resume with the same `merge_density`/`merge_seed`/`merge_alpha`."
             )
         trainer_state = os.path.join(directory, "trainer_state.json")
         try:
@@ -463,4 +475,5 @@ class ContinualRun:
         self.base_path = os.path.abspath(base_path) if recorded else None
         self.base_sha256 = recorded.get("sha256") if recorded else None
         self.matrices.load(record)
+        self.releases.load(record.get("hub_revisions"))
         return int(record["task"])

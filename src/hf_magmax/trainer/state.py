@@ -18,9 +18,11 @@ What is resident, per parameter:
 The tensors held are those *this rank owns*: whole tensors under DDP or one process, the local shards of DTensor
 parameters under FSDP2 (`fully_shard`) or the partitions of DeepSpeed ZeRO-3 parameters (`ds_tensor`), each with its
 global flat offset (random_mix draws by it, so a sharded run equals one process). A θ_0 taken whole before the model
-was sharded is cut down to this rank's part at the first fold. TIES needs the trim threshold of each whole task vector: on shards its histogram select sums
-the ranks' histograms (an all-reduce of 32768 + 65536 counts per fp32 tensor and task), which gives the one-process
-threshold bit for bit.
+was sharded is cut down to this rank's part at the first fold. TIES needs the trim threshold of each whole task
+vector: on shards its histogram select sums the ranks' histograms (an all-reduce of 32768 + 65536 counts per fp32
+tensor and task), which gives the one-process threshold bit for bit. OPCM (an SVD of each whole tensor, a rescale
+over the whole model: [`merged_task_vector`] applies it, computed once per task from all the accumulators) is refused
+on sharded weights.
 """
 
 from __future__ import annotations
@@ -295,11 +297,8 @@ class MergeState:
             )
         parts = {name: local_part(state_dict[name]) for name in names}
         sharded = any(part[2] for part in parts.values())
-        if sharded and self.track_winners:
-            raise ValueError(
-                "`save_provenance` is not supported on sharded (FSDP2) weights: the winner maps would be split over "
-                "the ranks. Train under DDP or one process, or drop `save_provenance`."
-            )
+        if sharded:
+            self._check_shardable()
         self.base = {name: local.detach().to(self.device, copy=True) for name, (local, _, _) in parts.items()}
         self.offsets = {name: offset for name, (_, offset, _) in parts.items()}
         self.shapes = {name: global_shape(state_dict[name]) for name in names}
@@ -367,14 +366,24 @@ class MergeState:
             out[name] = tensor
         return out
 
+    def _check_shardable(self) -> None:
+        """Raise for what cannot run on sharded weights (FSDP2 shards, ZeRO-3 partitions)."""
+        if self.track_winners:
+            raise ValueError(
+                "`save_provenance` is not supported on sharded (FSDP2 / ZeRO-3) weights: the winner maps would be "
+                "split over the ranks. Train under DDP or one process, or drop `save_provenance`."
+            )
+        if not self.spec.merge_class.blockwise:
+            raise ValueError(
+                f"merge_method={self.spec.method!r} is not supported on sharded (FSDP2 / ZeRO-3) weights: it needs "
+                "each whole tensor (an SVD) and norms over the whole model, which no rank holds. Train under DDP, or "
+                "use magmax, average, task_arithmetic, random_mix or ties."
+            )
+
     def _take_shard(self, name: str, shard: Tensor, offset: int) -> Tensor:
         """Keep only this rank's part of a θ_0 taken whole (before Accelerate sharded the model with FSDP2, or before
         DeepSpeed partitioned it): a view of the memory-mapped file, or a copy that frees the whole tensor."""
-        if self.track_winners:
-            raise ValueError(
-                "`save_provenance` is not supported on sharded (FSDP2) weights: the winner maps would be split over "
-                "the ranks. Train under DDP or one process, or drop `save_provenance`."
-            )
+        self._check_shardable()
         if self.num_tasks and offset != self.offsets.get(name, 0):
             raise ValueError(
                 f"this rank holds the elements of {name!r} from offset {offset}, but its merge state was folded from "
@@ -455,7 +464,17 @@ class MergeState:
             raise ValueError("no task has been folded in yet: nothing to merge.")
         if self.selecting:
             return subtract(self.best[name], self.base[name], device=self.device)
-        return self.accumulators[name].result()
+        return self.accumulators[name].result(model_scale=self._model_scale())
+
+    def _model_scale(self) -> float:
+        """The spec's model-wide factor over all the accumulators (opcm), computed once per number of tasks."""
+        if not self.spec.merge_class.needs_model_stats:
+            return 1.0
+        cached = getattr(self, "_scale_cache", None)
+        if cached is None or cached[0] != self.num_tasks or cached[1] is not self.accumulators:
+            cached = (self.num_tasks, self.accumulators, self.spec.model_scale(self.accumulators.values()))
+            self._scale_cache = cached
+        return cached[2]
 
     @torch.no_grad()
     def merged_tensor(self, name: str, scaling_coef: float) -> Tensor:

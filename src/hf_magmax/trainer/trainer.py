@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..task_vectors import shared_tensor_groups
-from .config import MagMaxConfig, check_per_task_length
+from .config import MagMaxConfig, check_per_task_length, check_push_options
 from .inputs import (
     check_datasets,
     check_same_tasks,
@@ -37,6 +37,8 @@ from .inputs import (
     resolve_task_classes,
     task_dir_name,
 )
+from .matrices import RESULTS_NAME
+from .release import RELEASES_DIR
 from .run import ContinualRun
 from .state import BASE_DIR_NAME, CheckpointError, unwrap
 
@@ -149,6 +151,7 @@ class MagMaxTrainer(Trainer):
         if not datasets:
             raise ValueError("no tasks: `train_datasets` is empty; pass at least one task.")
         check_per_task_length(args, len(datasets))
+        check_push_options(args, names)  # every task's branch is a valid git branch name
         eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
         check_same_tasks(names, eval_names, eval_datasets, "eval_datasets")
         val_names, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
@@ -166,6 +169,12 @@ class MagMaxTrainer(Trainer):
             model = get_peft_model(model, peft_config)
         if is_peft_model(model):
             self._magmax_lora = True
+            if args.push_every_task:
+                raise ValueError(
+                    "`push_every_task=True` is not supported with LoRA training yet (each revision would be the base "
+                    "with the merged ΔW folded in): drop `push_every_task` and push the final model with "
+                    "`trainer.push_to_hub()`, or train all weights."
+                )
         elif args.frozen_modules:
             freeze(model, args.frozen_modules)
 
@@ -259,6 +268,8 @@ class MagMaxTrainer(Trainer):
             start = run.load(os.fspath(resume_from_checkpoint))
         if resume_from_checkpoint is not None:
             logger.info("Resuming task %d (%s) from %s", start, self.task_names[start], resume_from_checkpoint)
+            # the Hub revisions pushed after the checkpoint was taken (read before the results file is rewritten)
+            run.releases.recover(os.path.join(self.args.output_dir, RESULTS_NAME))
         else:
             run.begin(self, self.model, self.train_datasets)
             run.write_base(self)  # θ_0 once per run: output_dir/magmax_base/, then memory-mapped from there
@@ -274,6 +285,7 @@ class MagMaxTrainer(Trainer):
                 total_steps += output.global_step
                 total_loss += output.training_loss * output.global_step
                 run.end_task(self, self.model, task)
+                run.publish(self, self.model, task)  # push_every_task: the merged model as this task's revision
                 history.extend(self.state.log_history)  # every train() call starts a new TrainerState
         finally:
             self.args.num_train_epochs, self.args.max_steps = schedule
@@ -537,9 +549,10 @@ class MagMaxTrainer(Trainer):
         return _model_card(self._magmax, self.model, self.args, extra_tags=extra_tags, **metadata)
 
 
-#: `output_dir` entries of a continual run that a push must not upload: the per-task checkpoint folders and the run's
-#: copy of θ_0 (`magmax_base/`, as large as the model). `Trainer` itself only leaves out `checkpoint-*` and `_*`.
-RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*")
+#: `output_dir` entries of a continual run that a push must not upload: the per-task checkpoint folders, the run's
+#: copy of θ_0 (`magmax_base/`, as large as the model) and the folders of the per-task Hub revisions kept after a
+#: failed push (`magmax_releases/`). `Trainer` itself only leaves out `checkpoint-*` and `_*`.
+RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*", f"{RELEASES_DIR}*")
 
 
 @contextlib.contextmanager
@@ -568,47 +581,70 @@ def _lora_rank(peft_model: nn.Module) -> int:
 
 
 def _model_card(
-    run: ContinualRun, model: nn.Module, args: Any, extra_tags: Sequence[str] = (), **metadata: Any
+    run: ContinualRun,
+    model: nn.Module,
+    args: Any,
+    extra_tags: Sequence[str] = (),
+    revision: str | None = None,
+    **metadata: Any,
 ) -> str:
-    """The card of a continual run, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
+    """The card of a continual run, through the one card builder ([`hf_magmax.hub.build_model_card`]).
+
+    With `revision` (a per-task Hub revision, `push_every_task`): the card of the merged model after the tasks so far
+    (their order, λ now, the accuracy rows so far, the provenance shares when recorded).
+    """
     from ..hub import build_model_card
     from ..metrics import format_matrix
 
     summary = run.summary()
+    done, total = run.num_tasks_done, len(run.task_names)
     base = metadata.get("finetuned_from") or getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     title = metadata.get("model_name") or os.path.basename(os.path.normpath(args.output_dir))
-    intro = (
-        f"Fine-tuned sequentially on {len(run.task_names)} task(s) with hf_magmax's `MagMaxTrainer` and merged "
-        f"with **{summary['method']}** (scaling coefficient λ = {summary['scaling_coef']:g}"
-        + (", chosen on validation data" if run.spec.is_auto else "")
-        + f"). This checkpoint holds the **{summary['final_model']}** model."
+    coef = summary["scaling_coef"] if revision is None else run.current_coef()
+    trained = f"{total} task(s)" if done == total else f"the first {done} of {total} task(s)"
+    holds = (
+        f"This checkpoint holds the **{summary['final_model']}** model."
+        if revision is None
+        else f"This revision (`{revision}`) holds the **merged** model after task {done} ({run.task_names[done - 1]})."
     )
-    sections: dict[str, str] = {"Tasks": "\n".join(f"{i + 1}. {n}" for i, n in enumerate(run.task_names))}
+    intro = (
+        f"Fine-tuned sequentially on {trained} with hf_magmax's `MagMaxTrainer` and merged "
+        f"with **{summary['method']}** (scaling coefficient λ = {coef:g}"
+        + (", chosen on validation data" if run.spec.is_auto else "")
+        + f"). {holds}"
+    )
+    tasks = "\n".join(f"{i + 1}. {n}" for i, n in enumerate(run.task_names[: max(done, 1) if revision else total]))
+    if revision is not None and done < total:
+        tasks += "\n\nStill to come: " + ", ".join(run.task_names[done:]) + "."
+    sections: dict[str, str] = {"Tasks" if revision is None else "Task order so far": tasks}
     merge = [f"merge_method: {summary['method']}"]
     merge += [f"{key}: {value}" for key, value in summary["method_kwargs"].items()]
-    merge.append(f"scaling_coef: {summary['scaling_coef']:g}")
+    merge.append(f"scaling_coef: {coef:g}")
     if run.spec.is_auto:
         merge.append(f"scaling_coef_grid: {summary['scaling_coef_grid']}")
-    merge.append(f"final_model: {summary['final_model']}")
+    if revision is None:
+        merge.append(f"final_model: {summary['final_model']}")
     sections["Merge"] = "```yaml\n" + "\n".join(merge) + "\n```"
     if summary["scaling_coef_search"]:
         last = summary["scaling_coef_search"][-1]
         rows = [f"| {c:g} | {s:.4f} |" for c, s in last["curve"]]
         sections["Scaling coefficient (validation)"] = "\n".join(["| λ | validation score |", "|---:|---:|", *rows])
-    if run.eval_datasets and run.num_tasks_done == len(run.task_names):
+    if run.eval_datasets and (done == total or (revision is not None and done)):
         percent = summary["metric"] == "accuracy"
         for kind, label in (("sequential", "Sequential fine-tuning"), ("merged", f"Merged ({summary['method']})")):
-            matrix = summary[kind]["matrix"]
+            # the matrix so far: rows θ_0 .. after task `done`, columns the tasks seen so far
+            matrix = [row[:done] for row in summary[kind]["matrix"][: done + 1]]
             if all(v is not None for row in matrix for v in row):
                 sections[f"{label}: {summary['metric']} matrix"] = format_matrix(
-                    matrix, run.task_names, percent=percent
+                    matrix, run.task_names[:done], percent=percent
                 )
         rows = ["| metric | sequential | merged |", "|---|---:|---:|"]
         seq, merged = summary["sequential"]["metrics"], summary["merged"]["metrics"]
         for key in seq:
             m = merged.get(key)
             rows.append(f"| {key} | {seq[key]:.4f} | {'' if m is None else f'{m:.4f}'} |")
-        sections["Summary"] = "\n".join(rows)
+        if done == total:
+            sections["Summary"] = "\n".join(rows)
     if "provenance" in summary:
         from ..metrics import PROVENANCE_FILE, provenance_table
 

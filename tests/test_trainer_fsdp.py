@@ -97,6 +97,8 @@ def test_fsdp_trainer_checkpoints_one_merge_state_per_rank_and_resume(out, metho
         assert "magmax_merge_state.pt" not in last and "magmax_base.safetensors" not in last  # θ_0: once per run
         assert result["resumed_task"] == 1
         assert result["resume_equal"], "a rank's restored merge state folds to another merge than the run's"
+        # `train(resume_from_checkpoint=)` from the end of task 1 and of task 2: the same final weights, bit for bit
+        assert result["trainer_resume_equal"] == [True, True], "a resumed run ends with other weights"
     record = json.loads(next((out / "magmax").glob("task-01-*/checkpoint-*/magmax_state.json")).read_text())
     assert record["merge_state_ranks"] == 2 and record["base"]["file"].endswith("magmax_base/model.safetensors")
 

@@ -7,8 +7,9 @@ built its Accelerator, the state is switched to `DistributedType.FSDP` with an F
 with `fully_shard` when each task's training starts, as it does on GPUs.
 
 For each method the worker trains 2 tiny tasks with a checkpoint at the end of each, records each task's θ_t (whole,
-`full_tensor()`, for the check only, and this rank's DTensor shards), and writes `result-<method>-rank<r>.json` and,
-on rank 0, the final weights saved by `trainer.save_model` (the one gather). Without torchrun (one process, no FSDP)
+`full_tensor()`, for the check only, and this rank's DTensor shards), resumes a fresh trainer from the first task's
+checkpoint, and writes `result-<method>-rank<r>.json` and, on rank 0, the final weights saved by
+`trainer.save_model` (the one gather). Without torchrun (one process, no FSDP)
 it writes the reference `final-<method>-single.safetensors`.
 
     torchrun --nproc_per_node 2 tests/scripts/trainer_fsdp.py --output_dir OUT --per_device_train_batch_size 2
@@ -73,7 +74,7 @@ def force_fsdp2(trainer):
     trainer.is_fsdp_enabled = True
 
 
-def run(method, cli, fsdp):
+def make_trainer(method, cli, fsdp, callbacks=()):
     out = os.path.join(cli.output_dir, method)
     train, evaluation = classification_tasks(num_examples=16, eval_examples=8)
     train = dict(list(train.items())[:2])
@@ -91,18 +92,23 @@ def run(method, cli, fsdp):
         use_cpu=True,
         save_strategy="steps",
         save_steps=3,
-        save_only_model=True,
         disable_tqdm=True,
         seed=0,
         average_tokens_across_devices=False,
         ddp_backend="gloo" if fsdp else None,
     )
-    model = tiny_bert()
-    theta_0 = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    record = Record()
-    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation, callbacks=[record])
+    trainer = MagMaxTrainer(
+        tiny_bert(), args, train_datasets=train, eval_datasets=evaluation, callbacks=list(callbacks)
+    )
     if fsdp:
         force_fsdp2(trainer)
+    return trainer, out, train
+
+
+def run(method, cli, fsdp):
+    record = Record()
+    trainer, out, train = make_trainer(method, cli, fsdp, [record])
+    theta_0 = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
     trainer.train()
     rank = trainer.args.process_index
     final = {name: whole(t).detach().contiguous().clone() for name, t in trainer.model.state_dict().items()}
@@ -130,6 +136,14 @@ def run(method, cli, fsdp):
         torch.equal(resumed.state.merged_tensor(name, SCALING_COEF), state.merged_tensor(name, SCALING_COEF))
         for name in state.base
     )
+    # the Trainer's own resume (model, optimizer and this rank's merge state) from the end of each task: task 1's
+    # checkpoint holds the whole θ_0 state (nothing folded yet), task 2's one merge-state file per rank
+    trainer_resume_equal = []
+    for checkpoint in checkpoints:
+        again, _, _ = make_trainer(method, cli, fsdp)
+        again.train(resume_from_checkpoint=checkpoint)
+        resumed = {name: whole(t).detach() for name, t in again.model.state_dict().items()}
+        trainer_resume_equal.append(all(torch.equal(resumed[name], final[name]) for name in final))
     one = reference.resident_bytes()
     result = {
         "world_size": trainer.args.world_size,
@@ -144,6 +158,7 @@ def run(method, cli, fsdp):
         "checkpoint_files": [sorted(os.listdir(c)) for c in checkpoints],
         "resumed_task": task,
         "resume_equal": resume_equal,
+        "trainer_resume_equal": trainer_resume_equal,
     }
     if rank == 0:
         saved = load_file(os.path.join(out, "final", "model.safetensors"))

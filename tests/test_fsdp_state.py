@@ -87,6 +87,12 @@ def test_fsdp_opcm_and_provenance_are_refused_on_shards_with_the_reason(results)
         assert errors["provenance"] and "`save_provenance` is not supported on sharded" in errors["provenance"]
 
 
+def test_fsdp_base_taken_from_meta_weights_comes_from_the_main_process_file(results):
+    # rank 1 took θ_0 from meta weights (FSDP's cpu_ram_efficient_loading); rank 0's base file replaces them
+    assert [r["meta_base_equal"] for r in results] == [True, True]
+    assert "taken from meta weights on this rank" in results[1]["errors"]["meta_unmapped"]
+
+
 def _split_thresholds(parts, density):
     """`ties_trim_threshold` of each part, in one thread per part, with `reduce` summing the parts' histograms (what
     an all-reduce over the ranks does)."""

@@ -125,6 +125,38 @@ def main():
             errors[key] = None
         except ValueError as err:
             errors[key] = str(err)
+    # θ_0 from meta weights on rank 1 (FSDP's `cpu_ram_efficient_loading`): the main process's file replaces them
+    model = build(torch.float32, mesh)
+    whole = full(model)
+    taken = whole if rank == 0 else {name: torch.empty_like(t, device="meta") for name, t in whole.items()}
+    state, single, unmapped = MergeState(SPECS["magmax"]), MergeState(SPECS["magmax"]), MergeState(SPECS["magmax"])
+    state.snapshot(taken)
+    unmapped.snapshot(taken)
+    single.snapshot(whole)
+    path = os.path.join(args.output_dir, "base.safetensors")
+    if rank == 0:
+        state.write_base(path)
+    dist.barrier()
+    state.map_base(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().add_(0.1)
+    state.fold(model.state_dict(), task="t0")
+    single.fold(full(model), task="t0")
+    result["meta_base_equal"] = all(
+        torch.equal(
+            state.merged_tensor(name, 0.5),
+            single.merged_tensor(name, 0.5).flatten()[offset:][: part.numel()].view(part.shape),
+        )
+        for name, offset in state.offsets.items()
+        for part in [state.base[name]]
+    )
+    errors["meta_unmapped"] = None
+    if rank == 1:  # raises before any collective (rank 0, with real weights, would wait in the fold's all-reduce)
+        try:
+            unmapped.fold(model.state_dict(), task="t0")
+        except ValueError as err:
+            errors["meta_unmapped"] = str(err)
     result["errors"] = errors
     with open(os.path.join(args.output_dir, f"result_rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -299,7 +299,12 @@ class MergeState:
         sharded = any(part[2] for part in parts.values())
         if sharded:
             self._check_shardable()
-        self.base = {name: local.detach().to(self.device, copy=True) for name, (local, _, _) in parts.items()}
+        # meta weights (ranks > 0 under FSDP's `cpu_ram_efficient_loading`, before Accelerate broadcasts rank 0's)
+        # stay meta until [`map_base`] puts the main process's θ_0 file in their place
+        self.base = {
+            name: local.detach() if local.is_meta else local.detach().to(self.device, copy=True)
+            for name, (local, _, _) in parts.items()
+        }
         self.offsets = {name: offset for name, (_, offset, _) in parts.items()}
         self.shapes = {name: global_shape(state_dict[name]) for name in names}
         self.sharded = sharded
@@ -336,15 +341,17 @@ class MergeState:
     def map_base(self, path: str) -> None:
         """Hold θ_0 memory-mapped from `path` (written by [`write_base`]) instead of a copy in memory.
 
-        Only on the CPU (another `merge_device` keeps its copy). The file must hold the same tensors, bit for bit.
+        Only on the CPU (another `merge_device` keeps its copy, except for meta weights, which are read from the file).
+        The file must hold the same tensors, bit for bit.
         """
-        if self.device.type != "cpu":
-            return
         mapped = map_safetensors(path)
         for name, tensor in self.base.items():
             other = mapped.get(name)
             if other is None or other.dtype != tensor.dtype or other.shape != tensor.shape:
                 raise CheckpointError(f"{path!r} does not hold θ_0's tensor {name!r} as the run took it.")
+        if self.device.type != "cpu":  # a copy on the device; only meta weights are taken from the file
+            self.base = {n: mapped[n].to(self.device) if t.is_meta else t for n, t in self.base.items()}
+            return
         self.base = {name: mapped[name] for name in self.base}
         self.base_file = path
 
@@ -352,6 +359,14 @@ class MergeState:
 
     def local(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The part of each task-vector tensor of `state_dict` that this rank holds (the layout θ_0 was taken in)."""
+        missing = [name for name, base in self.base.items() if base.is_meta]
+        if missing:
+            raise ValueError(
+                f"θ_0 was taken from meta weights on this rank ({missing[0]!r}, {len(missing)} tensors: FSDP's "
+                "`cpu_ram_efficient_loading` loads the model on the main process only) and the main process's θ_0 "
+                "file (output_dir/magmax_base/) is not visible here: put `output_dir` on a file system every rank "
+                "sees, or set `fsdp_cpu_ram_efficient_loading: false`."
+            )
         out = {}
         for name, base in list(self.base.items()):
             tensor, offset, sharded = local_part(state_dict[name])

@@ -25,6 +25,7 @@ SPECS = {
     "task_arithmetic": MergeSpec("task_arithmetic", scaling_coef=0.7),
     "ties": MergeSpec("ties", density=0.3),
     "random_mix": MergeSpec("random_mix", seed=7),
+    "opcm": MergeSpec("opcm", alpha=0.3),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,6 +65,7 @@ def trainer_door(method, dtype, tmp_path):
         scaling_coef=spec.scaling_coef,
         merge_density=spec.density,
         merge_seed=spec.seed,
+        merge_alpha=spec.alpha,
     )
     train, _ = classification_tasks()
     end = EndOfTask()
@@ -88,6 +90,7 @@ def cli_door(theta_0, thetas, spec, dtype, tmp_path):
         scaling_coef=spec.scaling_coef,
         density=spec.density,
         seed=spec.seed,
+        alpha=spec.alpha,
         show_progress=False,
     )
     return load_file(out / "model.safetensors")

@@ -13,13 +13,13 @@ def test_demo_cli_quick_run_writes_results(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "Accuracy matrix, MagMax" in printed and "Comparison" in printed
-    # one progress bar over the stages: θ_0's pretraining, each task, each baseline merge (closed at 5/5)
-    assert "task 2/2 (digits 5-9)" in captured.err and "5/5" in captured.err
+    # one progress bar over the stages: θ_0's pretraining, each task, each baseline merge (closed at 6/6)
+    assert "task 2/2 (digits 5-9)" in captured.err and "6/6" in captured.err
 
     results = json.loads((out / "demo_results.json").read_text())
     assert results["task_names"] == ["digits 0-4", "digits 5-9"]
     assert results["task_classes"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    methods = ["sequential fine-tuning", "average", "TIES", "MagMax"]
+    methods = ["sequential fine-tuning", "average", "TIES", "OPCM", "MagMax"]
     assert list(results["matrices"]) == methods
     assert list(results["metrics"]) == ["θ_0 (no training)", *methods]
     for method in methods:

@@ -16,7 +16,9 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    `τ_t = θ_t − θ_0` ([`hf_magmax.task_vectors.subtract`]) into the method's accumulator
    (`MergeSpec.accumulator(name, offset=...)`; TIES first gets each whole task vector's trim threshold,
    `MergeSpec.tensor_stat`), write [`~hf_magmax.merging.apply_merged`]`(θ_0, merged, λ)`. The result is bit-identical
-   to the in-memory engine (`TaskVector` → `merge_task_vectors` → `apply_to`) for every method.
+   to the in-memory engine (`TaskVector` → `merge_task_vectors` → `apply_to`) for every method. OPCM folds whole
+   tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
+   every tensor for the norms alone (`_model_scale`), so it costs two folds of the model, memory still one tensor.
 3. **Write the side files** (`_write_side_files`): the base's config and tokenizer files, `magmax_config.yaml`
    ([`~hf_magmax.config.MergeConfig`]) and a model card, all in the staging directory that is moved into place at the
    end ([`~hf_magmax.io.staged_output_dir`]).
@@ -74,6 +76,7 @@ MERGE_CONFIG_FIELDS: tuple[str, ...] = (
     "scaling_coef",
     "density",
     "seed",
+    "alpha",
     "dtype",
     "device",
     "max_shard_size",
@@ -158,6 +161,7 @@ def merge_checkpoints(
     scaling_coef_grid: Sequence[float] | None = None,
     extra_tensors: str = "error",
     save_provenance: bool = False,
+    alpha: float | None = None,
 ) -> Path:
     """Merge fine-tuned checkpoints of one base model, streaming tensor by tensor, into a new checkpoint directory.
 
@@ -225,6 +229,9 @@ def merge_checkpoints(
             tensor, the 0-based task index of every element, `uint8` up to 255 tasks, else `int16`; ties to the later
             task), streamed block by block like the weights, and the shares per task, layer and tensor as
             `magmax_provenance.json` and a table in the model card.
+        alpha (`float`, *optional*):
+            `opcm` only: the share of singular-value mass each new task vector is projected off, in [0, 1). Defaults
+            to 0.5 (FusionBench).
 
     Returns:
         `Path`: the output directory.
@@ -279,7 +286,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         raise ValueError("`models` is empty: pass at least one fine-tuned model to merge into the base.")
     if args["extra_tensors"] not in EXTRA_TENSORS:
         raise ValueError(f"`extra_tensors` must be one of {', '.join(EXTRA_TENSORS)}, got {args['extra_tensors']!r}.")
-    spec = MergeSpec(args["method"], args["scaling_coef"], density=args["density"], seed=args["seed"])
+    spec = MergeSpec(args["method"], args["scaling_coef"], args["density"], args["seed"], args["alpha"])
     if spec.is_auto and not callable(args["score_fn"]):
         raise ValueError(
             "`scaling_coef='auto'` needs `score_fn`, a callable `score_fn(model) -> float` that scores a merged "
@@ -293,6 +300,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         scaling_coef=spec.scaling_coef,
         density=spec.density,
         seed=spec.seed,
+        alpha=spec.alpha,
         output_dir=os.fspath(args["output_dir"]),
         dtype=_normalize_dtype(args["dtype"]),
         device=_check_device(args["device"]),
@@ -418,6 +426,7 @@ def _stream_merge(
     import torch
     from huggingface_hub.utils import tqdm
 
+    model_scale = _model_scale(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite)
     with torch.no_grad(), tqdm(total=len(writer.order), desc="Merging tensors", unit="tensor",
                                disable=not show_progress) as progress:  # fmt: skip
         for name in writer.order:
@@ -427,7 +436,7 @@ def _stream_merge(
             if tracked:
                 provenance.begin(name)
             blocks = _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
-                                    track_winners=tracked)  # fmt: skip
+                                    track_winners=tracked, model_scale=model_scale)  # fmt: skip
             for block, winners in blocks:
                 writer.write_part(block)
                 if tracked:
@@ -491,8 +500,41 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
+def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, device: str, allow_non_finite: bool):
+    """`needs_model_stats` methods (opcm): the model-wide factor of the merged task vector, from a first pass that
+    folds every whole tensor and keeps only its [`~hf_magmax.merging.OnlineMerge.model_stat`]; 1.0 for the others."""
+    if not spec.merge_class.needs_model_stats:
+        return 1.0
+    import torch
+
+    from .task_vectors import subtract
+
+    stats = []
+    with torch.no_grad():
+        for name in order:
+            plan = inputs.tensors[name]
+            if plan.kind != "merge":
+                continue
+            theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
+            _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
+            accumulator = spec.accumulator(plan.base)
+            for model, source in zip(inputs.models, plan.sources):
+                tau = subtract(model.rows(source)[...], theta_0, device=device)
+                _check_finite(tau, allow_non_finite, source, model)
+                accumulator.update(tau)
+            stats.append(accumulator.model_stat())
+    return spec.merge_class.model_scale_from_stats(stats)
+
+
 def _merged_blocks(
-    plan: TensorPlan, inputs: _Inputs, spec: MergeSpec, *, device: str, allow_non_finite: bool, track_winners=False
+    plan: TensorPlan,
+    inputs: _Inputs,
+    spec: MergeSpec,
+    *,
+    device: str,
+    allow_non_finite: bool,
+    track_winners=False,
+    model_scale: float = 1.0,
 ):
     """The output tensor `plan`, block by block, in its output dtype: `(block, winners of the block or None)`."""
     import torch
@@ -519,7 +561,7 @@ def _merged_blocks(
         theta_0 = _widened(base_view[...], device)
         stats = [spec.tensor_stat(subtract(view[...], theta_0, device=device)) for view in views]
         del theta_0
-    for block, offset in _row_blocks(plan.shape):
+    for block, offset in _row_blocks(plan.shape) if spec.merge_class.blockwise else [(Ellipsis, 0)]:
         theta_0 = _widened(base_view[block], device)
         _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
         accumulator = spec.accumulator(plan.base, offset=offset, stats=stats, track_winners=track_winners)
@@ -528,7 +570,7 @@ def _merged_blocks(
             _check_finite(tau, allow_non_finite, source, model)
             accumulator.update(tau)
             del tau
-        merged = apply_merged(theta_0, accumulator.result(), spec.coef, dtype=dtype)
+        merged = apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype)
         if not allow_non_finite and not _is_finite(merged):
             raise ValueError(
                 f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "

@@ -63,7 +63,7 @@ def _default_scaling_coefs_text() -> str:
 
 
 def _method_option_default(method: str, option: str) -> Any:
-    """The default of one method option (`ties` `density`, `random_mix` `seed`), read from the merge core."""
+    """The default of one method option (`ties` `density`, `random_mix` `seed`, `opcm` `alpha`), from the core."""
     from .merging import ONLINE_MERGES
 
     return ONLINE_MERGES[method].options[option]
@@ -83,12 +83,13 @@ _MERGE_EPILOG = """\
 examples:
   hf-magmax merge --base ckpt/base --models ckpt/task1 ckpt/task2 ckpt/task3 --output-dir merged
   hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method ties --density 0.2 --output-dir merged-ties
+  hf-magmax merge --base ckpt/base --models ckpt/t1 ckpt/t2 --method opcm --alpha 0.5 --output-dir merged-opcm
   hf-magmax merge merged/magmax_config.yaml --output-dir merged-again      # re-run a merge from its config
   hf-magmax merge merged/magmax_config.yaml --method ties --output-dir m2  # λ null there: ties' default
   hf-magmax merge --base bert-base --models ft1 ft2 --extra-tensors last --output-dir m3  # new heads: the last's
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
 
-CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, dtype, device,
+CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, alpha, dtype, device,
 max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, private); flags
 given on the command line override it. Values are type-checked (`overwrite: "false"` is an error). Every merge saves
 its configuration as OUTPUT_DIR/magmax_config.yaml and in its model card.
@@ -176,6 +177,12 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"random_mix only: random seed (default: {_method_option_default('random_mix', 'seed')})",
     )
     parser.add_argument(
+        "--alpha",
+        type=float,
+        help="opcm only: share of the merged task vector's singular-value mass whose directions each new task "
+        f"vector is projected off, in [0, 1) (default: {_method_option_default('opcm', 'alpha')})",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the merged floating tensors "
@@ -227,7 +234,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     if config.adapters:
         raise ValueError(f"{args.config} merges LoRA `adapters`: run it with `hf-magmax merge-lora`.")
     if args.method is not None and args.method != config.method:  # the options of the file's method do not carry over
-        config.density = config.seed = None
+        config.density = config.seed = config.alpha = None
     config = config.replace(**{key: getattr(args, key) for key in MERGE_CONFIG_FIELDS})  # flags override the file
     where = f" (or in {args.config})" if args.config else ""
     for key, flag in (("base", "--base"), ("models", "--models"), ("output_dir", "--output-dir")):

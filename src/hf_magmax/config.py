@@ -43,6 +43,7 @@ _KINDS = {
     "scaling_coef": "coef",
     "density": "float",
     "seed": "int",
+    "alpha": "float",
     "output_dir": "str",
     "lora_output": "str",
     "rank": "int",
@@ -82,6 +83,7 @@ class MergeConfig:
             method's default).
         density (`float`, *optional*): ties only, defaults to 0.2.
         seed (`int`, *optional*): random_mix only, defaults to 0.
+        alpha (`float`, *optional*): opcm only, in [0, 1), defaults to 0.5 (FusionBench).
         output_dir (`str`):
             The output directory (always a directory).
         lora_output (`str`, *optional*, defaults to `"merged"`):
@@ -112,6 +114,7 @@ class MergeConfig:
     scaling_coef: float | str | None = None
     density: float | None = None
     seed: int | None = None
+    alpha: float | None = None
     output_dir: str | None = None
     lora_output: str = "merged"
     rank: int | None = None
@@ -138,7 +141,7 @@ class MergeConfig:
     @property
     def spec(self) -> MergeSpec:
         """The validated [`~hf_magmax.merging.MergeSpec`] of this merge."""
-        return MergeSpec(self.method, self.scaling_coef, density=self.density, seed=self.seed)
+        return MergeSpec(self.method, self.scaling_coef, density=self.density, seed=self.seed, alpha=self.alpha)
 
     def validate(self, source: str | None = None) -> MergeConfig:
         """Check every field (types, choices, what belongs together) before anything is read or written.
@@ -165,6 +168,12 @@ class MergeConfig:
             self.spec  # noqa: B018 - validates method, λ and the method's options
         except ValueError as err:
             raise ValueError(f"{str(err).rstrip('.')}{where}.") from None
+        if self.kind == "lora" and not self.spec.merge_class.blockwise:
+            raise ValueError(
+                f"`method: {self.method}` is not supported for LoRA adapters{where}: its SVD and rescale need every "
+                "whole weight of the model. Merge the adapters into full checkpoints and run `hf-magmax merge "
+                f"--method {self.method}`, or choose another method."
+            )
         if self.lora_output not in LORA_OUTPUTS:
             raise ValueError(
                 f"`lora_output` must be one of {', '.join(LORA_OUTPUTS)}{where}, got {self.lora_output!r}."

@@ -15,9 +15,9 @@ times are in `benchmarks/results/demo_timing.json`):
    (`frozen_modules=["classifier"]`) and the loss is restricted to the current task's classes
    (`restrict_loss_to_task_classes=True`); each task starts from the previous task's weights. The trainer folds every
    task vector into a running MagMax merge and fills the accuracy matrices of the sequential and the merged model.
-4. **Baselines from the same run.** The weights after every task are kept, so the average and TIES merges of the
-   same task vectors are computed with the merge engine ([`~hf_magmax.merge_task_vectors`]) and evaluated the same
-   way, without training again.
+4. **Baselines from the same run.** The weights after every task are kept, so the average, TIES and OPCM merges of
+   the same task vectors are computed with the merge engine ([`~hf_magmax.merge_task_vectors`]) and evaluated the
+   same way, without training again (OPCM, a continual merge, after task t merges the first t task vectors).
 
 It prints the accuracy matrices and a comparison table (final average accuracy, average incremental accuracy,
 forgetting, backward transfer) and writes `demo_results.json`, `comparison.md`, the trainer's
@@ -47,6 +47,7 @@ DEMO_METHODS: tuple[tuple[str, str | None, float | None], ...] = (
     ("sequential fine-tuning", None, None),
     ("average", "average", 1.0),
     ("TIES", "ties", 1.0),
+    ("OPCM", "opcm", 1.0),
     ("MagMax", "magmax", 0.5),
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -111,7 +112,17 @@ def _check_seed(seed: Any) -> int:
     return int(seed)
 
 
-_OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {"density": check_density, "seed": _check_seed}
+def check_alpha(alpha: Any) -> float:
+    """Validate OPCM's `alpha`, the share of the merged task vector's singular-value mass whose directions a new task
+    vector is kept out of; it must lie in [0, 1)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) < 1.0:
+        raise ValueError(
+            f"`alpha` must be a number in [0, 1), got {alpha!r}. OPCM's published (FusionBench) default is 0.5."
+        )
+    return float(alpha)
+
+
+_OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {"density": check_density, "seed": _check_seed, "alpha": check_alpha}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -131,7 +142,17 @@ class OnlineMerge:
       can fold row blocks or shards of the tensor independently (TIES' trim threshold); all methods fold blocks;
     - `seeded_per_tensor`: the method draws random numbers, seeded by the tensor's name and the element's position;
     - `can_track_winners`: the method keeps one task's value per element and can record which (`track_winners=True`,
-      `winners()`): MagMax and random mix.
+      `winners()`): MagMax and random mix;
+    - `blockwise`: the tensor may be folded in row blocks or shards (each element's merge depends on that element
+      and, with `needs_tensor_stats`, a whole-tensor statistic). False for OPCM, whose SVD needs the *whole* tensor:
+      consumers fold it in one block, and sharded (FSDP2) weights are refused;
+    - `needs_model_stats`: the merged task vector is rescaled by one factor computed from *every* tensor of the model
+      (OPCM's norm-adaptive λ_t): consumers fold all tensors, then pass [`MergeSpec.model_scale`] of all the
+      accumulators (or [`model_scale_from_stats`] of their [`model_stat`]s) to `result(model_scale=...)`;
+    - `order_dependent`: reordering the tasks changes the merge beyond tie-breaking and random draws (OPCM projects
+      each task vector against the merge of the tasks before it); `associative`: merges of parts of the task
+      sequence combine into the merge of all of it (the running state is sums or maxima: MagMax, the sums, TIES;
+      not random mix's reservoir, nor OPCM).
 
     Memory is a fixed number of tensors of the parameter's shape, independent of how many task vectors are folded.
     `state_dict`/`load_state_dict` make the running state checkpointable (the Trainer saves it with each checkpoint).
@@ -156,6 +177,10 @@ class OnlineMerge:
     needs_tensor_stats: ClassVar[bool] = False
     seeded_per_tensor: ClassVar[bool] = False
     can_track_winners: ClassVar[bool] = False
+    blockwise: ClassVar[bool] = True
+    needs_model_stats: ClassVar[bool] = False
+    order_dependent: ClassVar[bool] = False
+    associative: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.num_tasks = 0
@@ -183,12 +208,33 @@ class OnlineMerge:
         self.num_tasks += 1
 
     @_no_grad
-    def result(self) -> Tensor:
-        """The merged task vector (unscaled), a new tensor in the dtype of the first task vector folded in."""
+    def result(self, model_scale: float | None = None) -> Tensor:
+        """The merged task vector (before λ), a new tensor in the dtype of the first task vector folded in.
+
+        Args:
+            model_scale (`float`, *optional*):
+                `needs_model_stats` methods (OPCM) only: the model-wide factor of the merged task vector,
+                [`MergeSpec.model_scale`] of all the model's accumulators. Defaults to this tensor's own factor (the
+                tensor taken as the whole model). The result is `model_scale · merged`, in the compute dtype, then
+                cast. Other methods ignore it.
+        """
         if self.num_tasks == 0:
             raise ValueError("no task vector has been folded in yet: call `update` at least once before `result`.")
         out = self._result()
+        if self.needs_model_stats:
+            scale = type(self).model_scale_from_stats([self.model_stat()]) if model_scale is None else model_scale
+            if scale != 1.0:
+                out = out.mul_(scale)
         return out.to(self._dtype) if out.dtype != self._dtype else out
+
+    def model_stat(self) -> Any:
+        """`needs_model_stats` methods: this tensor's share of the model-wide statistic (None for others)."""
+        return None
+
+    @classmethod
+    def model_scale_from_stats(cls, stats: Sequence[Any]) -> float:
+        """`needs_model_stats` methods: the model-wide factor from every tensor's [`model_stat`] (1.0 for others)."""
+        return 1.0
 
     def _update(self, task_vector: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -461,6 +507,7 @@ class RandomMixMerge(_SelectsOneTask):
     default_scaling_coef = 0.5  # like MagMax, it selects one task's value per element
     options = {"seed": 0}
     seeded_per_tensor = True
+    associative = False  # a reservoir: the draw of task t depends on t, the number of tasks before it
 
     def __init__(self, seed: int = 0, name: str = "", offset: int = 0, track_winners: bool = False) -> None:
         super().__init__(track_winners)
@@ -490,14 +537,159 @@ class RandomMixMerge(_SelectsOneTask):
             self._winners_for_next_task().masked_fill_(replace, self.num_tasks)
 
 
+#: Names of 2-D tensors that are embedding tables, not linear maps: OPCM adds their task vectors unprojected, as
+#: FusionBench does for every parameter that is not an `nn.Linear` weight.
+_EMBEDDING_NAME = re.compile(r"(^|\.)([^.]*embed[^.]*|wte|wpe|shared)(\.|$)", re.IGNORECASE)
+
+
+def opcm_projects(name: str, shape: Sequence[int]) -> bool:
+    """Whether OPCM projects the task vectors of the tensor `name` of `shape`: 2-D weights of linear maps.
+
+    FusionBench projects the weights of `nn.Linear` modules and adds every other parameter (biases, LayerNorm,
+    embeddings, convolutions) unprojected. A state dict has no modules: here every 2-D tensor is projected except
+    those whose name says embedding (a `.`-separated part containing `embed`, or GPT-2's `wte`/`wpe`, T5's `shared`).
+    """
+    return len(shape) == 2 and min(shape) > 0 and not _EMBEDDING_NAME.search(name)
+
+
+def opcm_project(merged: Tensor, task_vector: Tensor, alpha: float) -> Tensor:
+    """OPCM's projection of a new task vector against the merged task vector so far (one 2-D tensor).
+
+    With the SVD `merged = U Σ Vᵀ` (singular values in decreasing order) and `P = Uᵀ τ V` the new task vector in
+    that basis, OPCM removes from `P` (1) its diagonal, the component along every `u_i v_iᵀ`, and (2) the block
+    `P[:k, :k]` among the top `k` singular directions, `k` the first index at which the cumulative share of
+    singular-value mass `cumsum(σ) / sum(σ)` exceeds `alpha`. It returns `U P' Vᵀ`. This is FusionBench's
+    `merge_linear_weights` (full SVD, `u @ P' @ v.T`); here it is computed as `τ − U_r E V_rᵀ` with the thin SVD
+    (`E` the removed entries, which all lie in the first `r = min(m, n)` rows and columns), the same matrix in exact
+    arithmetic without the `m × m` and `n × n` factors. A zero `merged` has no singular subspace (FusionBench's result
+    then depends on the basis LAPACK returns): the task vector is returned as is.
+
+    Args:
+        merged (`torch.Tensor`): the merged task vector so far, 2-D, in the compute dtype.
+        task_vector (`torch.Tensor`): the new task vector, same shape and dtype.
+        alpha (`float`): the share of singular-value mass, in [0, 1).
+
+    Returns:
+        `torch.Tensor`: the projected task vector, a new tensor.
+    """
+    import torch
+
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # u: (m, r), s: (r,), vh: (r, n)
+    total = s.sum()
+    if not bool(total > 0):
+        return task_vector.clone()
+    split = int((s.cumsum(dim=0) / total > alpha).float().argmax())
+    coords = u.T @ task_vector @ vh.T  # (r, r): Uᵀ τ V restricted to the singular directions
+    removed = torch.zeros_like(coords)
+    removed[:split, :split] = coords[:split, :split]
+    diagonal = torch.arange(coords.shape[0], device=coords.device)
+    removed[diagonal, diagonal] = coords[diagonal, diagonal]
+    return task_vector - u @ removed @ vh
+
+
+class OPCMMerge(OnlineMerge):
+    """OPCM (Tang et al., "Merging Models on the Fly Without Retraining", NeurIPS 2025; FusionBench's `opcm`).
+
+    Continual merging by orthogonal projection: the first task vector is the merge; every later one is first
+    projected off the merged task vector's dominant singular subspace ([`opcm_project`], per 2-D weight of a linear
+    map, see [`opcm_projects`]; other tensors are added unprojected), then added to the running sum `S`. The merged
+    task vector is `S` rescaled to the mean norm of the task vectors seen, `model_scale · S` with
+    `model_scale = mean_t ‖τ_t‖ / ‖S‖`, the norms taken over *the whole model* (every merged tensor): FusionBench's
+    norm-adaptive λ_t. With λ = 1 (the default) the merged model is FusionBench's, `θ_0 + model_scale · S`.
+
+    Facts the consumers read: OPCM is **order-dependent** (each task vector is projected against the merge of the
+    ones before it: reversing the task order changes the result) and **not associative** (merges of parts of the
+    sequence do not combine); it needs the **whole tensor** (`blockwise=False`: the SVD) and **the whole model**
+    (`needs_model_stats`: the rescale). The state is the fp32 sum (fp64 for fp64) and one norm per task, so
+    resuming from `state_dict` continues bit for bit. FusionBench shuffles the models by default
+    (`shuffle_order=True`); here they are merged in the order given. The SVD runs in the compute dtype on the
+    accumulator's device (FusionBench: the fabric's device).
+
+    Args:
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Share of the merged task vector's singular-value mass (`cumsum(σ) / sum(σ)`) whose directions a new
+            task vector is kept out of, in [0, 1). 0.5 is FusionBench's default (`config/method/opcm/opcm.yaml`).
+        name (`str`, *optional*, defaults to `""`):
+            The tensor's name: embedding tables (by name) are not projected.
+    """
+
+    method = "opcm"
+    description = (
+        "OPCM: each task vector projected off the merge's top singular subspace, the sum rescaled to the mean "
+        "task-vector norm"
+    )
+    default_scaling_coef = 1.0  # OPCM's own λ_t (the model-wide rescale) replaces λ: λ = 1 is FusionBench's merge
+    options = {"alpha": 0.5}
+    blockwise = False
+    needs_model_stats = True
+    order_dependent = True
+    associative = False
+
+    def __init__(self, alpha: float = 0.5, name: str = "") -> None:
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.name = str(name)
+
+    @property
+    def projects(self) -> bool:
+        """Whether this tensor's task vectors are projected ([`opcm_projects`])."""
+        return self._shape is not None and opcm_projects(self.name, tuple(self._shape))
+
+    def _update(self, task_vector: Tensor) -> None:
+        import torch
+
+        tau = task_vector.to(compute_dtype(task_vector.dtype))
+        norm = torch.linalg.vector_norm(tau, dtype=torch.float64).reshape(1).cpu()
+        if self.num_tasks == 0:
+            self.total = tau.clone(memory_format=torch.contiguous_format)
+            self.task_norms = norm
+            return
+        tau = tau.to(self.total.device)
+        self.total.add_(opcm_project(self.total, tau, self.alpha) if self.projects else tau)
+        self.task_norms = torch.cat([self.task_norms, norm])
+
+    def _result(self) -> Tensor:
+        return self.total.clone()
+
+    def model_stat(self) -> tuple[list[float], float]:
+        """This tensor's part of the model-wide norms: `(‖τ_t‖ of every task t, ‖S‖)`, over this tensor."""
+        import torch
+
+        merged = float(torch.linalg.vector_norm(self.total, dtype=torch.float64))
+        return [float(n) for n in self.task_norms.tolist()], merged
+
+    @classmethod
+    def model_scale_from_stats(cls, stats: Sequence[tuple[Sequence[float], float]]) -> float:
+        """`mean_t ‖τ_t‖ / ‖S‖` over the whole model, from every tensor's [`model_stat`] (in any order: the sums are
+        exactly rounded, `math.fsum`). 1.0 when the merged task vector is zero."""
+        stats = list(stats)
+        if not stats:
+            return 1.0
+        num_tasks = len(stats[0][0])
+        task_norms = [math.sqrt(math.fsum(s[0][t] ** 2 for s in stats)) for t in range(num_tasks)]
+        merged = math.sqrt(math.fsum(s[1] ** 2 for s in stats))
+        if num_tasks == 0 or not merged > 0:
+            return 1.0
+        return (math.fsum(task_norms) / num_tasks) / merged
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"total": self.total, "task_norms": self.task_norms}
+
+    def load_state_dict(self, state: Mapping[str, Tensor | int | str]) -> None:
+        super().load_state_dict(state)
+        if self.num_tasks:
+            self._shape = self.total.shape
+
+
 #: The merge methods (their classes), by name.
 ONLINE_MERGES: dict[str, type[OnlineMerge]] = {
-    cls.method: cls for cls in (MagMaxMerge, AverageMerge, TaskArithmeticMerge, TiesMerge, RandomMixMerge)
+    cls.method: cls for cls in (MagMaxMerge, AverageMerge, TaskArithmeticMerge, TiesMerge, RandomMixMerge, OPCMMerge)
 }
 
 #: Default `scaling_coef` (λ) of every method, read from the method classes: the merged model is
 #: `θ_0 + λ · merged_task_vector`. magmax 0.5 (the MagMax paper), average 1.0 (the weight average),
-#: task_arithmetic 0.3 (Ilharco et al.), ties 1.0 (Yadav et al.), random_mix 0.5 (like MagMax).
+#: task_arithmetic 0.3 (Ilharco et al.), ties 1.0 (Yadav et al.), random_mix 0.5 (like MagMax), opcm 1.0 (its own
+#: norm-adaptive rescale is the λ of the paper; λ = 1 is FusionBench's merge).
 DEFAULT_SCALING_COEFS: dict[str, float] = {name: cls.default_scaling_coef for name, cls in ONLINE_MERGES.items()}
 
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .methods import (
@@ -14,6 +14,7 @@ from .methods import (
     AverageMerge,
     MagMaxMerge,
     OnlineMerge,
+    OPCMMerge,
     RandomMixMerge,
     TaskArithmeticMerge,
     TiesMerge,
@@ -39,12 +40,15 @@ if TYPE_CHECKING:  # pragma: no cover
 class MergeSpec:
     """One merge, validated once: the method, λ, and the method's options.
 
+    The method's facts (see [`OnlineMerge`]) are on `spec.merge_class`: e.g. `blockwise` (False for opcm: fold
+    whole tensors) and `needs_model_stats` (opcm: pass [`model_scale`] of all the accumulators to `result`).
+
     Every consumer (the Trainer, `hf-magmax merge`, the LoRA merger, the λ search, [`merge_task_vectors`]) builds one
     and asks it for accumulators, so the same spec gives the same merge everywhere.
 
     Args:
         method (`str`, *optional*, defaults to `"magmax"`):
-            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`.
+            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`, `opcm`.
         scaling_coef (`float` or `"auto"`, *optional*):
             λ, a finite number > 0. `None` (the default) means the method's default ([`DEFAULT_SCALING_COEFS`]);
             `"auto"` means a consumer chooses λ on validation data (see [`hf_magmax.scaling`]).
@@ -52,6 +56,9 @@ class MergeSpec:
             TIES only: fraction of each task vector kept, in (0, 1]; defaults to 0.2. An error for other methods.
         seed (`int`, *optional*):
             random_mix only: the seed; defaults to 0. An error for other methods.
+        alpha (`float`, *optional*):
+            opcm only: share of the merged task vector's singular-value mass whose directions each new task vector is
+            kept out of, in [0, 1); defaults to 0.5 (FusionBench). An error for other methods.
 
     Example:
 
@@ -71,6 +78,7 @@ class MergeSpec:
     scaling_coef: float | str | None = None
     density: float | None = None
     seed: int | None = None
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
         cls = ONLINE_MERGES.get(self.method)
@@ -148,6 +156,11 @@ class MergeSpec:
                 Record, per element, which task's value was kept (`acc.winners()`); only for methods that keep one
                 task's value per element (`can_track_winners`: magmax, random_mix).
         """
+        if offset and not self.merge_class.blockwise:
+            raise ValueError(
+                f"`{self.method}` needs the whole tensor {name!r} (its SVD), not a slice at offset {offset}: fold the "
+                "whole tensor (one block, no sharding)."
+            )
         if track_winners and not self.merge_class.can_track_winners:
             takers = [n for n, c in ONLINE_MERGES.items() if c.can_track_winners]
             raise ValueError(
@@ -159,6 +172,8 @@ class MergeSpec:
             return TiesMerge(options["density"], thresholds=stats)
         if self.method == "random_mix":
             return RandomMixMerge(options["seed"], name=name, offset=offset, track_winners=track_winners)
+        if self.method == "opcm":
+            return OPCMMerge(options["alpha"], name=name)
         if track_winners:
             return self.merge_class(track_winners=True)
         return self.merge_class()
@@ -166,6 +181,14 @@ class MergeSpec:
     def tensor_stat(self, task_vector: Tensor) -> Any:
         """The whole-tensor statistic of one task vector that `needs_tensor_stats` methods need (see `accumulator`)."""
         return self.merge_class.tensor_stat(task_vector, **self.method_options)
+
+    def model_scale(self, accumulators: Iterable[OnlineMerge]) -> float:
+        """The model-wide factor of the merged task vector, from the accumulators of *every* tensor of the model:
+        OPCM's rescale to the mean task-vector norm (`needs_model_stats`); 1.0 for the other methods. Pass it to each
+        accumulator's `result(model_scale=...)`."""
+        if not self.merge_class.needs_model_stats:
+            return 1.0
+        return self.merge_class.model_scale_from_stats([acc.model_stat() for acc in accumulators])
 
     def describe(self) -> str:
         """One line for model cards and logs."""
@@ -188,7 +211,7 @@ class MergeSpec:
 
 
 def make_online_merge(method: str = "magmax", **method_kwargs) -> OnlineMerge:
-    """A fresh online accumulator of `method` (`density` for `ties`, `seed` for `random_mix`)."""
+    """A fresh online accumulator of `method` (`density` for `ties`, `seed` for `random_mix`, `alpha` for `opcm`)."""
     return MergeSpec(method, **_checked_kwargs(method, method_kwargs)).accumulator()
 
 
@@ -356,6 +379,33 @@ def random_mix(task_vectors: Sequence[Tensor], seed: int = 0, name: str = "") ->
     return _fold(RandomMixMerge(seed, name=name), task_vectors)
 
 
+@_no_grad
+def opcm(task_vectors: Sequence[Tensor], alpha: float = 0.5, name: str = "") -> Tensor:
+    """OPCM of the task vectors of one tensor, in task order, the tensor taken as the whole model; see [`OPCMMerge`].
+
+    Each task vector after the first is projected off the dominant singular subspace of the merge so far (2-D
+    weights; others are added as they are), and the sum is rescaled to the mean task-vector norm. Order-dependent.
+    A model's tensors share one rescale: merge state dicts with [`merge_task_vectors`] or [`StateDictMerger`].
+
+    Args:
+        task_vectors (`list[torch.Tensor]`): task vectors of one parameter, same shape, in task order.
+        alpha (`float`, *optional*, defaults to `0.5`): share of singular-value mass kept out of, in [0, 1).
+        name (`str`, *optional*, defaults to `""`): the tensor's name (embedding tables are not projected).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax.merging.spec import opcm
+    >>> out = opcm([torch.tensor([[3.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])])
+    >>> out  # τ_2's diagonal (along the merge's singular directions) is removed; the sum rescaled to norm 2.58
+    tensor([[2.2353, 0.7451],
+            [0.7451, 0.7451]])
+    ```
+    """
+    return _fold(OPCMMerge(alpha, name=name), task_vectors)
+
+
 #: The pure merge functions by name: `list[Tensor] -> Tensor` (the merged, unscaled task vector).
 MERGE_METHODS: dict[str, Callable[..., Tensor]] = {
     "magmax": magmax,
@@ -363,6 +413,7 @@ MERGE_METHODS: dict[str, Callable[..., Tensor]] = {
     "task_arithmetic": task_arithmetic,
     "ties": ties,
     "random_mix": random_mix,
+    "opcm": opcm,
 }
 
 
@@ -386,8 +437,8 @@ class StateDictMerger:
             Record, per element, which task's value was kept ([`winners`]; magmax and random_mix): the provenance of
             the merge, one small integer tensor per merged tensor whatever the number of tasks.
         **method_kwargs:
-            `density` for `ties`, `seed` for `random_mix` (when `method` is a name). random_mix seeds each tensor's
-            draws by its name, as every other consumer does.
+            `density` for `ties`, `seed` for `random_mix`, `alpha` for `opcm` (when `method` is a name). random_mix
+            seeds each tensor's draws by its name, as every other consumer does.
 
     Example:
 
@@ -442,10 +493,11 @@ class StateDictMerger:
 
     @_no_grad
     def result(self) -> dict[str, Tensor]:
-        """The merged task vector (unscaled), name → tensor."""
+        """The merged task vector (before λ), name → tensor (opcm: rescaled over all tensors, [`MergeSpec.model_scale`])."""
         if self.num_tasks == 0:
             raise ValueError("no task vector has been folded in yet: call `update` at least once before `result`.")
-        return {name: acc.result() for name, acc in self.accumulators.items()}
+        scale = self.spec.model_scale(self.accumulators.values())
+        return {name: acc.result(model_scale=scale) for name, acc in self.accumulators.items()}
 
     def winners(self) -> dict[str, Tensor]:
         """Name → the 0-based index of the task whose value each element kept (`uint8`, wider past 255 tasks; ties
@@ -488,15 +540,17 @@ def merge_task_vectors(
         task_vectors (`list[TaskVector]`, `list[dict[str, torch.Tensor]]` or `list[torch.Tensor]`):
             Task vectors in task order (for MagMax, ties go to the later task).
         method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
-            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`, or a whole spec.
+            One of `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix`, `opcm`, or a whole spec. opcm
+            rescales the merged task vector over all the tensors given (the model-wide norms of the paper).
         scaling_coef (`float`, *optional*):
             λ, finite and > 0. Defaults to the method's default ([`DEFAULT_SCALING_COEFS`]): 0.5 for `magmax` and
-            `random_mix`, 1.0 for `average` and `ties`, 0.3 for `task_arithmetic`.
+            `random_mix`, 1.0 for `average`, `ties` and `opcm`, 0.3 for `task_arithmetic`.
         return_winners (`bool`, *optional*, defaults to `False`):
             magmax and random_mix: also return the provenance, per element the 0-based index of the task whose value
             was kept (ties to the later task), of the same kind as the inputs (a dict of tensors, or one tensor).
         **method_kwargs:
-            `density` for `ties` (defaults to 0.2), `seed` for `random_mix` (defaults to 0).
+            `density` for `ties` (defaults to 0.2), `seed` for `random_mix` (defaults to 0), `alpha` for `opcm`
+            (defaults to 0.5).
 
     Returns:
         The scaled merged task vector `λ · merge(τ_1..τ_T)`, of the same kind as the inputs ([`TaskVector`] for
@@ -537,6 +591,15 @@ def merge_task_vectors(
                 f"`task_vectors[{i}]` has other tensors than `task_vectors[0]` (missing: {missing}, extra: {extra})."
             )
     merged, winners = {}, {}
+    if spec.merge_class.needs_model_stats:  # opcm: fold every tensor, then one model-wide rescale
+        accumulators = {name: spec.accumulator(name) for name in names}
+        for name, accumulator in accumulators.items():
+            _check_same_shape([tv[name] for tv in task_vectors])
+            for tv in task_vectors:
+                accumulator.update(tv[name])
+        scale = spec.model_scale(accumulators.values())
+        merged = {name: _scale(acc.result(model_scale=scale), coef) for name, acc in accumulators.items()}
+        return TaskVector(merged)
     for name in names:
         accumulator = spec.accumulator(name, track_winners=return_winners)
         merged[name] = _scale(_fold(accumulator, [tv[name] for tv in task_vectors]), coef)

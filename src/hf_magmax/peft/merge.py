@@ -214,6 +214,12 @@ def _lora_spec(method: str | MergeSpec, scaling_coef: Any, density: Any, seed: A
             '`scaling_coef="auto"` is not supported by the LoRA merger (it has no validation data): pass a number, '
             "or leave it unset for the method's default."
         )
+    if not spec.merge_class.blockwise:
+        raise ValueError(
+            f"`method={spec.method!r}` is not supported by the LoRA merger: its SVD and its rescale need every whole "
+            "weight of the model. Merge the adapters into full checkpoints and use `merge_checkpoints(..., "
+            f"method={spec.method!r})`, or choose another method."
+        )
     return spec
 
 

@@ -69,7 +69,8 @@ class MagMaxCallback(TrainerCallback):
             Per-task validation sets for `scaling_coef="auto"`.
         options ([`MagMaxOptions`] or [`MagMaxConfig`], *optional*):
             The MagMax options (may also be passed first, in place of `trainer`). Defaults to `MagMaxOptions()`.
-        scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, final_model, eval_merged_every_task,
+        scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, merge_alpha, final_model,
+        eval_merged_every_task,
         merge_device, frozen_modules, max_validation_samples, select_scaling_coef_every_task, continual_metric:
             Each field of [`MagMaxOptions`] as a keyword argument (same defaults), on top of `options`.
 

@@ -37,12 +37,15 @@ class MagMaxOptions:
         scaling_coef_grid (`list[float]`, *optional*):
             Candidate λ for `scaling_coef="auto"`; defaults to 0.1, 0.2, …, 1.0.
         merge_method (`str`, *optional*, defaults to `"magmax"`):
-            `magmax`, or a baseline of the merge engine: `average`, `task_arithmetic`, `ties`, `random_mix`.
+            `magmax`, or a baseline of the merge engine: `average`, `task_arithmetic`, `ties`, `random_mix`, `opcm`.
         merge_density (`float`, *optional*):
             Fraction of each task vector TIES keeps (`merge_method="ties"` only; defaults to 0.2 there). An error
             for other methods.
         merge_seed (`int`, *optional*):
             Seed of `merge_method="random_mix"` (defaults to 0 there). An error for other methods.
+        merge_alpha (`float`, *optional*):
+            OPCM's share of singular-value mass each new task vector is projected off, in [0, 1)
+            (`merge_method="opcm"` only; defaults to 0.5 there). An error for other methods.
         final_model (`str`, *optional*, defaults to `"merged"`):
             Which weights the model holds after training: `"merged"` or `"sequential"` (the weights after the last
             task). Both are evaluated either way.
@@ -94,12 +97,15 @@ class MagMaxOptions:
     )
     merge_method: str = field(
         default="magmax",
-        metadata={"help": "Merge method: magmax, or a baseline: average, task_arithmetic, ties, random_mix."},
+        metadata={"help": "Merge method: magmax, or a baseline: average, task_arithmetic, ties, random_mix, opcm."},
     )
     merge_density: float | None = field(
         default=None, metadata={"help": "Fraction of each task vector TIES keeps (ties only; default 0.2)."}
     )
     merge_seed: int | None = field(default=None, metadata={"help": "Seed of merge_method=random_mix (default 0)."})
+    merge_alpha: float | None = field(
+        default=None, metadata={"help": "OPCM's singular-value share projected off (opcm only; default 0.5)."}
+    )
     final_model: str = field(
         default="merged",
         metadata={"help": "Weights the model holds after training: merged or sequential.", "choices": FINAL_MODELS},
@@ -133,7 +139,7 @@ class MagMaxOptions:
 
     def merge_spec(self) -> MergeSpec:
         """The one [`~hf_magmax.merging.MergeSpec`] of these options (method, λ, density, seed), validated."""
-        return MergeSpec(self.merge_method, self.scaling_coef, self.merge_density, self.merge_seed)
+        return MergeSpec(self.merge_method, self.scaling_coef, self.merge_density, self.merge_seed, self.merge_alpha)
 
     @property
     def is_auto(self) -> bool:
@@ -188,9 +194,10 @@ def check_options(options: Any) -> None:
     if coef is not None:
         coef = check_scaling_coef(coef)  # λ finite and > 0, or "auto": the policy of every door
     try:
-        spec = MergeSpec(options.merge_method, coef, options.merge_density, options.merge_seed)
+        spec = MergeSpec(options.merge_method, coef, options.merge_density, options.merge_seed, options.merge_alpha)
     except ValueError as err:
         message = str(err).replace("`density`", "`merge_density`").replace("`seed`", "`merge_seed`")
+        message = message.replace("`alpha`", "`merge_alpha`")
         raise ValueError(message) from None
     if not isinstance(options.save_provenance, bool):
         raise ValueError(f"`save_provenance` must be True or False, got {options.save_provenance!r}.")
@@ -201,7 +208,7 @@ def check_options(options: Any) -> None:
         )
     # the value the user reads back: the method's default λ when unset
     options.scaling_coef = spec.scaling_coef if spec.scaling_coef is not None else spec.coef
-    options.merge_density, options.merge_seed = spec.density, spec.seed
+    options.merge_density, options.merge_seed, options.merge_alpha = spec.density, spec.seed, spec.alpha
     if options.scaling_coef_grid is not None:
         options.scaling_coef_grid = list(check_scaling_coef_grid(options.scaling_coef_grid))
         if not spec.is_auto:

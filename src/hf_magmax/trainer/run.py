@@ -380,7 +380,7 @@ class ContinualRun:
         if saved_options is not None and saved_options != self.spec.method_options:
             raise ValueError(
                 f"the checkpoint merges with options {saved_options}, but the config has {self.spec.method_options}: "
-                "resume with the same `merge_density`/`merge_seed`."
+                "resume with the same `merge_density`/`merge_seed`/`merge_alpha`."
             )
         trainer_state = os.path.join(directory, "trainer_state.json")
         try:

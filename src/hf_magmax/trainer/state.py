@@ -17,7 +17,9 @@ What is resident, per parameter:
 
 The tensors held are those *this rank owns*: whole tensors under DDP or one process, the local shards of DTensor
 parameters under FSDP2 (`fully_shard`), each with its global flat offset (random_mix draws by it, so a sharded run
-equals one process). TIES needs the threshold of the whole task vector and is refused on sharded weights.
+equals one process). TIES needs the threshold of the whole task vector and is refused on sharded weights, as is OPCM
+(an SVD of each whole tensor, a rescale over the whole model: [`merged_task_vector`] applies it, computed once per
+task from all the accumulators).
 """
 
 from __future__ import annotations
@@ -227,6 +229,12 @@ class MergeState:
                 "is a statistic of each whole task vector, which no rank holds. Use magmax, average, "
                 "task_arithmetic or random_mix, or train under DDP."
             )
+        if sharded and not self.spec.merge_class.blockwise:
+            raise ValueError(
+                f"merge_method={self.spec.method!r} is not supported on sharded (FSDP2) weights: it needs each whole "
+                "tensor (an SVD) and norms over the whole model, which no rank holds. Train under DDP, or use "
+                "magmax, average, task_arithmetic or random_mix."
+            )
         self.base = {name: local.detach().to(self.device, copy=True) for name, (local, _, _) in parts.items()}
         self.offsets = {name: offset for name, (_, offset, _) in parts.items()}
         self.shapes = {name: tuple(state_dict[name].shape) for name in names}
@@ -348,7 +356,17 @@ class MergeState:
             raise ValueError("no task has been folded in yet: nothing to merge.")
         if self.selecting:
             return subtract(self.best[name], self.base[name], device=self.device)
-        return self.accumulators[name].result()
+        return self.accumulators[name].result(model_scale=self._model_scale())
+
+    def _model_scale(self) -> float:
+        """The spec's model-wide factor over all the accumulators (opcm), computed once per number of tasks."""
+        if not self.spec.merge_class.needs_model_stats:
+            return 1.0
+        cached = getattr(self, "_scale_cache", None)
+        if cached is None or cached[0] != self.num_tasks or cached[1] is not self.accumulators:
+            cached = (self.num_tasks, self.accumulators, self.spec.model_scale(self.accumulators.values()))
+            self._scale_cache = cached
+        return cached[2]
 
     @torch.no_grad()
     def merged_tensor(self, name: str, scaling_coef: float) -> Tensor:

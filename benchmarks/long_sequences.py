@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -249,7 +250,7 @@ def run_seed(
     args: argparse.Namespace, seed: int, num_permuted: int, methods: Sequence[str]
 ) -> tuple[dict, list[TaskVector]]:
     """Pretrain θ_0, fine-tune max(T) tasks in sequence; at each T of `args.tasks`, evaluate every method on tasks
-    1..T. Returns {T: {label: {"per_task", "final_avg_acc", ...}}} and the task vectors τ_1..τ_max(T)."""
+    1..T. Returns {T: {label: {"final_avg_acc", ...}}} (with "per_task" at T = max(T)) and the task vectors."""
     torch.manual_seed(seed)
     splits = load_splits(seed, args.pretrain_examples)
     perms = task_permutations(seed, max(args.tasks), num_permuted)
@@ -284,7 +285,10 @@ def run_seed(
             row.update(evaluate_merge(method, task_vectors, theta_0, scratch, splits, seen))
         for values in row.values():
             values["final_avg_acc"] = float(np.mean(values["per_task"]))
-            values["per_task"] = [round(v, 4) for v in values["per_task"]]
+            if t == len(perms):  # per-task accuracies kept for the longest sequence only (the JSON stays small)
+                values["per_task"] = [round(v, 4) for v in values["per_task"]]
+            else:
+                del values["per_task"]
         rows[str(t)] = row
         logger.info(
             "%d pixels permuted, seed %d, T=%d (%.0f s): %s",
@@ -563,8 +567,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results["setup"]["load_average_1min_after"] = os.getloadavg()[0]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = args.output_dir / args.name
-    with open(f"{stem}.json", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
+    text = json.dumps(results, indent=1, ensure_ascii=False)
+    text = re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    with open(f"{stem}.json", "w", encoding="utf-8") as f:  # lists of numbers on one line each
+        f.write(text + "\n")
     table = markdown(results)
     with open(f"{stem}.md", "w", encoding="utf-8") as f:
         f.write(table)

@@ -247,10 +247,13 @@ def merge_costs(methods: Sequence[str], task_vectors: Sequence[TaskVector], task
 
 
 def run_seed(
-    args: argparse.Namespace, seed: int, num_permuted: int, methods: Sequence[str]
+    args: argparse.Namespace, seed: int, num_permuted: int, methods: Sequence[str], independent: bool = False
 ) -> tuple[dict, list[TaskVector]]:
     """Pretrain θ_0, fine-tune max(T) tasks in sequence; at each T of `args.tasks`, evaluate every method on tasks
-    1..T. Returns {T: {label: {"final_avg_acc", ...}}} (with "per_task" at T = max(T)) and the task vectors."""
+    1..T. Returns {T: {label: {"final_avg_acc", ...}}} (with "per_task" at T = max(T)) and the task vectors.
+
+    `independent`: every task starts from θ_0 instead of the previous task's weights (independent experts, the
+    setting OPCM was published in), so θ_T is only the last task's expert."""
     torch.manual_seed(seed)
     splits = load_splits(seed, args.pretrain_examples)
     perms = task_permutations(seed, max(args.tasks), num_permuted)
@@ -259,7 +262,10 @@ def run_seed(
     train(model, *splits["pretrain"], args.pretrain_epochs, 2e-3, args.batch_size, seed)
     theta_0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     logger.info(
-        "%d pixels permuted, seed %d: θ_0 pretrained in %.1f s", num_permuted, seed, time.perf_counter() - start
+        "%s, seed %d: θ_0 pretrained in %.1f s",
+        sequence_key(num_permuted, independent),
+        seed,
+        time.perf_counter() - start,
     )
 
     scratch = build_mlp(args.hidden, seed)
@@ -269,6 +275,8 @@ def run_seed(
     rows: dict[str, dict] = {}
     for t, perm in enumerate(perms, start=1):
         x, y = splits["train"]
+        if independent:
+            model.load_state_dict(theta_0)
         train(model, x[:, perm], y, args.epochs, args.lr, args.batch_size, seed * 100_003 + t)
         theta_t = {k: v.detach().clone() for k, v in model.state_dict().items()}
         task_vectors.append(TaskVector.from_state_dicts(theta_0, theta_t))
@@ -279,7 +287,9 @@ def run_seed(
         row: dict[str, dict] = {}
         scratch.load_state_dict(theta_0)
         row["θ_0 (no training)"] = {"per_task": task_accuracies(scratch, *splits["test"], seen)}
-        row["sequential fine-tuning"] = {"per_task": task_accuracies(model, *splits["test"], seen)}
+        row["θ_T, the last expert" if independent else "sequential fine-tuning"] = {
+            "per_task": task_accuracies(model, *splits["test"], seen)
+        }
         row["θ_t on its own task"] = {"per_task": list(own_task)}
         for method in methods:
             row.update(evaluate_merge(method, task_vectors, theta_0, scratch, splits, seen))
@@ -291,8 +301,8 @@ def run_seed(
                 del values["per_task"]
         rows[str(t)] = row
         logger.info(
-            "%d pixels permuted, seed %d, T=%d (%.0f s): %s",
-            num_permuted,
+            "%s, seed %d, T=%d (%.0f s): %s",
+            sequence_key(num_permuted, independent),
             seed,
             t,
             time.perf_counter() - start,
@@ -349,10 +359,16 @@ def summarize(per_seed: Sequence[dict], tasks: Sequence[int]) -> dict[str, dict[
     return summary
 
 
-def sequence_title(num_permuted: int) -> str:
-    if num_permuted == NUM_PIXELS:
-        return "all 64 pixels permuted per task"
-    return f"{num_permuted} of the 64 pixels permuted per task"
+def sequence_key(num_permuted: int, independent: bool) -> str:
+    return f"{num_permuted}-independent" if independent else str(num_permuted)
+
+
+def sequence_title(key: str) -> str:
+    num_permuted, _, independent = key.partition("-")
+    pixels = "all 64 pixels" if int(num_permuted) == NUM_PIXELS else f"{num_permuted} of the 64 pixels"
+    if independent:
+        return f"{pixels} permuted per task, independent experts (each task fine-tuned from θ_0)"
+    return f"{pixels} permuted per task, sequential fine-tuning"
 
 
 def markdown(results: dict) -> str:
@@ -364,7 +380,7 @@ def markdown(results: dict) -> str:
         "set.",
     ]
     for key, sequence in results["sequences"].items():
-        lines += ["", f"**{sequence_title(int(key))}**", "", *header]
+        lines += ["", f"**{sequence_title(key)}**", "", *header]
         for label, by_t in sequence["summary"].items():
             cells = [f"{100 * by_t[str(t)]['mean']:.1f} ± {100 * by_t[str(t)]['std']:.1f}" for t in tasks]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -373,7 +389,7 @@ def markdown(results: dict) -> str:
         for label, by_t in sequence["summary"].items():
             if label.endswith("(λ on val)"):
                 cells = ["/".join(f"{c:g}" for c in by_t[str(t)]["scaling_coefs"]) for t in tasks]
-                lines.append(f"| {label}, {key} pixels permuted | " + " | ".join(cells) + " |")
+                lines.append(f"| {label}, sequence {key} | " + " | ".join(cells) + " |")
     setup = results["setup"]
     lines += [
         "",
@@ -410,7 +426,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Accuracy vs T (one panel per sequence), merge time vs T, merge memory vs T; log-x."""
+    """Top row: accuracy vs T, one panel per sequence. Bottom row: merge time, merge memory and the λ chosen on
+    validation data vs T. Log-x throughout."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,44 +435,65 @@ def plot(results: dict, path: Path) -> None:
 
     tasks = results["tasks"]
     sequences = results["sequences"]
-    fig, axes = plt.subplots(1, len(sequences) + 2, figsize=(5.2 * (len(sequences) + 2), 4.6))
-    for ax, (key, sequence) in zip(axes, sequences.items()):
+    ncols = max(len(sequences), 3)
+    fig, axes = plt.subplots(2, ncols, figsize=(5.4 * ncols, 9.2), squeeze=False)
+    colors = {}
+    for ax, (key, sequence) in zip(axes[0], sequences.items()):
         for label, by_t in sequence["summary"].items():
             if label == "θ_t on its own task":
                 style = {"color": "gray", "linestyle": ":"}
             elif label == "θ_0 (no training)":
                 style = {"color": "black", "linestyle": "--"}
             else:
+                base = label.split(" (")[0]
                 style = {"linestyle": "--" if "on val" in label else "-", "marker": "o", "markersize": 3}
+                if "on val" in label and base in colors:
+                    style["color"] = colors[base]
             mean = np.array([by_t[str(t)]["mean"] for t in tasks]) * 100
             std = np.array([by_t[str(t)]["std"] for t in tasks]) * 100
             (line,) = ax.plot(tasks, mean, label=label, **style)
+            colors.setdefault(label.split(" (")[0], line.get_color())
             ax.fill_between(tasks, mean - std, mean + std, color=line.get_color(), alpha=0.12)
         ax.axhline(100 / NUM_CLASSES, color="black", linewidth=0.8, alpha=0.4)
-        ax.set(xscale="log", xlabel="number of tasks T", ylabel="final average accuracy (%)", ylim=(0, 100))
-        ax.set_title(f"Permuted digits: {sequence_title(int(key))}", fontsize=10)
-        ax.set_xticks(tasks, [str(t) for t in tasks])
-        ax.minorticks_off()
+        ax.set(ylabel="final average accuracy (%)", ylim=(0, 100))
+        ax.set_title(sequence_title(key).replace(" (each task fine-tuned from θ_0)", ""), fontsize=9)
         ax.legend(fontsize=7)
-    time_ax, memory_ax = axes[-2], axes[-1]
+    for ax in axes[0][len(sequences) :]:
+        ax.axis("off")
+    time_ax, memory_ax, coef_ax = axes[1][:3]
     per_tv = results["setup"]["task_vector_mib"]
     for method, by_t in results["merge_cost"].items():
-        (line,) = time_ax.plot(tasks, [by_t[str(t)]["seconds"] for t in tasks], marker="o", label=LABELS[method])
+        color = colors.get(LABELS[method])
+        time_ax.plot(tasks, [by_t[str(t)]["seconds"] for t in tasks], marker="o", color=color, label=LABELS[method])
         peaks = [by_t[str(t)]["peak_mib"] for t in tasks]
         if None not in peaks:
-            memory_ax.plot(tasks, peaks, marker="o", color=line.get_color(), label=f"{LABELS[method]}: peak added")
+            memory_ax.plot(tasks, peaks, marker="o", color=color, label=f"{LABELS[method]}: peak added")
         states = [by_t[str(t)]["state_mib"] for t in tasks]
-        memory_ax.plot(tasks, states, linestyle=":", color=line.get_color(), label=f"{LABELS[method]}: state")
+        memory_ax.plot(tasks, states, linestyle=":", color=color, label=f"{LABELS[method]}: state")
     memory_ax.plot(tasks, [t * per_tv for t in tasks], color="gray", linestyle="--", label="the T task vectors")
-    time_ax.set(ylabel="merge wall time (s)", title="Merge time (online engine)")
-    memory_ax.set(ylabel="memory (MiB)", title="Merge memory (online engine)")
-    for ax in (time_ax, memory_ax):
-        ax.set(xscale="log", yscale="log", xlabel="number of tasks T")
+    for key, sequence in sequences.items():
+        for label, by_t in sequence["summary"].items():
+            if label.endswith("(λ on val)"):
+                coefs = [float(np.mean(by_t[str(t)]["scaling_coefs"])) for t in tasks]
+                style = {"-": "-", "i": ":"}["i" if "independent" in key else "-"]
+                marker = "o" if key.startswith(str(NUM_PIXELS)) else "s"
+                coef_ax.plot(
+                    tasks, coefs, linestyle=style, marker=marker, color=colors.get(label.split(" (")[0]),
+                    label=f"{label.split(' (')[0]}, {key}",
+                )  # fmt: skip
+    time_ax.set(ylabel="merge wall time (s)", title="Merge time (online engine, T folds + result)", yscale="log")
+    memory_ax.set(ylabel="memory (MiB)", title="Merge memory (online engine)", yscale="log")
+    coef_ax.set(ylabel="λ chosen on validation (mean over seeds)", title="λ on val vs T (sequence key in legend)")
+    for ax in [*axes[0][: len(sequences)], time_ax, memory_ax, coef_ax]:
+        ax.set(xscale="log", xlabel="number of tasks T")
         ax.set_xticks(tasks, [str(t) for t in tasks])
         ax.minorticks_off()
+    for ax in (time_ax, memory_ax, coef_ax):
         ax.legend(fontsize=7)
+    for ax in axes[1][3:]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -474,7 +512,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=[NUM_PIXELS, 16],
-        help="one task sequence per value: how many of the 64 pixels each task permutes",
+        help="one task sequence (sequential fine-tuning) per value: how many of the 64 pixels each task permutes",
+    )
+    parser.add_argument(
+        "--independent-pixels",
+        type=int,
+        nargs="*",
+        default=[16],
+        help="the same with independent experts (every task fine-tuned from θ_0); none: leave them out",
     )
     parser.add_argument("--epochs", type=int, default=5, help="epochs per task")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate per task")
@@ -491,11 +536,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.seeds, args.epochs, args.hidden = [2, 3], [0], 1, 16
-        args.permuted_pixels = [64, 16]
+        args.permuted_pixels, args.independent_pixels = [64, 16], [16]
         args.pretrain_epochs, args.cost_reps = 1, 1
     args.tasks = sorted(set(args.tasks))
-    if not all(2 <= k <= NUM_PIXELS for k in args.permuted_pixels):
-        parser.error(f"`--permuted-pixels` takes values from 2 to {NUM_PIXELS}.")
+    if not all(2 <= k <= NUM_PIXELS for k in [*args.permuted_pixels, *args.independent_pixels]):
+        parser.error(f"`--permuted-pixels` and `--independent-pixels` take values from 2 to {NUM_PIXELS}.")
     if args.tasks[0] < 1 or args.epochs < 1 or args.hidden < 1 or args.cost_reps < 1 or not args.seeds:
         parser.error("`--tasks`, `--epochs`, `--hidden` and `--cost-reps` must be >= 1, and `--seeds` non-empty.")
     return args
@@ -512,10 +557,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         logger.warning("not in this merge core, skipped: %s", ", ".join(missing))
     start = time.perf_counter()
     sequences, costs, diffs = {}, None, []
-    for num_permuted in args.permuted_pixels:
+    families = [(k, False) for k in args.permuted_pixels] + [(k, True) for k in args.independent_pixels]
+    for num_permuted, independent in families:
         per_seed = {}
         for seed in args.seeds:
-            rows, task_vectors = run_seed(args, seed, num_permuted, methods)
+            rows, task_vectors = run_seed(args, seed, num_permuted, methods, independent)
             per_seed[str(seed)] = rows
             diffs += [
                 cell["engine_max_abs_diff"]
@@ -528,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 parameters = sum(v.numel() for v in task_vectors[0].values())
                 tv_mib = sum(v.numel() * v.element_size() for v in task_vectors[0].values()) / 2**20
             del task_vectors
-        sequences[str(num_permuted)] = {
+        sequences[sequence_key(num_permuted, independent)] = {
             "summary": summarize(list(per_seed.values()), args.tasks),
             "per_seed": per_seed,
         }
@@ -557,6 +603,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tasks": args.tasks,
         "seeds": args.seeds,
         "permuted_pixels": args.permuted_pixels,
+        "independent_pixels": args.independent_pixels,
         "methods": methods,
         "missing_methods": missing,
         "sequences": sequences,

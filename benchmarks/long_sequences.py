@@ -5,12 +5,15 @@ Setup: **domain-incremental permuted digits.** scikit-learn's bundled `load_digi
 demo's data) is shuffled with the seed and split into a test set (20%), a validation set (10%, only for choosing λ),
 a pretraining slice (300 images) and a training set (the rest, 958 images). Task t applies a fixed random permutation
 π_t of the pixels to every image (train, validation and test alike); every task has the same 10 classes and one
-shared 10-way head. Two sequences (`--permuted-pixels`):
+shared 10-way head. Three sequences (`--permuted-pixels`, `--independent-pixels`):
 
 - **64**: π_t permutes all 64 pixels (permuted MNIST's recipe): the tasks share nothing but the labels, θ_0 is at
   chance on every one of them, and every pair of tasks conflicts in the first layer: the hard case;
 - **16**: π_t shuffles 16 pixels at random positions among themselves: related tasks, on which θ_0 keeps ~75%, closer
-  to the paper's regime of a pretrained model that already does reasonably well on every task.
+  to the paper's regime of a pretrained model that already does reasonably well on every task;
+- **16-independent** (`--independent-pixels`): the same tasks, but every task is fine-tuned from θ_0 (independent
+  experts, the setting in which OPCM and FusionBench report their gains over MagMax) instead of from the previous
+  task's weights; its "θ_T, the last expert" row is the last task's expert alone.
 
 A class-incremental split stops at T = 10 (one class per task; the demo runs T = 5), so it cannot say anything about
 long sequences; permutations give as many tasks as wanted, all equally hard.
@@ -45,7 +48,7 @@ one accumulator per tensor, task vectors folded in one at a time, then `result()
 themselves are already resident and not counted) and the bytes of the accumulators' state after T tasks. The online
 result is checked to equal `merge_task_vectors` (bit for bit at the default λ) for every T, method and seed.
 
-Command (1 thread; about 15 min of CPU, more wall time on a busy machine):
+Command (1 thread; about 20 min of CPU, more wall time on a busy machine):
 
     python benchmarks/long_sequences.py
 

@@ -134,29 +134,6 @@ HFM_API int hfm_widen(const void *src, int dtype, float *out, i64 n) {
         }                                                         \
     }
 
-/* The same without `ivdep`, for loops with a dependency between elements (the histograms: two elements may
- * count into one bucket). */
-#define HFM_DISPATCH_SERIAL(...) \
-    if (dtype == 1) { \
-        const uint16_t *s = (const uint16_t *)theta_t; \
-        for (i64 i = 0; i < n; i++) { \
-            const float tau = bf16_to_f32(s[i]) - theta_0[i]; \
-            __VA_ARGS__ \
-        } \
-    } else if (dtype == 2) { \
-        const uint16_t *s = (const uint16_t *)theta_t; \
-        for (i64 i = 0; i < n; i++) { \
-            const float tau = fp16_to_f32(s[i]) - theta_0[i]; \
-            __VA_ARGS__ \
-        } \
-    } else { \
-        const float *s = (const float *)theta_t; \
-        for (i64 i = 0; i < n; i++) { \
-            const float tau = s[i] - theta_0[i]; \
-            __VA_ARGS__ \
-        } \
-    }
-
 /* MagMax. first: selected = τ. Else, with a = bits(|τ|), b = bits(|selected|) (finite: a NaN sets the flag and the
  * block is redone on the torch path), the later task wins ties: a >= b. winners (uint8, may be NULL) get `task`. */
 HFM_API int hfm_magmax_fold(const void *theta_t, int dtype, const float *theta_0, float *selected, uint8_t *winners,
@@ -218,25 +195,55 @@ HFM_API int hfm_ties_fold(const void *theta_t, int dtype, const float *theta_0, 
     return (int)bad;
 }
 
-/* TIES' threshold, pass 1: histogram (hist[32768], added to) of the high 16 bits of |τ|. */
-HFM_API int hfm_diff_hist_high(const void *theta_t, int dtype, const float *theta_0, i64 *hist, i64 n) {
+/* TIES' threshold: the bit patterns of |τ| of n <= HFM_CHUNK elements into keys (one vectorized pass); non-zero if
+ * one is not finite. The histograms below then count from this cache-hot buffer. */
+#define HFM_CHUNK 2048
+
+static int magnitude_keys(const void *theta_t, int dtype, const float *theta_0, uint32_t *keys, i64 n) {
     uint32_t bad = 0;
-    HFM_DISPATCH_SERIAL({
+    HFM_DISPATCH({
         const uint32_t a = f32_bits(tau) & UINT32_C(0x7FFFFFFF);
-        hist[a >> 16]++;
+        keys[i] = a;
         bad |= a >= UINT32_C(0x7F800000);
     })
     return (int)bad;
 }
 
+static inline const void *advance(const void *theta_t, int dtype, i64 offset) {
+    return (const char *)theta_t + offset * (dtype == 0 ? 4 : 2);
+}
+
+/* TIES' threshold, pass 1: histogram (hist[32768], added to) of the high 16 bits of |τ|. */
+HFM_API int hfm_diff_hist_high(const void *theta_t, int dtype, const float *theta_0, i64 *hist, i64 n) {
+    uint32_t keys[HFM_CHUNK];
+    int bad = 0;
+    for (i64 start = 0; start < n; start += HFM_CHUNK) {
+        const i64 m = n - start < HFM_CHUNK ? n - start : HFM_CHUNK;
+        bad |= magnitude_keys(advance(theta_t, dtype, start), dtype, theta_0 + start, keys, m);
+        for (i64 j = 0; j < m; j++) hist[keys[j] >> 16]++;
+    }
+    return bad;
+}
+
 /* TIES' threshold, pass 2: histogram (hist[65536], added to) of the low 16 bits of the |τ| whose high bits are
- * `bucket`. */
+ * `bucket` (few elements: a vectorized match test, then a scan of the matches 8 at a time). */
 HFM_API void hfm_diff_hist_low(const void *theta_t, int dtype, const float *theta_0, int bucket, i64 *hist, i64 n) {
+    uint32_t keys[HFM_CHUNK];
+    uint8_t match[HFM_CHUNK + 8];
     const uint32_t want = (uint32_t)bucket;
-    HFM_DISPATCH_SERIAL({
-        const uint32_t a = f32_bits(tau) & UINT32_C(0x7FFFFFFF);
-        if ((a >> 16) == want) hist[a & 0xFFFF]++;
-    })
+    for (i64 start = 0; start < n; start += HFM_CHUNK) {
+        const i64 m = n - start < HFM_CHUNK ? n - start : HFM_CHUNK;
+        magnitude_keys(advance(theta_t, dtype, start), dtype, theta_0 + start, keys, m);
+        for (i64 j = 0; j < m; j++) match[j] = (uint8_t)((keys[j] >> 16) == want);
+        memset(match + m, 0, 8);
+        for (i64 j = 0; j < m; j += 8) {
+            uint64_t word;
+            memcpy(&word, match + j, 8);
+            if (!word) continue;
+            for (i64 k = j; k < j + 8 && k < m; k++)
+                if (match[k]) hist[keys[k] & 0xFFFF]++;
+        }
+    }
 }
 
 /* ---- the merged block: θ_0 + λ · merged, cast to the output dtype --------------------------------------------- */

@@ -8,7 +8,6 @@ these are its fast paths, each checked bit for bit against the plain float formu
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import sys
@@ -291,6 +290,8 @@ def _library_paths() -> list[str]:
 def _load_library(path: str | None = None):
     """Load the best `_fold` build (or `path`) with its function signatures; None (and a debug log saying why) when
     none can be used."""
+    import ctypes
+
     if sys.byteorder != "little":
         logger.debug("C merge kernels not used: big-endian platform")
         return None

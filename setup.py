@@ -34,6 +34,7 @@ class _BuildFold(build_ext):
             self.extensions = [e for e in self.extensions if not _ISA_FLAGS[e.name]]
         for extension in self.extensions:
             extension.extra_compile_args = ["/O2", "/fp:precise"] if msvc else _FLAGS + _ISA_FLAGS[extension.name]
+        self.parallel = False  # the builds share one source, hence one object file path: one at a time
         super().build_extensions()
 
     def get_export_symbols(self, ext):

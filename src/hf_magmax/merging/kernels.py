@@ -249,11 +249,11 @@ _ABI_VERSION = 1  # `hfm_abi_version()` of the `_fold.c` this module calls; a st
 _NOT_LOADED = object()
 _clib_handle: object = _NOT_LOADED
 _DTYPE_CODES: dict[str, int] = {"float32": 0, "bfloat16": 1, "float16": 2}  # `_fold.c`'s dtype codes
-#: `(method, ...)` of the merges that have a fused C fold.
+#: The merge methods that have a fused C fold.
 FUSED_METHODS = ("magmax", "task_arithmetic", "average", "ties")
 
 
-#: The builds of `_fold.c` (setup.py), best first, and torch's CPU capabilities that run each.
+#: The builds of `_fold.c` (setup.py), best first, and the prefixes of torch's CPU capabilities that run each.
 _VARIANTS = (("_fold_avx512", ("AVX512",)), ("_fold_avx2", ("AVX512", "AVX2")), ("_fold", None))
 
 
@@ -280,7 +280,7 @@ def _library_paths() -> list[str]:
                 continue
             if capabilities is not None:
                 capability = capability or _cpu_capability()
-                if capability not in capabilities:
+                if not capability.startswith(capabilities):
                     break
             paths.append(path)
             break

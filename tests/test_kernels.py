@@ -289,3 +289,20 @@ def test_an_overflowing_merge_raises_the_same_error(tmp_path, monkeypatch):
                               show_progress=False)  # fmt: skip
         messages.append(str(error.value))
     assert messages[0] == messages[1]
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_ties_thresholds_equal_kthvalue_on_many_distinct_magnitudes(variant, dtype):
+    """Both histogram passes decide: task vectors whose fp32 magnitudes use all their low 16 bits (θ_0 small next to
+    τ, so that τ = θ_t − θ_0 keeps its full precision)."""
+    generator = torch.Generator().manual_seed(5)
+    theta_0 = (torch.randn(300, 77, generator=generator) * 1e-3).to(dtype)
+    tasks = [(theta_0.float() + torch.randn(300, 77, generator=generator) * s).to(dtype) for s in (1e-3, 1.0, 30.0)]
+    blocks = _row_blocks_of((300, 77), 5000)
+    for density in (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
+        got = kernels.fused_ties_thresholds(theta_0, tasks, blocks, density)
+        for threshold, task in zip(got, tasks):
+            magnitudes = subtract(task, theta_0.float()).abs().flatten()
+            k = int(density * magnitudes.numel())
+            assert threshold == magnitudes.kthvalue(magnitudes.numel() - k + 1).values.item()

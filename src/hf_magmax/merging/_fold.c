@@ -226,23 +226,21 @@ HFM_API int hfm_diff_hist_high(const void *theta_t, int dtype, const float *thet
 }
 
 /* TIES' threshold, pass 2: histogram (hist[65536], added to) of the low 16 bits of the |τ| whose high bits are
- * `bucket` (few elements: a vectorized match test, then a scan of the matches 8 at a time). */
+ * `bucket`: the matches of a chunk are gathered without a branch (the bucket may hold a fifth of the elements: a
+ * branch on it would be mispredicted), then counted. */
 HFM_API void hfm_diff_hist_low(const void *theta_t, int dtype, const float *theta_0, int bucket, i64 *hist, i64 n) {
     uint32_t keys[HFM_CHUNK];
-    uint8_t match[HFM_CHUNK + 8];
+    uint16_t found[HFM_CHUNK];
     const uint32_t want = (uint32_t)bucket;
     for (i64 start = 0; start < n; start += HFM_CHUNK) {
         const i64 m = n - start < HFM_CHUNK ? n - start : HFM_CHUNK;
         magnitude_keys(advance(theta_t, dtype, start), dtype, theta_0 + start, keys, m);
-        for (i64 j = 0; j < m; j++) match[j] = (uint8_t)((keys[j] >> 16) == want);
-        memset(match + m, 0, 8);
-        for (i64 j = 0; j < m; j += 8) {
-            uint64_t word;
-            memcpy(&word, match + j, 8);
-            if (!word) continue;
-            for (i64 k = j; k < j + 8 && k < m; k++)
-                if (match[k]) hist[keys[k] & 0xFFFF]++;
+        i64 count = 0;
+        for (i64 j = 0; j < m; j++) {
+            found[count] = (uint16_t)(keys[j] & 0xFFFF);
+            count += (keys[j] >> 16) == want;
         }
+        for (i64 j = 0; j < count; j++) hist[found[j]]++;
     }
 }
 

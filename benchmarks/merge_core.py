@@ -23,6 +23,7 @@ import torch
 from hf_magmax import merging
 from hf_magmax.merging import MagMaxMerge, TaskArithmeticMerge, TiesMerge, ties_trim_threshold
 from hf_magmax.merging import kernels as _merge_kernels
+from hf_magmax.task_vectors import subtract
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,81 @@ def main():
                 row(f"ties {name} (thresholds given), new: bit-pattern trim, clamp/sign sums, pieces", t, t_old)
             )
         lines.append("")
+
+    lines += fused_block_section(g, T, reps, args.quick)
     print("\n".join(lines))
+
+
+def torch_block(method, theta_0, tasks, thresholds=None):
+    """One block of the streaming merge on the torch path: subtract -> accumulator -> apply_merged (bf16 out)."""
+    spec = merging.MergeSpec(method)
+    base = theta_0.float()
+    acc = spec.accumulator("w", stats=thresholds)
+    for task in tasks:
+        acc.update(subtract(task, base))
+    return merging.apply_merged(base, acc.result(), spec.coef, dtype=theta_0.dtype)
+
+
+def fused_block_section(g, T, reps, quick):
+    """The streaming merge's block (bf16 θ_0 and θ_t, bf16 out), torch path vs the fused C folds, over a tensor of
+    8M elements cut into blocks of several sizes (the C path only: `_CHUNK_ELEMENTS`)."""
+    if _merge_kernels.c_kernels() is None:
+        return ["### Fused C folds: not built here (`pip install -e .`)", ""]
+    numel = 1 << 18 if quick else 1 << 23
+    theta_0 = torch.randn(numel, generator=g).to(torch.bfloat16)
+    tasks = [(theta_0.float() + 0.01 * torch.randn(numel, generator=g)).to(torch.bfloat16) for _ in range(T)]
+    lines = [
+        f"### One tensor of {numel >> 20 or numel}{'M' if numel >> 20 else ''} elements, bf16 in and out, {T} tasks: "
+        "the streaming merge's blocks, torch path vs fused C",
+        "",
+        "| method | block elements | torch path ms | fused C ms | C vs torch | C ns / element / task |",
+        "|---|---|---|---|---|---|",
+    ]
+    block_sizes = [1 << 16, 1 << 18, 1 << 20, 1 << 21] if not quick else [1 << 16]
+    for method in ("magmax", "task_arithmetic", "ties"):
+        thresholds = None
+        if method == "ties":
+            base = theta_0.float()
+            thresholds = [merging.ties_trim_threshold(subtract(t, base), 0.2) for t in tasks]
+            blocks = [(slice(i, i + (1 << 20)), i) for i in range(0, numel, 1 << 20)]
+            assert _merge_kernels.fused_ties_thresholds(theta_0, tasks, blocks, 0.2) == thresholds
+        for size in block_sizes:
+            blocks = [slice(i, i + size) for i in range(0, numel, size)]
+
+            def run_torch():
+                return [torch_block(method, theta_0[b], [t[b] for t in tasks], thresholds) for b in blocks]
+
+            def run_c():
+                return [
+                    _merge_kernels.fused_merge_block(
+                        method,
+                        theta_0[b],
+                        [t[b] for t in tasks],
+                        merging.MergeSpec(method).coef,
+                        torch.bfloat16,
+                        thresholds=thresholds,
+                    )[0]
+                    for b in blocks
+                ]
+
+            assert all(same(a, b) for a, b in zip(run_c(), run_torch()))
+            t_torch = median_time(run_torch, reps) if size == 1 << 20 or quick else float("nan")
+            t_c = median_time(run_c, reps)
+            torch_ms, ratio = ("", "") if math.isnan(t_torch) else (f"{t_torch * 1e3:.1f}", f"{t_torch / t_c:.2f}×")
+            lines.append(
+                f"| {method} | {size} | {torch_ms} | {t_c * 1e3:.1f} | {ratio} | {t_c / numel / T * 1e9:.3f} |"
+            )
+        if method == "ties":
+            blocks = [(slice(i, i + (1 << 20)), i) for i in range(0, numel, 1 << 20)]
+            t_torch = median_time(lambda: [merging.ties_trim_threshold(subtract(t, theta_0.float()), 0.2)
+                                           for t in tasks], reps)  # fmt: skip
+            t_c = median_time(lambda: _merge_kernels.fused_ties_thresholds(theta_0, tasks, blocks, 0.2), reps)
+            lines.append(
+                f"| ties thresholds (whole tensor) | {1 << 20} | {t_torch * 1e3:.1f} | {t_c * 1e3:.1f} |"
+                f" {t_torch / t_c:.2f}× | {t_c / numel / T * 1e9:.3f} |"
+            )
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

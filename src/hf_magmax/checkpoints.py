@@ -16,8 +16,10 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    `τ_t = θ_t − θ_0` ([`hf_magmax.task_vectors.subtract`]) into the method's accumulator
    (`MergeSpec.accumulator(name, offset=...)`; TIES first gets each whole task vector's trim threshold,
    `MergeSpec.tensor_stat`), write [`~hf_magmax.merging.apply_merged`]`(θ_0, merged, λ)`. The result is bit-identical
-   to the in-memory engine (`TaskVector` → `merge_task_vectors` → `apply_to`) for every method. OPCM folds whole
-   tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
+   to the in-memory engine (`TaskVector` → `merge_task_vectors` → `apply_to`) for every method. On CPU, magmax,
+   task_arithmetic, average and ties run these steps fused in C, one pass per task per element
+   (`merging.kernels.fused_merge_block`, the same bits; `HF_MAGMAX_DISABLE_CKERNELS=1` turns it off). OPCM folds
+   whole tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
    every tensor for the norms alone (`_model_scale`), so it costs two folds of the model, memory still one tensor.
 3. **Write the side files** (`_write_side_files`): the base's config and tokenizer files, `magmax_config.yaml`
    ([`~hf_magmax.config.MergeConfig`]) and a model card, all in the staging directory that is moved into place at the
@@ -53,7 +55,7 @@ from .io import (
     staged_output_dir,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
-from .merging import MergeSpec, apply_merged, compute_dtype
+from .merging import MergeSpec, apply_merged, compute_dtype, kernels
 
 
 logger = logging.getLogger(__name__)
@@ -566,15 +568,27 @@ def _merged_blocks(
     # lazily sliced views of the inputs: only the rows of the current block are read from disk
     base_view = inputs.base.rows(plan.base)
     views = [model.rows(source) for model, source in zip(inputs.models, plan.sources)]
-    # θ_0 is converted to the compute dtype once per block, not once per task vector: `subtract` and `apply_merged`
-    # then find it already there (a widening to fp32 is exact, so the bits are the same)
     blocks = _row_blocks(plan.shape) if spec.merge_class.blockwise else [(Ellipsis, 0)]  # opcm: whole tensors
+    # the fused C folds (one pass per task per element, `kernels.fused_merge_block`) where they apply; any block they
+    # decline (not built, other dtypes or devices, a non-finite value) takes the torch path below, with the same bits
+    fused = device == "cpu" and spec.method in kernels.FUSED_METHODS and kernels.c_kernels() is not None
     stats = None
-    if spec.merge_class.needs_tensor_stats:  # ties: each whole task vector's trim threshold, one τ_t at a time
-        theta_0 = _widened(base_view[...], device)
-        stats = [spec.tensor_stat(subtract(view[...], theta_0, device=device)) for view in views]
-        del theta_0
+    if spec.merge_class.needs_tensor_stats:  # ties: each whole task vector's trim threshold
+        if fused:
+            stats = kernels.fused_ties_thresholds(base_view, views, blocks, spec.method_options["density"])
+        if stats is None:  # the torch path: one τ_t at a time
+            theta_0 = _widened(base_view[...], device)
+            stats = [spec.tensor_stat(subtract(view[...], theta_0, device=device)) for view in views]
+            del theta_0
     for block, offset in blocks:
+        if fused:
+            done = kernels.fused_merge_block(spec.method, base_view[block], [view[block] for view in views], spec.coef,
+                                             dtype, thresholds=stats, track_winners=track_winners)  # fmt: skip
+            if done is not None:
+                yield done
+                continue
+        # θ_0 is converted to the compute dtype once per block, not once per task vector: `subtract` and `apply_merged`
+        # then find it already there (a widening to fp32 is exact, so the bits are the same)
         theta_0 = _widened(base_view[block], device)
         _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
         accumulator = spec.accumulator(plan.base, offset=offset, stats=stats, track_winners=track_winners)

@@ -1,11 +1,15 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
 """CPU kernels of the merge core: the folds on integer bit patterns, the exact TIES threshold by histogram select, the
-counter-based hash of random_mix. Private: [`hf_magmax.merging`] is the API; these are its fast paths, each checked
-bit for bit against the plain float formulation in `tests/test_merging.py`. Torch is imported when a kernel runs.
+counter-based hash of random_mix, and the fused single-pass folds of the streaming merge in C (`_fold.c`, built at
+install time when a compiler is there, loaded with `ctypes` on first use). Private: [`hf_magmax.merging`] is the API;
+these are its fast paths, each checked bit for bit against the plain float formulation in `tests/test_merging.py` and
+`tests/test_kernels.py`. Torch is imported when a kernel runs.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -15,6 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import Tensor
 
+
+logger = logging.getLogger(__name__)
 
 #: Elements per piece when a CPU fold goes through a tensor: the few passes over one piece stay in the L2/L3 cache
 #: instead of streaming the whole tensor through memory once per pass (measured in `benchmarks/merge_core.py`).
@@ -245,3 +251,264 @@ def _kth_largest_magnitude(
     keys = flat.view(torch.int16) & 0x7FFF  # fp16 / bf16: |x|'s 15 bits
     bucket, _ = _select_bucket(keys, rank, 1 << 15, reduce)
     return torch.tensor(bucket, dtype=torch.int16).view(flat.dtype).float().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused C folds of the streaming merge (`_fold.c`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Set to `1` to force the torch path of the streaming merge (the C folds are never loaded); the bits are the same.
+DISABLE_CKERNELS_ENV = "HF_MAGMAX_DISABLE_CKERNELS"
+_ABI_VERSION = 1  # `hfm_abi_version()` of the `_fold.c` this module calls; a stale build is not used
+_NOT_LOADED = object()
+_clib_handle: object = _NOT_LOADED
+_DTYPE_CODES: dict[str, int] = {"float32": 0, "bfloat16": 1, "float16": 2}  # `_fold.c`'s dtype codes
+#: The merge methods that have a fused C fold.
+FUSED_METHODS = ("magmax", "task_arithmetic", "average", "ties")
+
+
+#: The builds of `_fold.c` (setup.py), best first, and the prefixes of torch's CPU capabilities that run each.
+_VARIANTS = (("_fold_avx512", ("AVX512",)), ("_fold_avx2", ("AVX512", "AVX2")), ("_fold", None))
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover - older torch: the baseline build only
+        return "DEFAULT"
+
+
+def _library_paths() -> list[str]:
+    """The paths of the built `_fold` libraries next to this file that this CPU runs, best first."""
+    import importlib.machinery
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    capability = None
+    paths = []
+    for stem, capabilities in _VARIANTS:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(here, stem + suffix)
+            if not os.path.isfile(path):
+                continue
+            if capabilities is not None:
+                capability = capability or _cpu_capability()
+                if not capability.startswith(capabilities):
+                    break
+            paths.append(path)
+            break
+    return paths
+
+
+def _load_library(path: str | None = None):
+    """Load the best `_fold` build (or `path`) with its function signatures; None (and a debug log saying why) when
+    none can be used."""
+    import ctypes
+
+    if sys.byteorder != "little":
+        logger.debug("C merge kernels not used: big-endian platform")
+        return None
+    paths = [path] if path is not None else _library_paths()
+    if not paths:
+        logger.debug("C merge kernels not built (no compiler at install time?): the torch path runs")
+        return None
+    lib = None
+    for candidate in paths:  # the best build that loads
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.hfm_abi_version.restype = ctypes.c_int
+            version = lib.hfm_abi_version()
+        except (OSError, AttributeError) as err:
+            logger.debug("C merge kernels at %s cannot be loaded (%s)", candidate, err)
+            lib = None
+            continue
+        if version == _ABI_VERSION:
+            break
+        logger.debug("C merge kernels at %s are a stale build (ABI %d): reinstall hf_magmax", candidate, version)
+        lib = None
+    if lib is None:
+        return None
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "hfm_widen": (i, [p, i, p, i64]),
+        "hfm_magmax_fold": (i, [p, i, p, p, p, i, i, i64]),
+        "hfm_sum_fold": (i, [p, i, p, p, i, i64]),
+        "hfm_ties_fold": (i, [p, i, p, f, p, p, p, p, i64]),
+        "hfm_diff_hist_high": (i, [p, i, p, p, i64]),
+        "hfm_diff_hist_low": (None, [p, i, p, i, p, i64]),
+        "hfm_apply": (i, [p, p, f, p, i, i64]),
+        "hfm_ties_apply": (i, [p, p, p, p, p, f, p, i, i64]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+def c_kernels():
+    """The loaded C library of the fused folds, or None: not built, disabled by `HF_MAGMAX_DISABLE_CKERNELS=1`, or not
+    loadable here. Loaded once, on first use (a few milliseconds: no compiler ever runs)."""
+    global _clib_handle
+    if os.environ.get(DISABLE_CKERNELS_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return None
+    if _clib_handle is _NOT_LOADED:
+        _clib_handle = _load_library()
+    return _clib_handle
+
+
+def _code(tensor: Tensor) -> int | None:
+    """`_fold.c`'s dtype code of a contiguous CPU tensor, None if the C folds do not take it."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    return _DTYPE_CODES.get(str(tensor.dtype).removeprefix("torch."))
+
+
+def _widened_f32(lib, theta_0: Tensor, code: int) -> Tensor:
+    """θ_0 as a flat fp32 tensor (itself when it is one). Its finiteness is not checked here: a non-finite θ_0 makes
+    every τ non-finite, which the folds report."""
+    import torch
+
+    if code == 0:
+        return theta_0.view(-1)
+    out = torch.empty(theta_0.numel(), dtype=torch.float32)
+    lib.hfm_widen(theta_0.data_ptr(), code, out.data_ptr(), out.numel())
+    return out
+
+
+def fused_merge_block(
+    method: str,
+    theta_0: Tensor,
+    tasks: Sequence[Tensor],
+    scaling_coef: float,
+    dtype: torch.dtype,
+    *,
+    thresholds: Sequence[float | None] | None = None,
+    track_winners: bool = False,
+) -> tuple[Tensor, Tensor | None] | None:
+    """One block of the streaming merge in the C folds: `θ_0 + λ · merge(θ_t − θ_0 for θ_t in tasks)` in `dtype`,
+    and the winner map (`uint8`, magmax with `track_winners`).
+
+    One pass per task over the block (τ in fp32, never stored; the fold; a "saw a non-finite value" flag) and one
+    for the output (`θ_0 + λ · merged` cast to `dtype`, round to nearest even), the same bits as the torch path:
+    `subtract`, the method's accumulator, `apply_merged`. Returns None, and the caller takes the torch path, when the
+    C folds are not there (or disabled), do not take these inputs (dtypes other than fp32/bf16/fp16, non-CPU or
+    non-contiguous tensors, more than 256 tracked tasks, another method), or a value is not finite: the torch path
+    then raises the usual error naming the tensor and the checkpoint, or (`allow_non_finite`) computes the same bits.
+
+    Args:
+        method (`str`): `magmax`, `task_arithmetic`, `average` or `ties`.
+        theta_0 (`torch.Tensor`): the base's block (fp32, bf16 or fp16).
+        tasks (`list[torch.Tensor]`): the fine-tunes' blocks, same shape, in task order.
+        scaling_coef (`float`): λ.
+        dtype (`torch.dtype`): the output dtype.
+        thresholds (`list[float | None]`, *optional*): ties only, each whole task vector's trim threshold.
+        track_winners (`bool`, *optional*, defaults to `False`): magmax only, also return the winner map.
+    """
+    import torch
+
+    lib = c_kernels()
+    if lib is None or method not in FUSED_METHODS or not tasks or (track_winners and method != "magmax"):
+        return None
+    base_code, codes = _code(theta_0), [_code(task) for task in tasks]
+    out_code = _DTYPE_CODES.get(str(dtype).removeprefix("torch."))
+    n = theta_0.numel()
+    if base_code is None or out_code is None or None in codes or n == 0 or (track_winners and len(tasks) > 256):
+        return None
+    if any(task.shape != theta_0.shape for task in tasks):
+        return None
+    base = _widened_f32(lib, theta_0, base_code)
+    out = torch.empty(theta_0.shape, dtype=dtype)
+    winners = None
+    if method == "ties":
+        if thresholds is None or len(thresholds) != len(tasks):
+            return None
+        state = torch.zeros(4, n, dtype=torch.float32)  # pos_sum, neg_sum, pos_count, neg_count
+        pointers = [row.data_ptr() for row in state]
+        for task, code, threshold in zip(tasks, codes, thresholds):
+            threshold = 0.0 if threshold is None else threshold  # density 1: |τ| >= 0 keeps every finite τ
+            if lib.hfm_ties_fold(task.data_ptr(), code, base.data_ptr(), threshold, *pointers, n):
+                return None
+        if lib.hfm_ties_apply(base.data_ptr(), *pointers, scaling_coef, out.data_ptr(), out_code, n):
+            return None
+        return out, None
+    merged = torch.empty(n, dtype=torch.float32)
+    if method == "magmax":
+        if track_winners:
+            winners = torch.zeros(theta_0.shape, dtype=torch.uint8)
+        w = winners.data_ptr() if winners is not None else None
+        for t, (task, code) in enumerate(zip(tasks, codes)):
+            if lib.hfm_magmax_fold(task.data_ptr(), code, base.data_ptr(), merged.data_ptr(), w, t, t == 0, n):
+                return None
+    else:
+        for t, (task, code) in enumerate(zip(tasks, codes)):
+            if lib.hfm_sum_fold(task.data_ptr(), code, base.data_ptr(), merged.data_ptr(), t == 0, n):
+                return None
+        if method == "average":
+            merged = merged / len(tasks)  # AverageMerge's result, by torch (the same division)
+    if lib.hfm_apply(base.data_ptr(), merged.data_ptr(), scaling_coef, out.data_ptr(), out_code, n):
+        return None
+    return out, winners
+
+
+def fused_ties_thresholds(base_view, views: Sequence, blocks: Sequence, density: float) -> list[float | None] | None:
+    """TIES' trim threshold of every whole task vector `view[...] − base_view[...]`, as
+    [`~hf_magmax.merging.ties_trim_threshold`] gives it on the fp32 task vector, found by the C folds in two sweeps over
+    the row `blocks` (a histogram of the high 16 bits of `|τ|`, then of the low 16 bits in the bucket that holds the
+    k-th largest), τ never stored. None (the caller computes them on the torch path) when the C folds do not apply or
+    a value is not finite.
+    """
+    import math
+
+    import torch
+
+    lib = c_kernels()
+    if lib is None or not views:
+        return None
+    if density >= 1.0:
+        return [None] * len(views)
+    histograms = torch.zeros(len(views), 1 << 15, dtype=torch.int64)
+    numel = 0
+
+    def sweep(fold) -> bool:
+        for block, _ in blocks:
+            theta_0 = base_view[block]
+            tasks = [view[block] for view in views]
+            base_code, codes = _code(theta_0), [_code(task) for task in tasks]
+            if base_code is None or None in codes or any(task.shape != theta_0.shape for task in tasks):
+                return False
+            base = _widened_f32(lib, theta_0, base_code)
+            for t, (task, code) in enumerate(zip(tasks, codes)):
+                if not fold(t, task, code, base):
+                    return False
+        return True
+
+    def high(t, task, code, base) -> bool:
+        nonlocal numel
+        numel += base.numel() if t == 0 else 0
+        return not lib.hfm_diff_hist_high(
+            task.data_ptr(), code, base.data_ptr(), histograms[t].data_ptr(), base.numel()
+        )
+
+    if not sweep(high) or numel == 0:
+        return None
+    k = int(density * numel)
+    if k == 0:
+        return [math.inf] * len(views)
+    rank = numel - k  # 0-based ascending rank of the k-th largest
+    cumulative = histograms.cumsum_(1)
+    buckets = [int(torch.searchsorted(cumulative[t], rank, right=True)) for t in range(len(views))]
+    ranks = [rank - (int(cumulative[t, b - 1]) if b else 0) for t, b in enumerate(buckets)]
+    fine = torch.zeros(len(views), 1 << 16, dtype=torch.int64)
+
+    def low(t, task, code, base) -> bool:
+        lib.hfm_diff_hist_low(task.data_ptr(), code, base.data_ptr(), buckets[t], fine[t].data_ptr(), base.numel())
+        return True
+
+    sweep(low)
+    cumulative = fine.cumsum_(1)
+    thresholds = []
+    for t in range(len(views)):
+        bits = (buckets[t] << 16) | int(torch.searchsorted(cumulative[t], ranks[t], right=True))
+        thresholds.append(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item())
+    return thresholds

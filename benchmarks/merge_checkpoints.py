@@ -386,6 +386,11 @@ def compare_outputs(contenders: list[Contender], results: dict, caches: list[str
     return found
 
 
+def percent(share: float) -> str:
+    """A share as a percentage that does not read 0.00% for a few elements."""
+    return "0%" if share == 0 else f"{share:.2%}" if share >= 1e-4 else f"{100 * share:.1e}%"
+
+
 def report_dtype(args, dtype: str, num_params: int, input_gb: float, contenders, results, agree) -> list[str]:
     T = args.num_tasks
     small_t = min(2, T)
@@ -457,7 +462,7 @@ def report_dtype(args, dtype: str, num_params: int, input_gb: float, contenders,
         elif "error" in match:
             row += f" {match['error']} | |"
         else:
-            row += f" {match['max_abs']:.3g} | {match['differ']:.2%} |"
+            row += f" {match['max_abs']:.3g} | {percent(match['differ'])} |"
         lines.append(row)
 
     def check(ok: bool) -> str:
@@ -521,15 +526,15 @@ def report_dtype(args, dtype: str, num_params: int, input_gb: float, contenders,
         text = f"- {rival} {method} vs hf_magmax {method}: " + (
             "bit for bit equal"
             if exact
-            else f"max abs. difference {match['max_abs']:.3g}, {match['differ']:.2%} of the elements differ"
+            else f"max abs. difference {match['max_abs']:.3g}, {percent(match['differ'])} of the elements differ"
         )
         if method == "task_arithmetic" and not exact:
             text += " (float rounding: mergekit sums in its own order)"
         if method == "ties" and not exact:
             text += (
                 " (mergekit's `topk` keeps exactly k magnitudes per task vector, hf_magmax keeps every element tied at "
-                "the trimming threshold, `hf_magmax.merging.TiesMerge`; task vectors of low-precision checkpoints have "
-                "many such ties)"
+                "the trimming threshold, `hf_magmax.merging.TiesMerge`; "
+                + ("task vectors of bf16 checkpoints have many such ties)" if dtype == "bfloat16" else "rare in fp32)")
             )
         if rival == "FusionBench":
             text += (
@@ -539,7 +544,9 @@ def report_dtype(args, dtype: str, num_params: int, input_gb: float, contenders,
                 if exact
                 else " (same selection rule, ties to the later task; FusionBench computes τ = θ_t − θ_0 and "
                 "θ_0 + λ·τ in the checkpoints' dtype, so each is rounded to bf16, where hf_magmax computes τ and "
-                "θ_0 + λ·τ in fp32 and rounds once at the end: the outputs differ by bf16 roundings)"
+                "θ_0 + λ·τ in fp32 and rounds once at the end: the outputs differ by bf16 roundings, and where two "
+                "tasks' |τ| are within a rounding of each other the rounded τ can pick the other task, which moves "
+                "that element by up to λ·|τ_a − τ_b|)"
                 if dtype == "bfloat16"
                 else ""
             )

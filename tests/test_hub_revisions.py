@@ -15,13 +15,13 @@ import torch
 from builders import make_family
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
-from tiny_tasks import Crash, classification_task, tiny_bert
+from tiny_tasks import Crash, classification_task, tiny_bert, tiny_config
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_magmax import TaskVector, merge_task_vectors
 from hf_magmax.cli import main
 from hf_magmax.hub import hub_branches, parse_model_card
-from hf_magmax.trainer import MagMaxCallback, MagMaxConfig, MagMaxTrainer
+from hf_magmax.trainer import MagMaxCallback, MagMaxTrainer
 
 
 REPO = "me/continual"
@@ -46,20 +46,7 @@ class Snapshots(TrainerCallback):
 
 
 def config(output_dir, **kwargs):
-    defaults = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        push_every_task=True,
-        hub_model_id=REPO,
-    )
-    return MagMaxConfig(**{**defaults, **kwargs})
+    return tiny_config(output_dir, **{"save_strategy": "no", "push_every_task": True, "hub_model_id": REPO, **kwargs})
 
 
 def run(output_dir, callbacks=(), resume=None, num_tasks=3, model=None, **kwargs):

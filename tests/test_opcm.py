@@ -22,7 +22,7 @@ import torch
 import yaml
 from builders import load_dir, make_family, tiny_model
 from safetensors.torch import load_file
-from tiny_tasks import Crash, classification_task, tiny_bert
+from tiny_tasks import Crash, classification_task, tiny_bert, tiny_config
 from torch import nn
 from transformers import TrainerCallback
 
@@ -357,20 +357,7 @@ def _tasks():
 
 def _run(output_dir, callbacks=(), resume=None):
     train, evaluation = _tasks()
-    args = MagMaxConfig(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        merge_method="opcm",
-        merge_alpha=0.4,
-        seed=0,
-    )
+    args = tiny_config(output_dir, merge_method="opcm", merge_alpha=0.4)
     trainer = MagMaxTrainer(
         tiny_bert(), args, train_datasets=train, eval_datasets=evaluation, callbacks=list(callbacks)
     )

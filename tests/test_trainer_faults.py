@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_tasks import Crash, classification_task, classification_tasks, tiny_bert
+from tiny_tasks import Crash, classification_task, classification_tasks, tiny_bert, tiny_config
 from transformers import TrainerCallback
 
 from hf_magmax.trainer import (
@@ -16,7 +16,6 @@ from hf_magmax.trainer import (
     STATE_NAME,
     CheckpointError,
     MagMaxCallback,
-    MagMaxConfig,
     MagMaxTrainer,
 )
 
@@ -43,20 +42,7 @@ def three_tasks():
 
 
 def make_args(output_dir, **kwargs):
-    defaults = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return MagMaxConfig(**defaults)
+    return tiny_config(output_dir, **kwargs)
 
 
 def run(output_dir, callbacks=(), resume=None):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_tasks import Crash, classification_task, tiny_bert  # noqa: E402
+from tiny_tasks import Crash, classification_task, tiny_bert, tiny_config  # noqa: E402
 
 from hf_magmax.trainer import BASE_WEIGHTS_NAME, MERGE_STATE_NAME, STATE_NAME, MagMaxConfig, MagMaxTrainer
 
@@ -24,19 +24,7 @@ def tasks():
 
 def run(output_dir, callbacks=(), resume=None, method="magmax"):
     train, evaluation = tasks()
-    args = MagMaxConfig(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        merge_method=method,
-        seed=0,
-    )
+    args = tiny_config(output_dir, merge_method=method)
     trainer = MagMaxTrainer(
         tiny_bert(), args, train_datasets=train, eval_datasets=evaluation, callbacks=list(callbacks)
     )

@@ -11,6 +11,26 @@ NUM_LABELS = 4
 SEQ_LEN = 8
 
 
+def tiny_config(output_dir, **kwargs):
+    """The `MagMaxConfig` of the tiny trainer tests: 4 steps per task of batch 4, a checkpoint every 2 steps, CPU,
+    seeded, no reports; `kwargs` override any field."""
+    from hf_magmax import MagMaxConfig
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return MagMaxConfig(**{**defaults, **kwargs})
+
+
 def tiny_bert(num_labels: int = NUM_LABELS, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(

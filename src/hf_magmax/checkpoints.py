@@ -658,9 +658,9 @@ def _write_side_files(
 
 
 def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, provenance: Any = None):
-    """The card of a checkpoint merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
+    """The card of a checkpoint merge, through the one card builder ([`hf_magmax.hub.model_card_text`], the text of `build_model_card`)."""
     from . import __version__
-    from .hub import build_model_card
+    from .hub import model_card_text
 
     spec = config.spec
     hub_base = config.base if is_hub_id(config.base) and not expand_path(config.base).exists() else None
@@ -690,7 +690,7 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         sections["Provenance"] = (
             f"Which task won where (saved per element in `{PROVENANCE_FILE}`):\n\n{provenance_table(provenance)}"
         )
-    return build_model_card(
+    return model_card_text(
         expand_path(config.output_dir).name,
         f"This model is a merge of {len(config.models)} fine-tuned model(s) of `{base_name}` made with "
         f"hf_magmax {__version__}.",

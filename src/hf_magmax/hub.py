@@ -123,6 +123,39 @@ def _hub_base_model(base_model: str | os.PathLike | None) -> str | None:
 
 
 def build_model_card(
+    title: str, summary: str, sections: Mapping[str, str] | Sequence[tuple[str, str]] = (), **options: Any
+) -> ModelCard:
+    """The model card of [`model_card_text`] (same arguments) as a `huggingface_hub.ModelCard`.
+
+    Returns:
+        `huggingface_hub.ModelCard`: `str(card)` is the `README.md` text; `card.save(path)` writes it;
+        [`write_model_card`]`(folder, card)` writes `folder/README.md`.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import build_model_card
+    >>> card = build_model_card(
+    ...     "my-merge",
+    ...     "A MagMax merge of 2 fine-tuned models of `org/base`.",
+    ...     {"Models merged (task order)": "1. `org/task-1`, 2. `org/task-2`"},
+    ...     base_model="org/base",
+    ...     base_model_relation="merge",
+    ...     method="magmax",
+    ...     merge_config={"base": "org/base", "models": ["org/task-1", "org/task-2"], "method": "magmax"},
+    ...     config_file="magmax_config.yaml",
+    ...     rerun_command="hf-magmax merge magmax_config.yaml",
+    ... )
+    >>> card.data.base_model, card.data.tags
+    ('org/base', ['hf_magmax', 'magmax', 'model-merging'])
+    ```
+    """
+    from huggingface_hub import ModelCard
+
+    return ModelCard(model_card_text(title, summary, sections, **options))
+
+
+def model_card_text(
     title: str,
     summary: str,
     sections: Mapping[str, str] | Sequence[tuple[str, str]] = (),
@@ -138,8 +171,8 @@ def build_model_card(
     config_file: str | None = None,
     rerun_command: str | None = None,
     **metadata: Any,
-) -> ModelCard:
-    """Build the model card of a merged model, a merged LoRA adapter or a `MagMaxTrainer` run.
+) -> str:
+    """The `README.md` text of the model card of a merged model, a merged LoRA adapter or a `MagMaxTrainer` run.
 
     The card is, in this order: the YAML metadata (validated by `huggingface_hub.ModelCardData`), `# title`, the
     `summary` paragraph, each of `sections` as `## heading`, `## Merge configuration` (the `merge_config` YAML and how
@@ -179,62 +212,13 @@ def build_model_card(
             Further `ModelCardData` fields: `license`, `language`, `datasets`, `pipeline_tag`, `model_name`, ...
 
     Returns:
-        `huggingface_hub.ModelCard`: `str(card)` is the `README.md` text; `card.save(path)` writes it;
-        [`write_model_card`]`(folder, card)` writes `folder/README.md`.
+        `str`: the card's text. It imports only `huggingface_hub.repocard_data` (~30 ms), not
+        `huggingface_hub.repocard` (~0.25 s): the streaming merge writes this text. [`build_model_card`] wraps it
+        in a `huggingface_hub.ModelCard`.
 
     Raises:
         `ValueError` for an unknown `base_model_relation` or `library_name`, or metadata `ModelCardData` refuses.
-
-    Example:
-
-    ```python
-    >>> from hf_magmax.hub import build_model_card
-    >>> card = build_model_card(
-    ...     "my-merge",
-    ...     "A MagMax merge of 2 fine-tuned models of `org/base`.",
-    ...     {"Models merged (task order)": "1. `org/task-1`, 2. `org/task-2`"},
-    ...     base_model="org/base",
-    ...     base_model_relation="merge",
-    ...     method="magmax",
-    ...     merge_config={"base": "org/base", "models": ["org/task-1", "org/task-2"], "method": "magmax"},
-    ...     config_file="magmax_config.yaml",
-    ...     rerun_command="hf-magmax merge magmax_config.yaml",
-    ... )
-    >>> card.data.base_model, card.data.tags
-    ('org/base', ['hf_magmax', 'magmax', 'model-merging'])
-    ```
     """
-    from huggingface_hub import ModelCard
-
-    return ModelCard(
-        model_card_text(
-            title, summary, sections, base_model=base_model, base_model_relation=base_model_relation,
-            library_name=library_name, method=method, lora=lora, continual=continual, tags=tags,
-            merge_config=merge_config, config_file=config_file, rerun_command=rerun_command, **metadata,
-        )
-    )  # fmt: skip
-
-
-def model_card_text(
-    title: str,
-    summary: str,
-    sections: Mapping[str, str] | Sequence[tuple[str, str]] = (),
-    *,
-    base_model: str | os.PathLike | None = None,
-    base_model_relation: str | None = None,
-    library_name: str = "transformers",
-    method: str | None = None,
-    lora: bool = False,
-    continual: bool = False,
-    tags: Sequence[str] = (),
-    merge_config: Mapping[str, Any] | str | None = None,
-    config_file: str | None = None,
-    rerun_command: str | None = None,
-    **metadata: Any,
-) -> str:
-    """The `README.md` text of [`build_model_card`] (same arguments), without building a `ModelCard`: it imports only
-    `huggingface_hub.repocard_data` (~30 ms), not `huggingface_hub.repocard` (~0.25 s), which is what the streaming
-    merge writes."""
     import yaml
     from huggingface_hub.repocard_data import ModelCardData
 

@@ -246,33 +246,39 @@ HFM_API void hfm_diff_hist_low(const void *theta_t, int dtype, const float *thet
 
 /* ---- the merged block: θ_0 + λ · merged, cast to the output dtype --------------------------------------------- */
 
+/* The three output branches of a merged block: element i's fp32 value `VALUE` (an expression of i) written to `out` in
+ * `out_dtype` (1 bf16, 2 fp16, else fp32), `bad` set if an output is not finite. One loop per dtype, so that each
+ * vectorizes; a macro, not a function, so that `VALUE` is inlined into it. */
+#define HFM_STORE_MERGED(VALUE)                                                                                      \
+    do {                                                                                                             \
+        if (out_dtype == 1) {                                                                                        \
+            uint16_t *o = (uint16_t *)out;                                                                           \
+            for (i64 i = 0; i < n; i++) {                                                                            \
+                const uint16_t h = f32_to_bf16(VALUE);                                                               \
+                o[i] = h;                                                                                            \
+                bad |= (h & 0x7F80u) == 0x7F80u;                                                                     \
+            }                                                                                                        \
+        } else if (out_dtype == 2) {                                                                                 \
+            uint16_t *o = (uint16_t *)out;                                                                           \
+            for (i64 i = 0; i < n; i++) {                                                                            \
+                const uint16_t h = f32_to_fp16(VALUE);                                                               \
+                o[i] = h;                                                                                            \
+                bad |= (h & 0x7C00u) == 0x7C00u;                                                                     \
+            }                                                                                                        \
+        } else {                                                                                                     \
+            float *o = (float *)out;                                                                                 \
+            for (i64 i = 0; i < n; i++) {                                                                            \
+                const float x = (VALUE);                                                                             \
+                o[i] = x;                                                                                            \
+                bad |= nonfinite(x);                                                                                 \
+            }                                                                                                        \
+        }                                                                                                            \
+    } while (0)
+
 /* out = fp32(merged[i] * coef) + theta_0[i], written in `out_dtype`; non-zero if an output is not finite. */
 HFM_API int hfm_apply(const float *theta_0, const float *merged, float coef, void *out, int out_dtype, i64 n) {
     uint32_t bad = 0;
-    if (out_dtype == 1) {
-        uint16_t *o = (uint16_t *)out;
-        for (i64 i = 0; i < n; i++) {
-            const float x = merged[i] * coef + theta_0[i];
-            const uint16_t h = f32_to_bf16(x);
-            o[i] = h;
-            bad |= (h & 0x7F80u) == 0x7F80u;
-        }
-    } else if (out_dtype == 2) {
-        uint16_t *o = (uint16_t *)out;
-        for (i64 i = 0; i < n; i++) {
-            const float x = merged[i] * coef + theta_0[i];
-            const uint16_t h = f32_to_fp16(x);
-            o[i] = h;
-            bad |= (h & 0x7C00u) == 0x7C00u;
-        }
-    } else {
-        float *o = (float *)out;
-        for (i64 i = 0; i < n; i++) {
-            const float x = merged[i] * coef + theta_0[i];
-            o[i] = x;
-            bad |= nonfinite(x);
-        }
-    }
+    HFM_STORE_MERGED(merged[i] * coef + theta_0[i]);
     return (int)bad;
 }
 
@@ -291,29 +297,6 @@ static inline float ties_merged(const float *pos_sum, const float *neg_sum, cons
 HFM_API int hfm_ties_apply(const float *theta_0, const float *pos_sum, const float *neg_sum, const float *pos_count,
                               const float *neg_count, float coef, void *out, int out_dtype, i64 n) {
     uint32_t bad = 0;
-    if (out_dtype == 1) {
-        uint16_t *o = (uint16_t *)out;
-        for (i64 i = 0; i < n; i++) {
-            const float x = ties_merged(pos_sum, neg_sum, pos_count, neg_count, i) * coef + theta_0[i];
-            const uint16_t h = f32_to_bf16(x);
-            o[i] = h;
-            bad |= (h & 0x7F80u) == 0x7F80u;
-        }
-    } else if (out_dtype == 2) {
-        uint16_t *o = (uint16_t *)out;
-        for (i64 i = 0; i < n; i++) {
-            const float x = ties_merged(pos_sum, neg_sum, pos_count, neg_count, i) * coef + theta_0[i];
-            const uint16_t h = f32_to_fp16(x);
-            o[i] = h;
-            bad |= (h & 0x7C00u) == 0x7C00u;
-        }
-    } else {
-        float *o = (float *)out;
-        for (i64 i = 0; i < n; i++) {
-            const float x = ties_merged(pos_sum, neg_sum, pos_count, neg_count, i) * coef + theta_0[i];
-            o[i] = x;
-            bad |= nonfinite(x);
-        }
-    }
+    HFM_STORE_MERGED(ties_merged(pos_sum, neg_sum, pos_count, neg_count, i) * coef + theta_0[i]);
     return (int)bad;
 }

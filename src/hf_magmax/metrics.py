@@ -59,8 +59,9 @@ CONTINUAL_METRIC_NAMES: tuple[str, ...] = (
 _METRICS_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics_modules")
 
 
-def _as_matrix(matrix: Any, name: str = "matrix") -> np.ndarray:
-    """Validate the `(T + 1) × T` layout and return a float64 array."""
+def _as_matrix(matrix: Any, name: str = "matrix", seen_only: bool = False) -> np.ndarray:
+    """Validate the `(T + 1) × T` layout and return a float64 array (missing cells, allowed with `seen_only` for the
+    tasks not trained yet, as NaN)."""
     try:
         array = np.asarray(matrix, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -82,12 +83,26 @@ def _as_matrix(matrix: Any, name: str = "matrix") -> np.ndarray:
             "tasks: row 0 holds the scores of θ_0 before any training, row t the scores after task t. If you have "
             "no θ_0 scores, you cannot compute forward transfer; add a row of the base model's scores first."
         )
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"`{name}` contains NaN or infinite values; every cell must be a finite score.")
+    missing = ~np.isfinite(array)
+    if seen_only:  # R[t][i] with 1 <= t < T and task i not trained yet (code column >= t) may be missing
+        rows_, cols_ = np.indices(array.shape)
+        missing &= ~((rows_ >= 1) & (rows_ < cols) & (cols_ >= rows_))
+        if np.isinf(array).any():
+            raise ValueError(f"`{name}` contains infinite values; every cell must be a finite score.")
+    if missing.any():
+        t, i = (int(x) for x in np.argwhere(missing)[0])
+        where = (
+            ""
+            if not seen_only
+            else f" (with `seen_only=True` only tasks not trained yet may be missing: cell [{t}][{i}])"
+        )
+        raise ValueError(f"`{name}` contains NaN or infinite values; every cell must be a finite score{where}.")
     return array
 
 
-def compute_continual_metrics(matrix: Sequence[Sequence[float]] | np.ndarray) -> dict[str, float]:
+def compute_continual_metrics(
+    matrix: Sequence[Sequence[float]] | np.ndarray, seen_only: bool = False
+) -> dict[str, float]:
     r"""Compute the standard continual-learning metrics from an accuracy matrix.
 
     With `T` tasks, `R` the `(T + 1) × T` matrix (row 0 = θ_0, row t = after task t, column i = task i, tasks
@@ -109,9 +124,15 @@ def compute_continual_metrics(matrix: Sequence[Sequence[float]] | np.ndarray) ->
     Args:
         matrix (`Sequence[Sequence[float]]` or `np.ndarray`):
             The `(T + 1) × T` accuracy matrix described above.
+        seen_only (`bool`, *optional*, defaults to `False`):
+            The matrix of a run that evaluated, after task t < T, only the tasks trained so far
+            (`MagMaxConfig(eval_unseen_tasks=False)`): the cells R[t][i] with 1 ≤ t < T and i > t may be `None` (or
+            NaN); every other cell must be a score. The forgetting's max then runs over the rows l = j..T−1 (those of
+            the old rows that were evaluated), and forward transfer, which needs R[i−1][i], is not returned.
 
     Returns:
-        `dict[str, float]`: the five metrics, keyed by the names in [`CONTINUAL_METRIC_NAMES`].
+        `dict[str, float]`: the five metrics, keyed by the names in [`CONTINUAL_METRIC_NAMES`] (without
+        `forward_transfer` when `seen_only=True`).
 
     Example:
 
@@ -125,7 +146,7 @@ def compute_continual_metrics(matrix: Sequence[Sequence[float]] | np.ndarray) ->
     (0.75, 0.2, 0.2)
     ```
     """
-    R = _as_matrix(matrix)
+    R = _as_matrix(matrix, seen_only=seen_only)
     T = R.shape[1]
     final_average_accuracy = float(R[T].mean())
     average_incremental_accuracy = float(np.mean([R[t, :t].mean() for t in range(1, T + 1)]))
@@ -133,19 +154,22 @@ def compute_continual_metrics(matrix: Sequence[Sequence[float]] | np.ndarray) ->
         forgetting = backward_transfer = forward_transfer = 0.0
     else:
         # columns j = 1..T-1 are code indices 0..T-2; rows l = 1..T-1 are code rows 1..T-1
-        best_before_last = R[1:T, : T - 1].max(axis=0)  # (T-1,)
+        best_before_last = np.nanmax(R[1:T, : T - 1], axis=0)  # (T-1,); NaN only where seen_only allows it
         forgetting = float(np.mean(best_before_last - R[T, : T - 1]))
         just_trained = np.array([R[j, j - 1] for j in range(1, T)])  # R[j][j], j = 1..T-1
         backward_transfer = float(np.mean(R[T, : T - 1] - just_trained))
         # R[i-1][i] - R[0][i] for i = 2..T, i.e. code column i-1, rows i-1 and 0
         forward_transfer = float(np.mean([R[i - 1, i - 1] - R[0, i - 1] for i in range(2, T + 1)]))
-    return {
+    metrics = {
         "final_average_accuracy": final_average_accuracy,
         "average_incremental_accuracy": average_incremental_accuracy,
         "forgetting": forgetting,
         "backward_transfer": backward_transfer,
         "forward_transfer": forward_transfer,
     }
+    if seen_only:
+        del metrics["forward_transfer"]  # R[i-1][i] (a task before it is trained) was not evaluated
+    return metrics
 
 
 def _format_number(value: float, percent: bool, digits: int) -> str:
@@ -162,6 +186,7 @@ def format_matrix(
     row_label: str = "after task",
     average_column: bool = True,
     base_row_name: str = "θ_0",
+    seen_only: bool = False,
 ) -> str:
     """Format an accuracy matrix as a GitHub markdown table.
 
@@ -183,6 +208,9 @@ def format_matrix(
             Append the `seen avg` and `all avg` columns.
         base_row_name (`str`, *optional*, defaults to `"θ_0"`):
             Label of row 0.
+        seen_only (`bool`, *optional*, defaults to `False`):
+            Allow the cells of tasks not trained yet to be missing (as in [`compute_continual_metrics`]); they, and
+            the `all avg` of their rows, print as `–`.
 
     Returns:
         `str`: the markdown table, one line per row, without a trailing newline.
@@ -198,7 +226,7 @@ def format_matrix(
     | 1. digits | 100.0 | 100.0 | 100.0 |
     ```
     """
-    R = _as_matrix(matrix)
+    R = _as_matrix(matrix, seen_only=seen_only)
     T = R.shape[1]
     names = _check_task_names(task_names, T)
     header = [row_label, *names] + (["seen avg", "all avg"] if average_column else [])

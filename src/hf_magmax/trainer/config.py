@@ -51,6 +51,12 @@ class MagMaxOptions:
             task). Both are evaluated either way.
         eval_merged_every_task (`bool`, *optional*, defaults to `True`):
             Evaluate the merged model after every task (fills the merged accuracy matrix); otherwise only at the end.
+        eval_unseen_tasks (`bool`, *optional*, defaults to `True`):
+            After each task t < T, evaluate the sequential and merged models on every task, including those not
+            trained yet (the matrices' upper triangle, needed for forward transfer). `False` evaluates only the tasks
+            seen so far until the last task (which is evaluated on every task): T(T+1)/2 evaluations per model
+            instead of T², final accuracy, forgetting and BWT unchanged, no forward transfer (the unseen cells are
+            `None`). θ_0's row is evaluated on every task either way. For costly evaluations, e.g. an LLM.
         merge_device (`str`, *optional*, defaults to `"cpu"`):
             Where θ_0 and the running merge live. The CPU default leaves accelerator memory unchanged.
         frozen_modules (`list[str]`, *optional*):
@@ -124,6 +130,10 @@ class MagMaxOptions:
     )
     eval_merged_every_task: bool = field(
         default=True, metadata={"help": "Evaluate the merged model after every task, not only at the end."}
+    )
+    eval_unseen_tasks: bool = field(
+        default=True,
+        metadata={"help": "After each task, evaluate the tasks not trained yet too (False: seen tasks only, no FWT)."},
     )
     merge_device: str = field(
         default="cpu", metadata={"help": "Device of θ_0 and the running merge (cpu keeps accelerator memory)."}
@@ -233,6 +243,8 @@ def check_options(options: Any) -> None:
         message = str(err).replace("`density`", "`merge_density`").replace("`seed`", "`merge_seed`")
         message = message.replace("`alpha`", "`merge_alpha`")
         raise ValueError(message) from None
+    if not isinstance(options.eval_unseen_tasks, bool):
+        raise ValueError(f"`eval_unseen_tasks` must be True or False, got {options.eval_unseen_tasks!r}.")
     if not isinstance(options.save_provenance, bool):
         raise ValueError(f"`save_provenance` must be True or False, got {options.save_provenance!r}.")
     if options.save_provenance and not spec.merge_class.can_track_winners:
@@ -285,7 +297,7 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     Every `TrainingArguments` option applies to each task (the learning-rate schedule, the number of epochs or
     `max_steps`, … restart with every task). The MagMax options are those of [`MagMaxOptions`] (`scaling_coef`,
     `scaling_coef_grid`, `merge_method`, `merge_density`, `merge_seed`, `final_model`, `eval_merged_every_task`,
-    `merge_device`, `frozen_modules`, `max_validation_samples`, `select_scaling_coef_every_task`,
+    `eval_unseen_tasks`, `merge_device`, `frozen_modules`, `max_validation_samples`, `select_scaling_coef_every_task`,
     `continual_metric`, `save_provenance`, `push_every_task`, `hub_revision_pattern`), plus these Trainer-only ones.
     With `push_every_task=True`, `hub_model_id` is required (an error here, before training), and `hub_token` and
     `hub_private_repo` apply to the pushes. The Trainer-only options:

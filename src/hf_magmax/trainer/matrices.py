@@ -121,8 +121,10 @@ def score(trainer: Any, dataset: Any, prefix: str, metric: str) -> float:
 class AccuracyMatrices:
     """The sequential and merged matrices (T + 1 rows, row 0 θ_0), the λ of each merged row, and the λ searches."""
 
-    def __init__(self, task_names: Sequence[str]) -> None:
+    def __init__(self, task_names: Sequence[str], seen_only: bool = False) -> None:
         self.task_names = list(task_names)
+        #: rows after tasks t < T hold the tasks seen so far only (`eval_unseen_tasks=False`)
+        self.seen_only = seen_only
         num = len(self.task_names)
         self.metric: str | None = None
         self.seq: list[list[float | None]] = [[None] * num for _ in range(num + 1)]
@@ -142,12 +144,22 @@ class AccuracyMatrices:
         """The summary metrics of a matrix once complete (only the final average while tasks remain)."""
         from ..metrics import compute_continual_metrics
 
-        if done == len(self.task_names) and all(v is not None for row in matrix for v in row):
-            return compute_continual_metrics(matrix)
+        if done == len(self.task_names) and self.complete(matrix):
+            return compute_continual_metrics(matrix, seen_only=self.seen_only)
         last = matrix[done]
         if done and all(v is not None for v in last):
             return {"final_average_accuracy": sum(last) / len(last)}
         return {}
+
+    def complete(self, matrix: list[list[float | None]]) -> bool:
+        """Whether every cell of `matrix` the run evaluates is filled (with `seen_only`, rows 1..T−1 hold the tasks
+        seen so far only)."""
+        last = len(matrix) - 1
+        return all(
+            v is not None or (self.seen_only and 0 < t < last and i >= t)
+            for t, row in enumerate(matrix)
+            for i, v in enumerate(row)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint records (see [`from_dict`])."""

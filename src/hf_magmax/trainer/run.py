@@ -98,7 +98,7 @@ class ContinualRun:
         self.state = MergeState(
             self.spec, options.merge_device, options.frozen_modules, track_winners=options.save_provenance
         )
-        self.matrices = AccuracyMatrices(task_names)
+        self.matrices = AccuracyMatrices(task_names, seen_only=not options.eval_unseen_tasks)
         #: the per-task Hub revisions (`push_every_task`) and the record of what was pushed
         self.releases = HubReleases(options, self.task_names)
         self.final_scaling_coef: float | None = None
@@ -242,9 +242,17 @@ class ContinualRun:
         if not self.lora:
             self.state.check_shapes(unwrap(model).state_dict(), self.task_names[task])
 
-    def evaluate_row(self, trainer: Any, kind: str) -> list[float]:
+    def evaluate_row(self, trainer: Any, kind: str) -> list[float | None]:
+        """The scores of the model as it is now on every task (θ_0's row, and the last row, always on every task);
+        with `eval_unseen_tasks=False` only on the tasks trained so far (`None` for the others)."""
         metric = self.matrices.metric or "neg_loss"
-        return [score(trainer, ds, f"magmax_{kind}_{i}", metric) for i, ds in enumerate(self.eval_datasets)]
+        upto = len(self.eval_datasets)
+        if kind != "base" and not self.options.eval_unseen_tasks:
+            upto = min(upto, self.num_tasks_done)
+        return [
+            score(trainer, ds, f"magmax_{kind}_{i}", metric) if i < upto else None
+            for i, ds in enumerate(self.eval_datasets)
+        ]
 
     @torch.no_grad()
     def end_task(self, trainer: Any, model: nn.Module, task: int) -> None:
@@ -280,9 +288,12 @@ class ContinualRun:
         del state_dict
         if evaluate:
             logs = {"continual/task": float(done)}
-            logs.update({f"continual/seq/{n}": v for n, v in zip(self.task_names, matrices.seq[done])})
+            logs.update(
+                {f"continual/seq/{n}": v for n, v in zip(self.task_names, matrices.seq[done]) if v is not None}
+            )
             if matrices.merged[done][0] is not None:
-                logs.update({f"continual/merged/{n}": v for n, v in zip(self.task_names, matrices.merged[done])})
+                row = zip(self.task_names, matrices.merged[done])
+                logs.update({f"continual/merged/{n}": v for n, v in row if v is not None})
             log(trainer, logs)
         if trainer is not None:
             self.write_results(trainer)

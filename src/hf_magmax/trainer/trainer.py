@@ -634,9 +634,9 @@ def _model_card(
         for kind, label in (("sequential", "Sequential fine-tuning"), ("merged", f"Merged ({summary['method']})")):
             # the matrix so far: rows θ_0 .. after task `done`, columns the tasks seen so far
             matrix = [row[:done] for row in summary[kind]["matrix"][: done + 1]]
-            if all(v is not None for row in matrix for v in row):
+            if run.matrices.complete(matrix):
                 sections[f"{label}: {summary['metric']} matrix"] = format_matrix(
-                    matrix, run.task_names[:done], percent=percent
+                    matrix, run.task_names[:done], percent=percent, seen_only=run.matrices.seen_only
                 )
         rows = ["| metric | sequential | merged |", "|---|---:|---:|"]
         seq, merged = summary["sequential"]["metrics"], summary["merged"]["metrics"]

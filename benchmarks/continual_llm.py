@@ -16,8 +16,11 @@ drawn with seed 0 (the same data for every seed). With one instruction per task 
 (every task keeps its own prompt), so no merge could help; a shared output space forgets: after task t the model
 answers with task t's languages.
 
-The data is written in the instruction layout of the O-LoRA-style recipes (`<data-dir>/<task>/{train,dev,test}.json`,
-each a `{"Definition": [...], "Instances": [{"id", "input", "output"}]}` file) and read back from there.
+The data is written in the layout of the LLM recipes' SuperNI tasks (SAPT's `<root>/<task>/{train,dev,test}.json`,
+each a `{"Definition": [...], "Instances": [{"id", "input", "output": [label]}]}` file; `hf_magmax.extras.llm_cl`'s
+`load_cl_task` reads it) under `benchmarks/_work/continual_llm_data/`, and read back from there by `read_task` with
+this benchmark's short prompt (`prompt_of`: the instruction, `Word: <word>`, `Answer:`; about 15 tokens, a third of
+the SuperNI or O-LoRA prompt, which matters on 2 shared CPU cores).
 
 Score: accuracy by the argmax over the 8 label strings' likelihood at the answer position (each label is one token, so
 this is the label the model finds most likely; one forward pass, no generation). `greedy_accuracy`, the share of
@@ -28,14 +31,14 @@ task); MagMax with λ = "auto" (the `MagMaxTrainer` run itself: λ chosen after 
 the tasks seen so far, grid `--auto-grid`) and, through the merge engine on the kept per-task weights, MagMax λ = 0.5,
 task arithmetic (λ = 0.3), average, TIES (λ = 1, density 0.2) and OPCM (λ = 1, α = 0.5): the library's defaults.
 LoRA (r 8 on q_proj, v_proj, the SLAO setting; task vectors are ΔW = scaling · B A) and full fine-tuning.
-The engine's merges are evaluated after every task on the tasks seen so far (what final accuracy, forgetting and BWT
-need); the sequential and MagMax-auto models on every task (the trainer's matrices).
+Every model is evaluated after every task on the tasks seen so far (what final accuracy, forgetting and BWT need),
+and after the last task on every task: the trainer with `eval_unseen_tasks=False`, the engine's merges the same way.
 
 Cost (MagMax's share): the `MagMaxTrainer` run is timed inside (wall and CPU time): training, the evaluations of the
 sequential model, θ_0, the merged model, the λ search, and MagMax's own work (θ_0 snapshot, folds, final merge).
 
 Commands (one process per mode, each running its seeds; every finished (mode, seed) is written at once to
-`benchmarks/results/continual_llm/<mode>_seed<k>.json`; `report` renders `benchmarks/results/continual_llm.md`,
+`benchmarks/results/continual_llm_<mode>_seed<k>.json`; `report` renders `benchmarks/results/continual_llm.md`,
 `.json` and `.png` from whatever runs exist):
 
     python benchmarks/continual_llm.py run --mode lora --seeds 0 1 2 &
@@ -174,7 +177,9 @@ def write_layout(data_dir: Path, train: int, dev: int, test: int, seed: int = 0)
             }
             path = data_dir / name / f"{split}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: the two modes' processes write the same files
+            tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
+            os.replace(tmp, path)
     return names
 
 
@@ -326,6 +331,7 @@ def run_one(args, seed: int, data_dir: Path, names: list[str], tokenizer, model_
             scaling_coef_grid=list(args.auto_grid),
             select_scaling_coef_every_task=True,
             eval_merged_every_task=True,
+            eval_unseen_tasks=False,  # the evaluation plan for an LLM: seen tasks only until the last one
             continual_metric="accuracy",
             **extra,
         )
@@ -491,7 +497,7 @@ def cmd_run(args) -> None:
         result = run_one(args, seed, data_dir, names, tokenizer, model_dir)
         result["script_seconds"] = time.perf_counter() - start
         result["load_average_after"] = os.getloadavg()
-        path = out_dir / f"{args.mode}_seed{seed}.json"
+        path = out_dir / f"continual_llm_{args.mode}_seed{seed}.json"
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
         summary = ", ".join(f"{k}: {100 * v['final_average_accuracy']:.1f}" for k, v in result["rows"].items())
         print(f"[{args.mode} seed {seed}] {result['script_seconds']:.0f} s; {summary}", flush=True)
@@ -518,7 +524,7 @@ def cmd_report(args) -> None:
     from hf_magmax.metrics import format_matrix
 
     runs_dir = Path(args.output_dir)
-    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(runs_dir.glob("*_seed*.json"))]
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(runs_dir.glob("continual_llm_*_seed*.json"))]
     if not runs:
         raise SystemExit(f"no runs in {runs_dir}: run `python benchmarks/continual_llm.py run --mode lora` first")
     by_mode = {mode: [r for r in runs if r["mode"] == mode] for mode in MODES}
@@ -584,9 +590,9 @@ def cmd_report(args) -> None:
     for mode, rs in by_mode.items():
         r = rs[0]
         lines += [f"Accuracy matrices (%), {mode}, seed {r['seed']}, sequential fine-tuning (row 0 = θ_0):", ""]
-        lines += [format_matrix(r["rows"][SEQUENTIAL]["matrix"], names), ""]
+        lines += [format_matrix(r["rows"][SEQUENTIAL]["matrix"], names, seen_only=True), ""]
         lines += [f'MagMax λ="auto" ({mode}, seed {r["seed"]}):', ""]
-        lines += [format_matrix(r["rows"][AUTO]["matrix"], names), ""]
+        lines += [format_matrix(r["rows"][AUTO]["matrix"], names, seen_only=True), ""]
     lines += [
         "Command: `python benchmarks/continual_llm.py run --mode lora --seeds 0 1 2 & "
         "python benchmarks/continual_llm.py run --mode full --seeds 0 1 2 & wait; "
@@ -647,7 +653,9 @@ def _plot(by_mode: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="one process: one mode, its seeds; writes <mode>_seed<k>.json per seed")
+    run = sub.add_parser(
+        "run", help="one process: one mode, its seeds; writes continual_llm_<mode>_seed<k>.json per seed"
+    )
     run.add_argument("--mode", choices=MODES, required=True)
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--steps", type=int, default=30, help="optimizer steps per task")
@@ -655,15 +663,15 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--eval-batch-size", type=int, default=40)
     run.add_argument("--train-per-class", type=int, default=120)
     run.add_argument("--dev-per-class", type=int, default=8)
-    run.add_argument("--test-per-class", type=int, default=20)
+    run.add_argument("--test-per-class", type=int, default=16)
     run.add_argument("--lora-lr", type=float, default=1e-3)
     run.add_argument("--full-lr", type=float, default=5e-5)
     run.add_argument("--auto-grid", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--quick", action="store_true", help="smoke run: 3 steps per task, 4 test words per language")
-    run.add_argument("--output-dir", default=str(RESULTS / "continual_llm"))
+    run.add_argument("--output-dir", default=str(RESULTS))
     report = sub.add_parser("report", help="render the table, json and plot from the finished runs")
-    report.add_argument("--output-dir", default=str(RESULTS / "continual_llm"))
+    report.add_argument("--output-dir", default=str(RESULTS))
     report.add_argument("--report", default=str(RESULTS / "continual_llm.md"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

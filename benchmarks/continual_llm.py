@@ -102,6 +102,15 @@ ENGINE_ROWS: tuple[tuple[str, str, float, dict], ...] = (
     ("TIES λ=1, density 0.2", "ties", 1.0, {"density": 0.2}),
     ("OPCM λ=1, α=0.5", "opcm", 1.0, {"alpha": 0.5}),
 )
+#: the parts of the timed run (`_finish_timing`) and their short names in `continual_llm.json`
+PART_SLUGS = {
+    "training (optimizer steps)": "training",
+    "evaluation: sequential model": "seq_eval",
+    "evaluation: θ_0": "base_eval",
+    "evaluation: merged model (MagMax)": "merged_eval",
+    "λ search on validation data (MagMax auto)": "search",
+    "MagMax's own work (θ_0 snapshot and file, folds, final merge)": "magmax_own",
+}
 SEQUENTIAL, AUTO = "sequential fine-tuning", 'MagMax λ="auto"'
 ROW_ORDER = (SEQUENTIAL, AUTO) + tuple(row[0] for row in ENGINE_ROWS)
 
@@ -570,21 +579,38 @@ def cmd_report(args) -> None:
         "## Cost: MagMax's share of the `MagMaxTrainer` run (wall and CPU seconds, mean over seeds)",
         "",
     ]
+    cost = {}
     for mode, rs in by_mode.items():
         lines += [f"{mode}:", "", "| part | wall s | share | CPU s | share |", "|---|---:|---:|---:|---:|"]
         total = sum(r["timing"]["run_seconds"] for r in rs) / len(rs)
         total_cpu = sum(r["timing"]["run_cpu_seconds"] for r in rs) / len(rs)
-        for part in rs[0]["timing"]["parts"]:
+        cost[mode] = {"run": {"seconds": total, "cpu_seconds": total_cpu}}
+        for part, slug in PART_SLUGS.items():
             wall = sum(r["timing"]["parts"][part]["seconds"] for r in rs) / len(rs)
             cpu = sum(r["timing"]["parts"][part]["cpu_seconds"] for r in rs) / len(rs)
+            cost[mode][slug] = {
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "share": 100 * wall / total,
+                "cpu_share": 100 * cpu / total_cpu,
+            }
             lines.append(
                 f"| {part} | {wall:.1f} | {100 * wall / total:.1f}% | {cpu:.1f} | {100 * cpu / total_cpu:.1f}% |"
             )
         lines.append(f"| the whole `MagMaxTrainer` run | {total:.1f} | 100% | {total_cpu:.1f} | 100% |")
         engine = sum(r["timing"]["engine_rows_seconds"] for r in rs) / len(rs)
+        # the evaluation plan: seen tasks only (eval_unseen_tasks=False) vs every task after every task
+        T = len(names)
+        seen_evals, full_evals = T * (T + 1) // 2, T * T
+        evals_cpu = cost[mode]["seq_eval"]["cpu_seconds"] + cost[mode]["merged_eval"]["cpu_seconds"]
+        cost[mode]["full_plan_extra_cpu_seconds"] = evals_cpu * (full_evals - seen_evals) / seen_evals
         lines += [
             "",
-            f"(The engine's five comparison merges and their evaluations, outside the run: {engine:.0f} s.)",
+            f"Evaluation plan: with `eval_unseen_tasks=False` each of the two models is evaluated {seen_evals} times "
+            f"(task × row) instead of {full_evals}; at the measured mean cost per evaluation the full plan would add "
+            f"about {cost[mode]['full_plan_extra_cpu_seconds']:.0f} CPU s "
+            f"({100 * cost[mode]['full_plan_extra_cpu_seconds'] / total_cpu:.0f}% of this run; estimated, not run). "
+            f"The engine's five comparison merges and their evaluations, outside the run: {engine:.0f} s wall.",
             "",
         ]
     for mode, rs in by_mode.items():
@@ -611,9 +637,9 @@ def cmd_report(args) -> None:
         }
         for mode, rs in by_mode.items()
     }
+    seeds = {m: [r["seed"] for r in rs] for m, rs in by_mode.items()}
     out.with_suffix(".json").write_text(
-        json.dumps({"seeds": {m: [r["seed"] for r in rs] for m, rs in by_mode.items()}, "summary": summary}, indent=1),
-        encoding="utf-8",
+        json.dumps({"seeds": seeds, "summary": summary, "cost": cost}, indent=1, ensure_ascii=False), encoding="utf-8"
     )
     _plot(by_mode, out.with_suffix(".png"))
     print(table)

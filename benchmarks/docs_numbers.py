@@ -137,8 +137,51 @@ def _from_results(file: str, pattern: str, fmt: Callable[[re.Match], str]) -> Ca
     return value
 
 
+def _llm(mode: str, label: str, key: str) -> Callable[[Path], str]:
+    """A mean (in %, one decimal) of `benchmarks/results/continual_llm.json` (`benchmarks/continual_llm.py report`)."""
+
+    def value(root: Path) -> str:
+        data = json.loads((root / "benchmarks" / "results" / "continual_llm.json").read_text(encoding="utf-8"))
+        return f"{100 * data['summary'][mode][label][key][0]:.1f}"
+
+    return value
+
+
+def _llm_share(mode: str, part: str) -> Callable[[Path], str]:
+    """A part's share (%, one decimal) of the `MagMaxTrainer` run's CPU time in `continual_llm.json`."""
+
+    def value(root: Path) -> str:
+        data = json.loads((root / "benchmarks" / "results" / "continual_llm.json").read_text(encoding="utf-8"))
+        return f"{data['cost'][mode][part]['cpu_share']:.1f}"
+
+    return value
+
+
+#: the rows of `benchmarks/continual_llm.py` quoted by a short name
+_LLM_ROWS = {
+    "seq": "sequential fine-tuning",
+    "magmax-auto": 'MagMax λ="auto"',
+    "magmax": "MagMax λ=0.5",
+    "ta": "task arithmetic λ=0.3",
+    "average": "average",
+    "ties": "TIES λ=1, density 0.2",
+    "opcm": "OPCM λ=1, α=0.5",
+}
+_LLM_METRICS = {"final": "final_average_accuracy", "forgetting": "forgetting", "bwt": "backward_transfer"}
+
 #: KEY -> how to compute the quoted text from its source
 SOURCES: dict[str, Callable[[Path], str]] = {
+    **{
+        f"llm-{mode}-{row}-{metric}": _llm(mode, label, key)
+        for mode in ("lora", "full")
+        for row, label in _LLM_ROWS.items()
+        for metric, key in _LLM_METRICS.items()
+    },
+    **{
+        f"llm-{mode}-{slug}-share": _llm_share(mode, part)
+        for mode in ("lora", "full")
+        for slug, part in (("own", "magmax_own"), ("merged-eval", "merged_eval"), ("search", "search"))
+    },
     "demo-comparison": demo_comparison,
     "demo-output": demo_output,
     "demo-sequential-forgetting": _demo_points("sequential fine-tuning", "forgetting"),

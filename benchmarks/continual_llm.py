@@ -71,6 +71,7 @@ WORK = HERE / "_work"
 RESULTS = HERE / "results"
 MODEL_DIR = WORK / "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DICT_DIR = Path("/usr/share/dict")
 
 #: label → (file in /usr/share/dict, encoding, Debian package, licence of the word list)
 CORPORA: dict[str, tuple[str, str, str, str]] = {
@@ -145,7 +146,7 @@ def convert_model(model_dir: Path = MODEL_DIR) -> Path:
 
 def read_words(label: str) -> set[str]:
     name, encoding, package, _ = CORPORA[label]
-    path = Path("/usr/share/dict") / name
+    path = DICT_DIR / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: apt-get install {package} (the word list of {label})")
     text = path.read_text(encoding=encoding)

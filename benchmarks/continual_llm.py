@@ -508,6 +508,7 @@ def cmd_run(args) -> None:
         result["script_seconds"] = time.perf_counter() - start
         result["load_average_after"] = os.getloadavg()
         path = out_dir / f"continual_llm_{args.mode}_seed{seed}.json"
+        out_dir.mkdir(parents=True, exist_ok=True)  # again: a run lasts long, the folder may have been tidied away
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
         summary = ", ".join(f"{k}: {100 * v['final_average_accuracy']:.1f}" for k, v in result["rows"].items())
         print(f"[{args.mode} seed {seed}] {result['script_seconds']:.0f} s; {summary}", flush=True)

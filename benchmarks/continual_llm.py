@@ -41,9 +41,9 @@ Commands (one process per mode, each running its seeds; every finished (mode, se
 `benchmarks/results/continual_llm_<mode>_seed<k>.json`; `report` renders `benchmarks/results/continual_llm.md`,
 `.json` and `.png` from whatever runs exist):
 
-    python benchmarks/continual_llm.py run --mode lora --seeds 0 1 2 &
-    python benchmarks/continual_llm.py run --mode full --seeds 0 1 2 &
-    wait; python benchmarks/continual_llm.py report
+    for seed in 0 1 2; do python benchmarks/continual_llm.py run --mode lora --seeds $seed & done; wait
+    python benchmarks/continual_llm.py run --mode full --seeds 0 1 2   # ~9 GB of RAM at its peak: one at a time
+    python benchmarks/continual_llm.py report
 
 `run --quick` is a smoke run (a few steps, few words).
 """
@@ -622,8 +622,9 @@ def cmd_report(args) -> None:
         lines += [f'MagMax λ="auto" ({mode}, seed {r["seed"]}):', ""]
         lines += [format_matrix(r["rows"][AUTO]["matrix"], names, seen_only=True), ""]
     lines += [
-        "Command: `python benchmarks/continual_llm.py run --mode lora --seeds 0 1 2 & "
-        "python benchmarks/continual_llm.py run --mode full --seeds 0 1 2 & wait; "
+        "Commands (one process per (mode, seed) or per mode, one thread each): "
+        "same rows): `for seed in 0 1 2; do python benchmarks/continual_llm.py run --mode lora --seeds $seed & done; "
+        "wait; python benchmarks/continual_llm.py run --mode full --seeds 0 1 2; "
         "python benchmarks/continual_llm.py report`",
     ]
     table = "\n".join(lines) + "\n"

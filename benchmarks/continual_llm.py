@@ -623,7 +623,7 @@ def cmd_report(args) -> None:
         lines += [format_matrix(r["rows"][AUTO]["matrix"], names, seen_only=True), ""]
     lines += [
         "Commands (one process per (mode, seed) or per mode, one thread each): "
-        "same rows): `for seed in 0 1 2; do python benchmarks/continual_llm.py run --mode lora --seeds $seed & done; "
+        "`for seed in 0 1 2; do python benchmarks/continual_llm.py run --mode lora --seeds $seed & done; "
         "wait; python benchmarks/continual_llm.py run --mode full --seeds 0 1 2; "
         "python benchmarks/continual_llm.py report`",
     ]

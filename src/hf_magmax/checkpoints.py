@@ -324,7 +324,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         allow_non_finite=args["allow_non_finite"],
         strict_config=args["strict_config"],
         extra_tensors=args["extra_tensors"],
-        save_provenance=bool(args["save_provenance"]),
+        save_provenance=args["save_provenance"],  # type-checked by `validate`: "yes" is refused
         push_to_hub=args["push_to_hub"],
         revision=args["revision"],
         private=args["private"],

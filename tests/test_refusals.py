@@ -137,3 +137,24 @@ def test_provenance_json_has_one_order_whatever_order_the_winners_come_in():
     assert json.dumps(fresh, indent=2) == json.dumps(resumed, indent=2)
     assert list(fresh["tensors"]) == ["head.w", "model.layers.1.w", "model.layers.2.w", "model.layers.10.w"]
     assert list(fresh["layers"]) == ["head", "model.layers.1", "model.layers.2", "model.layers.10"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one line instead of a traceback (issue #18, item 7); LoRA and Trainer cases: test_peft_faults, test_trainer_faults
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_opcm_with_nan_in_the_first_task_and_allow_non_finite_is_one_line(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, models = make_synthetic_family(tmp_path / "family", num_tensors=2, shape=(4, 4))
+    first = os.path.join(models[0], "model.safetensors")
+    tensors = load_file(first)
+    tensors["layer000.weight"][1, 1] = float("nan")
+    save_file(tensors, first, metadata={"format": "pt"})
+    output = tmp_path / "out"
+    argv = ["merge", "--base", base, "--models", *models, "--method", "opcm", "--output-dir", str(output)]
+    code, err = _run([*argv, "--allow-non-finite", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "opcm cannot project task vector 2 of tensor 'layer000.weight'" in err and "NaN or Inf" in err
+    assert leftovers(output) == [] and not output.exists()

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -378,7 +379,21 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "auto", what: str = "m
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")
         dtype = getattr(torch, dtype)
+    if os.path.isdir(path):  # the weight files from_pretrained reads, checked first: one line naming a bad one
+        try:
+            reader = CheckpointReader(name=path, path=Path(path))
+            reader.read_tensor_table()
+            reader.close()
+        except ValueError as err:
+            raise ValueError(f"cannot load the {what} {path!r}: {err}") from None
     config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     model_class = model_class_for(config, transformers.AutoModel)
     logger.info("loading %s as %s", path, model_class.__name__)
-    return model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    try:
+        return model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError) as err:  # torch.load: a pickle that is not weights only, a bad zip
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise ValueError(
+            f"cannot load the {what} {path!r}: its weights are corrupt or not weights-only (blocked, not run: "
+            f"{reason}). Convert it to safetensors or re-save it with a recent torch."
+        ) from err

@@ -10,6 +10,8 @@ Endpoints (as `huggingface_hub` 1.x/2.x calls them):
 - `GET  /api/models/{repo}/tree/{rev}[/{path}]`          file listing (snapshot_download)
 - `POST /api/models/{repo}/branch/{branch}`              create a branch (at `startingPoint`: a branch or a commit oid;
                                                          default main), 409 if it exists
+- `DELETE /api/models/{repo}/branch/{branch}`            delete a branch
+- `GET  /api/models/{repo}/commits/{rev}`                the commits made on a branch, newest first (`list_repo_commits`)
 - `GET  /api/models/{repo}/refs`                         the branches and their head commits (`list_repo_refs`)
 - `POST /api/models/{repo}/preupload/{rev}`              upload modes: `regular` (inline in the commit) by default,
                                                          `lfs` for files of at least `lfs_threshold` bytes
@@ -260,6 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", self._preupload),
             ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", self._commit),
             ("POST", rf"/api/models/{_REPO}/branch/(?P<rev>[^/]+)", self._branch),
+            ("DELETE", rf"/api/models/{_REPO}/branch/(?P<rev>[^/]+)", self._delete_branch),
+            ("GET", rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)", self._commits),
             ("GET", rf"/api/models/{_REPO}/refs", self._refs),
             ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", self._repo_info),
             ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<prefix>.*))?", self._tree),
@@ -334,6 +338,35 @@ class _Handler(BaseHTTPRequestHandler):
             found.branches[rev] = dict(files)
             found.heads[rev] = found.heads.get(start) or (start if start in found.snapshots else found.head())
         self._send(200, {})
+
+    def _delete_branch(self, repo, rev, query):
+        self._body()
+        if not self._authorized():
+            return self._error(401, "Invalid credentials in Authorization header")
+        found = self._get_repo(repo)
+        if found is None:
+            return
+        with self.fake_hub._lock:
+            if unquote(rev) not in found.branches:
+                return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            del found.branches[unquote(rev)]
+            found.heads.pop(unquote(rev), None)
+        self._send(200, {})
+
+    def _commits(self, repo, rev, query):
+        """The commits of a branch, newest first (one page), as `list_repo_commits` reads them."""
+        found = self._get_repo(repo)
+        if found is None:
+            return
+        revision = unquote(rev)
+        if revision != "main" and revision not in found.branches:
+            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        commits = [
+            {"id": c.oid, "authors": [{"user": self.fake_hub.user}], "date": "2026-01-01T00:00:00.000Z",
+             "title": c.message, "message": c.description}
+            for c in reversed(found.commits_on(revision))
+        ]  # fmt: skip
+        self._send(200, commits)
 
     def _refs(self, repo, query):
         found = self._get_repo(repo)

@@ -300,7 +300,7 @@ def test_cli_merge_pushes_to_a_revision(fake_hub, tmp_path, capsys):
     assert pushed.keys() == local.keys()
     assert all(pushed[k] == local[k] for k in local if k != "magmax_config.yaml")  # published: no local paths
     assert b"/ckpt/" not in pushed["magmax_config.yaml"]
-    assert repo.commits[-1].revision == "after-task-2"
+    assert repo.heads["after-task-2"] == repo.commits[-1].oid
     assert main([*argv, str(tmp_path / "m2"), "--revision", "x"]) == 2
     assert "--revision only applies with --push-to-hub" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "m3"), "--push-to-hub", "me/cli", "--revision", "a b"]) == 2

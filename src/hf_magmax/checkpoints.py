@@ -272,17 +272,13 @@ def merge_checkpoints(
     finally:
         inputs.close()
     logger.info("merged %d model(s) into %s with %s", len(config.models), output, spec.describe())
-    if push_to_hub:
+    if push_to_hub is not None:
+        from .hub import interrupted_push
         from .hub import push_to_hub as push
 
-        push(
-            output,
-            push_to_hub,
-            private=private,
-            token=token,
-            commit_message=f"hf_magmax {spec.method} merge",
-            revision=config.revision,
-        )
+        with interrupted_push(output, push_to_hub, config.revision):
+            push(output, push_to_hub, private=private, token=token, revision=config.revision,
+                 commit_message=f"hf_magmax {spec.method} merge")  # fmt: skip
     return output
 
 

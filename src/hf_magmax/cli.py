@@ -505,10 +505,64 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- push -------------------------------------------------------------------------------------------------------------
+
+_PUSH_EPILOG = """\
+examples:
+  hf-magmax push merged --to-hub me/my-merge
+  hf-magmax push merged --to-hub me/my-merge --revision after-task-3   # to a branch; main left as it is
+  hf-magmax push merged --to-hub me/my-merge --private
+
+What is uploaded is what `merge --push-to-hub` uploads: every file of DIR, with local paths in the configs and card
+replaced by folder names; a symbolic link out of DIR or a text file holding a local path refuses the push.
+"""
+
+
+def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload an existing output directory (a merge, e.g. after an interrupted --push-to-hub) to the Hub",
+        description=(
+            "Upload an output directory written by `hf-magmax merge` / `merge-lora` to a Hub repo, as their "
+            "--push-to-hub does (one commit; a missing --revision branch is created only after the upload, at the "
+            "new commit), without merging again."
+        ),
+        epilog=_PUSH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", help="the output directory to upload")
+    parser.add_argument("--to-hub", required=True, metavar="REPO_ID", help="the Hub repo to upload to (created)")
+    parser.add_argument(
+        "--revision", metavar="BRANCH", help="push to this branch (created at the new commit if missing)"
+    )
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--commit-message", metavar="TEXT", help='the commit message (default: "Upload with hf_magmax")')
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import HubPushError, check_branch_name, check_repo_id, interrupted_push, push_to_hub
+
+    check_repo_id(args.to_hub, "--to-hub")
+    if args.revision is not None:
+        check_branch_name(args.revision, "--revision")
+    if not os.path.isdir(args.dir):
+        raise FileNotFoundError(f"{args.dir} is not a directory: pass the output directory of a merge.")
+    try:
+        with interrupted_push(args.dir, args.to_hub, args.revision):
+            url = push_to_hub(args.dir, args.to_hub, private=args.private, revision=args.revision,
+                              commit_message=args.commit_message)  # fmt: skip
+    except HubPushError as err:
+        sys.stderr.write(f"hf-magmax push: error: {err}\n")
+        return 1
+    sys.stdout.write(f"{url}\n")
+    return 0
+
+
 #: name -> (add_parser, run)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge_parser, _run_merge),
     "merge-lora": (_add_merge_lora_parser, _run_merge_lora),
+    "push": (_add_push_parser, _run_push),
     "demo": (_add_demo_parser, _run_demo),
 }
 
@@ -552,7 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP while an output is staged (hf_magmax.io.Terminated)
-        sys.stderr.write("hf-magmax: interrupted; nothing partial was left at the output path.\n")
+        # what the interruption left, as the library knows it (`Terminated.outcome`: e.g. "the new output is in
+        # place", or "complete at PATH but not pushed"); by default nothing, since staging is removed on the way out
+        outcome = getattr(err, "outcome", None) or "nothing partial was left at the output path"
+        sys.stderr.write(f"hf-magmax: interrupted; {outcome}.\n")
         return 128 + getattr(err, "signum", 2)
     except USER_ERRORS as err:
         if debug:

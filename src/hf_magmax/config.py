@@ -190,6 +190,13 @@ class MergeConfig:
             raise ValueError(f"`rank` only applies to an adapter output (`lora_output: adapter`){where}.")
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(OUTPUT_DTYPES)}{where}, got {self.dtype!r}.")
+        if self.push_to_hub is not None:  # '' too: an empty repo id is an error, not "no push"
+            from .hub import check_repo_id
+
+            try:
+                check_repo_id(self.push_to_hub)
+            except ValueError as err:
+                raise ValueError(f"{str(err).rstrip('.')}{where}.") from None
         if self.private and not self.push_to_hub:
             raise ValueError(f"`private` only applies with `push_to_hub`{where}: name the repo to create.")
         if self.revision is not None:

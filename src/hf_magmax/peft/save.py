@@ -275,8 +275,9 @@ def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str 
         path = save_lora_merge(result, config.output_dir, overwrite=config.overwrite, base=config.base)
     if result.lora_output == "adapter":
         logger.info("overall relative reconstruction error of the adapter: %.4g", result.overall_error)
-    if config.push_to_hub:
-        from ..hub import push_to_hub
+    if config.push_to_hub is not None:
+        from ..hub import interrupted_push, push_to_hub
 
-        push_to_hub(path, config.push_to_hub, private=config.private, commit_message="Upload MagMax LoRA merge")
+        with interrupted_push(path, config.push_to_hub):
+            push_to_hub(path, config.push_to_hub, private=config.private, commit_message="Upload MagMax LoRA merge")
     return path

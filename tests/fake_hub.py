@@ -49,6 +49,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -139,6 +140,10 @@ class FakeHub:
         self.user = user
         self.repos: dict[str, FakeRepo] = {}
         self.lfs_objects: dict[str, bytes] = {}
+        #: requests to stall (a process killed mid-request): "commit" or "branch" (POST); while the name is here, such
+        #: a request sets `stalled` and waits, then is answered 503 without any effect
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.downloads: list[tuple[str, str | None]] = []  # (path, Range header or None) of every file GET
         self._lock = threading.Lock()
@@ -277,11 +282,25 @@ class _Handler(BaseHTTPRequestHandler):
         for method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if method == self.command and match:
+                if handler.__name__.lstrip("_") in hub.stall:
+                    return self._stall(handler.__name__.lstrip("_"))
                 return handler(query=query, **match.groupdict())
         self._body()
         return self._error(404, f"fake Hub: no route for {self.command} {path}")
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = lambda self: self._route()  # noqa: E731
+
+    def _stall(self, name: str):
+        self._body()
+        hub = self.fake_hub
+        hub.stalled.set()
+        deadline = time.monotonic() + 60
+        while name in hub.stall and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            self._error(503, f"fake Hub: {name} stalled")
+        except OSError:  # the client is gone (killed)
+            pass
 
     def _get_repo(self, repo: str) -> FakeRepo | None:
         found = self.fake_hub.repos.get(repo)

@@ -45,6 +45,8 @@ from .output import (
 )
 from .reading import (
     CheckpointReader,
+    InputChangedError,
+    PinnedFiles,
     TensorInfo,
     load_bin,
     load_pretrained,
@@ -67,6 +69,8 @@ __all__ = [
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "CheckpointReader",
+    "InputChangedError",
+    "PinnedFiles",
     "ShardedSafetensorsWriter",
     "Terminated",
     "TensorInfo",

@@ -128,7 +128,9 @@ def test_an_interrupted_push_says_where_the_complete_merge_is(family, fake_hub, 
         fake_hub.stall.clear()
     assert process.returncode == 130, err
     assert "Traceback" not in err and "nothing partial was left" not in err
-    assert f"interrupted; the merge is complete at {output}, but its push to the Hub repo 'me/x' was interrupted" in err
+    assert (
+        f"interrupted; the merge is complete at {output}, but its push to the Hub repo 'me/x' was interrupted" in err
+    )
     assert f"push it with: hf-magmax push {output} --to-hub me/x --revision b" in err
     assert (output / "model.safetensors").is_file() and leftovers(output) == ["out"]
     time.sleep(0.1)

@@ -29,13 +29,13 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,8 @@ def merge_checkpoints(
         private (`bool`, *optional*, defaults to `False`):
             Create the Hub repo as private.
         revision (`str`, *optional*):
-            With `push_to_hub`: the branch to push to (created from `main` if missing; `main` is left as it is).
+            With `push_to_hub`: the branch to push to (if missing, created at the new commit once the upload is
+            done, so a failed upload never leaves it serving another model; `main` is left as it is).
         token (`str` or `bool`, *optional*):
             Hub token for downloading inputs and pushing; defaults to the usual `HF_TOKEN` / saved login.
         show_progress (`bool`, *optional*, defaults to `True`):

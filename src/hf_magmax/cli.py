@@ -89,6 +89,7 @@ examples:
   hf-magmax merge --base bert-base --models ft1 ft2 --extra-tensors last --output-dir m3  # new heads: the last's
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --revision after-task-3  # to a branch; main left as it is
+  hf-magmax push merged --to-hub me/my-merge                        # push an existing output (e.g. after a failed push)
 
 CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, alpha, dtype, device,
 max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, revision,
@@ -227,8 +228,8 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--revision",
         metavar="BRANCH",
-        help="with --push-to-hub: push to this branch (created from main if missing; main is left as it is), e.g. "
-        "after-task-3",
+        help="with --push-to-hub: push to this branch, e.g. after-task-3 (if missing, created at the new commit after "
+        "the upload; main is left as it is)",
     )
 
 
@@ -536,7 +537,9 @@ def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
         "--revision", metavar="BRANCH", help="push to this branch (created at the new commit if missing)"
     )
     parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--commit-message", metavar="TEXT", help='the commit message (default: "Upload with hf_magmax")')
+    parser.add_argument(
+        "--commit-message", metavar="TEXT", help='the commit message (default: "Upload with hf_magmax")'
+    )
 
 
 def _run_push(args: argparse.Namespace) -> int:

@@ -105,8 +105,8 @@ class MergeConfig:
         extra_tensors (`str`, *optional*, defaults to `"error"`): checkpoints only: tensors only the fine-tunes have
             (a new head) are an error (`"error"`) or taken from the last model (`"last"`).
         push_to_hub (`str`, *optional*): a Hub repo id to upload the result to.
-        revision (`str`, *optional*): with `push_to_hub`, the branch to push to (created from `main` if missing;
-            `main` itself is left as it is); defaults to `main`.
+        revision (`str`, *optional*): with `push_to_hub`, the branch to push to (if missing, created at the new
+            commit once the upload is done; `main` itself is left as it is); defaults to `main`.
         private (`bool`, *optional*, defaults to `False`): with `push_to_hub`, create a private repo.
         save_provenance (`bool`, *optional*, defaults to `False`): magmax and random_mix only: write which task won
             each element (`magmax_provenance.safetensors`, the shares in `magmax_provenance.json` and the card).

@@ -400,7 +400,11 @@ def _commit_to_branch(api: Any, repo_id: str, branch: str, operations: list[Any]
     heads = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
     if branch in heads:
         return api.create_commit(
-            repo_id=repo_id, operations=operations, commit_message=message, revision=branch, parent_commit=heads[branch]
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=message,
+            revision=branch,
+            parent_commit=heads[branch],
         )
     upload = f"hf-magmax-upload-{uuid.uuid4().hex[:12]}"
     api.create_branch(repo_id, branch=upload, revision=heads.get("main"), exist_ok=False)

@@ -336,3 +336,36 @@ def test_a_malicious_or_truncated_bin_base_is_one_line(inputs, tmp_path, capsys,
     assert f"cannot load the base model '{evil}'" in err
     assert f"cannot read PyTorch checkpoint {evil / 'pytorch_model.bin'} (memory-mapped, weights only)" in err
     assert not marker.exists() and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs that change during the merge (issue #18, item 3)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["base config", "adapter weights"])
+def test_an_input_changed_during_a_lora_merge_is_one_error_and_nothing_is_written(
+    inputs, tmp_path, capsys, monkeypatch, which
+):
+    import time
+
+    import hf_magmax.peft.save as peft_save
+
+    base, adapters = inputs
+    base_copy, adapter_copy = tmp_path / "base", _copy(adapters[0], tmp_path / "a1")
+    shutil.copytree(base, base_copy)
+    target = base_copy / "config.json" if which == "base config" else adapter_copy / "adapter_model.safetensors"
+    real = peft_save.merge_adapters
+
+    def merge_then_change(*args, **kwargs):  # a second writer changes an input once the merge has read it
+        result = real(*args, **kwargs)
+        time.sleep(0.02)  # past the filesystem's timestamp granularity
+        target.write_bytes(target.read_bytes() + b" ")
+        return result
+
+    monkeypatch.setattr(peft_save, "merge_adapters", merge_then_change)
+    out = tmp_path / "out"
+    assert _cli("--base", base_copy, "--adapters", adapter_copy, "--output-dir", out) == 2
+    err = _one_line_error(capsys)
+    assert f"input file {target} was rewritten" in err and "nothing was written" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "hf_magmax" in p.name]

@@ -413,6 +413,27 @@ class PinnedFiles:
             )
 
 
+def pin_checkpoint(pins: PinnedFiles, path: str | os.PathLike, extra: Iterable[str] = ()) -> None:
+    """Pin what a load of the checkpoint directory `path` reads (its configs, the weight files `from_pretrained` or
+    PEFT choose, their index and shards) and the relative paths `extra` (side files to be copied); a path that is not
+    a local directory (a Hub id) is skipped."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    names = ("config.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", SAFE_WEIGHTS_NAME,
+             WEIGHTS_NAME)  # fmt: skip
+    for name in names:
+        if (path / name).is_file():
+            pins.add(path / name)
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        if (path / index).is_file():
+            pins.add(path / index)
+            for shard in sorted(set(read_index(path / index).values())):
+                pins.add(shard)
+    for rel in extra:
+        pins.add(path / rel)
+
+
 def model_class_for(config: Any, default: Any = None):
     """The transformers class named first in `config.architectures` that transformers has, else `default`."""
     import transformers

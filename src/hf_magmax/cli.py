@@ -594,6 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_signals() -> None:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP from now on (the process is exiting after an interruption)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -609,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP while an output is staged (hf_magmax.io.Terminated)
+        if argv is None:  # the console script: the cleanup is done, a further Ctrl-C must not print a traceback
+            _ignore_signals()  # from the interpreter's exit handlers (a caller of main(argv) keeps its handlers)
         # what the interruption left, as the library knows it (`Terminated.outcome`: e.g. "the new output is in
         # place", or "complete at PATH but not pushed"); by default nothing, since staging is removed on the way out
         outcome = getattr(err, "outcome", None) or "nothing partial was left at the output path"

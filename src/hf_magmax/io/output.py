@@ -210,8 +210,10 @@ def _lock(path: Path) -> int | None:
     (on NFS, where Linux maps `flock` to NFS byte-range locks) host it runs in. `OSError` when `path` is a link or
     not a directory; `flock` unsupported by the filesystem: `-1` (no lock, no information).
     """
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, no information
+        return -1
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -426,6 +426,7 @@ def staged_output_dir(output: str | os.PathLike, overwrite: bool) -> Iterator[Pa
             staging, lock = _make_staging(output)
         try:
             try:
+                guard.raise_pending()  # a signal during the creation
                 yield staging
                 guard.raise_pending()  # a signal some library swallowed: never commit after it
                 os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0o700; a normal directory's permissions

@@ -23,10 +23,13 @@ as `hf-magmax merge` does. Task order is the order of `models:` (MagMax gives ti
 `base_model`.
 
 What mergekit adds around it is mergekit's: loading (its architecture definitions decide which tensors are written),
-`tokenizer_source`, `out_dtype`, slices, `--cuda`. Two settings change the bits: `dtype:` rounds the *inputs* before
-the merge (leave it unset, or wider than the checkpoints; use `out_dtype:` for the output's dtype), and a λ that varies
-over tensors (mergekit's filters or gradients) is honoured tensor by tensor, which `hf-magmax merge` does not do.
-Unlike `hf-magmax merge`, NaN/Inf inputs are not refused.
+`tokenizer_source`, slices, `--cuda`. mergekit's dtypes: `dtype:` is the dtype the *inputs* are cast to before the
+merge: unset, or wider than the checkpoints (`dtype: float32` for bf16 checkpoints gives `hf-magmax merge --dtype
+float32`, bit for bit), never narrower (that rounds θ_t before τ is taken). `out_dtype:` casts the result: narrower
+than the checkpoints it gives `hf-magmax merge --dtype` of that width (one rounding of the fp32 result either way);
+wider, it only widens the already rounded result. A λ that varies over tensors (mergekit's filters or gradients) is
+honoured tensor by tensor, which `hf-magmax merge` does not do. Unlike `hf-magmax merge`, NaN/Inf inputs are not
+refused.
 
 Not registered: `opcm` rescales the merged task vector by one factor computed from *every* tensor of the model
 (`needs_model_stats`), and mergekit merges one tensor at a time with no model-wide pass, so it cannot be expressed as a
@@ -44,7 +47,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 
 try:
@@ -60,7 +63,7 @@ try:
     )
 except ImportError as err:  # pragma: no cover - exercised only without mergekit
     raise ImportError(
-        'hf_magmax.integrations.mergekit needs mergekit >= 0.1.5 (its public method registry): pip install '
+        "hf_magmax.integrations.mergekit needs mergekit >= 0.1.5 (its public method registry): pip install "
         '"hf_magmax[mergekit]"'
     ) from err
 if not hasattr(_mergekit_methods, "register"):  # pragma: no cover - older mergekit
@@ -70,7 +73,6 @@ if not hasattr(_mergekit_methods, "register"):  # pragma: no cover - older merge
     )
 
 from pydantic import AfterValidator
-from typing_extensions import Annotated
 
 from ..merging import ONLINE_MERGES, MergeSpec, apply_merged, compute_dtype
 from ..task_vectors import subtract
@@ -95,9 +97,7 @@ _REFERENCES = {
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def merge_tensor(
-    spec: MergeSpec, name: str, theta_0: torch.Tensor, finetuned: Sequence[torch.Tensor]
-) -> torch.Tensor:
+def merge_tensor(spec: MergeSpec, name: str, theta_0: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
     """`θ_0 + λ · merge(θ_1 − θ_0, …, θ_T − θ_0)` for one tensor, with the bits of `hf-magmax merge`.
 
     Args:
@@ -132,7 +132,9 @@ def _validated(method: str, option: str):
     """A pydantic validator that checks `option` with hf_magmax's own rule (`MergeSpec`), at mergekit's planning."""
 
     def check(value: Any) -> Any:
-        spec = MergeSpec(method, scaling_coef=value) if option == "scaling_coef" else MergeSpec(method, **{option: value})
+        spec = (
+            MergeSpec(method, scaling_coef=value) if option == "scaling_coef" else MergeSpec(method, **{option: value})
+        )
         return spec.coef if option == "scaling_coef" else getattr(spec, option)
 
     return AfterValidator(check)
@@ -152,7 +154,9 @@ class HfMagMaxMethod(GroupMergeMethod):
     """
 
     def __init__(self, method: str, name: str | None = None) -> None:
-        fit = [n for n, c in ONLINE_MERGES.items() if c.blockwise and not (c.needs_tensor_stats or c.needs_model_stats)]
+        fit = [
+            n for n, c in ONLINE_MERGES.items() if c.blockwise and not (c.needs_tensor_stats or c.needs_model_stats)
+        ]
         if method not in fit:
             raise ValueError(
                 f"`{method}` cannot be a mergekit method: mergekit merges one tensor at a time, with no whole-tensor "
@@ -160,14 +164,14 @@ class HfMagMaxMethod(GroupMergeMethod):
             )
         cls = ONLINE_MERGES[method]
         self.method = method
-        coef = Optional[Annotated[float, _validated(method, "scaling_coef")]]
+        coef = Annotated[float, _validated(method, "scaling_coef")] | None
         default = f"defaults to {cls.default_scaling_coef:g}"
         parameters = [
             ParameterSpec("scaling_coef", coef, ParameterScope.SHARED, default=None, description=f"λ ({default})"),
             ParameterSpec("lambda", coef, ParameterScope.SHARED, default=None, description="alias of scaling_coef"),
         ]
         for option, value in cls.options.items():
-            kind = Optional[Annotated[type(value), _validated(method, option)]]
+            kind = Annotated[type(value), _validated(method, option)] | None
             parameters.append(ParameterSpec(option, kind, ParameterScope.SHARED, default=None))
         pretty_name, url = _REFERENCES.get(method, (f"{method} (hf_magmax)", None))
         self.spec = MergeMethodSpec(

@@ -2,6 +2,10 @@
 FusionBench's own model pools and program; bit for bit `hf-magmax merge` (fp32, bf16) and FusionBench's own MagMax
 (fp32)."""
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 import torch
 from builders import load_dir, make_family, tiny_model
@@ -135,3 +139,39 @@ def test_a_pool_without_base_or_fine_tunes_is_an_error():
         HfMagMaxAlgorithm().run({"a": model})
     with pytest.raises(ValueError, match="no fine-tuned models"):
         HfMagMaxAlgorithm().run({"_pretrained_": model})
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+
+
+def _doc_blocks(path):
+    """(marker, language, code) of docs/integrations.md's blocks that FusionBench needs: the marked (`test: run`)
+    ones before its mergekit section (the checkpoints and `hf-magmax merge`), then the `test: fusion-bench` ones
+    (tests/test_docs.py runs the marked ones in an environment without FusionBench, and skips these)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, before_mergekit = [], True
+    for i, line in enumerate(lines):
+        if line.startswith("## mergekit"):
+            before_mergekit = False
+        marker = re.fullmatch(r"<!-- test: (run|fusion-bench) -->", line.strip())
+        if marker is None or (marker.group(1) == "run" and not before_mergekit):
+            continue
+        end = next(j for j in range(i + 2, len(lines)) if lines[j].startswith("```"))
+        blocks.append((marker.group(1), lines[i + 1].strip("`"), "\n".join(lines[i + 2 : end]) + "\n"))
+    return blocks
+
+
+def test_the_docs_fusion_bench_snippets_run(tmp_path, monkeypatch):
+    from hf_magmax.cli import main
+
+    blocks = _doc_blocks(DOC)
+    assert [marker for marker, _, _ in blocks] == ["run", "run", "fusion-bench"]
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__main__"}
+    for _, language, code in blocks:
+        if language == "python":
+            exec(compile(code, str(DOC), "exec"), namespace)
+        else:
+            for command in (shlex.split(line) for line in code.splitlines() if line.strip()):
+                assert command[0] == "hf-magmax" and main(command[1:]) == 0, command
+    assert namespace["merged"].model.norm.weight.dtype == torch.bfloat16

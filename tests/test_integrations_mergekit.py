@@ -111,6 +111,30 @@ def test_dtype_and_out_dtype(family, tmp_path):
     _assert_same_tensors(merged, expected)
 
 
+def test_tied_embeddings(tmp_path):
+    base, models = make_family(tmp_path, "llama", num_tasks=2, tie=True, dtype=torch.bfloat16)
+    expected = load_dir(merge_checkpoints(base, models, tmp_path / "hf", show_progress=False))
+    _assert_same_tensors(_run_mergekit(_config(base, models, "magmax"), tmp_path / "mk"), expected)
+
+
+def test_other_per_tensor_methods_through_mergekits_tensor_api():
+    """`HfMagMaxMethod` takes any hf_magmax method that merges each tensor on its own (here `average`, which mergekit
+    has no name for), also through mergekit's in-memory `merge_tensors` (its own parameter binding)."""
+    from hf_magmax.merging import MergeSpec, apply_merged, average
+    from hf_magmax.task_vectors import subtract
+
+    generator = torch.Generator().manual_seed(0)
+    theta_0 = torch.randn(40, 30, generator=generator).to(torch.bfloat16)
+    finetuned = [(theta_0.float() + 0.02 * torch.randn(40, 30, generator=generator)).bfloat16() for _ in range(3)]
+    method = integration.HfMagMaxMethod("average", name="hf_magmax_average")
+    merged = mergekit.merge_methods.merge_tensors([theta_0, *finetuned], method, base_index=0,
+                                                  parameters={"lambda": 0.8}, name="w")  # fmt: skip
+    widened = theta_0.float()
+    expected = apply_merged(widened, average([subtract(t, widened) for t in finetuned]), 0.8, dtype=torch.bfloat16)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
+    assert torch.equal(integration.merge_tensor(MergeSpec("average", 0.8), "w", theta_0, finetuned), expected)
+
+
 def test_registry_holds_hf_magmax_methods_and_registering_again_is_a_no_op():
     for method in integration.METHODS:
         registered = mergekit.merge_methods.get(method)

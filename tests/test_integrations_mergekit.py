@@ -204,20 +204,3 @@ def test_mergekit_yaml_help_and_argument_errors_import_no_torch(argv, code):
         assert result.stderr.strip() == (
             "hf-magmax mergekit-yaml: error: CONFIG 'no/such.yml' is not a file: pass a mergekit YAML."
         )
-
-
-def test_without_mergekit_the_import_error_names_the_extra():
-    code = "import sys; sys.modules['mergekit'] = None\nimport hf_magmax.integrations.mergekit"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env=ENV)  # fmt: skip
-    assert result.returncode == 1
-    assert 'pip install "hf_magmax[mergekit]"' in result.stderr.strip().splitlines()[-1]
-
-
-def test_the_core_never_imports_the_integrations():
-    core = ["merging", "task_vectors", "checkpoints", "io", "peft", "trainer", "config", "hub", "scaling"]
-    code = "".join(f"import hf_magmax.{name}\n" for name in core)
-    code += "import sys; print(sorted(m for m in sys.modules if m.startswith(('hf_magmax.integrations', 'mergekit'))))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env=ENV)  # fmt: skip
-    assert result.stdout.strip() == "[]", result.stderr

@@ -8,7 +8,7 @@
   LGPL-3.0 and stays an optional dependency.
 - [`hf_magmax.integrations.fusion_bench`]: `HfMagMaxAlgorithm`, a FusionBench algorithm (usable as a config
   `_target_`) that merges a FusionBench model pool with hf_magmax's online fold (MagMax, OPCM and the baselines).
-  Needs `pip install fusion-bench`.
+  Needs `pip install "hf_magmax[fusion-bench]"`.
 
 Each module imports its tool when it is imported, and says which package to install when the tool is missing.
 """

@@ -37,7 +37,9 @@ try:
     from fusion_bench.mixins import auto_register_config
     from fusion_bench.modelpool import BaseModelPool
 except ImportError as err:  # pragma: no cover - exercised only without fusion-bench
-    raise ImportError("hf_magmax.integrations.fusion_bench needs FusionBench: pip install fusion-bench") from err
+    raise ImportError(
+        'hf_magmax.integrations.fusion_bench needs FusionBench: pip install "hf_magmax[fusion-bench]"'
+    ) from err
 
 from ..merging import MergeSpec, StateDictMerger
 from ..task_vectors import TaskVector

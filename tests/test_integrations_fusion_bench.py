@@ -73,6 +73,17 @@ def test_magmax_equals_fusion_benchs_own_magmax_in_fp32(tmp_path):
     _assert_equal_state(ours, theirs)
 
 
+@pytest.mark.parametrize("method", ["opcm", "magmax"])
+def test_tied_embeddings_are_merged_once(tmp_path, method):
+    """A tied embedding is one tensor: folded once (OPCM's model-wide norm counts it once), written once."""
+    base, models = make_family(tmp_path, "llama", num_tasks=2, tie=True, dtype=torch.bfloat16)
+    merged = HfMagMaxAlgorithm(method=method).run(_pool(base, models, "bfloat16"))
+    expected = load_dir(merge_checkpoints(base, models, tmp_path / "hf", method=method, show_progress=False))
+    state = merged.state_dict()
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    _assert_equal_state({name: state[name] for name in expected}, expected)
+
+
 def test_fusion_bench_program_runs_the_algorithm_from_its_config(tmp_path):
     """FusionBench's own program (`FabricModelFusionProgram`: instantiate the pool and the method from the config,
     run, save the merged model) with `method._target_` pointing here."""

@@ -13,8 +13,9 @@ method:
 
 `run` merges the pool's regular models (in the pool's order: MagMax gives ties to the later task, OPCM is
 order-dependent) into its `_pretrained_` model with hf_magmax's online fold: θ_0 and the running merge stay in memory,
-and the fine-tunes are loaded one at a time and folded in (`τ_t = θ_t − θ_0` in fp32 for half weights,
-[`~hf_magmax.merging.StateDictMerger`], then [`~hf_magmax.merging.apply_merged`]). The merged model is therefore
+and the fine-tunes are loaded one at a time and folded in tensor by tensor (`τ = θ_t − θ_0` in fp32 for half weights,
+[`~hf_magmax.task_vectors.subtract`], into the method's accumulator, [`~hf_magmax.merging.MergeSpec.accumulator`]),
+then written into θ_0 with [`~hf_magmax.merging.apply_merged`]. The merged model is therefore
 bit for bit `hf-magmax merge` of the same checkpoints, for every method, fp32 and bf16; and, where the definitions
 agree (MagMax on fp32 checkpoints), FusionBench's own `MagMaxAlgorithm` too. (In bf16 FusionBench computes τ and
 θ_0 + λ·τ in bf16 and its results differ by bf16 roundings: see benchmarks/README.md.)
@@ -41,8 +42,8 @@ except ImportError as err:  # pragma: no cover - exercised only without fusion-b
         'hf_magmax.integrations.fusion_bench needs FusionBench: pip install "hf_magmax[fusion-bench]"'
     ) from err
 
-from ..merging import MergeSpec, StateDictMerger
-from ..task_vectors import TaskVector
+from ..merging import MergeSpec
+from ..task_vectors import TaskVector, shared_tensor_groups, subtract
 
 
 logger = logging.getLogger(__name__)
@@ -116,14 +117,36 @@ class HfMagMaxAlgorithm(BaseAlgorithm):
         with torch.no_grad():
             pretrained = modelpool.load_pretrained_model()
             base_state = _state_dict(pretrained, "_pretrained_")
-            merger = StateDictMerger(self.spec, device=self.device)
-            for name in names:
-                model = modelpool.load_model(name)
-                merger.update(TaskVector.from_state_dicts(base_state, _state_dict(model, name), device=self.device))
-                del model
-            merged = TaskVector(merger.result())
+            # one accumulator per floating tensor, tied names folded once (as `hf-magmax merge` reads them once)
+            first = shared_tensor_groups(base_state)
+            folded = [n for n, t in base_state.items() if t.is_floating_point() and first[n] == n]
+            accumulators = {n: self.spec.accumulator(n) for n in folded}
+            for name in names:  # one fine-tune in memory at a time, one τ tensor at a time (fp32 for half weights)
+                state = _state_dict(modelpool.load_model(name), name)
+                _check_same_tensors(base_state, state, folded, name)
+                for n in folded:
+                    accumulators[n].update(subtract(state[n], base_state[n], device=self.device))
+                del state
+            scale = self.spec.model_scale(accumulators.values())  # opcm: the model-wide rescale; 1.0 for the others
             model = pretrained if self.inplace else deepcopy(pretrained)
-            return merged.apply_to_model(model, scaling_coef=self.spec.coef)
+            for n in folded:  # θ_0 + λ·merge with `apply_merged`, tensor by tensor (tied tensors share the storage)
+                merged = TaskVector({n: accumulators.pop(n).result(model_scale=scale)})
+                merged.apply_to_model(model, scaling_coef=self.spec.coef)
+            return model
+
+
+def _check_same_tensors(base_state: Mapping[str, Any], state: Mapping[str, Any], names: list[str], model: str) -> None:
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KeyError(
+            f"model {model!r} of the pool lacks {len(missing)} tensor(s) of `_pretrained_`, e.g. {missing[0]!r}."
+        )
+    for n in names:
+        if state[n].shape != base_state[n].shape:
+            raise ValueError(
+                f"tensor {n!r} has shape {tuple(state[n].shape)} in model {model!r} but {tuple(base_state[n].shape)} in "
+                "`_pretrained_`: the pool's models must share one architecture."
+            )
 
 
 def _state_dict(model: Any, name: str) -> Mapping[str, Any]:

@@ -108,6 +108,17 @@ def merge_tensor(spec: MergeSpec, name: str, theta_0: torch.Tensor, finetuned: S
 
     Returns:
         `torch.Tensor`: a new tensor in θ_0's dtype, on θ_0's device.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_magmax import MergeSpec
+    >>> from hf_magmax.integrations.mergekit import merge_tensor
+    >>> theta_0 = torch.zeros(2)
+    >>> merge_tensor(MergeSpec("magmax", 0.5), "w", theta_0, [torch.tensor([1.0, -3.0]), torch.tensor([-2.0, 1.0])])
+    tensor([-1.0000, -1.5000])
+    ```
     """
     import torch
 
@@ -151,6 +162,17 @@ class HfMagMaxMethod(GroupMergeMethod):
         method (`str`): an hf_magmax method that merges each tensor on its own (`magmax`, `random_mix`, `average`,
             `task_arithmetic`); `opcm` and `ties` are refused (model-wide rescale; whole-tensor trim threshold).
         name (`str`, *optional*): the name to register it under in mergekit; defaults to `method`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from mergekit.merge_methods import merge_tensors
+    >>> from hf_magmax.integrations.mergekit import HfMagMaxMethod
+    >>> average = HfMagMaxMethod("average", name="hf_magmax_average")  # mergekit's `merge_tensors` takes it unregistered
+    >>> merge_tensors([torch.zeros(2), torch.tensor([1.0, -3.0]), torch.tensor([-2.0, 1.0])], average, base_index=0)
+    tensor([-0.5000, -1.0000])
+    ```
     """
 
     def __init__(self, method: str, name: str | None = None) -> None:

@@ -547,7 +547,7 @@ def _add_mergekit_yaml_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_mergekit_yaml(args: argparse.Namespace) -> int:
     if not args.mergekit_args:
         raise ValueError("`mergekit-yaml` needs CONFIG and OUT: hf-magmax mergekit-yaml CONFIG.yml OUTPUT_DIR.")
-    if not os.path.isfile(args.config):  # before importing mergekit (and torch)
+    if "--help" not in args.mergekit_args and not os.path.isfile(args.config):  # before importing mergekit, torch
         raise FileNotFoundError(f"CONFIG {args.config!r} is not a file: pass a mergekit YAML.")
     from .integrations.mergekit import main as mergekit_yaml
 

@@ -71,7 +71,7 @@ class MagMaxCallback(TrainerCallback):
             The MagMax options (may also be passed first, in place of `trainer`). Defaults to `MagMaxOptions()`.
         scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, merge_alpha, final_model,
         eval_merged_every_task, merge_device, frozen_modules, max_validation_samples, select_scaling_coef_every_task,
-        continual_metric, save_provenance, push_every_task, hub_revision_pattern:
+        continual_metric, save_provenance, push_every_task, hub_revision_pattern, lora_output, lora_rank:
             Each field of [`MagMaxOptions`] as a keyword argument (same defaults), on top of `options`. With
             `push_every_task=True` the trainer's `args.hub_model_id` names the repo (an error at `attach` without it),
             and the merged model is pushed after every task as [`MagMaxTrainer`] does.

@@ -217,7 +217,7 @@ class ContinualRun:
         `train()` would make Accelerate skip the DDP wrapping of the model.)"""
         initial = trainer is None or trainer.model_wrapped is model
         self.state.snapshot(self.weights(trainer, model, initial=initial))
-        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets)
+        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets, trainer)
 
     def write_base(self, trainer: Any) -> None:
         """Write θ_0 once per run to `output_dir/magmax_base/` (the main process, with its sha256), then hold it

@@ -24,15 +24,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..task_vectors import shared_tensor_groups
-from .config import MagMaxConfig, check_per_task_length, check_push_options
+from .config import MagMaxConfig
 from .inputs import (
     check_datasets,
-    check_same_tasks,
     checkpoint_tensor_names,
+    collect_tasks,
     freeze,
     head,
     is_peft_model,
-    normalize_tasks,
     num_labels,
     resolve_task_classes,
     task_dir_name,
@@ -138,24 +137,9 @@ class MagMaxTrainer(Trainer):
                 "`optimizers` is not supported: MagMaxTrainer creates a fresh optimizer and schedule for every task. "
                 "Pass `optimizer_cls_and_kwargs` (or the `optim` option of the config) instead."
             )
-        if train_datasets is None:
-            if train_dataset is None:
-                raise ValueError(
-                    "no tasks: pass `train_datasets`, a list or dict task name → dataset with at least one task."
-                )
-            train_datasets = [train_dataset]
-        elif train_dataset is not None:
-            raise ValueError("pass either `train_datasets` (the task sequence) or `train_dataset`, not both.")
-
-        names, datasets, split_classes = normalize_tasks(train_datasets, "train_datasets")
-        if not datasets:
-            raise ValueError("no tasks: `train_datasets` is empty; pass at least one task.")
-        check_per_task_length(args, len(datasets))
-        check_push_options(args, names)  # every task's branch is a valid git branch name
-        eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
-        check_same_tasks(names, eval_names, eval_datasets, "eval_datasets")
-        val_names, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
-        check_same_tasks(names, val_names, validation_datasets, "validation_datasets")
+        names, datasets, split_classes, eval_list, val_list = collect_tasks(
+            args, train_dataset, train_datasets, eval_datasets, validation_datasets
+        )
 
         # LoRA
         if peft_config is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -193,18 +194,15 @@ class MagMaxCallback(TrainerCallback):
                 with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
                     f.write(callback.model_card(self))
 
-        def _create_model_card(
-            self,
-            language: str | None = None,
-            license: str | None = None,
-            tags: str | list[str] | None = None,
-            model_name: str | None = None,
-            finetuned_from: str | None = None,
-            **kwargs: Any,
-        ) -> None:
-            if not callback._run.num_tasks_done:  # nothing merged yet: transformers' card
-                create_model_card(language, license, tags, model_name, finetuned_from, **kwargs)
+        def _create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            if not callback._run.num_tasks_done:  # nothing merged yet: the trainer's own card
+                create_model_card(*args, **kwargs)
                 return
+            # the trainer's own signature (transformers': language, license, tags, model_name, finetuned_from, …;
+            # TRL's: model_name, dataset_name, tags)
+            given = inspect.signature(create_model_card).bind_partial(*args, **kwargs).arguments
+            language, license, tags = given.get("language"), given.get("license"), given.get("tags")
+            model_name, finetuned_from = given.get("model_name"), given.get("finetuned_from")
             if not self.is_world_process_zero():
                 return
             os.makedirs(self.args.output_dir, exist_ok=True)

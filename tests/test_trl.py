@@ -269,3 +269,22 @@ def test_token_accuracy_needs_an_sft_trainer(tmp_path):
     MagMaxCallback(trainer, eval_datasets={"a": lm_task(4, seed=1)}, continual_metric="mean_token_accuracy")
     with pytest.raises(ValueError, match="`continual_metric='mean_token_accuracy'` is the token accuracy TRL"):
         trainer.train()
+
+
+def test_sft_assistant_only_loss_applies_to_every_task(tmp_path):
+    """Every task is prepared with the first task's options: the later tasks' user turns carry no label either."""
+    tokenizer = tiny_sft_tokenizer()
+    train, evaluation = sft_tasks("messages", 3)
+    trainer = MagMaxSFTTrainer(
+        tiny_sft_llama(tokenizer),
+        tiny_sft_config(tmp_path, assistant_only_loss=True),
+        processing_class=tokenizer,
+        train_datasets=train,
+        eval_datasets=evaluation,
+    )
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for task, dataset in enumerate([*trainer.train_datasets, *trainer.eval_datasets]):
+        for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+            start = ids.index(assistant) + 1  # the assistant's content starts after its role token
+            assert all(label == -100 for label in labels[:start]), task
+            assert labels[start:] == ids[start : len(labels)] and labels[start] != -100, task

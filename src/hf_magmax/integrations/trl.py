@@ -48,7 +48,7 @@ class MagMaxSFTConfig(SFTConfig, MagMaxConfig):
     (`scaling_coef`, `merge_method`, `final_model`, `lora_output`, `max_steps_per_task`, …).
 
     Every `SFTConfig` option applies to each task (`packing` packs each task's set on its own). One MagMax option
-    differs: `continual_metric` defaults to `"mean_token_accuracy"`, the share of loss tokens (the completion with
+    resolves differently: `continual_metric` unset means `"mean_token_accuracy"`, the share of loss tokens (the completion with
     completion-only loss) whose greedy next-token prediction is the label under teacher forcing, averaged over the
     evaluation batches — what `SFTTrainer` logs as `eval_mean_token_accuracy`. `"neg_loss"` (minus the evaluation
     loss) is the other built-in choice. `restrict_loss_to_task_classes` (class-incremental heads) does not apply.

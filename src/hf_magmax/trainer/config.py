@@ -64,8 +64,9 @@ class MagMaxOptions:
         continual_metric (`str`, *optional*):
             The metric of the accuracy matrices, a key of `compute_metrics`' output without the prefix, e.g.
             `"accuracy"`. Defaults to `"accuracy"` when the training labels are class ids (a built-in accuracy is used
-            if `compute_metrics` is not given), and to `"neg_loss"` (minus the evaluation loss, so higher is better
-            and forgetting is a loss increase) otherwise, e.g. for causal language models.
+            if `compute_metrics` is not given), to `"mean_token_accuracy"` inside TRL's `SFTTrainer` (the token
+            accuracy it logs as `eval_mean_token_accuracy`), and to `"neg_loss"` (minus the evaluation loss, so
+            higher is better and forgetting is a loss increase) otherwise, e.g. for causal language models.
         save_provenance (`bool`, *optional*, defaults to `False`):
             `magmax` and `random_mix` only (an error for other methods, raised here, before the first step): record
             which task won each merged element (ties go to the later task). The maps are kept in the merge state

@@ -137,7 +137,7 @@ class MagMaxSFTTrainer(MagMaxTrainer, SFTTrainer):
 
     ```python
     >>> from hf_magmax import MagMaxSFTConfig, MagMaxSFTTrainer
-    >>> args = MagMaxSFTConfig(output_dir="out", scaling_coef=0.5, max_steps=100)
+    >>> args = MagMaxSFTConfig(output_dir="out", scaling_coef=0.5, max_steps=100)  # doctest: +SKIP
     >>> trainer = MagMaxSFTTrainer(model, args, processing_class=tokenizer,
     ...                            train_datasets={"qa": qa_train, "code": code_train},
     ...                            eval_datasets={"qa": qa_test, "code": code_test})  # doctest: +SKIP

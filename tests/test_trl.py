@@ -129,6 +129,57 @@ def test_sft_trainer_and_callback_in_sft_trainer_write_the_same_run(tmp_path, fm
         assert torch.equal(final[name], value), name
 
 
+def test_sft_trainer_matches_magmax_trainer_on_the_prepared_data(tmp_path):
+    """The plain-Trainer path: MagMaxTrainer on the datasets SFTTrainer prepared, with TRL's collator, gives the same
+    run up to the fused-loss rounding (SFTTrainer computes the NLL chunk-wise from `lm_head.weight`)."""
+    from tiny_tasks import tiny_config
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from hf_magmax import MagMaxTrainer
+    from hf_magmax.trainer import MergeState
+
+    ours = _run_trainer(tmp_path / "sft", "prompt_completion", 2, continual_metric="neg_loss")
+    columns = ["input_ids", "labels"]
+    train = {n: ds.select_columns(columns) for n, ds in zip(ours.task_names, ours.train_datasets)}
+    evaluation = {n: ds.select_columns(columns) for n, ds in zip(ours.task_names, ours.eval_datasets)}
+    ours.train()
+    tokenizer = tiny_sft_tokenizer()
+    args = tiny_config(
+        tmp_path / "plain" / "out",
+        per_device_eval_batch_size=4,
+        logging_steps=2,
+        scaling_coef=0.5,
+        continual_metric="neg_loss",
+    )
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    plain = MagMaxTrainer(
+        tiny_sft_llama(tokenizer), args, data_collator=collator, train_datasets=train, eval_datasets=evaluation
+    )
+    plain.train()
+
+    expected = plain.model.state_dict()
+    for name, value in ours.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5)
+    mine, theirs = _results(tmp_path / "sft" / "out"), _results(tmp_path / "plain" / "out")
+    assert mine.keys() == theirs.keys()
+    for kind in ("sequential", "merged"):
+        assert mine[kind]["matrix"] == [pytest.approx(row, abs=1e-5) for row in theirs[kind]["matrix"]]
+    assert {k: v for k, v in mine.items() if k not in ("sequential", "merged")} == {
+        k: v for k, v in theirs.items() if k not in ("sequential", "merged")
+    }
+    assert _checkpoints(tmp_path / "sft" / "out") == _checkpoints(tmp_path / "plain" / "out")
+    checkpoint = "task-01-b/checkpoint-2"  # the merge state in the middle of task 2: θ_best after task 1
+    mine = MergeState.read(str(tmp_path / "sft" / "out" / checkpoint))
+    theirs = MergeState.read(str(tmp_path / "plain" / "out" / checkpoint))
+    tensors = {k for k, v in mine.items() if isinstance(v, torch.Tensor | dict)}
+    assert {k: v for k, v in mine.items() if k not in tensors} == {k: v for k, v in theirs.items() if k not in tensors}
+    torch.testing.assert_close({k: mine[k] for k in tensors}, {k: theirs[k] for k in tensors}, rtol=0, atol=1e-5)
+    ours.save_model(str(tmp_path / "sft-model"))
+    plain.save_model(str(tmp_path / "plain-model"))
+    card = (tmp_path / "sft-model" / "README.md").read_text()
+    assert _sections(card) == _sections((tmp_path / "plain-model" / "README.md").read_text())
+
+
 def test_sft_lora_messages_three_tasks_trainer_equals_callback(tmp_path):
     ours = _run_trainer(tmp_path / "t", "messages", 3, peft_config=_lora())
     ours.train()

@@ -115,9 +115,8 @@ class GenerationMagMaxTrainer(MagMaxTrainer):
     ) -> EvalLoopOutput:
         dataset = dataloader.dataset
         task = dataset[0][TASK_COLUMN] if TASK_COLUMN in dataset.column_names else metric_key_prefix
-        model = self.accelerator.unwrap_model(self.model) if not self.is_fsdp_enabled else self.model
         generated = generate_trace_predictions(
-            model,
+            self.model,  # the unwrapped model (the Trainer keeps the DDP/FSDP wrapper in `model_wrapped`)
             self.processing_class,
             dataset["prompt"],
             batch_size=self.generation_batch_size,

@@ -80,6 +80,7 @@ __all__ = [
     "rouge_l",
     "score_cl_task",
     "superni_prompt",
+    "summarize_runs",
 ]
 
 #: The three split files of every task folder (O-LoRA and SAPT name the validation split `dev`).
@@ -637,3 +638,48 @@ def reference_table(benchmark: str, ours: Mapping[str, str | float] | None = Non
     for name, value in published["scores"].items():
         lines.append(f"| {name} | {value:.2f} | {published['source']} ({published['setting']}) |")
     return "\n".join(lines)
+
+
+#: The summary metrics [`summarize_runs`] averages, as the trainer's `continual_results` names them.
+SUMMARY_METRICS: tuple[str, ...] = ("final_average_accuracy", "backward_transfer", "forgetting")
+
+
+def summarize_runs(
+    runs: Sequence[Mapping[str, Any]], kinds: Sequence[str] = ("sequential", "merged")
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Average the summaries of several runs (orders × seeds): mean, sample standard deviation and standard error.
+
+    Args:
+        runs (`Sequence[Mapping]`):
+            One trainer `continual_results` per run (`{"sequential": {"metrics": {...}}, "merged": {...}}`).
+        kinds (`Sequence[str]`, *optional*, defaults to `("sequential", "merged")`):
+            The models to summarize.
+
+    Returns:
+        `dict`: `{kind: {metric: {"mean", "std", "stderr", "values"}}}` for the metrics of [`SUMMARY_METRICS`]
+        (`final_average_accuracy` is the benchmark's average performance AP); `std` and `stderr` are 0 for one run.
+
+    Example:
+
+    ```python
+    >>> runs = [{"merged": {"metrics": {"final_average_accuracy": 70.0}}},
+    ...         {"merged": {"metrics": {"final_average_accuracy": 80.0}}}]
+    >>> summarize_runs(runs, kinds=["merged"])["merged"]["final_average_accuracy"]["mean"]
+    75.0
+    ```
+    """
+    import math
+
+    if not runs:
+        raise ValueError("`runs` is empty: pass the continual results of at least one run.")
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind in kinds:
+        out[kind] = {}
+        for metric in SUMMARY_METRICS:
+            values = [float(r[kind]["metrics"][metric]) for r in runs if metric in r.get(kind, {}).get("metrics", {})]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            out[kind][metric] = {"mean": mean, "std": std, "stderr": std / math.sqrt(len(values)), "values": values}
+    return out

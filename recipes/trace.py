@@ -21,6 +21,11 @@ LoRA (TRACE's LoRA setting: r 8, alpha 32, dropout 0.1 on q_proj/v_proj, lr 1e-4
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
         recipes/trace.py --config recipes/configs/trace_lora.yaml
 
+The 500-sample release (LLM-CL-Benchmark_500, the variant recent papers report; TreeLoRA's scripts):
+
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
+        recipes/trace.py --config recipes/configs/trace_500_lora.yaml
+
 FSDP: `--config_file recipes/accelerate_configs/fsdp.yaml`. One GPU: `python recipes/trace.py --config ...`.
 Resume an interrupted run with `--resume_from_checkpoint true`; push with `--push_to_hub true --hub_model_id you/name`.
 """
@@ -35,6 +40,7 @@ from recipe_common import check_launch, finish_run, parse_recipe_args, resume_ar
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 
+from hf_magmax.extras.llm_cl import PUBLISHED_RESULTS, reference_table
 from hf_magmax.trace import (
     TRACE_TASKS,
     TraceDataCollator,
@@ -81,10 +87,20 @@ class ScriptArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules LoRA adapts."}
     )
+    trace_variant: str = field(
+        default="5000",
+        metadata={
+            "help": "The release the data comes from, `5000` (LLM-CL-Benchmark_5000) or `500` (LLM-CL-Benchmark_500, "
+            "500 training samples per task): selects the published numbers printed beside ours."
+        },
+    )
 
     def __post_init__(self):
         if not self.data_path:
             raise ValueError("`data_path` is required: a local TRACE folder or a Hub dataset repo id.")
+        self.trace_variant = str(self.trace_variant)
+        if self.trace_variant not in ("5000", "500"):
+            raise ValueError(f"`trace_variant` must be `5000` or `500`, got {self.trace_variant!r}.")
         if not self.tasks:
             raise ValueError(f"`tasks` is empty: list TRACE tasks in learning order, e.g. {list(TRACE_TASKS)}.")
 
@@ -212,13 +228,24 @@ def main(argv=None):
         if all(v is not None for row in matrix[1:] for v in row):
             trace_scores[label] = {"matrix": matrix, **trace_summary(matrix)}
     payload = finish_run(trainer, training_args, script_args, None, recipe="trace")
+    reference = f"trace_{script_args.trace_variant}"
+    table = reference_table(reference, {f"{label} (ours), OP": s["OP"] for label, s in trace_scores.items()})
     if trainer.is_world_process_zero():
         write_json(
             os.path.join(training_args.output_dir, "trace_results.json"),
-            {"tasks": list(trace), "scores": trace_scores, "script_args": payload["script_args"]},
+            {
+                "tasks": list(trace),
+                "scores": trace_scores,
+                "published": PUBLISHED_RESULTS[reference],
+                "table": table,
+                "script_args": payload["script_args"],
+            },
         )
         for label, scores in trace_scores.items():
             logger.info("TRACE %s: OP %.2f, BWT %.2f", label, scores["OP"], scores["BWT"])
+        logger.info(
+            "TRACE (%s samples per task), ours beside the published numbers:\n%s", script_args.trace_variant, table
+        )
     return trace_scores
 
 

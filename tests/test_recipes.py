@@ -96,6 +96,7 @@ def test_trace_recipe_full_fine_tuning_all_eight_tasks(assets, tmp_path):
         assert op == pytest.approx(matrix[-1].mean())
         assert bwt == pytest.approx(np.mean([matrix[-1, i] - matrix[i + 1, i] for i in range(7)]))
         assert scores[label]["OP"] == op
+    assert results["published"]["scores"]["SeqFT (full fine-tuning)"] == 48.7  # the 5000-sample release's numbers
     continual = _json(out / "continual_results.json")
     assert continual["metric"] == "score" and continual["task_names"] == list(TRACE_TASKS)
     assert _json(out / "results.json")["recipe"] == "trace"
@@ -108,9 +109,13 @@ def test_trace_recipe_lora_with_per_task_epochs(assets, tmp_path):
         ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
         + ["--data_path", assets["trace"], "--output_dir", str(out), "--tasks", "FOMC", "20Minuten"]
         + ["--use_peft", "true", "--num_train_epochs_per_task", "2", "1", "--learning_rate", "1e-2"]
+        + ["--trace_variant", "500"]
     )
     results = _json(out / "trace_results.json")
     assert results["tasks"] == ["FOMC", "20Minuten"]
+    # the 500-sample release: its published numbers beside ours
+    assert results["published"]["scores"] == {"O-LoRA": 42.78, "MoRAM": 44.54}
+    assert "| MagMax (ours), OP |" in results["table"] and "| MoRAM | 44.54 |" in results["table"]
     _check_matrix(results["scores"]["MagMax"]["matrix"], 2, 0.0, 100.0)
     assert results["script_args"]["lora_target_modules"] == ["q_proj", "v_proj"]
 
@@ -384,7 +389,11 @@ def test_every_shipped_config_parses(tmp_path):
     """Every shipped config parses, and every scalar value it sets reaches the parsed arguments unchanged."""
     import yaml
 
-    pairs = {"trace": ["trace_", "tiny_trace"], "continual_text_classification": ["text_", "tiny_text"]}
+    pairs = {
+        "trace": ["trace_", "tiny_trace"],
+        "continual_text_classification": ["text_", "tiny_text"],
+        "llm_continual": ["standard_cl_", "long15_", "superni_", "tiny_standard_cl", "tiny_long15", "tiny_superni"],
+    }
     overridden = {"output_dir", "use_cpu", "bf16"}
     checked = 0
     for name in sorted(os.listdir(CONFIGS)):

@@ -201,7 +201,8 @@ BENCHMARK_METRICS: dict[str, str] = {"standard_cl": "exact_match", "long15": "ex
 
 _SLAO = "Merge before Forget (SLAO), ICLR 2026, arXiv:2512.23017"
 
-#: Published average performance (final average score over all tasks, %, mean over the orders) to print beside ours.
+#: Published average performance (final average score over all tasks in %, mean over the orders; TRACE: OP) to print
+#: beside ours.
 PUBLISHED_RESULTS: dict[str, dict[str, Any]] = {
     "standard_cl": {
         "source": _SLAO,
@@ -219,10 +220,15 @@ PUBLISHED_RESULTS: dict[str, dict[str, Any]] = {
         "scores": {"MagMax": 11.2, "SeqLoRA": 22.6, "SLAO": 37.2, "MTL": 45.2},
     },
     "trace_500": {
-        "source": "TRACE 500-sample variant (LLM-CL-Benchmark_500) as quoted for Llama-2-7B-chat; no MagMax number "
-        "published",
-        "setting": "Llama-2-7B-chat, LoRA, 8 TRACE tasks, OP",
+        "source": "MoRAM's TRACE-500 comparison as quoted in hf_magmax issue #20 (not checked against the paper "
+        "offline); no MagMax number published",
+        "setting": "Llama-2-7B-chat, LoRA, TRACE LLM-CL-Benchmark_500 (500 training samples per task), OP",
         "scores": {"O-LoRA": 42.78, "MoRAM": 44.54},
+    },
+    "trace_5000": {
+        "source": "TRACE (Wang et al., 2023, arXiv:2310.06762), values as commonly quoted (check against its tables)",
+        "setting": "Llama-2-7B-chat, TRACE LLM-CL-Benchmark_5000, OP",
+        "scores": {"SeqFT (full fine-tuning)": 48.7, "LoRA-SeqFT": 12.7, "Replay": 55.5},
     },
 }
 

@@ -38,24 +38,21 @@ from dataclasses import dataclass, field
 
 from recipe_common import check_launch, finish_run, parse_recipe_args, resume_argument, setup_logging, write_json
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
-from transformers.trainer_utils import EvalLoopOutput
 
+from hf_magmax.extras.generation import TASK_COLUMN, GenerationMagMaxTrainer
 from hf_magmax.extras.llm_cl import PUBLISHED_RESULTS, reference_table
 from hf_magmax.trace import (
     TRACE_TASKS,
     TraceDataCollator,
-    generate_trace_predictions,
     load_trace,
     score_trace_task,
     trace_summary,
 )
-from hf_magmax.trainer import MagMaxConfig, MagMaxTrainer
+from hf_magmax.trainer import MagMaxConfig
 from hf_magmax.trainer.config import check_per_task_length
 
 
 logger = logging.getLogger(__name__)
-
-TASK_COLUMN = "trace_task"
 
 
 @dataclass
@@ -105,45 +102,9 @@ class ScriptArguments:
             raise ValueError(f"`tasks` is empty: list TRACE tasks in learning order, e.g. {list(TRACE_TASKS)}.")
 
 
-class TraceMagMaxTrainer(MagMaxTrainer):
-    """`MagMaxTrainer` whose evaluation generates answers and scores them with TRACE's metric of the task.
-
-    Every evaluation dataset carries its task name in a `trace_task` column; the score (key `score`, in [0, 100]) is
-    the continual metric of both matrices.
-    """
-
-    def __init__(
-        self,
-        *args,
-        generation_kwargs: dict | None = None,
-        generation_batch_size: int = 8,
-        max_prompt_len: int = 1024,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self.generation_kwargs = generation_kwargs or {}
-        self.generation_batch_size = generation_batch_size
-        self.max_prompt_len = max_prompt_len
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ) -> EvalLoopOutput:
-        dataset = dataloader.dataset
-        task = dataset[0][TASK_COLUMN]
-        model = self.accelerator.unwrap_model(self.model) if not self.is_fsdp_enabled else self.model
-        predictions = generate_trace_predictions(
-            model,
-            self.processing_class,
-            dataset["prompt"],
-            batch_size=self.generation_batch_size,
-            max_prompt_len=self.max_prompt_len,
-            **self.generation_kwargs,
-        )
-        score = score_trace_task(task, predictions, dataset["answer"], sources=dataset["prompt"])
-        logger.info("%s: %s = %.2f", metric_key_prefix, task, score)
-        return EvalLoopOutput(
-            predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_score": score}, num_samples=len(dataset)
-        )
+def score_trace(task: str, predictions: list[str], dataset) -> float:
+    """TRACE's metric of `task` on the generated answers (the prompts are SARI's sources)."""
+    return score_trace_task(task, predictions, dataset["answer"], sources=dataset["prompt"])
 
 
 def check_model(args: ScriptArguments) -> None:
@@ -180,7 +141,7 @@ def main(argv=None):
     train_datasets, eval_datasets = {}, {}
     for task, parts in trace.items():
         train_datasets[task] = parts["train"]
-        eval_datasets[task] = parts["test"].add_column(TASK_COLUMN, [task] * len(parts["test"]))
+        eval_datasets[task] = parts["test"].add_column(TASK_COLUMN, [task] * len(parts["test"]))  # names the metric
 
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
     tokenizer.padding_side = "left"
@@ -204,7 +165,7 @@ def main(argv=None):
     if script_args.do_sample:
         generation_kwargs["temperature"] = script_args.temperature
 
-    trainer = TraceMagMaxTrainer(
+    trainer = GenerationMagMaxTrainer(
         model=model,
         args=training_args,
         data_collator=TraceDataCollator(
@@ -214,9 +175,11 @@ def main(argv=None):
         train_datasets=train_datasets,
         eval_datasets=eval_datasets,
         peft_config=peft_config,
+        metric=score_trace,
         generation_kwargs=generation_kwargs,
         generation_batch_size=script_args.generation_batch_size,
         max_prompt_len=script_args.max_prompt_len,
+        answer_prefix=None,  # TRACE scores the decoded answer as it is
     )
     trainer.train(resume_from_checkpoint=resume_argument(training_args))
     trainer.save_model(training_args.output_dir)

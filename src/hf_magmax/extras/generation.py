@@ -63,7 +63,8 @@ class GenerationMagMaxTrainer(MagMaxTrainer):
         max_prompt_len (`int`, *optional*, defaults to 512):
             Prompt tokens kept (left truncation).
         answer_prefix (`str`, *optional*, defaults to `"Answer:"`):
-            See [`~hf_magmax.extras.llm_cl.extract_answer`]; `""` keeps the whole generated text.
+            See [`~hf_magmax.extras.llm_cl.extract_answer`]; `""` keeps the whole generated text, stripped; `None`
+            scores the decoded text exactly as generated (TRACE).
 
     The other arguments are those of [`~hf_magmax.trainer.MagMaxTrainer`].
     """
@@ -75,7 +76,7 @@ class GenerationMagMaxTrainer(MagMaxTrainer):
         generation_kwargs: Mapping[str, Any] | None = None,
         generation_batch_size: int = 8,
         max_prompt_len: int = 512,
-        answer_prefix: str = ANSWER_PREFIX,
+        answer_prefix: str | None = ANSWER_PREFIX,
         **kwargs: Any,
     ) -> None:
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -123,7 +124,9 @@ class GenerationMagMaxTrainer(MagMaxTrainer):
             max_prompt_len=self.max_prompt_len,
             **self.generation_kwargs,
         )
-        predictions = [extract_answer(text, self.answer_prefix) for text in generated]
+        if self.answer_prefix is not None:
+            generated = [extract_answer(text, self.answer_prefix) for text in generated]
+        predictions = generated
         score = self.score_predictions(task, predictions, dataset)
         logger.info("%s: %s = %.2f", metric_key_prefix, task, score)
         return EvalLoopOutput(
@@ -144,7 +147,7 @@ def run_continual_generation(
     max_answer_len: int = 50,
     generation_kwargs: Mapping[str, Any] | None = None,
     generation_batch_size: int = 8,
-    answer_prefix: str = ANSWER_PREFIX,
+    answer_prefix: str | None = ANSWER_PREFIX,
     train: bool = True,
 ) -> GenerationMagMaxTrainer:
     """Fine-tune `model` on every task in order and score the sequential and the MagMax model after each task.

@@ -489,7 +489,10 @@ def _superni_records(folder: str, split: str):
     path = os.path.join(folder, f"{split}.json")
     data = _read_json(path)
     if not isinstance(data, Mapping) or "Instances" not in data or "Definition" not in data:
-        raise ValueError(f"{path} must be one SuperNI task: a JSON object with 'Definition' and 'Instances'.")
+        raise ValueError(
+            f"{path} must be one SuperNI task: a JSON object with 'Definition' and 'Instances' (its folder has no "
+            "`labels.json`, so it is read as SAPT's SuperNI layout; an O-LoRA task folder needs its `labels.json`)."
+        )
     definition = data["Definition"][0] if isinstance(data["Definition"], list) else data["Definition"]
     for i, instance in enumerate(data["Instances"]):
         if not isinstance(instance, Mapping) or "input" not in instance or "output" not in instance:

@@ -41,12 +41,14 @@ Full fine-tuning (ZeRO-3):
     accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml \\
         recipes/llm_continual.py --config recipes/configs/standard_cl_full_ft.yaml --data_path path/to/CL_Benchmark
 
-One order and seed per launch (to spread runs over machines): `--orders 2 --seeds 1`.
+One order and seed per launch (to spread runs over machines): `--orders 2 --seeds 1`. Relaunching an interrupted sweep
+with `--skip_finished_runs true` reuses the runs already complete in `output_dir`.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -105,6 +107,13 @@ class ScriptArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (O-LoRA: 0.1)."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules LoRA adapts."}
+    )
+    skip_finished_runs: bool = field(
+        default=False,
+        metadata={
+            "help": "Reuse a run whose `order<o>_seed<s>/continual_results.json` is complete (same tasks, every task "
+            "scored) instead of training it again: relaunch an interrupted sweep with the same command."
+        },
     )
     save_final_models: bool = field(
         default=False, metadata={"help": "Save every run's final model in its folder (large for a 7B model)."}
@@ -189,6 +198,24 @@ def run_one(script_args: ScriptArguments, training_args: MagMaxConfig, order: in
     return results
 
 
+def finished_run(output_dir: str, tasks: tuple[str, ...]) -> dict | None:
+    """The continual results of a complete earlier run in `output_dir` (the same tasks, the last row of both matrices
+    and every row of the sequential one scored), else `None`."""
+    path = os.path.join(output_dir, "continual_results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    if results.get("task_names") != list(tasks):
+        return None
+    sequential, merged = results.get("sequential", {}).get("matrix"), results.get("merged", {}).get("matrix")
+    if not sequential or not merged or len(sequential) != len(tasks) + 1 or len(merged) != len(tasks) + 1:
+        return None
+    if any(v is None for row in sequential for v in row) or any(v is None for v in merged[-1]):
+        return None
+    return results
+
+
 def summary_rows(script_args: ScriptArguments, summary: dict) -> dict[str, str]:
     """Our rows of the table: `SeqLoRA`/`SeqFT` and `MagMax`, AP as mean ± std over the runs."""
     sequential = "SeqLoRA" if script_args.use_peft else "SeqFT"
@@ -211,8 +238,19 @@ def main(argv=None):
     for order in script_args.orders:
         for seed in seeds:
             training_args.output_dir = os.path.join(root, f"order{order}_seed{seed}")
-            logger.info("%s order %d %s, seed %d", script_args.benchmark, order, TASK_ORDERS[order], seed)
-            results = run_one(script_args, training_args, order, seed)
+            results = (
+                finished_run(training_args.output_dir, TASK_ORDERS[order]) if script_args.skip_finished_runs else None
+            )
+            if results is not None:
+                logger.info(
+                    "order %d, seed %d: complete results in %s, not trained again",
+                    order,
+                    seed,
+                    training_args.output_dir,
+                )
+            else:
+                logger.info("%s order %d %s, seed %d", script_args.benchmark, order, TASK_ORDERS[order], seed)
+                results = run_one(script_args, training_args, order, seed)
             runs.append({"order": order, "seed": seed, "tasks": list(TASK_ORDERS[order]), **results})
     training_args.output_dir = root
 

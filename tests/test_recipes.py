@@ -175,6 +175,24 @@ def test_standard_cl_recipe_lora_averages_seeds(assets, cl_benchmark, tmp_path):
     assert results["metric"] == "exact_match" and "SeqLoRA (ours)" in results["table"]
 
 
+def test_standard_cl_recipe_skips_finished_runs(assets, cl_benchmark, tmp_path, monkeypatch):
+    """A relaunched sweep with `skip_finished_runs` reuses the complete run and trains only the missing one."""
+    out = tmp_path / "sweep"
+    first = _run_llm_continual(assets, cl_benchmark, out, "tiny_standard_cl.yaml", "--seeds", "0")
+    module = _recipe("llm_continual")
+    trained = []
+    real_run_one = module.run_one
+    monkeypatch.setattr(
+        module, "run_one", lambda s, t, order, seed: trained.append(seed) or real_run_one(s, t, order, seed)
+    )
+    again = _run_llm_continual(
+        assets, cl_benchmark, out, "tiny_standard_cl.yaml", "--seeds", "0", "1", "--skip_finished_runs", "true"
+    )
+    assert trained == [1]
+    assert again["runs"][0]["sequential"] == first["runs"][0]["sequential"] and len(again["runs"]) == 2
+    assert module.finished_run(str(out / "order1_seed0"), ("dbpedia", "amazon", "agnews", "yahoo")) is None
+
+
 def test_standard_cl_recipe_every_order(assets, cl_benchmark, tmp_path):
     out = tmp_path / "orders"
     _run_llm_continual(

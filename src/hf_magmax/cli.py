@@ -532,8 +532,8 @@ def _add_mergekit_yaml_parser(subparsers: argparse._SubParsersAction) -> None:
         help="mergekit's `mergekit-yaml` with hf_magmax's magmax and random_mix registered (needs mergekit)",
         description=(
             "Run a mergekit YAML through mergekit's own `mergekit-yaml` after registering hf_magmax's `magmax` and "
-            "`random_mix` in mergekit's method registry (`hf_magmax.integrations.mergekit`). Everything after "
-            "CONFIG goes to mergekit unchanged."
+            "`random_mix` in mergekit's method registry (what importing hf_magmax's mergekit integration does). "
+            "Everything after CONFIG goes to mergekit unchanged (docs/integrations.md)."
         ),
         epilog=_MERGEKIT_YAML_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

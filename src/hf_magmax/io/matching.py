@@ -77,9 +77,7 @@ class TensorPlan:
 def _config_dict(checkpoint: CheckpointReader) -> dict[str, Any]:
     """The config as transformers reads it (every default filled in), else the raw `config.json`."""
     try:
-        import transformers
-
-        return transformers.AutoConfig.from_pretrained(str(checkpoint.path)).to_dict()
+        return checkpoint.auto_config().to_dict()
     except Exception as err:  # a model type this transformers does not know, remote code, ...
         logger.debug("AutoConfig could not read %s (%s): comparing raw config.json", checkpoint.name, err)
         return dict(checkpoint.config or {})
@@ -102,7 +100,7 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
     if base_type != model_type:
         raise ValueError(
             f"model {model.name!r} is of another architecture: model_type {model_type!r} in "
-            f"{model.path / 'config.json'} but {base_type!r} in the base {base.path / 'config.json'}. Only fine-tunes "
+            f"{model.config_file} but {base_type!r} in the base {base.config_file}. Only fine-tunes "
             "of the base model can be merged."
         )
     if model.config == base.config:  # the same config.json (the usual fine-tune): nothing can differ, no AutoConfig
@@ -125,7 +123,7 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
         key = architecture[0]
         message = (
             f"model {model.name!r} has another config than the base: `{key}` is {model_config.get(key)!r} in "
-            f"{model.path / 'config.json'} but {base_config.get(key)!r} in {base.path / 'config.json'}"
+            f"{model.config_file} but {base_config.get(key)!r} in {base.config_file}"
             + (f" (and {len(architecture) - 1} more: {', '.join(architecture[1:6])})" if len(architecture) > 1 else "")
         )
         if strict:
@@ -157,7 +155,7 @@ def _tied_weights(checkpoints: Sequence[CheckpointReader]) -> dict[str, str]:
         if model_class is None:
             return {}
         with torch.device("meta"):
-            model = model_class(transformers.AutoConfig.from_pretrained(str(checkpoint.path)))
+            model = model_class(checkpoint.auto_config())
         tied = dict(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})
     except Exception as err:
         logger.debug("could not determine the tied weights: %s", err)

@@ -80,6 +80,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
     ),
     "task_vectors": ("TaskVector",),
     "trainer": ("MagMaxCallback", "MagMaxConfig", "MagMaxTrainer"),
+    "verify": ("VerifyResult", "verify_merge"),
 }
 
 _NAME_TO_MODULE: dict[str, str] = {name: module for module, names in _IMPORT_STRUCTURE.items() for name in names}
@@ -107,6 +108,7 @@ __all__ = [
     "TEXT_TEMPLATES",
     "TaskVector",
     "TextZeroShotClassifier",
+    "VerifyResult",
     "ZeroShotHead",
     "__version__",
     "accuracy_compute_metrics",
@@ -142,6 +144,7 @@ __all__ = [
     "task_arithmetic",
     "task_incremental_split",
     "ties",
+    "verify_merge",
     "winner_shares",
 ]
 
@@ -164,6 +167,7 @@ _SUBMODULES = frozenset(
         "task_vectors",
         "trace",
         "trainer",
+        "verify",
     }
 )
 
@@ -247,3 +251,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .task_vectors import TaskVector
     from .trainer import MagMaxCallback, MagMaxConfig, MagMaxTrainer
+    from .verify import VerifyResult, verify_merge

@@ -80,9 +80,7 @@ def find_gguf_file(path: Path) -> Path | None:
         return None
     if len(ggufs) > 1:
         names = ", ".join(p.name for p in ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
-        raise ValueError(
-            f"folder {path} holds {len(ggufs)} GGUF files ({names}): pass the path of the one to merge."
-        )
+        raise ValueError(f"folder {path} holds {len(ggufs)} GGUF files ({names}): pass the path of the one to merge.")
     return ggufs[0]
 
 
@@ -116,7 +114,9 @@ def _gguf_shortcuts(reader=None):
 
     import gguf
 
-    patches = [mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map))]
+    patches = [
+        mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map))
+    ]
     if reader is not None:
         patches.append(mock.patch.object(gguf, "GGUFReader", lambda *args, **kwargs: reader))
     with contextlib.ExitStack() as stack:
@@ -150,7 +150,11 @@ def _model_class(config):
     named = model_class_for(config)
     if named is not None:
         return named
-    for auto in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
+    for auto in (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_MAPPING_NAMES",
+    ):
         names = getattr(transformers.models.auto.modeling_auto, auto)
         cls = getattr(transformers, names.get(config.model_type, ""), None) if config.model_type in names else None
         if cls is not None:
@@ -279,7 +283,9 @@ class GGUFCheckpointReader(CheckpointReader):
             logger.info("GGUF file %s: %d tensor(s) without a transformers parameter skipped (as from_pretrained "
                         "does): %s", self.path, len(skipped), ", ".join(skipped[:5]))  # fmt: skip
         if not self.tensors:
-            raise ValueError(f"GGUF file {self.path} holds no tensor that transformers maps to {architecture} weights.")
+            raise ValueError(
+                f"GGUF file {self.path} holds no tensor that transformers maps to {architecture} weights."
+            )
 
     def _architecture(self) -> str:
         from transformers.modeling_gguf_pytorch_utils import read_field
@@ -305,7 +311,9 @@ class GGUFCheckpointReader(CheckpointReader):
         stand_in = np.broadcast_to(np.zeros((), dtype=np.float32), _numpy_shape(tensor))
         parsed: dict[str, Any] = {"tensors": {}}
         with np.errstate(all="ignore"):
-            result = processor.process(weights=stand_in, name=name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+            result = processor.process(
+                weights=stand_in, name=name, tensor_key_mapping=mapping, parsed_parameters=parsed
+            )
         if result.name is None:  # stored under another name by the processor (GPT-2's output.weight -> lm_head)
             renamed = list(parsed["tensors"])
             return "whole", None, renamed[0] if len(renamed) == 1 else None

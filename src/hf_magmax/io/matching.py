@@ -149,7 +149,6 @@ def _tied_weights(checkpoints: Sequence[CheckpointReader]) -> dict[str, str]:
     """Tied parameter names (both directions), from a meta-device instance of the base's architecture."""
     try:
         import torch
-        import transformers
 
         model_class, checkpoint = _model_class(checkpoints)
         if model_class is None:

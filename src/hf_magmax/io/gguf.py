@@ -92,8 +92,8 @@ def _open_gguf(file: Path):
         reader = gguf.GGUFReader(str(file))
     except Exception as err:  # numpy/ValueError/KeyError on a bad magic, version, field or a cut-off header
         raise ValueError(
-            f"corrupt or truncated GGUF file {file}: {' '.join(str(err).split()) or type(err).__name__}. "
-            "Re-download or re-convert it."
+            f"corrupt or truncated GGUF file {file} ({size} bytes): gguf cannot read it "
+            f"({' '.join(str(err).split()) or type(err).__name__}). Re-download or re-convert it."
         ) from None
     for tensor in reader.tensors:
         if int(tensor.data_offset) + int(tensor.n_bytes) > size:

@@ -83,6 +83,16 @@ def _config_dict(checkpoint: CheckpointReader) -> dict[str, Any]:
         return dict(checkpoint.config or {})
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal, floats as float32 (GGUF metadata stores them so: `rms_norm_eps` 1e-6 is read back as
+    9.99999997e-07, the same number in the float32 math that uses it)."""
+    if isinstance(a, float) and isinstance(b, float):
+        import struct
+
+        return a == b or struct.pack("<f", a) == struct.pack("<f", b)
+    return a == b
+
+
 def _is_architecture_key(key: str) -> bool:
     return bool(set(key.lower().split("_")) & _ARCHITECTURE_WORDS)
 
@@ -109,7 +119,9 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
     differing = [
         key
         for key in sorted(set(base_config) | set(model_config))
-        if key not in _BENIGN_CONFIG_KEYS and "dropout" not in key and base_config.get(key) != model_config.get(key)
+        if key not in _BENIGN_CONFIG_KEYS
+        and "dropout" not in key
+        and not _same(base_config.get(key), model_config.get(key))
     ]
     architecture = [key for key in differing if _is_architecture_key(key)]
     other = [key for key in differing if key not in architecture]

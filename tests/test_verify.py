@@ -117,6 +117,14 @@ def test_every_method_verifies(family, tmp_path, kwargs):
     out = merge_checkpoints(base, models, tmp_path / "m", show_progress=False, **kwargs)
     result = verify_merge(out, show_progress=False)
     assert result, str(result)
+    if kwargs.get("save_provenance"):  # the winner maps are tensors of the directory too
+        file = out / "magmax_provenance.safetensors"
+        winners = load_file(file)
+        name = "model.layers.0.mlp.down_proj.weight"
+        winners[name][0, 0] = (winners[name][0, 0] + 1) % 3
+        save_file(winners, file)
+        mismatch = verify_merge(out, show_progress=False).mismatch
+        assert mismatch.name == f"magmax_provenance.safetensors: {name}" and mismatch.index == (0, 0)
     if "max_shard_size" in kwargs:
         assert (out / "model.safetensors.index.json").is_file()
         shard = sorted(out.glob("model-*.safetensors"))[-1]

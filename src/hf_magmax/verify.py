@@ -7,7 +7,8 @@ bit for bit, with the re-computed one:
 
 - a checkpoint merge (`hf-magmax merge`) is re-computed by the streaming merge's own per-tensor generator
   ([`~hf_magmax.checkpoints.merged_tensors`]) and compared block by block as it comes: nothing is written, memory is
-  one block per input (one tensor for opcm), whatever the number of models;
+  one block per input (one tensor for opcm), whatever the number of models; a merge that saved its winner maps
+  (`save_provenance`) has `magmax_provenance.safetensors` compared the same way;
 - a LoRA merge into the model (`hf-magmax merge-lora --merged`) is re-computed with
   [`~hf_magmax.peft.merge_adapters`] (in memory, as that merge itself runs), saved with `save_pretrained` into a
   temporary directory and compared tensor by tensor, block by block.
@@ -212,17 +213,43 @@ def _verify_checkpoint_merge(
             f"{err} (an input recorded in {directory / MERGE_CONFIG_NAME}; a relative path is read from the current "
             "directory: run verify where the merge ran, or pass the inputs with --base / --models)"
         ) from None
+    provenance = None
     try:
         order = sorted(inputs.tensors)
         mismatch = _compare_tables({n: (p.dtype, p.shape) for n, p in inputs.tensors.items()}, stored)
+        tracked: set[str] = set()
+        if mismatch is None and config.save_provenance:  # the winner maps are tensors of DIR too: compare them
+            provenance = _stored_provenance(directory)
+            tracked = {name for name, plan in inputs.tensors.items() if plan.kind == "merge"}
+            winner_dtype = "uint8" if len(inputs.models) <= 255 else "int16"
+            tables = {name: (winner_dtype, inputs.tensors[name].shape) for name in tracked}
+            mismatch = _compare_tables(tables, provenance, prefix=f"{provenance.path.name}: ")
         if mismatch is not None:
             return VerifyResult(directory, "merge", 0, mismatch)
         tensors = merged_tensors(inputs, config.spec, order, device=config.device,
-                                 allow_non_finite=config.allow_non_finite)  # fmt: skip
+                                 allow_non_finite=config.allow_non_finite, track_winners=tracked)  # fmt: skip
         return _compare_streams(directory, "merge", ((p.name, blocks) for p, blocks in tensors), stored,
-                                len(order), show_progress)  # fmt: skip
+                                len(order), show_progress, provenance)  # fmt: skip
     finally:
         inputs.close()
+        if provenance is not None:
+            provenance.close()
+
+
+def _stored_provenance(directory: Path) -> CheckpointReader:
+    """`magmax_provenance.safetensors` of a merge that saved it (one file: its tensors are the winner maps)."""
+    from .io import read_safetensors_header
+    from .metrics import PROVENANCE_FILE
+
+    file = directory / PROVENANCE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{directory / MERGE_CONFIG_NAME} records `save_provenance: true` but {file} is missing: the directory is "
+            "incomplete."
+        )
+    provenance = CheckpointReader(name=os.fspath(file), path=file)
+    provenance.tensors.update(read_safetensors_header(file))
+    return provenance
 
 
 def _verify_lora_merge(directory: Path, config: MergeConfig, stored: CheckpointReader, *, show_progress: bool):
@@ -273,27 +300,36 @@ def _row_blocks_of(checkpoint: CheckpointReader, name: str):
 
 
 def _compare_tables(
-    expected: dict[str, tuple[str, tuple[int, ...]]], stored: CheckpointReader
+    expected: dict[str, tuple[str, tuple[int, ...]]], stored: CheckpointReader, prefix: str = ""
 ) -> TensorMismatch | None:
-    """Names, dtypes and shapes, from the headers (no weights read)."""
+    """Names, dtypes and shapes, from the headers (no weights read). `prefix` goes before names in the result."""
     missing = sorted(set(expected) - set(stored.tensors))
     if missing:
-        return TensorMismatch(missing[0], "missing")
+        return TensorMismatch(prefix + missing[0], "missing")
     extra = sorted(set(stored.tensors) - set(expected))
     if extra:
-        return TensorMismatch(extra[0], "extra")
+        return TensorMismatch(prefix + extra[0], "extra")
     for name in sorted(expected):
         dtype, shape = expected[name]
         info = stored.tensors[name]
         if info.dtype != dtype:
-            return TensorMismatch(name, "dtype", expected=dtype, found=info.dtype)
+            return TensorMismatch(prefix + name, "dtype", expected=dtype, found=info.dtype)
         if tuple(info.shape) != tuple(shape):
-            return TensorMismatch(name, "shape", expected=list(shape), found=list(info.shape))
+            return TensorMismatch(prefix + name, "shape", expected=list(shape), found=list(info.shape))
     return None
 
 
-def _compare_streams(directory: Path, kind: str, streams, stored: CheckpointReader, total: int, show_progress: bool):
-    """Compare `(name, blocks)` streams with the stored tensors block by block; stop at the first difference."""
+def _compare_streams(
+    directory: Path,
+    kind: str,
+    streams,
+    stored: CheckpointReader,
+    total: int,
+    show_progress: bool,
+    provenance: CheckpointReader | None = None,
+) -> VerifyResult:
+    """Compare `(name, blocks)` streams with the stored tensors block by block (and each block's winner map, where
+    one comes, with `provenance`); stop at the first difference."""
     import torch
     from huggingface_hub.utils import tqdm
 
@@ -303,10 +339,15 @@ def _compare_streams(directory: Path, kind: str, streams, stored: CheckpointRead
             shape = stored.tensors[name].shape
             view = stored.rows(name)
             row = 0
-            for block, _ in blocks:
+            for block, winners in blocks:
                 rows = block.shape[0] if block.dim() and shape else None
                 found = view[row : row + rows] if rows is not None else view[...]
                 mismatch = _first_difference(name, block, found, shape, row)
+                if mismatch is None and winners is not None and provenance is not None:
+                    stored_winners = provenance.rows(name)
+                    found = stored_winners[row : row + rows] if rows is not None else stored_winners[...]
+                    expected = winners.to(found.dtype)
+                    mismatch = _first_difference(f"{provenance.path.name}: {name}", expected, found, shape, row)
                 if mismatch is not None:
                     return VerifyResult(directory, kind, matched, mismatch)
                 row += rows or 0

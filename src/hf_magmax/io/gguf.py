@@ -25,7 +25,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +154,10 @@ def _model_class(config):
         "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
         "MODEL_MAPPING_NAMES",
     ):
-        names = getattr(transformers.models.auto.modeling_auto, auto)
-        cls = getattr(transformers, names.get(config.model_type, ""), None) if config.model_type in names else None
+        class_name = getattr(transformers.models.auto.modeling_auto, auto).get(config.model_type)
+        if isinstance(class_name, (tuple, list)):
+            class_name = class_name[0]
+        cls = getattr(transformers, class_name, None) if class_name else None
         if cls is not None:
             return cls
     raise ValueError(f"transformers has no model class for model_type {config.model_type!r}.")
@@ -443,13 +444,3 @@ class _GGUFRows:
                 f"with shape {list(values.shape)}, but {self.name!r} has shape {list(self.info.shape)}."
             )
         return values
-
-
-def is_gguf_input(name: str | os.PathLike) -> bool:
-    """Whether a merge input names a GGUF checkpoint (a `.gguf` file or a folder holding one and no HF weights)."""
-    from .formats import expand_path
-
-    try:
-        return find_gguf_file(expand_path(name)) is not None
-    except ValueError:
-        return True

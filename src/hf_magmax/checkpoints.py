@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +47,12 @@ from .io import (
     ShardedSafetensorsWriter,
     check_output_dir,
     check_output_path,
+    copy_side_file,
     expand_path,
     is_hub_id,
+    non_weight_files,
     parse_size,
+    public_name,
     staged_output_dir,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
@@ -413,6 +415,8 @@ def check_merge_inputs(config: MergeConfig, token: str | bool | None) -> MergeIn
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
+    if base.fmt != "gguf":  # (a GGUF base's side files are converted from its metadata)
+        non_weight_files(base.path, _REGENERATED)  # the side files to copy: a link out of the base is refused now
     return _plan_tensors(base, models, config)
 
 
@@ -509,7 +513,7 @@ class _Provenance:
     def __init__(self, staging: Path, inputs: MergeInputs, order: Sequence[str]) -> None:
         from .metrics import PROVENANCE_FILE
 
-        self.task_names = [model.name for model in inputs.models]
+        self.task_names = [public_name(model.name) for model in inputs.models]  # published: no local path
         num_tasks = len(self.task_names)
         self.dtype = "uint8" if num_tasks <= 255 else "int16"
         plans = [inputs.tensors[name] for name in order]  # the weights' order: both files are written side by side
@@ -684,7 +688,7 @@ def _write_side_files(
 ) -> None:
     inputs.base.write_side_files(staging, skip_names=_REGENERATED)  # a GGUF base: converted from its metadata
     if inputs.layout is not inputs.base and inputs.layout.config_file.name == "config.json":
-        shutil.copy2(inputs.layout.config_file, staging / "config.json")  # its head, labels, architectures
+        copy_side_file(inputs.layout.path, "config.json", staging)  # its head, labels, architectures
     dtype = config.dtype or ("float32" if inputs.base.fmt == "gguf" else None)  # a GGUF base is dequantised to fp32
     if dtype is not None and (staging / "config.json").is_file():
         model_config = json.loads((staging / "config.json").read_text())
@@ -751,7 +755,7 @@ def _model_card(
         base_model=hub_base,
         base_model_relation="merge",
         method=spec.method,
-        merge_config=config.to_yaml(),
+        merge_config=config.to_yaml(public=True),  # a card is for others: no local path in it
         config_file=MERGE_CONFIG_NAME,
         rerun_command=f"hf-magmax merge {MERGE_CONFIG_NAME}",
     )

@@ -16,7 +16,7 @@
   contain an input.
 - **GGUF** ([`GGUFCheckpointReader`], `gguf.py`): a `.gguf` file (or a folder holding one) read as transformers reads
   it, each block of rows dequantised when it is read; [`CheckpointReader.open`] returns one for such inputs.
-- [`copy_non_weight_files`], [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
+- [`copy_non_weight_files`] (never a link out of the input folder: [`non_weight_files`] refuses it), [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
   [`parse_size`].
 
 The package is split by concern: `formats` (names, dtypes, sizes), `output` (the output directory), `reading`,
@@ -35,6 +35,7 @@ from .formats import (
     expand_path,
     is_hub_id,
     parse_size,
+    public_name,
 )
 from .gguf import GGUFCheckpointReader, find_gguf_file
 from .output import (
@@ -56,7 +57,7 @@ from .reading import (
     read_safetensors_header,
     resolve_checkpoint,
 )
-from .writing import ShardedSafetensorsWriter, copy_non_weight_files
+from .writing import ShardedSafetensorsWriter, copy_non_weight_files, copy_side_file, non_weight_files
 
 
 __all__ = [
@@ -76,11 +77,14 @@ __all__ = [
     "check_output_dir",
     "check_output_path",
     "copy_non_weight_files",
+    "copy_side_file",
     "expand_path",
     "find_gguf_file",
     "is_hub_id",
     "load_bin",
     "load_pretrained",
+    "non_weight_files",
+    "public_name",
     "model_class_for",
     "parse_size",
     "read_config",

@@ -167,9 +167,20 @@ def test_hub_inputs(family, fake_hub, tmp_path, capsys):  # noqa: F811
     names = ["org/verify-base", "org/verify-1", "org/verify-2", "org/verify-3"]
     for repo_id, directory in zip(names, [base, *models]):
         fake_hub.add_repo(repo_id, {p.name: p.read_bytes() for p in Path(directory).iterdir()})
-    out = merge_checkpoints(names[0], names[1:], tmp_path / "m", show_progress=False)
+    out = merge_checkpoints(names[0], names[1:], tmp_path / "m", show_progress=False, push_to_hub="me/verified")
     assert yaml.safe_load((out / MERGE_CONFIG_NAME).read_text())["models"] == names[1:]
     assert _verify_cli(capsys, out)[0] == 0
+    code, text, err = _verify_cli(capsys, "me/verified")  # the pushed merge, downloaded from the Hub and re-computed
+    assert code == 0 and "all " in text, (text, err)
+    repo = fake_hub.repos["me/verified"]
+    name = "model.norm.weight"
+    state = load_file(out / "model.safetensors")
+    state[name][1] += 1
+    file = tmp_path / "changed.safetensors"
+    save_file(state, file, metadata={"format": "pt"})
+    fake_hub.add_repo("me/verified-changed", {**repo.files, "model.safetensors": file.read_bytes()})
+    code, text, _ = _verify_cli(capsys, "me/verified-changed")
+    assert code == 1 and f"tensor {name!r} differs at index [1]" in text
 
 
 @pytest.fixture(scope="module")

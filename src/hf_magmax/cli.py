@@ -425,6 +425,7 @@ examples:
   hf-magmax verify merged                                  # re-compute from merged/magmax_config.yaml and compare
   hf-magmax verify merged --base ckpt/base --models ckpt/t1 ckpt/t2   # inputs that moved since the merge
   hf-magmax verify merged-lora                             # an `hf-magmax merge-lora --merged` output
+  hf-magmax verify me/my-merge                             # a merge pushed to the Hub (downloaded, then checked)
 
 Exit status: 0 when every tensor matches bit for bit (none missing, none extra), 1 at the first difference (named on
 stdout: tensor, index, both values), 2 when the directory or its inputs cannot be read.
@@ -444,7 +445,11 @@ def _add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=_VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("output_dir", metavar="DIR", help="a merged model directory holding magmax_config.yaml")
+    parser.add_argument(
+        "output_dir",
+        metavar="DIR",
+        help="a merged model directory holding magmax_config.yaml, or a Hub repo id of one",
+    )
     parser.add_argument("--base", help="use this base model instead of the recorded one")
     parser.add_argument("--models", nargs="+", metavar="MODEL", help="use these fine-tuned models (checkpoint merges)")
     parser.add_argument(

@@ -1,8 +1,8 @@
 # Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
 """Checking a merged model against its recipe: [`verify_merge`] (`hf-magmax verify DIR`).
 
-Every merge writes its configuration as `magmax_config.yaml` beside the weights. `verify_merge(DIR)` re-computes the
-merge from that file (inputs as recorded: local paths, Hub repo ids, GGUF files) and compares every tensor of `DIR`,
+Every merge writes its configuration as `magmax_config.yaml` beside the weights. `verify_merge(DIR)` (a directory, or
+the Hub repo id of a pushed merge) re-computes the merge from that file (inputs as recorded: local paths, Hub repo ids, GGUF files) and compares every tensor of `DIR`,
 bit for bit, with the re-computed one:
 
 - a checkpoint merge (`hf-magmax merge`) is re-computed by the streaming merge's own per-tensor generator
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MERGE_CONFIG_NAME, MergeConfig
-from .io import CheckpointReader, expand_path, read_config
+from .io import CheckpointReader, expand_path, is_hub_id, read_config, resolve_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def verify_merge(
 
     Args:
         output_dir (`str` or `os.PathLike`):
-            A merged model directory holding `magmax_config.yaml`.
+            A merged model directory holding `magmax_config.yaml`, or the Hub repo id of one (downloaded).
         base (`str`, *optional*), models (`list[str]`, *optional*), adapters (`list[str]`, *optional*):
             Use these inputs instead of the recorded ones (inputs that moved, or a merge recorded with relative
             paths run from another directory); same order and meaning as in the merge.
@@ -150,7 +150,7 @@ def verify_merge(
     (True, 291)
     ```
     """
-    directory = expand_path(output_dir)
+    directory = _merged_directory(output_dir, token)
     config = _recorded_config(directory, base=base, models=models, adapters=adapters, device=device)
     stored = _stored_tensors(directory)
     try:
@@ -159,6 +159,14 @@ def verify_merge(
         return _verify_checkpoint_merge(directory, config, stored, token=token, show_progress=show_progress)
     finally:
         stored.close()
+
+
+def _merged_directory(output_dir: str | os.PathLike, token: str | bool | None) -> Path:
+    """A local directory, or a merged model on the Hub (a repo id that is not a local path: downloaded, cached)."""
+    path = expand_path(output_dir)
+    if path.exists() or not is_hub_id(os.fspath(output_dir)):
+        return path
+    return resolve_checkpoint(os.fspath(output_dir), token=token)
 
 
 def _recorded_config(directory: Path, **overrides: Any) -> MergeConfig:

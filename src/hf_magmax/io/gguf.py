@@ -255,7 +255,7 @@ class GGUFCheckpointReader(CheckpointReader):
         skipped = []
         for tensor in self._reader.tensors:
             type_name = tensor.tensor_type.name
-            if type_name not in _RAW_TYPES and not _can_dequantize(tensor.tensor_type):
+            if type_name not in _RAW_TYPES and not _can_dequantize(tensor):
                 raise ValueError(
                     f"GGUF file {self.path}: tensor {tensor.name!r} has type {type_name}, which the installed `gguf` "
                     "cannot dequantise: upgrade gguf (`pip install -U gguf`) or convert the file."
@@ -362,11 +362,19 @@ class GGUFCheckpointReader(CheckpointReader):
         tokenizer.save_pretrained(directory)
 
 
-def _can_dequantize(qtype) -> bool:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import _type_traits
+def _can_dequantize(tensor) -> bool:
+    """Whether gguf dequantises this tensor's type (asked on one block of zeros: nothing read from the file)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, dequantize
 
-    return qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or qtype in _type_traits
+    if tensor.tensor_type not in GGML_QUANT_SIZES:
+        return False
+    _, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
+    try:
+        dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor.tensor_type)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _numpy_shape(tensor) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
         "label_embedding_head_names",
     ),
     "hub": ("HubPushError", "push_to_hub"),
+    "integrations.trl": ("MagMaxSFTConfig", "MagMaxSFTTrainer"),  # imports `trl` on first access
     "merging": (
         "DEFAULT_SCALING_COEFS",
         "MERGE_METHODS",
@@ -99,6 +100,8 @@ __all__ = [
     "MERGE_METHODS",
     "MagMaxCallback",
     "MagMaxConfig",
+    "MagMaxSFTConfig",
+    "MagMaxSFTTrainer",
     "MagMaxTrainer",
     "MergeConfig",
     "MergeSpec",
@@ -159,6 +162,7 @@ _SUBMODULES = frozenset(
         "extras",
         "heads",
         "hub",
+        "integrations",
         "io",
         "merging",
         "metrics",
@@ -207,6 +211,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         label_embedding_head_names,
     )
     from .hub import HubPushError, push_to_hub
+    from .integrations.trl import MagMaxSFTConfig, MagMaxSFTTrainer
     from .merging import (
         DEFAULT_SCALING_COEFS,
         MERGE_METHODS,

@@ -558,12 +558,62 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- mergekit-yaml (mergekit's command line with hf_magmax's methods registered) ------------------------------------
+
+_MERGEKIT_YAML_EPILOG = """\
+example CONFIG.yml (mergekit's format; `lambda` is an alias of `scaling_coef`):
+  merge_method: magmax          # or random_mix (parameters: scaling_coef, seed)
+  base_model: ckpt/base
+  models:
+    - model: ckpt/task1
+    - model: ckpt/task2
+  parameters:
+    scaling_coef: 0.5
+
+  hf-magmax mergekit-yaml CONFIG.yml merged/
+  hf-magmax mergekit-yaml CONFIG.yml merged/ --cuda --lazy-unpickle   # any mergekit-yaml option
+  hf-magmax mergekit-yaml CONFIG.yml merged/ --help                   # mergekit's own options
+
+The output equals `hf-magmax merge` on the same checkpoints bit for bit (leave mergekit's `dtype:` unset; `out_dtype:`
+sets the output dtype). Needs mergekit (LGPL-3.0, optional): pip install "hf_magmax[mergekit]".
+"""
+
+
+def _add_mergekit_yaml_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "mergekit-yaml",
+        help="mergekit's `mergekit-yaml` with hf_magmax's magmax and random_mix registered (needs mergekit)",
+        description=(
+            "Run a mergekit YAML through mergekit's own `mergekit-yaml` after registering hf_magmax's `magmax` and "
+            "`random_mix` in mergekit's method registry (what importing hf_magmax's mergekit integration does). "
+            "Everything after CONFIG goes to mergekit unchanged (docs/integrations.md)."
+        ),
+        epilog=_MERGEKIT_YAML_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG", help="a mergekit YAML (merge_method: magmax, random_mix, ...)")
+    parser.add_argument(
+        "mergekit_args", nargs=argparse.REMAINDER, metavar="OUT [OPTIONS]", help="output directory, mergekit options"
+    )
+
+
+def _run_mergekit_yaml(args: argparse.Namespace) -> int:
+    if not args.mergekit_args:
+        raise ValueError("`mergekit-yaml` needs CONFIG and OUT: hf-magmax mergekit-yaml CONFIG.yml OUTPUT_DIR.")
+    if "--help" not in args.mergekit_args and not os.path.isfile(args.config):  # before importing mergekit, torch
+        raise FileNotFoundError(f"CONFIG {args.config!r} is not a file: pass a mergekit YAML.")
+    from .integrations.mergekit import main as mergekit_yaml
+
+    return mergekit_yaml([args.config, *args.mergekit_args])
+
+
 #: name -> (add_parser, run)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge_parser, _run_merge),
     "merge-lora": (_add_merge_lora_parser, _run_merge_lora),
     "verify": (_add_verify_parser, _run_verify),
     "demo": (_add_demo_parser, _run_demo),
+    "mergekit-yaml": (_add_mergekit_yaml_parser, _run_mergekit_yaml),
 }
 
 

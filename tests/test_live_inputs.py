@@ -125,5 +125,8 @@ def test_a_real_merge_whose_input_is_truncated_by_another_process(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode != -signal.SIGBUS, "killed by SIGBUS"
     assert process.returncode == 2, err
-    assert f"input file {target} was truncated from" in err and "Traceback" not in err
+    # the pin check before each tensor names the truncation; a truncation that lands between that check and the
+    # file's (re)open is named by the safetensors reader instead: either way one line naming the file
+    named = f"input file {target} was truncated from" in err or f"cannot open safetensors file {target}" in err
+    assert named and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert leftovers(output) == []

@@ -107,6 +107,7 @@ def test_packaging_files():
 def test_readme_test_command_is_the_ci_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
+    # the suite's line (later lines run optional extras' tests after it: FusionBench, the SmolLM2 GGUF)
     (ci_command,) = [line for line in ci.splitlines() if "python -m pytest" in line and '".[test]"' in line]
     (readme_line,) = [line for line in readme.splitlines() if "python -m pytest" in line and '".[test]"' in line]
     readme_command = readme_line.split("#")[0].strip()

@@ -81,6 +81,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
     ),
     "task_vectors": ("TaskVector",),
     "trainer": ("MagMaxCallback", "MagMaxConfig", "MagMaxTrainer"),
+    "verify": ("VerifyResult", "verify_merge"),
 }
 
 _NAME_TO_MODULE: dict[str, str] = {name: module for module, names in _IMPORT_STRUCTURE.items() for name in names}
@@ -110,6 +111,7 @@ __all__ = [
     "TEXT_TEMPLATES",
     "TaskVector",
     "TextZeroShotClassifier",
+    "VerifyResult",
     "ZeroShotHead",
     "__version__",
     "accuracy_compute_metrics",
@@ -145,6 +147,7 @@ __all__ = [
     "task_arithmetic",
     "task_incremental_split",
     "ties",
+    "verify_merge",
     "winner_shares",
 ]
 
@@ -168,6 +171,7 @@ _SUBMODULES = frozenset(
         "task_vectors",
         "trace",
         "trainer",
+        "verify",
     }
 )
 
@@ -252,3 +256,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .task_vectors import TaskVector
     from .trainer import MagMaxCallback, MagMaxConfig, MagMaxTrainer
+    from .verify import VerifyResult, verify_merge

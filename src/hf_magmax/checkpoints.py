@@ -4,7 +4,7 @@
 [`merge_checkpoints`] merges a base model θ_0 and T fine-tuned models θ_1..θ_T (local directories or Hub repo ids)
 into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holding a whole model in memory. It reads as its steps:
 
-1. **Check the inputs** (`_check_inputs`). Configs are compared semantically (both loaded with `AutoConfig`: fields
+1. **Check the inputs** (`check_merge_inputs`). Configs are compared semantically (both loaded with `AutoConfig`: fields
    that define the architecture and the tensor shapes must agree, other differences are a warning naming them);
    tensor names, shapes and dtypes are compared from the safetensors headers (or the memory-mapped `.bin` state
    dicts) before a single weight is read. Names are matched across the ways real checkpoints are saved: a base saved
@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,6 @@ from .io import (
     ShardedSafetensorsWriter,
     check_output_dir,
     check_output_path,
-    copy_non_weight_files,
     copy_side_file,
     expand_path,
     is_hub_id,
@@ -68,9 +67,12 @@ __all__ = [
     "EXTRA_TENSORS",
     "MERGE_CONFIG_FIELDS",
     "MERGE_CONFIG_NAME",
+    "MergeInputs",
+    "check_merge_inputs",
     "load_merge_config",
     "merge_checkpoints",
     "merge_checkpoints_kwargs",
+    "merged_tensors",
     "parse_size",
 ]
 
@@ -259,9 +261,18 @@ def merge_checkpoints(
     spec = config.spec
     output = check_output_path(output_dir, _local_inputs([config.base, *config.models]))
     check_output_dir(output, overwrite)
-    inputs = _check_inputs(config, token=token)
+    inputs = check_merge_inputs(config, token=token)
     search = None
     try:
+        if inputs.gguf_inputs:
+            if spec.is_auto:
+                raise ValueError(
+                    "`scaling_coef='auto'` loads each candidate merge with transformers, which a GGUF input does not "
+                    "support here: pass a number as `scaling_coef` (--scaling-coef)."
+                )
+            logger.info("GGUF input(s) %s dequantised to float32 while merging; the output is NOT re-quantised: it is "
+                        "written as safetensors in %s.", ", ".join(c.name for c in inputs.gguf_inputs),
+                        config.dtype or "each tensor's dtype in the base (float32 for a GGUF base)")  # fmt: skip
         if spec.is_auto:
             spec, search = _search_scaling_coef(inputs, spec, score_fn, scaling_coef_grid, config.device)
             config = config.replace(scaling_coef=spec.coef)
@@ -365,7 +376,7 @@ def _local_inputs(names: Sequence[str]) -> dict[str, Path]:
 
 
 @dataclass
-class _Inputs:
+class MergeInputs:
     """The checked inputs of a merge: the checkpoints, the plan of every output tensor, whose layout the output has."""
 
     base: CheckpointReader
@@ -377,12 +388,17 @@ class _Inputs:
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(plan.name, plan.dtype, plan.shape) for plan in sorted(self.tensors.values(), key=lambda p: p.name)]
 
+    @property
+    def gguf_inputs(self) -> list[CheckpointReader]:
+        """The GGUF inputs (dequantised on read; the output is not re-quantised)."""
+        return [c for c in (self.base, *self.models) if c.fmt == "gguf"]
+
     def close(self) -> None:
         for checkpoint in (self.base, *self.models):
             checkpoint.close()
 
 
-def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
+def check_merge_inputs(config: MergeConfig, token: str | bool | None) -> MergeInputs:
     """Read and compare configs and tensor tables (Hub models from their remote headers first, then downloaded)."""
     checkpoints = [CheckpointReader.open(name, token=token, weights=False) for name in [config.base, *config.models]]
     base, models = checkpoints[0], checkpoints[1:]
@@ -400,7 +416,8 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
-    side_files = non_weight_files(base.path, _REGENERATED)  # the side files to copy: a link out is refused now
+    # the side files to copy: a link out is refused now (a GGUF base's side files are converted from its metadata)
+    side_files = non_weight_files(base.path, _REGENERATED) if base.fmt != "gguf" else []
     inputs = _plan_tensors(base, models, config)
     for checkpoint in checkpoints:  # pinned now, checked per tensor and before the commit
         for file in checkpoint.input_files():
@@ -410,12 +427,12 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     return inputs
 
 
-def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> _Inputs:
+def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> MergeInputs:
     plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype)
-    return _Inputs(base, models, plans, layout)
+    return MergeInputs(base, models, plans, layout)
 
 
-def _search_scaling_coef(inputs: _Inputs, spec: MergeSpec, score_fn, grid, device: str):
+def _search_scaling_coef(inputs: MergeInputs, spec: MergeSpec, score_fn, grid, device: str):
     """`scaling_coef="auto"`: choose λ with `score_fn` ([`hf_magmax.scaling`]); returns the spec with it."""
     from .scaling import DEFAULT_SCALING_COEF_GRID, check_scaling_coef_grid, select_scaling_coef_for_checkpoints
 
@@ -437,7 +454,7 @@ def _search_scaling_coef(inputs: _Inputs, spec: MergeSpec, score_fn, grid, devic
 
 
 def _stream_merge(
-    inputs: _Inputs,
+    inputs: MergeInputs,
     spec: MergeSpec,
     writer: ShardedSafetensorsWriter,
     provenance: _Provenance | None = None,
@@ -450,29 +467,54 @@ def _stream_merge(
     import torch
     from huggingface_hub.utils import tqdm
 
-    model_scale = _model_scale(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite)
+    tracked = {name for name in writer.order if provenance is not None and provenance.covers(name)}
+    tensors = merged_tensors(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite,
+                             track_winners=tracked)  # fmt: skip
     with torch.no_grad(), tqdm(total=len(writer.order), desc="Merging tensors", unit="tensor",
                                disable=not show_progress) as progress:  # fmt: skip
-        for name in writer.order:
-            plan = inputs.tensors[name]
-            inputs.pins.check(_files_of(plan, inputs))  # before touching its memory maps (a truncation: SIGBUS)
-            tracked = provenance is not None and provenance.covers(name)
-            writer.begin(name)
-            if tracked:
-                provenance.begin(name)
-            blocks = _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
-                                    track_winners=tracked, model_scale=model_scale)  # fmt: skip
+        for plan, blocks in tensors:
+            writer.begin(plan.name)
+            if plan.name in tracked:
+                provenance.begin(plan.name)
             for block, winners in blocks:
                 writer.write_part(block)
-                if tracked:
-                    provenance.write_part(name, winners)
+                if plan.name in tracked:
+                    provenance.write_part(plan.name, winners)
             writer.end()
-            if tracked:
+            if plan.name in tracked:
                 provenance.end()
             progress.update(1)
 
 
-def _files_of(plan: TensorPlan, inputs: _Inputs) -> list[Path]:
+def merged_tensors(
+    inputs: MergeInputs,
+    spec: MergeSpec,
+    order: Sequence[str],
+    *,
+    device: str = "cpu",
+    allow_non_finite: bool = False,
+    track_winners: Collection[str] = (),
+) -> Iterator[tuple[TensorPlan, Iterator]]:
+    """Every output tensor of a merge, in `order`, as `(plan, blocks)`: `blocks` yields `(block, winners)` in row
+    order (whole tensors for methods that do not fold in blocks, and for tensors copied from one input), each block
+    in the output dtype, exactly the bits [`merge_checkpoints`] writes. The one generator behind the streaming merge
+    and [`~hf_magmax.verify.verify_merge`]; memory is one block (one tensor for opcm), whatever T.
+
+    Args:
+        inputs ([`MergeInputs`]): what [`check_merge_inputs`] returned.
+        spec ([`~hf_magmax.merging.MergeSpec`]): the merge.
+        order (`list[str]`): output tensor names (keys of `inputs.tensors`).
+        track_winners (`Collection[str]`, *optional*): tensors whose winner maps to yield (else `winners` is None).
+    """
+    model_scale = _model_scale(inputs, spec, order, device=device, allow_non_finite=allow_non_finite)
+    for name in order:
+        plan = inputs.tensors[name]
+        inputs.pins.check(_files_of(plan, inputs))  # before touching its memory maps (a truncation: SIGBUS)
+        yield plan, _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
+                                   track_winners=name in track_winners, model_scale=model_scale)  # fmt: skip
+
+
+def _files_of(plan: TensorPlan, inputs: MergeInputs) -> list[Path]:
     """The input files the output tensor `plan` is read from."""
     if plan.kind == "last":  # a tensor of the last model only
         return [inputs.models[-1].tensors[plan.sources[0]].file]
@@ -484,7 +526,7 @@ class _Provenance:
     """The winner maps of a streaming merge, written block by block into `magmax_provenance.safetensors` (one file,
     planned up front like the weights), and the per-tensor counts that the shares are made of."""
 
-    def __init__(self, staging: Path, inputs: _Inputs, order: Sequence[str]) -> None:
+    def __init__(self, staging: Path, inputs: MergeInputs, order: Sequence[str]) -> None:
         from .metrics import PROVENANCE_FILE
 
         self.task_names = [public_name(model.name) for model in inputs.models]  # published: no local path
@@ -533,7 +575,7 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, device: str, allow_non_finite: bool):
+def _model_scale(inputs: MergeInputs, spec: MergeSpec, order: Sequence[str], *, device: str, allow_non_finite: bool):
     """`needs_model_stats` methods (opcm): the model-wide factor of the merged task vector, from a first pass that
     folds every whole tensor and keeps only its [`~hf_magmax.merging.OnlineMerge.model_stat`]; 1.0 for the others."""
     if not spec.merge_class.needs_model_stats:
@@ -562,7 +604,7 @@ def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, devi
 
 def _merged_blocks(
     plan: TensorPlan,
-    inputs: _Inputs,
+    inputs: MergeInputs,
     spec: MergeSpec,
     *,
     device: str,
@@ -659,14 +701,15 @@ def _check_finite(tensor, allow_non_finite: bool, name: str, checkpoint: Checkpo
 
 
 def _write_side_files(
-    staging: Path, inputs: _Inputs, config: MergeConfig, num_parameters: int, search: Any, provenance: Any = None
+    staging: Path, inputs: MergeInputs, config: MergeConfig, num_parameters: int, search: Any, provenance: Any = None
 ) -> None:
-    copy_non_weight_files(inputs.base.path, staging, skip_names=_REGENERATED)
-    if inputs.layout is not inputs.base and (inputs.layout.path / "config.json").is_file():
+    inputs.base.write_side_files(staging, skip_names=_REGENERATED)  # a GGUF base: converted from its metadata
+    if inputs.layout is not inputs.base and inputs.layout.config_file.name == "config.json":
         copy_side_file(inputs.layout.path, "config.json", staging)  # its head, labels, architectures
-    if config.dtype is not None and (staging / "config.json").is_file():
+    dtype = config.dtype or ("float32" if inputs.base.fmt == "gguf" else None)  # a GGUF base is dequantised to fp32
+    if dtype is not None and (staging / "config.json").is_file():
         model_config = json.loads((staging / "config.json").read_text())
-        model_config["dtype"] = config.dtype
+        model_config["dtype"] = dtype
         model_config.pop("torch_dtype", None)
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
     (staging / MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
@@ -674,10 +717,13 @@ def _write_side_files(
         (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
     from .hub import write_model_card
 
-    write_model_card(staging, _model_card(config, num_parameters, search, provenance))
+    gguf = [c.name for c in inputs.gguf_inputs]
+    write_model_card(staging, _model_card(config, num_parameters, search, provenance, gguf))
 
 
-def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, provenance: Any = None):
+def _model_card(
+    config: MergeConfig, num_parameters: int, search: Any = None, provenance: Any = None, gguf: Sequence[str] = ()
+):
     """The card of a checkpoint merge, through the one card builder ([`hf_magmax.hub.model_card_text`], the text of `build_model_card`)."""
     from . import __version__
     from .hub import model_card_text
@@ -700,6 +746,14 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         f"- **Parameters:** {num_parameters:,}"
     )
     sections = {"Merge details": details, "Models merged (task order)": models}
+    if gguf:
+        shown_gguf = ", ".join(f"`{shown(name)}`" for name in gguf)
+        sections["GGUF inputs"] = (
+            f"{shown_gguf} {'was' if len(gguf) == 1 else 'were'} read from GGUF and dequantised to float32 as "
+            "transformers loads GGUF (`from_pretrained(..., gguf_file=...)`). The merge is **not re-quantised**: "
+            f"these weights are safetensors in {config.dtype or 'float32'}, and the config and tokenizer files were "
+            "converted from the GGUF metadata. Quantise them again with llama.cpp if you need a GGUF."
+        )
     if search is not None:
         from .scaling import scaling_curve_markdown
 

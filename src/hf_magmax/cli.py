@@ -134,7 +134,8 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Merge T fine-tuned checkpoints θ_1..θ_T of one base model θ_0 into θ_0 + λ·merge(θ_1−θ_0, …, θ_T−θ_0), "
             "reading the memory-mapped inputs one block of rows at a time (memory does not grow with T or the model "
-            "size). Inputs are local directories or Hub repo ids (safetensors, sharded or not, or .bin). Everything "
+            "size). Inputs are local directories or Hub repo ids (safetensors, sharded or not, or .bin), or local GGUF "
+            "files (dequantised as transformers reads them; the output is safetensors, not re-quantised). Everything "
             "is validated before weights are read; the output (sharded safetensors + index, the base's config and "
             "tokenizer files, a model card and magmax_config.yaml) appears atomically, and Ctrl-C, SIGTERM or SIGHUP "
             "leave nothing behind."
@@ -148,12 +149,14 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="CONFIG.yaml",
         help="a merge configuration YAML (e.g. a previous merge's magmax_config.yaml); flags override its fields",
     )
-    parser.add_argument("--base", help="the base (pretrained) model θ_0: a local directory or a Hub repo id")
+    parser.add_argument(
+        "--base", help="the base (pretrained) model θ_0: a local directory, a .gguf file or a Hub repo id"
+    )
     parser.add_argument(
         "--models",
         nargs="+",
         metavar="MODEL",
-        help="the fine-tuned models θ_1..θ_T, in task order (directories or "
+        help="the fine-tuned models θ_1..θ_T, in task order (directories, .gguf files or "
         "Hub repo ids); for magmax, ties go to the later task",
     )
     parser.add_argument(
@@ -416,6 +419,56 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- verify ---------------------------------------------------------------------------------------------------------
+
+_VERIFY_EPILOG = """\
+examples:
+  hf-magmax verify merged                                  # re-compute from merged/magmax_config.yaml and compare
+  hf-magmax verify merged --base ckpt/base --models ckpt/t1 ckpt/t2   # inputs that moved since the merge
+  hf-magmax verify merged-lora                             # an `hf-magmax merge-lora --merged` output
+  hf-magmax verify me/my-merge                             # a merge pushed to the Hub (downloaded, then checked)
+
+Exit status: 0 when every tensor matches bit for bit (none missing, none extra), 1 at the first difference (named on
+stdout: tensor, index, both values), 2 when the directory or its inputs cannot be read.
+"""
+
+
+def _add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="re-compute a merge from its magmax_config.yaml and check every tensor of the output bit for bit",
+        description=(
+            "Re-compute the merge recorded in DIR/magmax_config.yaml (inputs as recorded: local directories, GGUF "
+            "files or Hub repo ids) and compare every tensor of DIR with it, bit for bit. Checkpoint merges are "
+            "re-computed by the streaming merge itself and compared block by block (nothing is written, memory does "
+            "not grow with the number of models); `merge-lora --merged` outputs are re-computed in memory."
+        ),
+        epilog=_VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "output_dir",
+        metavar="DIR",
+        help="a merged model directory holding magmax_config.yaml, or a Hub repo id of one",
+    )
+    parser.add_argument("--base", help="use this base model instead of the recorded one")
+    parser.add_argument("--models", nargs="+", metavar="MODEL", help="use these fine-tuned models (checkpoint merges)")
+    parser.add_argument(
+        "--adapters", nargs="+", metavar="ADAPTER", help="use these LoRA adapters (merge-lora outputs)"
+    )
+    parser.add_argument("--device", help="where the math runs: cpu or cuda[:N] (default: the recorded device)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_merge
+
+    result = verify_merge(args.output_dir, base=args.base, models=args.models, adapters=args.adapters,
+                          device=args.device, show_progress=not args.no_progress)  # fmt: skip
+    sys.stdout.write(f"{'OK' if result else 'MISMATCH'}: {result}\n")
+    return 0 if result else 1
+
+
 # --- demo (class-incremental digits: sequential fine-tuning vs average / TIES / MagMax) ------------------------------
 
 
@@ -615,6 +668,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Calla
     "merge": (_add_merge_parser, _run_merge),
     "merge-lora": (_add_merge_lora_parser, _run_merge_lora),
     "push": (_add_push_parser, _run_push),
+    "verify": (_add_verify_parser, _run_verify),
     "demo": (_add_demo_parser, _run_demo),
     "mergekit-yaml": (_add_mergekit_yaml_parser, _run_mergekit_yaml),
 }

@@ -198,9 +198,36 @@ class CheckpointReader:
 
     @classmethod
     def open(cls, name: str, *, token: str | bool | None = None, weights: bool = True) -> CheckpointReader:
-        """Resolve `name` ([`resolve_checkpoint`]) and read its config (not its tensors yet)."""
+        """Resolve `name` ([`resolve_checkpoint`]) and read its config (not its tensors yet).
+
+        A local `.gguf` file, or a folder holding one `.gguf` file and no safetensors/`.bin` weights, gives a
+        [`~hf_magmax.io.gguf.GGUFCheckpointReader`] (dequantised lazily, as transformers reads GGUF)."""
+        local = expand_path(name)
+        if local.exists():
+            from .gguf import GGUFCheckpointReader, find_gguf_file
+
+            gguf_file = find_gguf_file(local)
+            if gguf_file is not None:
+                return GGUFCheckpointReader.open_file(name, gguf_file)
         path = resolve_checkpoint(name, token=token, weights=weights)
         return cls(name=name, path=path, config=read_config(path))
+
+    @property
+    def config_file(self) -> Path:
+        """Where the config was read from (named in errors)."""
+        return self.path / "config.json"
+
+    def auto_config(self):
+        """The transformers config of this checkpoint (`AutoConfig.from_pretrained`: every default filled in)."""
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(str(self.path))
+
+    def write_side_files(self, directory: Path, skip_names=()) -> None:
+        """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `directory`, except `skip_names`."""
+        from .writing import copy_non_weight_files
+
+        copy_non_weight_files(self.path, directory, skip_names=skip_names)
 
     @property
     def is_local(self) -> bool:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import MagMaxOptions, check_push_options
+from .deepspeed import check_deepspeed, fresh_engine
 from .inputs import check_datasets, freeze, head, is_peft_model, normalize_tasks, task_dir_name
 from .run import ContinualRun
 from .state import unwrap
@@ -141,6 +142,7 @@ class MagMaxCallback(TrainerCallback):
                 "`push_every_task=True` needs the Hub repo to push to: set `hub_model_id` in the trainer's "
                 "TrainingArguments (`hub_token` and `hub_private_repo` apply too)."
             )
+        check_deepspeed(trainer, self.options)  # ZeRO-3: what needs whole tensors, the final save
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -160,6 +162,11 @@ class MagMaxCallback(TrainerCallback):
         get_output_dir, save_model = trainer._get_output_dir, trainer.save_model
         create_model_card = trainer.create_model_card
         push_to_hub, push_from_checkpoint = trainer.push_to_hub, trainer._push_from_checkpoint
+        train = trainer.train
+
+        def _train(self, *args: Any, **kwargs: Any) -> Any:
+            fresh_engine(self)  # DeepSpeed: each task's train() builds its own engine (a fresh optimizer)
+            return train(*args, **kwargs)
 
         def _get_output_dir(self, trial: Any = None) -> str:
             run_dir = get_output_dir(trial=trial)
@@ -209,6 +216,7 @@ class MagMaxCallback(TrainerCallback):
             with run_folders_kept_local():
                 push_from_checkpoint(checkpoint_folder)
 
+        trainer.train = types.MethodType(_train, trainer)
         trainer.push_to_hub = types.MethodType(_push_to_hub, trainer)
         trainer._push_from_checkpoint = types.MethodType(_push_from_checkpoint, trainer)
         trainer._get_output_dir = types.MethodType(_get_output_dir, trainer)

@@ -20,7 +20,17 @@ from torch import Tensor, nn
 from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
 from .release import HubReleases
-from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, reshard, unwrap
+from .state import (
+    BASE_HASH_NAME,
+    BASE_WEIGHTS_NAME,
+    LEGACY_BASE_NAME,
+    CheckpointError,
+    MergeState,
+    has_zero3_parameters,
+    reshard,
+    unwrap,
+    zero3_weights,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -154,14 +164,17 @@ class ContinualRun:
     # -- weights ---------------------------------------------------------------------------------------------------
 
     def weights(self, trainer: Any, model: nn.Module, initial: bool = False) -> dict[str, Tensor]:
-        """The model's weights as this rank holds them: under FSDP2 (DTensor parameters) the live local shards, with
-        no gather ([`MergeState`] folds them); otherwise the full weights, gathered through Accelerate (ZeRO-3)
-        once training has started."""
+        """The model's weights as this rank holds them, with no gather: under FSDP2 (DTensor parameters) the live
+        local shards, under DeepSpeed ZeRO-3 the parameters themselves ([`MergeState`] folds their partitions);
+        otherwise the full weights (DDP, ZeRO-1/2: every rank holds them), through Accelerate once training has
+        started."""
         unwrapped = unwrap(model)
         if self.lora:
             from ..peft import lora_delta_state_dict
 
             return lora_delta_state_dict(unwrapped, adapter_name=getattr(unwrapped, "active_adapter", "default"))
+        if has_zero3_parameters(unwrapped):
+            return zero3_weights(unwrapped)
         if has_dtensor_parameters(unwrapped):
             reshard(unwrapped)  # the shards, not parameters an evaluation left unsharded
         elif trainer is not None and not initial:
@@ -240,7 +253,7 @@ class ContinualRun:
 
     def begin_task(self, trainer: Any, model: nn.Module, task: int) -> None:
         if not self.lora:
-            self.state.check_shapes(unwrap(model).state_dict(), self.task_names[task])
+            self.state.check_shapes(self.weights(trainer, model, initial=True), self.task_names[task])
 
     def evaluate_row(self, trainer: Any, kind: str) -> list[float]:
         metric = self.matrices.metric or "neg_loss"

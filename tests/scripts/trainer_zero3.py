@@ -80,6 +80,7 @@ class Record(TrainerCallback):
 
 def training_args(cli, out, config_class=MagMaxConfig, **kwargs):
     distributed = cli.stage is not None
+    kwargs.setdefault("deepspeed", ds_config(cli.stage) if distributed else None)
     return config_class(
         output_dir=out,
         max_steps=3,
@@ -94,7 +95,6 @@ def training_args(cli, out, config_class=MagMaxConfig, **kwargs):
         disable_tqdm=True,
         seed=0,
         average_tokens_across_devices=False,
-        deepspeed=ds_config(cli.stage) if distributed else None,
         **kwargs,
     )
 
@@ -193,8 +193,43 @@ def main() -> None:
     result["callback_sharded"] = callback._run.state.sharded
     if rank == 0:
         save_file(callback_final, os.path.join(cli.output_dir, f"final-callback-zero{cli.stage}.safetensors"))
+    if cli.stage == 3:
+        result["refused"] = refused(cli, os.path.join(cli.output_dir, "refused"))
     with open(os.path.join(cli.output_dir, f"result-rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
+
+
+def refused(cli, out):
+    """What is refused before any training under ZeRO-3 (the error message of each case; None: accepted)."""
+    from peft import LoraConfig
+
+    train, evaluation = classification_tasks(num_examples=16, eval_examples=8)
+    no_gather = ds_config(3)
+    no_gather["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    cases = {
+        "no_gather_merged": ({"deepspeed": no_gather}, {}),
+        "no_gather_sequential": ({"deepspeed": no_gather, "final_model": "sequential"}, {}),
+        "lora": ({}, {"peft_config": LoraConfig(r=2, target_modules=["query", "value"])}),
+        "provenance": ({"save_provenance": True}, {}),
+        "opcm": ({"merge_method": "opcm"}, {}),
+        "push_every_task": ({"push_every_task": True, "hub_model_id": "me/model"}, {}),
+        "merge_device_cuda": ({"merge_device": "cuda"}, {}),
+    }
+    messages = {}
+    for case, (options, trainer_kwargs) in cases.items():
+        try:
+            args = training_args(cli, out, **{"merge_method": METHOD, **options})
+            MagMaxTrainer(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation, **trainer_kwargs)
+            messages[case] = None
+        except ValueError as err:
+            messages[case] = str(err)
+    args = training_args(cli, out, config_class=TrainingArguments, deepspeed=no_gather)
+    try:
+        MagMaxCallback(Trainer(tiny_bert(), args, train_dataset=train["a"]), eval_datasets=evaluation)
+        messages["callback_no_gather"] = None
+    except ValueError as err:
+        messages["callback_no_gather"] = str(err)
+    return messages
 
 
 if __name__ == "__main__":

@@ -20,3 +20,34 @@ def _seed():
 
 # The loopback fake Hub, as a fixture for every test module (see tests/fake_hub.py).
 from fake_hub import fake_hub  # noqa: E402, F401
+
+
+# In CI no ZeRO / DeepSpeed test may be skipped: `.ci/run` installs DeepSpeed for the CPU (and sets CI=true), so a skip
+# there means a broken install, which must fail the run instead of hiding the tests.
+MUST_RUN_IN_CI = ("zero3", "deepspeed")
+
+
+def _must_run(nodeid: str) -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") and any(k in nodeid for k in MUST_RUN_IN_CI)
+
+
+def _fail_skip(report) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{report.nodeid} was skipped in CI ({reason}): it must run; install DeepSpeed for the CPU."
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if report.skipped and _must_run(report.nodeid):  # a module-level `importorskip`
+        _fail_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.skipped and _must_run(report.nodeid):
+        _fail_skip(report)
+    return report

@@ -5,8 +5,8 @@ The DeepSpeed config goes through `TrainingArguments(deepspeed=...)`, as `--deep
 one engine per task (`hf_magmax.trainer.deepspeed.fresh_engine`). `stage3_param_persistence_threshold: 100` keeps the
 small tensors (biases, LayerNorms, the head) gathered on every rank and partitions the matrices, so both kinds are
 written by the merge. The model is built before the config, so θ_0 is taken whole and cut down to each rank's
-partition at the first fold (`--zero_init` builds it after: `zero.Init` partitions it at construction and θ_0 is taken
-from the partitions).
+partition at the first fold (a model that `from_pretrained` loads under `zero.Init` is partitioned from the start:
+tests/test_recipes.py runs that path through the TRACE recipe).
 
 For ZeRO-3 the worker trains 2 tiny tasks with MagMaxTrainer (a checkpoint at the end of each), records each task's
 θ_t gathered (for the check only), saves the final model (`save_model`: the one consolidation), resumes a fresh
@@ -101,9 +101,8 @@ def training_args(cli, out, config_class=MagMaxConfig, **kwargs):
 
 def make_trainer(cli, out, callbacks=()):
     train, evaluation = classification_tasks(num_examples=16, eval_examples=8)
-    model = None if cli.zero_init else tiny_bert()
+    model = tiny_bert()
     args = training_args(cli, out, merge_method=METHOD, scaling_coef=SCALING_COEF)
-    model = model if model is not None else tiny_bert()  # built after the config: zero.Init partitions it
     return MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation, callbacks=list(callbacks))
 
 
@@ -125,7 +124,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--stage", type=int, default=None, help="the ZeRO stage (torchrun); none: one process")
-    parser.add_argument("--zero_init", action="store_true", help="build the model after the config (zero.Init)")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     out = os.path.join(cli.output_dir, "magmax")

@@ -14,6 +14,7 @@ On CPU the configs' `num_processes: 8` and `mixed_precision: bf16` are overridde
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,10 +60,10 @@ def _launch(accelerate_config, out, assets, *extra):
     return results
 
 
-def test_trace_recipe_full_fine_tuning_deepspeed_zero3_two_processes(assets, tmp_path):
+def test_trace_recipe_full_fine_tuning_deepspeed_zero3_two_processes_and_resume(assets, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"
-    results = _launch("deepspeed_zero3.yaml", out, assets)
+    results = _launch("deepspeed_zero3.yaml", out, assets, "--save_strategy", "steps", "--save_steps", "1")
     assert results["distributed_type"] == "DEEPSPEED" and results["zero_stage"] == 3
     # the merged model, consolidated once: every weight whole (a partition would have another shape)
     saved = load_file(out / "model.safetensors")
@@ -71,6 +72,19 @@ def test_trace_recipe_full_fine_tuning_deepspeed_zero3_two_processes(assets, tmp
     assert all(saved[name].shape == base[name].shape for name in base)
     assert any(not saved[name].equal(base[name]) for name in base)  # trained and merged, not θ_0
     assert results["continual_results"]["method"] == "magmax"
+    # loaded partitioned (zero.Init): θ_0 is each rank's partitions, written once per run, one file per rank
+    parts = [load_file(out / "magmax_base" / f"model-rank{rank}.safetensors") for rank in (0, 1)]
+    assert sum(t.numel() for part in parts for t in part.values()) == sum(t.numel() for t in base.values())
+    # resume from the last checkpoint of task 2 (one merge-state file per rank): the same merged model, bit for bit
+    checkpoint = sorted((out / "task-01-Py150").glob("checkpoint-*"))[-1]
+    state = json.loads((checkpoint / "magmax_state.json").read_text())
+    assert state["merge_state_ranks"] == 2 and len(state["base"]["sha256"]) == 2
+    again = tmp_path / "zero3-resumed"
+    shutil.copytree(out, again)
+    os.remove(again / "model.safetensors")
+    _launch("deepspeed_zero3.yaml", again, assets, "--resume_from_checkpoint", str(again / checkpoint.relative_to(out)))
+    resumed = load_file(again / "model.safetensors")
+    assert all(resumed[name].equal(saved[name]) for name in saved)
 
 
 def test_trace_recipe_lora_multi_gpu_config_two_processes(assets, tmp_path):

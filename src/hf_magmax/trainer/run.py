@@ -21,10 +21,12 @@ from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
 from .release import HubReleases
 from .state import (
+    BASE_DIR_NAME,
     BASE_HASH_NAME,
     BASE_WEIGHTS_NAME,
     LEGACY_BASE_NAME,
     CheckpointError,
+    RANK_BASE_NAME,
     MergeState,
     has_zero3_parameters,
     reshard,
@@ -116,8 +118,9 @@ class ContinualRun:
         self.lora = lora
         self.lora_info: dict[str, Any] | None = None
         #: the run's one θ_0 file (`output_dir/magmax_base/model.safetensors`) and its sha256, once written
+        #: a sharded state's θ_0 is one file per rank: the path holds `{rank}` and the sha256 is a list, one per rank
         self.base_path: str | None = None
-        self.base_sha256: str | None = None
+        self.base_sha256: str | list[str] | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -232,8 +235,10 @@ class ContinualRun:
 
     def write_base(self, trainer: Any) -> None:
         """Write θ_0 once per run to `output_dir/magmax_base/` (the main process, with its sha256), then hold it
-        memory-mapped from there on every process. Sharded states keep their part in memory."""
+        memory-mapped from there on every process. A θ_0 taken from shards or partitions (a model loaded partitioned,
+        e.g. under ZeRO-3's `zero.Init`) is written by every rank, its own part, to `model-rank{r}.safetensors`."""
         if self.state.sharded:
+            self._write_rank_base(trainer)
             return
         path = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_WEIGHTS_NAME))
         hash_path = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_HASH_NAME))
@@ -250,6 +255,20 @@ class ContinualRun:
             self.base_sha256 = f.read().split()[0]
         self.base_path = path
         self.state.map_base(path)
+
+    def _write_rank_base(self, trainer: Any) -> None:
+        """Every rank writes its part of θ_0 once per run and maps it; the sha256 of every rank's file is gathered so
+        that the main process can record them all in the checkpoints. (Meta weights stay in memory.)"""
+        if any(t.is_meta for t in self.state.base.values()):
+            return
+        import torch.distributed as dist
+
+        pattern = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_DIR_NAME, RANK_BASE_NAME))
+        path = pattern.replace("{rank}", str(_rank()))
+        digests: list[str | None] = [None] * _world_size()
+        dist.all_gather_object(digests, self.state.write_base(path))
+        self.state.map_base(path)
+        self.base_path, self.base_sha256 = pattern, list(digests)
 
     def begin_task(self, trainer: Any, model: nn.Module, task: int) -> None:
         if not self.lora:
@@ -479,13 +498,22 @@ class ContinualRun:
         merge_state = MergeState.read(directory, self.state.device, rank=rank)
         recorded = record.get("base")
         if recorded:
-            base_path = os.path.normpath(os.path.join(directory, recorded["file"]))
-            base = MergeState.read_base(base_path, recorded.get("sha256"), directory)
-        else:  # θ_0 inside the checkpoint (sharded from the start, or a checkpoint of an older version)
+            pattern = os.path.normpath(os.path.join(directory, recorded["file"]))
+            sha256 = recorded.get("sha256")
+            base_path = pattern.replace("{rank}", str(_rank()))  # one file per rank for a θ_0 taken sharded
+            if isinstance(sha256, list):
+                if len(sha256) != _world_size():
+                    raise ValueError(
+                        f"the checkpoint {directory!r} holds θ_0 in {len(sha256)} per-rank files, but this run has "
+                        f"{_world_size()} processes: resume with {len(sha256)} processes and the same sharding."
+                    )
+                sha256 = sha256[_rank()]
+            base = MergeState.read_base(base_path, sha256, directory)
+        else:  # θ_0 inside the checkpoint (a checkpoint of an older version, or meta weights)
             base_path = os.path.join(directory, _rank_name(LEGACY_BASE_NAME, rank))
             base = MergeState.read_base(base_path, None, directory)
         self.state.restore(base, merge_state, base_file=base_path)
-        self.base_path = os.path.abspath(base_path) if recorded else None
+        self.base_path = os.path.abspath(pattern) if recorded else None
         self.base_sha256 = recorded.get("sha256") if recorded else None
         self.matrices.load(record)
         self.releases.load(record.get("hub_revisions"))

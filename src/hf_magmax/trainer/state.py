@@ -45,6 +45,7 @@ __all__ = [
     "BASE_HASH_NAME",
     "BASE_WEIGHTS_NAME",
     "MERGE_STATE_NAME",
+    "RANK_BASE_NAME",
     "RANK_MERGE_STATE_NAME",
     "CheckpointError",
     "MergeState",
@@ -55,6 +56,8 @@ __all__ = [
 BASE_DIR_NAME = "magmax_base"
 BASE_WEIGHTS_NAME = "magmax_base/model.safetensors"
 BASE_HASH_NAME = "magmax_base/sha256"
+#: A θ_0 taken from shards or partitions (the model was loaded sharded): every rank's part, in `magmax_base/`.
+RANK_BASE_NAME = "model-rank{rank}.safetensors"
 #: The merge state a checkpoint carries, besides the `Trainer`'s own files.
 MERGE_STATE_NAME = "magmax_merge_state.pt"
 #: One merge-state file per rank when the state is sharded (FSDP2, ZeRO-3): each rank writes and reads its own.

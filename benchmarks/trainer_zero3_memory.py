@@ -169,7 +169,18 @@ def launch(cli: argparse.Namespace, case: int, workdir: str) -> list[dict]:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     cmd += [__file__, "--worker", "--case", str(case), "--workdir", workdir, "--trainer", trainer]
-    cmd += ["--launcher", launcher, "--precision", precision, "--steps", str(cli.steps), "--tasks", str(cli.tasks), "--vocab", str(cli.vocab)]
+    cmd += [
+        "--launcher",
+        launcher,
+        "--precision",
+        precision,
+        "--steps",
+        str(cli.steps),
+        "--tasks",
+        str(cli.tasks),
+        "--vocab",
+        str(cli.vocab),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -82,7 +82,9 @@ def test_trace_recipe_full_fine_tuning_deepspeed_zero3_two_processes_and_resume(
     again = tmp_path / "zero3-resumed"
     shutil.copytree(out, again)
     os.remove(again / "model.safetensors")
-    _launch("deepspeed_zero3.yaml", again, assets, "--resume_from_checkpoint", str(again / checkpoint.relative_to(out)))
+    _launch(
+        "deepspeed_zero3.yaml", again, assets, "--resume_from_checkpoint", str(again / checkpoint.relative_to(out))
+    )
     resumed = load_file(again / "model.safetensors")
     assert all(resumed[name].equal(saved[name]) for name in saved)
 

@@ -148,7 +148,9 @@ def main() -> None:
     reference.snapshot(theta_0)
     for task, theta in enumerate(record.thetas):
         reference.fold(theta, task=str(task))
-    merged_equal = all(torch.equal(final[name], reference.merged_tensor(name, SCALING_COEF)) for name in reference.base)
+    merged_equal = all(
+        torch.equal(final[name], reference.merged_tensor(name, SCALING_COEF)) for name in reference.base
+    )
     sequential_differs = any(not torch.equal(final[name], record.thetas[-1][name]) for name in reference.base)
     trainer.save_model(os.path.join(out, "final"))  # the one consolidation (rank 0 writes)
     result = {

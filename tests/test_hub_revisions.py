@@ -296,7 +296,10 @@ def test_cli_merge_pushes_to_a_revision(fake_hub, tmp_path, capsys):
     assert main([*argv, str(out), "--push-to-hub", "me/cli", "--revision", "after-task-2"]) == 0
     repo = fake_hub.repos["me/cli"]
     assert set(repo.branches) == {"after-task-2"} and repo.files == {}  # main is left as it is
-    assert repo.branches["after-task-2"] == {p.name: p.read_bytes() for p in out.iterdir()}
+    pushed, local = repo.branches["after-task-2"], {p.name: p.read_bytes() for p in out.iterdir()}
+    assert pushed.keys() == local.keys()
+    assert all(pushed[k] == local[k] for k in local if k != "magmax_config.yaml")  # published: no local paths
+    assert b"/ckpt/" not in pushed["magmax_config.yaml"]
     assert repo.commits[-1].revision == "after-task-2"
     assert main([*argv, str(tmp_path / "m2"), "--revision", "x"]) == 2
     assert "--revision only applies with --push-to-hub" in capsys.readouterr().err

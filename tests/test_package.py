@@ -64,7 +64,8 @@ def test_import_is_lazy():
 
 def test_core_never_imports_extras():
     code = "".join(f"import hf_magmax.{name}\n" for name in CORE)
-    code += "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hf_magmax.extras'))))"
+    code += "outside = ('hf_magmax.extras', 'hf_magmax.integrations', 'trl')\n"
+    code += "print(json.dumps(sorted(m for m in sys.modules if m.startswith(outside))))"
     assert _fresh(code) == []
     for name in CORE:
         module = ROOT / "src" / "hf_magmax" / name
@@ -72,8 +73,9 @@ def test_core_never_imports_extras():
         assert files, name
         for file in files:
             source = file.read_text()
-            assert "from .extras" not in source and "from ..extras" not in source, file
-            assert "hf_magmax.extras" not in source, file
+            for package in ("extras", "integrations"):
+                assert f"from .{package}" not in source and f"from ..{package}" not in source, file
+                assert f"hf_magmax.{package}" not in source, file
 
 
 def test_old_paths_of_heads_and_trace_are_the_extras_modules():

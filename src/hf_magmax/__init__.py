@@ -35,6 +35,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
         "label_embedding_head_names",
     ),
     "hub": ("HubPushError", "push_to_hub"),
+    "integrations.trl": ("MagMaxSFTConfig", "MagMaxSFTTrainer"),  # imports `trl` on first access
     "merging": (
         "DEFAULT_SCALING_COEFS",
         "MERGE_METHODS",
@@ -98,6 +99,8 @@ __all__ = [
     "MERGE_METHODS",
     "MagMaxCallback",
     "MagMaxConfig",
+    "MagMaxSFTConfig",
+    "MagMaxSFTTrainer",
     "MagMaxTrainer",
     "MergeConfig",
     "MergeSpec",
@@ -156,6 +159,7 @@ _SUBMODULES = frozenset(
         "extras",
         "heads",
         "hub",
+        "integrations",
         "io",
         "merging",
         "metrics",
@@ -203,6 +207,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         label_embedding_head_names,
     )
     from .hub import HubPushError, push_to_hub
+    from .integrations.trl import MagMaxSFTConfig, MagMaxSFTTrainer
     from .merging import (
         DEFAULT_SCALING_COEFS,
         MERGE_METHODS,

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +48,12 @@ from .io import (
     check_output_dir,
     check_output_path,
     copy_non_weight_files,
+    copy_side_file,
     expand_path,
     is_hub_id,
+    non_weight_files,
     parse_size,
+    public_name,
     staged_output_dir,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
@@ -397,6 +399,7 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
+    non_weight_files(base.path, _REGENERATED)  # the side files to copy: a link out of the base is refused now
     return _plan_tensors(base, models, config)
 
 
@@ -468,7 +471,7 @@ class _Provenance:
     def __init__(self, staging: Path, inputs: _Inputs, order: Sequence[str]) -> None:
         from .metrics import PROVENANCE_FILE
 
-        self.task_names = [model.name for model in inputs.models]
+        self.task_names = [public_name(model.name) for model in inputs.models]  # published: no local path
         num_tasks = len(self.task_names)
         self.dtype = "uint8" if num_tasks <= 255 else "int16"
         plans = [inputs.tensors[name] for name in order]  # the weights' order: both files are written side by side
@@ -643,7 +646,7 @@ def _write_side_files(
 ) -> None:
     copy_non_weight_files(inputs.base.path, staging, skip_names=_REGENERATED)
     if inputs.layout is not inputs.base and (inputs.layout.path / "config.json").is_file():
-        shutil.copy2(inputs.layout.path / "config.json", staging / "config.json")  # its head, labels, architectures
+        copy_side_file(inputs.layout.path, "config.json", staging)  # its head, labels, architectures
     if config.dtype is not None and (staging / "config.json").is_file():
         model_config = json.loads((staging / "config.json").read_text())
         model_config["dtype"] = config.dtype
@@ -698,7 +701,7 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         base_model=hub_base,
         base_model_relation="merge",
         method=spec.method,
-        merge_config=config.to_yaml(),
+        merge_config=config.to_yaml(public=True),  # a card is for others: no local path in it
         config_file=MERGE_CONFIG_NAME,
         rerun_command=f"hf-magmax merge {MERGE_CONFIG_NAME}",
     )

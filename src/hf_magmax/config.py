@@ -27,6 +27,8 @@ __all__ = ["EXTRA_TENSORS", "LORA_OUTPUTS", "MERGE_CONFIG_NAME", "OUTPUT_DTYPES"
 
 #: The merge configuration saved next to the merged weights (the same YAML both subcommands read).
 MERGE_CONFIG_NAME = "magmax_config.yaml"
+#: The first line of a published `magmax_config.yaml` (and of the one in a model card).
+PUBLIC_CONFIG_NOTE = "# local inputs are named by their folder only; a Hub id re-runs as it is\n"
 #: What `merge-lora` writes: a full model with the merge folded in, or a re-factored LoRA adapter.
 LORA_OUTPUTS = ("merged", "adapter")
 #: Output dtypes of merged floating tensors (`None`: each tensor keeps the base's dtype).
@@ -268,11 +270,28 @@ class MergeConfig:
             out["save_provenance"] = True
         return out
 
-    def to_yaml(self) -> str:
-        """[`to_dict`] as YAML text, with the effective λ noted where the method's default is recorded."""
+    def to_public_dict(self) -> dict[str, Any]:
+        """[`to_dict`] as others may read it (a model card, a pushed `magmax_config.yaml`): Hub ids as given, every
+        local path (base, models, adapters, output_dir) by its last component only (see
+        [`~hf_magmax.io.public_name`]), so that no user, project or mount name is published."""
+        from .io import public_name
+
+        out = self.to_dict()
+        out["base"] = public_name(out["base"])
+        key = "adapters" if "adapters" in out else "models"
+        out[key] = [public_name(name) for name in out[key]]
+        out["output_dir"] = public_name(out["output_dir"])
+        return out
+
+    def to_yaml(self, public: bool = False) -> str:
+        """[`to_dict`] as YAML text, with the effective λ noted where the method's default is recorded; `public`:
+        [`to_public_dict`] instead, with a comment saying that local paths are shown by their folder names."""
         import yaml
 
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        data = self.to_public_dict() if public else self.to_dict()
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        if public:
+            text = PUBLIC_CONFIG_NOTE + text
         if self.scaling_coef is None:
             default = self.spec.coef
             text = text.replace(

@@ -372,13 +372,14 @@ def push_to_hub(
     ```
     """
     folder = _check_folder(folder)
+    operations = _publishable(folder, repo_id)  # before any request: a local path or a link out refuses the push
     with _hub_api(folder, repo_id, token) as (api, constants):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
+            operations=operations,
             commit_message=commit_message or "Upload with hf_magmax",
             revision=revision,
         )
@@ -434,11 +435,12 @@ def push_release(
     branch = check_branch_name(branch, "branch")
     if branch == "main":
         raise ValueError("`branch` must not be 'main': push_release always updates main; name the revision's branch.")
+    operations = _publishable(folder, repo_id)  # before any request: a local path or a link out refuses the push
     with _hub_api(folder, repo_id, token) as (api, _):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
+            operations=operations,
             commit_message=commit_message or f"Upload {branch} with hf_magmax",
             revision="main",
         )
@@ -466,6 +468,122 @@ def hub_branches(repo_id: str, token: str | bool | None = None) -> dict[str, str
         except RepositoryNotFoundError:
             return None
     return {ref.name: ref.target_commit for ref in refs.branches}
+
+
+#: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights.
+_PATH_KEYS = {"_name_or_path", "name_or_path", "base_model_name_or_path", "base", "models", "adapters", "output_dir"}
+_TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".csv", ".tsv")
+
+
+def publishable_files(folder: str | os.PathLike) -> list[Any]:
+    """The files of `folder` as they are published: `huggingface_hub.CommitOperationAdd`s, with every local path in
+    the configs that transformers, PEFT and hf_magmax write (`config.json`'s `_name_or_path`, `adapter_config.json`'s
+    `base_model_name_or_path`, a tokenizer's `name_or_path`, `magmax_config.yaml`'s inputs and `output_dir`)
+    replaced by its last component ([`~hf_magmax.io.public_name`]). The folder itself is not changed (its
+    `magmax_config.yaml` still re-runs the merge here).
+
+    Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`.
+
+    Raises:
+        `ValueError` when a file still holds a local path after that (the folder, its parent, the current or the home
+        directory: the push would publish it), naming the file; or for a symbolic link out of `folder`.
+    """
+    import json
+
+    import yaml
+    from huggingface_hub import CommitOperationAdd
+
+    from .io import public_name
+    from .io.writing import _link_roots, _resolve_inside
+
+    folder = Path(folder)
+    roots = _link_roots(folder)
+    markers = _local_path_markers(folder)
+    operations = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if ".git" in rel.parts or rel.as_posix().startswith(".cache/huggingface/") or path.is_dir():
+            continue
+        resolved = _resolve_inside(path, folder, roots)
+        content: bytes | Path = resolved
+        if path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
+            text = resolved.read_text(encoding="utf-8", errors="replace")
+            public = text
+            if path.suffix == ".json":
+                public = _public_json(text, json, public_name)
+            elif path.suffix in (".yaml", ".yml"):
+                public = _public_yaml(text, yaml, public_name)
+            for local, marker in markers:
+                if marker.search(public):
+                    raise ValueError(
+                        f"{path} holds the local path {local!r}: "
+                        "hf_magmax never publishes a local path. Remove it from the file (or name the Hub id) and "
+                        "push again."
+                    )
+            if public != text:
+                content = public.encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=content))
+    return operations
+
+
+def _publishable(folder: Path, repo_id: str) -> list[Any]:
+    try:
+        return publishable_files(folder)
+    except ValueError as err:
+        message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
+        raise HubPushError(message, folder) from None
+
+
+def _local_path_markers(folder: Path) -> list[tuple[str, re.Pattern]]:
+    """Local paths that must not appear in a published file: the folder, its parent, the current and home dirs
+    (each only when it is at least two levels deep, or the home directory of a named user)."""
+    candidates = {folder.resolve(), folder.resolve().parent, Path.cwd().resolve(), Path.home()}
+    markers = []
+    for path in sorted(candidates, key=lambda p: -len(str(p))):
+        text = str(path)
+        if len(path.parts) < 3 and path != Path.home():
+            continue
+        if path == Path.home() and text in ("/", ""):
+            continue
+        markers.append((text, re.compile(re.escape(text) + r"(?![\w.-])")))
+    return markers
+
+
+def _public_value(value: Any, public_name) -> Any:
+    if isinstance(value, str):
+        local = os.path.expanduser(value)
+        if os.path.isabs(local) or value.startswith(("./", "../", "~")) or os.path.exists(local):
+            return public_name(value)
+        return value
+    if isinstance(value, list):
+        return [_public_value(v, public_name) for v in value]
+    return value
+
+
+def _public_json(text: str, json, public_name) -> str:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+        return text
+    public = {k: _public_value(v, public_name) if k in _PATH_KEYS else v for k, v in data.items()}
+    return text if public == data else json.dumps(public, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _public_yaml(text: str, yaml, public_name) -> str:
+    from .config import PUBLIC_CONFIG_NOTE
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+        return text
+    public = {k: _public_value(v, public_name) if k in _PATH_KEYS else v for k, v in data.items()}
+    if public == data:
+        return text
+    return PUBLIC_CONFIG_NOTE + yaml.safe_dump(public, sort_keys=False, allow_unicode=True)
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

@@ -14,7 +14,7 @@
   staging directory left by a killed process (SIGKILL, power loss) is removed by the next run. [`check_output_path`]
   refuses, before any work, outputs that are symlinks, the current directory, an input, inside an input, or that
   contain an input.
-- [`copy_non_weight_files`], [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
+- [`copy_non_weight_files`] (never a link out of the input folder: [`non_weight_files`] refuses it), [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
   [`parse_size`].
 
 The package is split by concern: `formats` (names, dtypes, sizes), `output` (the output directory), `reading`,
@@ -33,6 +33,7 @@ from .formats import (
     expand_path,
     is_hub_id,
     parse_size,
+    public_name,
 )
 from .output import (
     Terminated,
@@ -53,7 +54,7 @@ from .reading import (
     read_safetensors_header,
     resolve_checkpoint,
 )
-from .writing import ShardedSafetensorsWriter, copy_non_weight_files
+from .writing import ShardedSafetensorsWriter, copy_non_weight_files, copy_side_file, non_weight_files
 
 
 __all__ = [
@@ -72,10 +73,13 @@ __all__ = [
     "check_output_dir",
     "check_output_path",
     "copy_non_weight_files",
+    "copy_side_file",
     "expand_path",
     "is_hub_id",
     "load_bin",
     "load_pretrained",
+    "non_weight_files",
+    "public_name",
     "model_class_for",
     "parse_size",
     "read_config",

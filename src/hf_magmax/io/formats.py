@@ -69,6 +69,27 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-")) and ".." not in name
 
 
+def public_name(name: str | os.PathLike | None) -> str | None:
+    """How an input is named where others can read it (a model card, a pushed `magmax_config.yaml`): a Hub repo id
+    as given, a local path by its last component only (`/home/alice/runs/task1` -> `task1`), never the path itself.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.io import public_name
+    >>> public_name("org/model"), public_name("/home/alice/ckpt/task1/"), public_name("./ckpt/base")
+    ('org/model', 'task1', 'base')
+    ```
+    """
+    if name is None:
+        return None
+    name = os.fspath(name)
+    local = os.path.expanduser(name)
+    if is_hub_id(name) and not os.path.exists(local):
+        return name
+    return Path(os.path.normpath(local)).name or name
+
+
 def parse_size(size: int | str, name: str = "max_shard_size") -> int:
     """Parse a size like `"5GB"`, `"500MB"`, `"2GiB"`, `"100kB"` or a number of bytes into bytes.
 

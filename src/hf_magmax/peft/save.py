@@ -75,15 +75,17 @@ def lora_merge_config(
 
 
 def _model_card(result: LoraMergeResult, config: MergeConfig, provenance: dict | None = None):
-    """The card of a LoRA merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
+    """The card of a LoRA merge, through the one card builder ([`hf_magmax.hub.build_model_card`]); local paths are
+    shown by their folder names only (a card is published)."""
     from ..hub import build_model_card
+    from ..io import public_name
 
     base = config.base
     model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
     adapter_output = result.lora_output == "adapter"
     hub_base = _hub_id(base)
     base_name = hub_base or (Path(base).name if base else "the base model")
-    adapters = "\n".join(f"| {i + 1} | `{a}` |" for i, a in enumerate(result.adapters))
+    adapters = "\n".join(f"| {i + 1} | `{public_name(a)}` |" for i, a in enumerate(result.adapters))
     sections = {}
     if adapter_output:
         ranks = sorted(set(result.adapter.ranks.values())) or [0]
@@ -141,7 +143,7 @@ def _model_card(result: LoraMergeResult, config: MergeConfig, provenance: dict |
         library_name="peft" if adapter_output else "transformers",
         method=result.method,
         lora=True,
-        merge_config=config.to_yaml(),
+        merge_config=config.to_yaml(public=True),  # a card is for others: no local path in it
         config_file=LORA_MERGE_CONFIG_NAME,
         rerun_command=f"hf-magmax merge-lora {LORA_MERGE_CONFIG_NAME}",
     )
@@ -185,16 +187,19 @@ def save_lora_merge(
         `str`: the output directory.
     """
     from ..hub import write_model_card
-    from ..io import check_output_dir, copy_non_weight_files, staged_output_dir
+    from ..io import check_output_dir, copy_non_weight_files, non_weight_files, public_name, staged_output_dir
 
     output = Path(os.path.expanduser(os.fspath(output_dir))).absolute()
     config = lora_merge_config(result, base, output)
     check_output_not_input(output, _inputs(config.base, config.adapters))
     check_output_dir(output, overwrite)
+    base_dir = Path(config.base) if config.base else None
+    copies_base_files = result.lora_output == "merged" and base_dir is not None and base_dir.is_dir()
+    if copies_base_files:
+        non_weight_files(base_dir, _BASE_FILES_SKIPPED)  # a link out of the base is refused before anything is written
     with staged_output_dir(output, overwrite) as staging:
         result.save_pretrained(staging)
-        base_dir = Path(config.base) if config.base else None
-        if result.lora_output == "merged" and base_dir is not None and base_dir.is_dir():
+        if copies_base_files:
             written = [path.name for path in staging.iterdir()]  # what save_pretrained wrote stays as it is
             copy_non_weight_files(base_dir, staging, skip_names=(*_BASE_FILES_SKIPPED, *written))
         (staging / LORA_MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
@@ -202,7 +207,7 @@ def save_lora_merge(
         if result.winners is not None:
             from ..metrics import save_provenance
 
-            names = [f"{i + 1}. {a}" for i, a in enumerate(result.adapters)]
+            names = [f"{i + 1}. {public_name(a)}" for i, a in enumerate(result.adapters)]  # published: no path
             provenance = save_provenance(staging, result.winners, names)
         write_model_card(staging, _model_card(result, config, provenance))
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.lora_output, output)
@@ -247,6 +252,11 @@ def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str 
         raise ValueError("`adapters` is missing: a LoRA merge needs `adapters` (use `hf-magmax merge` for `models`).")
     check_output_not_input(config.output_dir, _inputs(config.base, list(config.adapters)))
     _check_output_dir(config.output_dir, config.overwrite)
+    base_dir = Path(os.path.expanduser(config.base)) if config.base else None
+    if config.lora_output == "merged" and base_dir is not None and base_dir.is_dir():
+        from ..io import non_weight_files
+
+        non_weight_files(base_dir, _BASE_FILES_SKIPPED)  # a link out of the base: refused before any work
     with _progress_bars(show_progress):
         result = merge_adapters(
             config.base,

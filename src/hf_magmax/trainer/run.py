@@ -117,6 +117,8 @@ class ContinualRun:
         self.finished = False
         self.lora = lora
         self.lora_info: dict[str, Any] | None = None
+        #: per-module SVD errors of the re-factored adapter (`lora_output="adapter"`), after [`finish_lora`]
+        self.lora_reconstruction_errors: dict[str, float] | None = None
         #: the run's one θ_0 file (`output_dir/magmax_base/model.safetensors`) and its sha256, once written
         #: a sharded state's θ_0 is one file per rank: the path holds `{rank}` and the sha256 is a list, one per rank
         self.base_path: str | None = None
@@ -231,7 +233,7 @@ class ContinualRun:
         `train()` would make Accelerate skip the DDP wrapping of the model.)"""
         initial = trainer is None or trainer.model_wrapped is model
         self.state.snapshot(self.weights(trainer, model, initial=initial))
-        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets)
+        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets, trainer)
 
     def write_base(self, trainer: Any) -> None:
         """Write θ_0 once per run to `output_dir/magmax_base/` (the main process, with its sha256), then hold it
@@ -346,6 +348,37 @@ class ContinualRun:
             log(trainer, logs)
             self.write_results(trainer)
             self.write_provenance(trainer)
+
+    def finish_lora(self, trainer: Any, model: nn.Module) -> nn.Module | None:
+        """After [`finish`] of a LoRA run: the model to continue with (None for `final_model="sequential"`: keep the
+        PeftModel). `lora_output="merged"`: the base with `ΔW_start + λ · merge(τ)` folded in (a plain transformers
+        model); `"adapter"`: that ΔW re-factored by SVD into a new LoRA adapter of rank `lora_rank` (default: the
+        trained rank times the number of tasks, capped per module), its errors in `lora_reconstruction_errors`."""
+        if self.options.final_model == "sequential":
+            return None
+        from ..peft import _strip_adapters, deltas_to_lora, fold_deltas_into_base
+
+        peft_model = unwrap(model)
+        adapter = getattr(peft_model, "active_adapter", "default")
+        # the merged model relative to the *base*: ΔW_start + λ · merge(τ)
+        deltas = self.state.merged_state_dict(self.final_scaling_coef)
+        # default: the trained adapter's rank times the number of tasks; any rank is capped by what each ΔW allows
+        rank = self.options.lora_rank or int(getattr(peft_model.peft_config[adapter], "r", 8)) * len(self.task_names)
+        ranks = {name.rpartition(".")[0]: min(rank, min(d.shape)) for name, d in deltas.items() if d.ndim == 2}
+        task_type = getattr(peft_model.peft_config[adapter], "task_type", None)
+        base_model = _strip_adapters(peft_model)
+        self.lora_info = {"output": self.options.lora_output}
+        if self.options.lora_output == "merged":
+            fold_deltas_into_base(base_model, deltas, 1.0)
+            return base_model
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        factorization = deltas_to_lora(deltas, ranks, model=base_model, task_type=task_type)
+        self.lora_reconstruction_errors = factorization.errors
+        self.lora_info.update(ranks=factorization.ranks, reconstruction_error=factorization.overall_error)
+        new_model = get_peft_model(base_model, factorization.peft_config)
+        set_peft_model_state_dict(new_model, factorization.state_dict)
+        return new_model
 
     # -- results ---------------------------------------------------------------------------------------------------
 

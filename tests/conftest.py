@@ -22,9 +22,9 @@ def _seed():
 from fake_hub import fake_hub  # noqa: E402, F401
 
 
-# In CI no ZeRO / DeepSpeed test may be skipped: `.ci/run` installs DeepSpeed for the CPU (and sets CI=true), so a skip
-# there means a broken install, which must fail the run instead of hiding the tests.
-MUST_RUN_IN_CI = ("zero3", "deepspeed")
+# In CI no ZeRO / DeepSpeed / TRL test may be skipped: `.ci/run` installs DeepSpeed for the CPU and TRL (the `test`
+# extra) and sets CI=true, so a skip there means a broken install, which must fail the run instead of hiding the tests.
+MUST_RUN_IN_CI = ("zero3", "deepspeed", "sft", "trl")
 
 
 def _must_run(nodeid: str) -> bool:
@@ -34,7 +34,10 @@ def _must_run(nodeid: str) -> bool:
 def _fail_skip(report) -> None:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     report.outcome = "failed"
-    report.longrepr = f"{report.nodeid} was skipped in CI ({reason}): it must run; install DeepSpeed for the CPU."
+    report.longrepr = (
+        f"{report.nodeid} was skipped in CI ({reason}): it must run; install the `test` and `deepspeed` extras "
+        "(DS_BUILD_OPS=0, DS_ACCELERATOR=cpu)."
+    )
 
 
 @pytest.hookimpl(wrapper=True)

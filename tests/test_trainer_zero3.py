@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 
 pytest.importorskip("deepspeed")
@@ -40,10 +40,14 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-def _launch(out, *args, timeout=600):
+def _launch(out, *args, env=None, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     proc = subprocess.run(
-        [*cmd, SCRIPT, "--output_dir", str(out), *args], env=_env(), timeout=timeout, capture_output=True, text=True
+        [*cmd, SCRIPT, "--output_dir", str(out), *args],
+        env=env or _env(),
+        timeout=timeout,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"result-rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -60,8 +64,17 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
+    """The ZeRO-3 run; its final model is also pushed (`push_to_hub`) to a fake Hub on 127.0.0.1."""
+    from fake_hub import FakeHub
+
     out = tmp_path_factory.mktemp("zero3")
-    return out, _launch(out, "--stage", "3")
+    with FakeHub() as hub:
+        env = {**_env(), "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token}
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("TRANSFORMERS_OFFLINE", None)  # huggingface_hub reads it as HF_HUB_OFFLINE
+        results = _launch(out, "--stage", "3", "--push_to", f"{hub.user}/zero3", env=env)
+    pushed = hub.repos[f"{hub.user}/zero3"].files_at("main")
+    return out, results, pushed
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +89,7 @@ def _max_diff(a, b):
 
 
 def test_zero3_trainer_folds_partitions_and_merges_exactly(zero3):
-    _, results = zero3
+    _, results, _ = zero3
     for result in results:
         assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.DEEPSPEED"
         assert result["zero_stage"] == 3 and result["partitioned"]  # DeepSpeed partitioned the model
@@ -87,12 +100,21 @@ def test_zero3_trainer_folds_partitions_and_merges_exactly(zero3):
 
 
 def test_zero3_trainer_matches_one_process(zero3, single):
-    out, _ = zero3
+    out, _, _ = zero3
     assert _max_diff(load_file(out / "final-zero3.safetensors"), single) <= TOLERANCE
 
 
+def test_zero3_push_to_hub_uploads_the_consolidated_merged_model(zero3):
+    out, _, pushed = zero3
+    final = load_file(out / "final-zero3.safetensors")
+    uploaded = load(pushed["model.safetensors"])
+    assert uploaded.keys() <= final.keys() and all(uploaded[name].equal(final[name]) for name in uploaded)
+    assert "magmax" in pushed["README.md"].decode()  # the MagMax card
+    assert not any(path.startswith(("task-", "magmax_base")) for path in pushed)  # the run's folders stay local
+
+
 def test_zero3_each_rank_holds_half_the_merge_state(zero3):
-    _, ranks = zero3
+    _, ranks, _ = zero3
     one = ranks[0]["one_process_merge_bytes"]
     assert one == 4 * ranks[0]["params"]  # magmax keeps θ_best in the model's dtype (fp32)
     for result in ranks:
@@ -102,7 +124,7 @@ def test_zero3_each_rank_holds_half_the_merge_state(zero3):
 
 
 def test_zero3_checkpoints_one_merge_state_per_rank_and_resume(zero3):
-    out, results = zero3
+    out, results, _ = zero3
     for result in results:
         first, last = result["checkpoint_files"]
         assert "magmax_merge_state.pt" in first  # task 1, before any fold: nothing partitioned yet, the main process
@@ -115,7 +137,7 @@ def test_zero3_checkpoints_one_merge_state_per_rank_and_resume(zero3):
 
 
 def test_zero3_callback_equals_trainer(zero3, single):
-    out, results = zero3
+    out, results, _ = zero3
     for result in results:
         assert result["callback_sharded"] and result["callback_max_diff"] == 0.0
         assert result["callback_rank_merge_bytes"] == result["rank_merge_bytes"]

@@ -9,7 +9,8 @@ partition at the first fold (a model that `from_pretrained` loads under `zero.In
 tests/test_recipes.py runs that path through the TRACE recipe).
 
 For ZeRO-3 the worker trains 2 tiny tasks with MagMaxTrainer (a checkpoint at the end of each), records each task's
-θ_t gathered (for the check only), saves the final model (`save_model`: the one consolidation), resumes a fresh
+θ_t gathered (for the check only), saves the final model (`save_model`: the one consolidation; with `--push_to` also
+`push_to_hub`), resumes a fresh
 trainer from each checkpoint, then runs the same tasks with a plain `Trainer` + `MagMaxCallback`. It writes
 `result-rank<r>.json` and, on rank 0, `final-zero<stage>.safetensors` / `final-callback-zero<stage>.safetensors`.
 Without torchrun it writes the one-process reference `final-single.safetensors`.
@@ -124,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--stage", type=int, default=None, help="the ZeRO stage (torchrun); none: one process")
+    parser.add_argument("--push_to", default=None, help="a Hub repo: push the final model (`push_to_hub`)")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     out = os.path.join(cli.output_dir, "magmax")
@@ -153,6 +155,9 @@ def main() -> None:
     )
     sequential_differs = any(not torch.equal(final[name], record.thetas[-1][name]) for name in reference.base)
     trainer.save_model(os.path.join(out, "final"))  # the one consolidation (rank 0 writes)
+    if cli.push_to:  # the same consolidation, then rank 0 uploads (the fake Hub of the test)
+        trainer.args.hub_model_id = cli.push_to
+        trainer.push_to_hub()
     result = {
         "world_size": trainer.args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type),

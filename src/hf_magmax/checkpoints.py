@@ -29,6 +29,7 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from .io import (
     SAFE_WEIGHTS_INDEX_NAME,
     WEIGHTS_INDEX_NAME,
     CheckpointReader,
+    PinnedFiles,
     ShardedSafetensorsWriter,
     check_output_dir,
     check_output_path,
@@ -219,7 +221,8 @@ def merge_checkpoints(
         private (`bool`, *optional*, defaults to `False`):
             Create the Hub repo as private.
         revision (`str`, *optional*):
-            With `push_to_hub`: the branch to push to (created from `main` if missing; `main` is left as it is).
+            With `push_to_hub`: the branch to push to (if missing, created at the new commit once the upload is
+            done, so a failed upload never leaves it serving another model; `main` is left as it is).
         token (`str` or `bool`, *optional*):
             Hub token for downloading inputs and pushing; defaults to the usual `HF_TOKEN` / saved login.
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -269,20 +272,17 @@ def merge_checkpoints(
                               allow_non_finite=allow_non_finite, show_progress=show_progress)  # fmt: skip
             summary = provenance.finish() if provenance is not None else None
             _write_side_files(staging, inputs, config, writer.num_parameters, search, summary)
+            inputs.pins.check()  # every input as it was checked, weights and side files alike: else nothing
     finally:
         inputs.close()
     logger.info("merged %d model(s) into %s with %s", len(config.models), output, spec.describe())
-    if push_to_hub:
+    if push_to_hub is not None:
+        from .hub import interrupted_push
         from .hub import push_to_hub as push
 
-        push(
-            output,
-            push_to_hub,
-            private=private,
-            token=token,
-            commit_message=f"hf_magmax {spec.method} merge",
-            revision=config.revision,
-        )
+        with interrupted_push(output, push_to_hub, config.revision):
+            push(output, push_to_hub, private=private, token=token, revision=config.revision,
+                 commit_message=f"hf_magmax {spec.method} merge")  # fmt: skip
     return output
 
 
@@ -324,7 +324,7 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         allow_non_finite=args["allow_non_finite"],
         strict_config=args["strict_config"],
         extra_tensors=args["extra_tensors"],
-        save_provenance=bool(args["save_provenance"]),
+        save_provenance=args["save_provenance"],  # type-checked by `validate`: "yes" is refused
         push_to_hub=args["push_to_hub"],
         revision=args["revision"],
         private=args["private"],
@@ -372,6 +372,7 @@ class _Inputs:
     models: list[CheckpointReader]
     tensors: dict[str, TensorPlan]
     layout: CheckpointReader  # the base, or the last model when it brings extra tensors
+    pins: PinnedFiles = dataclasses.field(default_factory=PinnedFiles)  # every input file, as it was checked
 
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(plan.name, plan.dtype, plan.shape) for plan in sorted(self.tensors.values(), key=lambda p: p.name)]
@@ -399,8 +400,14 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
-    non_weight_files(base.path, _REGENERATED)  # the side files to copy: a link out of the base is refused now
-    return _plan_tensors(base, models, config)
+    side_files = non_weight_files(base.path, _REGENERATED)  # the side files to copy: a link out is refused now
+    inputs = _plan_tensors(base, models, config)
+    for checkpoint in checkpoints:  # pinned now, checked per tensor and before the commit
+        for file in checkpoint.input_files():
+            inputs.pins.add(file)
+    for rel in side_files:
+        inputs.pins.add(base.path / rel)
+    return inputs
 
 
 def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> _Inputs:
@@ -448,6 +455,7 @@ def _stream_merge(
                                disable=not show_progress) as progress:  # fmt: skip
         for name in writer.order:
             plan = inputs.tensors[name]
+            inputs.pins.check(_files_of(plan, inputs))  # before touching its memory maps (a truncation: SIGBUS)
             tracked = provenance is not None and provenance.covers(name)
             writer.begin(name)
             if tracked:
@@ -462,6 +470,14 @@ def _stream_merge(
             if tracked:
                 provenance.end()
             progress.update(1)
+
+
+def _files_of(plan: TensorPlan, inputs: _Inputs) -> list[Path]:
+    """The input files the output tensor `plan` is read from."""
+    if plan.kind == "last":  # a tensor of the last model only
+        return [inputs.models[-1].tensors[plan.sources[0]].file]
+    files = [inputs.base.tensors[plan.base].file]
+    return files + [model.tensors[source].file for model, source in zip(inputs.models, plan.sources)]
 
 
 class _Provenance:
@@ -532,6 +548,7 @@ def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, devi
             plan = inputs.tensors[name]
             if plan.kind != "merge":
                 continue
+            inputs.pins.check(_files_of(plan, inputs))
             theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
             _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
             accumulator = spec.accumulator(plan.base)

@@ -58,6 +58,54 @@ _MODEL_WEIGHTS = (
 )
 
 
+#: Files of a checkpoint that `Trainer` itself reads on resume (weights-only pickles), besides the model weights.
+_TRAINER_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_*.pth", "scaler.pt")
+
+
+def check_trainer_files(checkpoint: str) -> None:
+    """Check that the files `Trainer` reads on resume are complete and loadable before choosing `checkpoint`.
+
+    The model weights (safetensors headers against the file sizes, `.bin` and the optimizer, scheduler and RNG
+    states loaded memory-mapped with `weights_only=True`, as `Trainer` loads them): a file truncated by a kill while
+    saving, or a pickle that is not weights only, is a [`CheckpointError`] naming it, so that resume falls back to an
+    older checkpoint instead of failing with a traceback half-way through `Trainer`'s restore.
+    """
+    from pathlib import Path
+
+    from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as `Trainer` allows it
+
+    from ..io import read_index, read_safetensors_header
+
+    def fail(path: str, err: BaseException) -> CheckpointError:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        return CheckpointError(f"{path!r} is truncated, corrupt or not weights-only ({reason}).")
+
+    names = ("model.safetensors", "adapter_model.safetensors")
+    files = [os.path.join(checkpoint, n) for n in names if os.path.isfile(os.path.join(checkpoint, n))]
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            files += sorted({os.fspath(p) for p in read_index(Path(index)).values()})
+        except ValueError as err:
+            raise fail(index, err) from None
+    for file in files:
+        try:
+            read_safetensors_header(Path(file))
+        except (OSError, ValueError) as err:
+            raise fail(file, err) from None
+    pickles = [os.path.join(checkpoint, n) for n in ("pytorch_model.bin", "adapter_model.bin")]
+    for pattern in _TRAINER_PICKLES:
+        pickles += sorted(glob.glob(os.path.join(glob.escape(checkpoint), pattern)))
+    for file in pickles:
+        if not os.path.isfile(file):
+            continue
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - zip, pickle and OS errors alike
+            raise fail(file, err) from None
+
+
 class MagMaxTrainer(Trainer):
     r"""Continual fine-tuning over a sequence of tasks with MagMax merging (Marczak et al., ECCV 2024).
 
@@ -264,6 +312,7 @@ class MagMaxTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint, start = self._resume_from_last_complete_checkpoint()
         elif resume_from_checkpoint is not None:
+            check_trainer_files(os.fspath(resume_from_checkpoint))
             start = run.load(os.fspath(resume_from_checkpoint))
         if resume_from_checkpoint is not None:
             logger.info("Resuming task %d (%s) from %s", start, self.task_names[start], resume_from_checkpoint)
@@ -460,6 +509,7 @@ class MagMaxTrainer(Trainer):
                 logger.warning("Skipping the checkpoint %s: it has no model weights (incomplete).", checkpoint)
                 continue
             try:
+                check_trainer_files(checkpoint)
                 return checkpoint, self._magmax.load(checkpoint)
             except (FileNotFoundError, CheckpointError) as err:
                 logger.warning("Skipping the checkpoint %s: %s", checkpoint, err)

@@ -28,6 +28,16 @@ The 500-sample release (LLM-CL-Benchmark_500, the variant recent papers report; 
 
 FSDP: `--config_file recipes/accelerate_configs/fsdp.yaml`. One GPU: `python recipes/trace.py --config ...`.
 Resume an interrupted run with `--resume_from_checkpoint true`; push with `--push_to_hub true --hub_model_id you/name`.
+
+What was run where: the first two commands above (full fine-tuning, LoRA), exactly as written except for
+`--num_processes 2 --mixed_precision no` (the configs say 8 GPUs and bf16), run end to end on CPU (2 processes, gloo;
+DeepSpeed 0.19.8 with `DS_ACCELERATOR=cpu`) with a tiny Llama, the tiny TRACE fixture and
+`recipes/configs/tiny_trace.yaml`, 2 tasks, each writing `trace_results.json` (`tests/test_recipes_launch.py`). Under
+the ZeRO-3 config the model is loaded partitioned (`zero3_init_flag`), each rank folds its partitions, and `save_model`
+consolidates the merged model once (`zero3_save_16bit_model: true`; without it MagMaxTrainer refuses to start, since
+DeepSpeed's own checkpoint would hold the sequential model). The LoRA command trains under DDP. `torchrun
+--nproc_per_node 2 recipes/trace.py ...` (DDP, full fine-tuning) is tested too (`tests/test_recipes.py`). Neither 7B
+config has been run here (no GPU); FSDP on CPU is not run by Accelerate (see recipes/README.md).
 """
 
 from __future__ import annotations

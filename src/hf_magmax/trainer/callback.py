@@ -14,6 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import MagMaxOptions, check_push_options
+from .deepspeed import check_deepspeed, fresh_engine
 from .inputs import (
     check_datasets,
     freeze,
@@ -153,6 +154,7 @@ class MagMaxCallback(TrainerCallback):
                 "`push_every_task=True` needs the Hub repo to push to: set `hub_model_id` in the trainer's "
                 "TrainingArguments (`hub_token` and `hub_private_repo` apply too)."
             )
+        check_deepspeed(trainer, self.options)  # ZeRO-3: what needs whole tensors, the final save
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -179,6 +181,11 @@ class MagMaxCallback(TrainerCallback):
         get_output_dir, save_model = trainer._get_output_dir, trainer.save_model
         create_model_card = trainer.create_model_card
         push_to_hub, push_from_checkpoint = trainer.push_to_hub, trainer._push_from_checkpoint
+        train = trainer.train
+
+        def _train(self, *args: Any, **kwargs: Any) -> Any:
+            fresh_engine(self)  # DeepSpeed: each task's train() builds its own engine (a fresh optimizer)
+            return train(*args, **kwargs)
 
         def _get_output_dir(self, trial: Any = None) -> str:
             run_dir = get_output_dir(trial=trial)
@@ -225,6 +232,7 @@ class MagMaxCallback(TrainerCallback):
             with run_folders_kept_local():
                 push_from_checkpoint(checkpoint_folder)
 
+        trainer.train = types.MethodType(_train, trainer)
         if prepares_datasets(trainer):
             self._prepared = [trainer.train_dataset, *dict(trainer.eval_dataset or {}).values()]
             get_train_dataloader = trainer.get_train_dataloader

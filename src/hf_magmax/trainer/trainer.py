@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..task_vectors import shared_tensor_groups
 from .config import MagMaxConfig
+from .deepspeed import check_deepspeed, fresh_engine
 from .inputs import (
     check_datasets,
     checkpoint_tensor_names,
@@ -274,6 +275,7 @@ class MagMaxTrainer(Trainer):
                 "with a `label`/`labels` column of class ids."
             )
 
+        check_deepspeed(self, self.args, lora=self._magmax_lora)  # ZeRO-3: what needs whole tensors, the final save
         self._magmax = ContinualRun(self.args, names, eval_list, self.validation_datasets, lora=self._magmax_lora)
         self._magmax_task: int | None = None
 
@@ -368,6 +370,7 @@ class MagMaxTrainer(Trainer):
         self._magmax_class_mask = self._class_mask(task)
         self._magmax.begin_task(self, self.model, task)
         self.optimizer, self.lr_scheduler = None, None
+        fresh_engine(self)  # DeepSpeed: a new engine around the same parameters, not the previous task's
         logger.info(
             "***** MagMax task %d/%d: %s (epochs %s, max_steps %s) *****",
             task + 1,
@@ -501,7 +504,8 @@ class MagMaxTrainer(Trainer):
         """Load the newest checkpoint that is complete and reads; incomplete or corrupt ones are skipped (logged)."""
         candidates = self._checkpoints_newest_first()
         for checkpoint in candidates:
-            if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in _MODEL_WEIGHTS):
+            weights = any(os.path.isfile(os.path.join(checkpoint, name)) for name in _MODEL_WEIGHTS)
+            if not weights and not glob.glob(os.path.join(checkpoint, "global_step*")):  # DeepSpeed's own files
                 logger.warning("Skipping the checkpoint %s: it has no model weights (incomplete).", checkpoint)
                 continue
             try:

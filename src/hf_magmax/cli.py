@@ -593,6 +593,7 @@ def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--commit-message", metavar="TEXT", help='the commit message (default: "Upload with hf_magmax")'
     )
+    parser.add_argument("--no-progress", action="store_true", help="hide the upload's progress bars")
 
 
 def _run_push(args: argparse.Namespace) -> int:
@@ -603,6 +604,10 @@ def _run_push(args: argparse.Namespace) -> int:
         check_branch_name(args.revision, "--revision")
     if not os.path.isdir(args.dir):
         raise FileNotFoundError(f"{args.dir} is not a directory: pass the output directory of a merge.")
+    if args.no_progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     try:
         with interrupted_push(args.dir, args.to_hub, args.revision):
             url = push_to_hub(args.dir, args.to_hub, private=args.private, revision=args.revision,
@@ -651,6 +656,9 @@ def _add_mergekit_yaml_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "mergekit_args", nargs=argparse.REMAINDER, metavar="OUT [OPTIONS]", help="output directory, mergekit options"
     )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="before CONFIG: hide progress bars (mergekit's --quiet)"
+    )
 
 
 def _run_mergekit_yaml(args: argparse.Namespace) -> int:
@@ -660,7 +668,8 @@ def _run_mergekit_yaml(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"CONFIG {args.config!r} is not a file: pass a mergekit YAML.")
     from .integrations.mergekit import main as mergekit_yaml
 
-    return mergekit_yaml([args.config, *args.mergekit_args])
+    quiet = ["--quiet"] if args.no_progress and "--quiet" not in args.mergekit_args else []
+    return mergekit_yaml([args.config, *args.mergekit_args, *quiet])
 
 
 #: name -> (add_parser, run)

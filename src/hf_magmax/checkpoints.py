@@ -20,7 +20,8 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    task_arithmetic, average and ties run these steps fused in C, one pass per task per element
    (`merging.kernels.fused_merge_block`, the same bits; `HF_MAGMAX_DISABLE_CKERNELS=1` turns it off). OPCM folds
    whole tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
-   every tensor for the norms alone (`_model_scale`), so it costs two folds of the model, memory still one tensor.
+   every tensor once (`_fold_model`, one SVD per 2-D weight per task) and spills each running sum to the staging
+   directory (`_FoldedStates`); the second pass only rescales them and writes. Memory is still one tensor.
 3. **Write the side files** (`_write_side_files`): the base's config and tokenizer files, `magmax_config.yaml`
    ([`~hf_magmax.config.MergeConfig`]) and a model card, all in the staging directory that is moved into place at the
    end ([`~hf_magmax.io.staged_output_dir`]).
@@ -443,25 +444,34 @@ def _stream_merge(
     import torch
     from huggingface_hub.utils import tqdm
 
-    model_scale = _model_scale(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite)
-    with torch.no_grad(), tqdm(total=len(writer.order), desc="Merging tensors", unit="tensor",
-                               disable=not show_progress) as progress:  # fmt: skip
-        for name in writer.order:
-            plan = inputs.tensors[name]
-            tracked = provenance is not None and provenance.covers(name)
-            writer.begin(name)
-            if tracked:
-                provenance.begin(name)
-            blocks = _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
-                                    track_winners=tracked, model_scale=model_scale)  # fmt: skip
-            for block, winners in blocks:
-                writer.write_part(block)
+    folded = _FoldedStates(writer.directory) if spec.merge_class.needs_model_stats else None
+    try:
+        model_scale = 1.0
+        if folded is not None:  # opcm: pass 1 folds every tensor (its SVDs) once, for the model-wide rescale
+            model_scale = _fold_model(inputs, spec, writer.order, folded, device=device,
+                                      allow_non_finite=allow_non_finite, show_progress=show_progress)  # fmt: skip
+        desc = "Merging tensors" if folded is None else f"Merging tensors ({spec.method}, pass 2 of 2: rescale, write)"
+        with torch.no_grad(), tqdm(total=len(writer.order), desc=desc, unit="tensor",
+                                   disable=not show_progress) as progress:  # fmt: skip
+            for name in writer.order:
+                plan = inputs.tensors[name]
+                tracked = provenance is not None and provenance.covers(name)
+                writer.begin(name)
                 if tracked:
-                    provenance.write_part(name, winners)
-            writer.end()
-            if tracked:
-                provenance.end()
-            progress.update(1)
+                    provenance.begin(name)
+                blocks = _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
+                                        track_winners=tracked, model_scale=model_scale, folded=folded)  # fmt: skip
+                for block, winners in blocks:
+                    writer.write_part(block)
+                    if tracked:
+                        provenance.write_part(name, winners)
+                writer.end()
+                if tracked:
+                    provenance.end()
+                progress.update(1)
+    finally:
+        if folded is not None:
+            folded.close()
 
 
 class _Provenance:
@@ -517,21 +527,85 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, device: str, allow_non_finite: bool):
-    """`needs_model_stats` methods (opcm): the model-wide factor of the merged task vector, from a first pass that
-    folds every whole tensor and keeps only its [`~hf_magmax.merging.OnlineMerge.model_stat`]; 1.0 for the others."""
-    if not spec.merge_class.needs_model_stats:
-        return 1.0
+class _FoldedStates:
+    """The accumulator states of the first pass of a `needs_model_stats` merge (opcm), spilled to one file in the
+    staging directory: the second pass restores each tensor's state and rescales it instead of folding the task
+    vectors again, so every SVD runs once. Memory stays one tensor; disk holds the running sums until the merge ends
+    (4 bytes per merged parameter, 8 for fp64), and the file is removed before the output is moved into place."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / ".hf_magmax-folded-states.bin"
+        self._file = open(self.path, "w+b")
+        self._index: dict[str, dict[str, Any]] = {}
+
+    def put(self, name: str, accumulator: Any) -> None:
+        import torch
+
+        entry = {}
+        for key, value in accumulator.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to("cpu").contiguous()
+                entry[key] = (self._file.tell(), value.dtype, tuple(value.shape))
+                self._file.write(value.reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                entry[key] = value
+        self._index[name] = entry
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str, device: str) -> dict[str, Any]:
+        """The state of `name` as `put` saw it (tensors on `device`), for `OnlineMerge.load_state_dict`."""
+        import torch
+
+        self._file.flush()
+        state = {}
+        for key, value in self._index[name].items():
+            if isinstance(value, tuple):
+                offset, dtype, shape = value
+                buffer = bytearray(math.prod(shape) * dtype.itemsize)
+                self._file.seek(offset)
+                self._file.readinto(buffer)
+                value = torch.frombuffer(buffer, dtype=dtype).reshape(shape).to(device)
+            state[key] = value
+        return state
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _fold_model(
+    inputs: _Inputs,
+    spec: MergeSpec,
+    order: Sequence[str],
+    folded: _FoldedStates,
+    *,
+    device: str,
+    allow_non_finite: bool,
+    show_progress: bool,
+) -> float:
+    """Pass 1 of a `needs_model_stats` merge (opcm): fold every whole tensor, spill its state to `folded`, and return
+    the model-wide factor of the merged task vector from every tensor's
+    [`~hf_magmax.merging.OnlineMerge.model_stat`]."""
     import torch
+    from huggingface_hub.utils import tqdm
 
     from .task_vectors import subtract
 
+    names = [name for name in order if inputs.tensors[name].kind == "merge"]
+    logger.info(
+        "%s: pass 1 of 2 folds the %d merged tensors of %d model(s) (one SVD per 2-D weight per task after the first) "
+        "for the model-wide rescale; pass 2 rescales and writes them",
+        spec.method,
+        len(names),
+        len(inputs.models),
+    )
     stats = []
-    with torch.no_grad():
-        for name in order:
+    with torch.no_grad(), tqdm(total=len(names), desc=f"Folding tensors ({spec.method}, pass 1 of 2)", unit="tensor",
+                               disable=not show_progress) as progress:  # fmt: skip
+        for name in names:
             plan = inputs.tensors[name]
-            if plan.kind != "merge":
-                continue
             theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
             _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
             accumulator = spec.accumulator(plan.base)
@@ -539,7 +613,10 @@ def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, devi
                 tau = subtract(model.rows(source)[...], theta_0, device=device)
                 _check_finite(tau, allow_non_finite, source, model)
                 accumulator.update(tau)
+                del tau
             stats.append(accumulator.model_stat())
+            folded.put(plan.name, accumulator)
+            progress.update(1)
     return spec.merge_class.model_scale_from_stats(stats)
 
 
@@ -552,6 +629,7 @@ def _merged_blocks(
     allow_non_finite: bool,
     track_winners=False,
     model_scale: float = 1.0,
+    folded: _FoldedStates | None = None,
 ):
     """The output tensor `plan`, block by block, in its output dtype: `(block, winners of the block or None)`."""
     import torch
@@ -561,6 +639,13 @@ def _merged_blocks(
     dtype = getattr(torch, plan.dtype)
     if plan.kind == "base":  # integer / bool buffers are taken from the base
         yield inputs.base.get(plan.base), None
+        return
+    if folded is not None and plan.name in folded:  # opcm, pass 2: the state folded in pass 1, rescaled
+        accumulator = spec.accumulator(plan.base)
+        accumulator.load_state_dict(folded.get(plan.name, device))
+        theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
+        yield _checked(apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype),
+                       plan, spec, allow_non_finite), None  # fmt: skip
         return
     if plan.kind == "last":  # a tensor only the fine-tunes have (a new head): the last model's
         model = inputs.models[-1]
@@ -601,13 +686,18 @@ def _merged_blocks(
             accumulator.update(tau)
             del tau
         merged = apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype)
-        if not allow_non_finite and not _is_finite(merged):
-            raise ValueError(
-                f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "
-                f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
-                "`allow_non_finite=True` (--allow-non-finite)."
-            )
-        yield merged, accumulator.winners() if track_winners else None
+        yield _checked(merged, plan, spec, allow_non_finite), accumulator.winners() if track_winners else None
+
+
+def _checked(merged, plan: TensorPlan, spec: MergeSpec, allow_non_finite: bool):
+    """`merged`, after checking that it is finite (unless `allow_non_finite`)."""
+    if not allow_non_finite and not _is_finite(merged):
+        raise ValueError(
+            f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "
+            f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
+            "`allow_non_finite=True` (--allow-non-finite)."
+        )
+    return merged
 
 
 def _widened(tensor, device: str):

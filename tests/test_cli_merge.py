@@ -166,6 +166,33 @@ def test_extra_tensors_flag(family, tmp_path, capsys):
     assert yaml.safe_load((tmp_path / "b" / MERGE_CONFIG_NAME).read_text())["extra_tensors"] == "last"
 
 
+def test_extra_tensors_of_other_shapes_are_dropped_with_a_warning_naming_them(family, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, models = family
+    heads = []
+    for name, num_labels in (("five", 5), ("three", 3)):
+        heads.append(tmp_path / name)
+        shutil.copytree(models[0], heads[-1])
+        state = load_file(heads[-1] / "model.safetensors")
+        state["score.weight"] = torch.full((num_labels, 16), float(num_labels))
+        save_file(state, heads[-1] / "model.safetensors", metadata={"format": "pt"})
+    argv = ["merge", "--base", base, "--models", *map(str, heads), "--extra-tensors", "last", "--no-progress"]
+    with caplog.at_level("INFO", logger="hf_magmax"):
+        assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    assert load_dir(tmp_path / "out")["score.weight"].shape == (3, 16)  # the last model's
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "extra tensors" in r.message]
+    assert "'score.weight' is [5, 16] in" in warning and "five" in warning and "three" in warning
+    caplog.clear()
+    same = ["merge", "--base", base, "--models", str(heads[1]), str(heads[1]), "--extra-tensors", "last"]
+    with caplog.at_level("INFO", logger="hf_magmax"):
+        assert main([*same, "--no-progress", "--output-dir", str(tmp_path / "same")]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "extra tensors" in r.getMessage()]
+    assert [r for r in caplog.records if "'score.weight' taken from the last model" in r.getMessage()]
+
+
 def test_push_to_hub_and_failed_push(fake_hub, family, tmp_path, capsys):  # noqa: F811
     base, models = family
     out = tmp_path / "out"

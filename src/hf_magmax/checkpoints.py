@@ -396,7 +396,7 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
             checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
             remote.remove(checkpoint)
         checkpoint.read_tensor_table()
-    _plan_tensors(base, models, config)
+    _plan_tensors(base, models, config, warn=False)  # validation only: planned again below
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
@@ -404,8 +404,10 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
     return _plan_tensors(base, models, config)
 
 
-def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> _Inputs:
-    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype)
+def _plan_tensors(
+    base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig, warn: bool = True
+) -> _Inputs:
+    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype, warn=warn)
     return _Inputs(base, models, plans, layout)
 
 

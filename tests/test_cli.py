@@ -156,3 +156,41 @@ def test_merge_on_local_checkpoints_imports_no_transformers_or_peft(tmp_path):
     assert report["code"] == 0, result.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert report["heavy"] == ["torch"], f"`hf-magmax merge` imported {report['heavy']}"
+
+
+PROBE = """
+import logging, sys
+from hf_magmax import cli
+
+def add(subparsers):
+    subparsers.add_parser("probe")
+
+def run(args):
+    from huggingface_hub.utils import tqdm
+
+    with tqdm(total=2, desc="probing") as bar:
+        bar.update(1)
+        logging.getLogger("hf_magmax.demo").info("a line of ours")
+        logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
+        logging.getLogger("matplotlib.font_manager").warning("a warning of theirs")
+        bar.update(1)
+    return 0
+
+cli.SUBCOMMANDS["probe"] = (add, run)
+sys.exit(cli.main(sys.argv[1:] + ["probe"]))
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_log_lines_are_printed_above_the_progress_bar_and_other_libraries_info_stays_out(level):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-c", PROBE, "--log-level", level]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "probing" in err  # the bar is shown
+    # each log line starts a line of its own: not glued to the end of the bar's `1/2 [...]`
+    assert re.search(r"(^|[\r\n])INFO hf_magmax.demo: a line of ours\n", err), err
+    assert re.search(r"(^|[\r\n])WARNING matplotlib.font_manager: a warning of theirs\n", err), err
+    assert ("fontManager" in err) == (level == "DEBUG")  # other libraries' INFO only when debugging

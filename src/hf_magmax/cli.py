@@ -513,6 +513,28 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Calla
 }
 
 
+def _configure_logging(level: int) -> None:
+    """Log lines on stderr: hf_magmax's at `level`, other libraries' (matplotlib's font cache, ...) from WARNING up,
+    except with DEBUG. A logging setup that exists already (an application's, pytest's) is left as it is."""
+    if logging.root.handlers:
+        return
+    logging.basicConfig(level=level if level <= logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    for name in ("hf_magmax", logger.name):  # `python -m hf_magmax.cli`: this module's logger is `__main__`
+        logging.getLogger(name).setLevel(level)
+
+
+def _logging_beside_progress_bars():
+    """While a command runs, log lines go through `tqdm.write`: printed above the progress bars, not into them."""
+    import contextlib
+
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="hf-magmax",
@@ -544,13 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("HF_MAGMAX_DEBUG", "") not in ("", "0")
-    logging.basicConfig(
-        level=logging.DEBUG if debug else getattr(logging, args.log_level),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(logging.DEBUG if debug else getattr(logging, args.log_level))
     _, run = SUBCOMMANDS[args.command]
     try:
-        return int(run(args) or 0)
+        with _logging_beside_progress_bars():
+            return int(run(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP while an output is staged (hf_magmax.io.Terminated)
         sys.stderr.write("hf-magmax: interrupted; nothing partial was left at the output path.\n")
         return 128 + getattr(err, "signum", 2)

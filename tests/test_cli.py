@@ -79,6 +79,13 @@ def test_help_imports_no_torch(argv):
         (["demo", "--epochs", "0"], ["--epochs=0"]),
         (["demo", "--learning-rate", "-1"], ["--learning-rate"]),
         (["no-such-command"], ["no-such-command"]),
+        (["merg"], ["hf-magmax: error", "did you mean 'merge'?"]),
+        (
+            ["merge", "--methd", "ties"],
+            ["hf-magmax merge: error", "--methd", "did you mean --method?", "merge --help"],
+        ),
+        (["merge", "--base", "b", "--models", "m", "--output", "o", "--method", "maxmag"], ["did you mean 'magmax'?"]),
+        (["merge-lora", "--adaptors", "a"], ["hf-magmax merge-lora: error", "did you mean --adapters?"]),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) and value and value[0][0] != "-" else None,
 )
@@ -194,3 +201,34 @@ def test_log_lines_are_printed_above_the_progress_bar_and_other_libraries_info_s
     assert re.search(r"(^|[\r\n])INFO hf_magmax.demo: a line of ours\n", err), err
     assert re.search(r"(^|[\r\n])WARNING matplotlib.font_manager: a warning of theirs\n", err), err
     assert ("fontManager" in err) == (level == "DEBUG")  # other libraries' INFO only when debugging
+
+
+def test_choices_are_case_insensitive():
+    from hf_magmax.cli import build_parser
+
+    args = build_parser().parse_args(["--log-level", "debug", "merge", "--method", "MagMax", "--dtype", "BFloat16"])
+    assert (args.log_level, args.method, args.dtype) == ("DEBUG", "magmax", "bfloat16")
+    args = build_parser().parse_args(["merge-lora", "--method", "TIES", "--lora-output", "Adapter"])
+    assert (args.method, args.lora_output) == ("ties", "adapter")
+
+
+def test_version_says_whether_the_c_kernels_are_in_use_without_importing_torch():
+    report, _ = _run_main("--version")  # the version goes to stdout, before the report line
+    assert report["code"] == 0 and report["heavy"] == []
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_magmax.cli", "--version"], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    name, kernels = result.stdout.strip().splitlines()
+    assert name == f"hf-magmax {hf_magmax.__version__}" and kernels.startswith("C merge kernels: ")
+    from hf_magmax.merging.kernels import c_kernels
+
+    assert ("in use" in kernels) == (c_kernels() is not None), kernels
+    off = subprocess.run(
+        [sys.executable, "-m", "hf_magmax.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=_env(HF_MAGMAX_DISABLE_CKERNELS="1"),
+        timeout=120,
+    )
+    assert "C merge kernels: off (HF_MAGMAX_DISABLE_CKERNELS=1)" in off.stdout

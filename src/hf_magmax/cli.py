@@ -12,8 +12,10 @@ in `SUBCOMMANDS`. User mistakes (`ValueError`, `KeyError`, `FileNotFoundError`, 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -45,7 +47,47 @@ class _ArgumentParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message}{_did_you_mean(message)} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, but arguments that no parser knows are reported by the subcommand they were given to, with
+        the closest option it has (`hf-magmax merge --methd`: `did you mean --method?`)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        command = getattr(namespace, "command", None)
+        subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if extras and command is not None and subparsers and command in subparsers[0].choices:
+            parser = subparsers[0].choices[command]
+            options = [option for action in parser._actions for option in action.option_strings]
+            flags = [extra.split("=")[0] for extra in extras if extra.startswith("--")]
+            hints = [close for flag in flags for close in difflib.get_close_matches(flag, options, n=1)]
+            hint = f"; did you mean {' '.join(hints)}?" if hints else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
+
+
+def _did_you_mean(message: str) -> str:
+    """`; did you mean 'magmax'?` for argparse's `invalid choice: 'maxmag' (choose from ...)`, else ``."""
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if found is None:
+        return ""
+    choices = [choice.strip(" '\"") for choice in found.group(2).split(",")]
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(found.group(1).lower(), list(lowered), n=1, cutoff=0.5)
+    return f"; did you mean '{lowered[close[0]]}'?" if close else ""
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the version, and whether the fast C merge kernels are in use (looked up only when asked, so that
+    `--help` still imports no torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        from .merging.kernels import c_kernels_status
+
+        sys.stdout.write(f"{parser.prog} {_version()}\n{c_kernels_status()}\n")  # stdout, as argparse's version
+        parser.exit(0)
 
 
 def _method_choices() -> list[str]:
@@ -158,6 +200,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         choices=_method_choices(),
+        type=str.lower,
         help="merge method (default: magmax)",
     )
     parser.add_argument(
@@ -186,6 +229,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
+        type=str.lower,
         help="dtype of the merged floating tensors "
         "(default: each tensor's dtype in the base); the math runs in float32 either way",
     )
@@ -221,6 +265,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--extra-tensors",
         choices=["error", "last"],
+        type=str.lower,
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
     _add_publish_arguments(parser)
@@ -309,7 +354,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADAPTER",
         help="the LoRA adapters, in task order (directories or Hub repo ids); for magmax, ties go to the later one",
     )
-    parser.add_argument("--method", choices=_method_choices(), help="merge method (default: magmax)")
+    parser.add_argument("--method", choices=_method_choices(), type=str.lower, help="merge method (default: magmax)")
     parser.add_argument(
         "--scaling-coef",
         type=float,
@@ -335,6 +380,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--lora-output",
         choices=["merged", "adapter"],
+        type=str.lower,
         help="merged: a full model with the merge folded in (default); adapter: a re-factored LoRA adapter",
     )
     parser.add_argument("--merged", action="store_true", help="the same as --lora-output merged")
@@ -344,6 +390,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--svd",
         choices=["full", "randomized"],
+        type=str.lower,
         help="SVD of the adapter re-factor: full (exact truncation) or randomized (torch.svd_lowrank, for large "
         "matrices) (default: full)",
     )
@@ -351,6 +398,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
+        type=str.lower,
         help="dtype of the merged floating tensors (default: the base's); the math runs in float32 either way",
     )
     parser.add_argument("--device", help="where the base is loaded and the math runs: cpu or cuda[:N] (default: cpu)")
@@ -543,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Face ecosystem: merge fine-tuned checkpoints or LoRA adapters, and run continual-learning demos."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show the version and whether the fast C merge kernels are in use"
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks for errors (also: HF_MAGMAX_DEBUG=1)"
     )
@@ -551,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("HF_MAGMAX_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
         help="logging level (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

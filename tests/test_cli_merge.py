@@ -241,3 +241,46 @@ def test_top_level_help_lists_merge(capsys):
         main(["--help"])
     assert exit.value.code == 0
     assert "merge" in capsys.readouterr().out
+
+
+def test_a_model_that_is_the_base_or_given_twice_merges_with_a_warning(family, tmp_path, caplog):
+    base, models = family
+    argv = ["merge", "--base", base, "--models", base, models[0], models[0] + "/", "--no-progress"]
+    with caplog.at_level("WARNING", logger="hf_magmax"):
+        assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("model 1 of `models`" in w and "is the base model itself" in w for w in warnings), warnings
+    assert any("twice (tasks 2 and 3)" in w for w in warnings), warnings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_magmax"):
+        assert (
+            main(["merge", "--base", base, "--models", *models, "--no-progress", "--output-dir", str(tmp_path / "ok")])
+            == 0
+        )
+    assert not [r for r in caplog.records if "twice" in r.getMessage() or "base model itself" in r.getMessage()]
+
+
+def test_the_local_config_re_runs_from_any_directory_and_the_card_says_how_inputs_are_named(
+    family, tmp_path, monkeypatch
+):
+    import shutil
+
+    base, models = family
+    work = tmp_path / "work"
+    shutil.copytree(Path(base).parent, work / "ckpt")
+    monkeypatch.chdir(work)
+    argv = ["merge", "--base", "ckpt/base", "--models", "ckpt/task0", "ckpt/task1", "--output-dir", "merged"]
+    assert main([*argv, "--no-progress"]) == 0
+    recorded = yaml.safe_load((work / "merged" / MERGE_CONFIG_NAME).read_text())
+    assert recorded["base"] == str(work / "ckpt" / "base")
+    assert recorded["models"] == [str(work / "ckpt" / "task0"), str(work / "ckpt" / "task1")]
+    assert recorded["output_dir"] == str(work / "merged")
+    card = (work / "merged" / "README.md").read_text()
+    assert "named by their folder only" in card and str(work) not in card
+    assert "merge of 2 fine-tuned model(s) of a local base model `base` made with" in card
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the card's re-run command, from another directory
+    assert main(["merge", str(work / "merged" / MERGE_CONFIG_NAME), "--output-dir", "again", "--no-progress"]) == 0
+    first, again = load_dir(work / "merged"), load_dir(elsewhere / "again")
+    assert all(torch.equal(first[name], again[name]) for name in first)

@@ -254,6 +254,7 @@ def merge_checkpoints(
     ```
     """
     config = _check_arguments(locals())
+    _warn_if_degenerate(config)
     spec = config.spec
     output = check_output_path(output_dir, _local_inputs([config.base, *config.models]))
     check_output_dir(output, overwrite)
@@ -331,6 +332,35 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         private=args["private"],
     )
     return config.validate()
+
+
+def _warn_if_degenerate(config: MergeConfig) -> None:
+    """A model that is the base itself, or a model given twice, merges without error but is rarely what was meant."""
+
+    def identity(name: str) -> str:
+        local = expand_path(name)
+        return os.path.realpath(local) if local.exists() else name
+
+    base = identity(config.base)
+    seen: dict[str, int] = {}
+    for task, model in enumerate(config.models, start=1):
+        key = identity(model)
+        if key == base:
+            logger.warning(
+                "model %d of `models` (%r) is the base model itself: its task vector is zero, so it adds nothing to "
+                "the merge (and pulls average and TIES towards the base); pass a fine-tuned model instead",
+                task,
+                model,
+            )
+        elif key in seen:
+            logger.warning(
+                "`models` names %r twice (tasks %d and %d): the same task vector is merged twice; pass each fine-tuned "
+                "model once",
+                model,
+                seen[key],
+                task,
+            )
+        seen.setdefault(key, task)
 
 
 def _normalize_dtype(dtype: Any) -> str | None:
@@ -765,13 +795,19 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         return model if is_hub_id(model) and not expand_path(model).exists() else expand_path(model).name
 
     models = "\n".join(f"{i}. `{shown(m)}`" for i, m in enumerate(config.models, start=1))
+    if any(expand_path(name).exists() for name in [config.base, *config.models]):
+        models += (
+            "\n\nLocal models are named by their folder only (here and in the configuration below); the "
+            f"`{MERGE_CONFIG_NAME}` written beside the weights records their absolute paths, so it re-runs the merge "
+            "from any directory of the machine that made it."
+        )
     default = " (the method's default)" if spec.scaling_coef_is_default else ""
     details = (
         f"- **Method:** `{spec.method}`, {spec.describe()}.\n"
         "- **Merged model:** θ_0 + λ · merge(θ_1 − θ_0, …, θ_T − θ_0), with the task vectors taken in the order "
         "below.\n"
         f"- **Scaling coefficient (λ):** {spec.coef:g}{default}\n"
-        f"- **Base model (θ_0):** `{base_name}`\n"
+        f"- **Base model (θ_0):** `{base_name}`" + ("" if hub_base else " (a local model, named by its folder)") + "\n"
         f"- **Parameters:** {num_parameters:,}"
     )
     sections = {"Merge details": details, "Models merged (task order)": models}
@@ -787,8 +823,9 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         )
     return model_card_text(
         expand_path(config.output_dir).name,
-        f"This model is a merge of {len(config.models)} fine-tuned model(s) of `{base_name}` made with "
-        f"hf_magmax {__version__}.",
+        f"This model is a merge of {len(config.models)} fine-tuned model(s) of "
+        + (f"`{hub_base}`" if hub_base else f"a local base model `{base_name}`")
+        + f" made with hf_magmax {__version__}.",
         sections,
         base_model=hub_base,
         base_model_relation="merge",

@@ -55,7 +55,15 @@ def _run_main(*argv: str) -> tuple[dict, str]:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["merge", "--help"], ["merge-lora", "--help"], ["demo", "--help"], ["--version"], []],
+    [
+        ["--help"],
+        ["merge", "--help"],
+        ["merge-lora", "--help"],
+        ["verify", "--help"],
+        ["demo", "--help"],
+        ["--version"],
+        [],
+    ],
     ids=lambda argv: " ".join(argv) or "no-args",
 )
 def test_help_imports_no_torch(argv):
@@ -78,6 +86,7 @@ def test_help_imports_no_torch(argv):
         (["demo", "--num-tasks", "3"], ["--num-tasks=3", "1, 2, 5 or 10"]),
         (["demo", "--epochs", "0"], ["--epochs=0"]),
         (["demo", "--learning-rate", "-1"], ["--learning-rate"]),
+        (["verify", "no/such/dir"], ["no/such/dir", "does not exist"]),
         (["no-such-command"], ["no-such-command"]),
         (["merg"], ["hf-magmax: error", "did you mean 'merge'?"]),
         (

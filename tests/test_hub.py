@@ -54,7 +54,7 @@ def test_push_public_default_namespace_and_branch(fake_hub, tmp_path):  # noqa: 
     push_to_hub(folder, "merged", revision="dev")
     repo = fake_hub.repos[f"{fake_hub.user}/merged"]
     assert repo.private is False
-    assert repo.commits[-1].revision == "dev" and repo.commits[-1].message == "Upload with hf_magmax"
+    assert repo.heads["dev"] == repo.commits[-1].oid and repo.commits[-1].message == "Upload with hf_magmax"
     assert repo.branches["dev"] == _local_files(folder) and repo.files == {}
 
 

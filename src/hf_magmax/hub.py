@@ -355,13 +355,19 @@ def push_to_hub(
         commit_message (`str`, *optional*):
             Defaults to `"Upload with hf_magmax"`.
         revision (`str`, *optional*):
-            Branch to push to (created if missing); defaults to the main branch.
+            Branch to push to; defaults to the main branch. An existing branch gets one commit on its head
+            (`parent_commit`: a branch moved meanwhile refuses the commit). A missing branch is created only *after*
+            the upload, at the new commit: the files are committed on a temporary branch
+            `hf-magmax-upload-<random>` started from `main`, then `revision` is created at that commit and the
+            temporary branch deleted. A refused or interrupted upload therefore never leaves `revision` serving
+            another model (at worst a temporary branch, named in the log, is left behind). `main` is not changed.
 
     Returns:
         `str`: the URL of the commit.
 
     Raises:
-        [`HubPushError`] if anything fails; the local folder is never modified.
+        `ValueError` for an invalid repo id or branch name (before any request); [`HubPushError`] if anything fails
+        (the local folder is never modified).
 
     Example:
 
@@ -372,19 +378,125 @@ def push_to_hub(
     ```
     """
     folder = _check_folder(folder)
+    check_repo_id(repo_id)
+    if revision is not None:
+        check_branch_name(revision)
     operations = _publishable(folder, repo_id)  # before any request: a local path or a link out refuses the push
-    with _hub_api(folder, repo_id, token) as (api, constants):
+    message = commit_message or "Upload with hf_magmax"
+    with _hub_api(folder, repo_id, token, revision) as (api, constants):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and revision != constants.DEFAULT_REVISION:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=commit_message or "Upload with hf_magmax",
-            revision=revision,
-        )
+        if revision is None or revision == constants.DEFAULT_REVISION:
+            commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message)
+        else:
+            commit = _commit_to_branch(api, repo_id, revision, operations, message)
     logger.info("pushed %s to %s", folder, commit.commit_url)
     return str(commit.commit_url)
+
+
+def _commit_to_branch(api: Any, repo_id: str, branch: str, operations: list[Any], message: str) -> Any:
+    """One commit of `operations` on `branch`; a missing branch is created at the new commit, after the upload."""
+    import uuid
+
+    heads = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
+    if branch in heads:
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=message,
+            revision=branch,
+            parent_commit=heads[branch],
+        )
+    upload = f"hf-magmax-upload-{uuid.uuid4().hex[:12]}"
+    api.create_branch(repo_id, branch=upload, revision=heads.get("main"), exist_ok=False)
+    try:
+        commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, revision=upload)
+        api.create_branch(repo_id, branch=branch, revision=commit.oid, exist_ok=False)
+    finally:
+        try:
+            api.delete_branch(repo_id, branch=upload)
+        except Exception as err:  # noqa: BLE001 - the push itself is done or already failing
+            logger.warning("could not delete the temporary branch %r of %s: %s", upload, repo_id, err)
+    return commit
+
+
+@contextlib.contextmanager
+def interrupted_push(folder: str | os.PathLike, repo_id: str, revision: str | None = None) -> Iterator[None]:
+    """Around the push of a finished output: Ctrl-C, SIGTERM or SIGHUP raise [`~hf_magmax.io.Terminated`] whose
+    `outcome` says the truth, that the output is complete at `folder` and how to push it (a Hub commit is all or
+    nothing: the repo holds the new commit or not, a branch is created only after it)."""
+    from .io.output import Terminated, terminate_as_interrupt
+
+    try:
+        with terminate_as_interrupt():
+            yield
+    except KeyboardInterrupt as err:
+        outcome = (
+            f"the merge is complete at {folder}, but its push to the Hub repo {repo_id!r} was interrupted (a Hub "
+            f"commit is all or nothing; check the repo, and push it with: {push_command(folder, repo_id, revision)})"
+        )
+        raise Terminated(getattr(err, "signum", 2), outcome) from None
+
+
+def push_command(folder: str | os.PathLike, repo_id: str, revision: str | None = None) -> str:
+    """The `hf-magmax push` command line that uploads `folder` to `repo_id` (on `revision`)."""
+    import shlex
+
+    branch = f" --revision {shlex.quote(revision)}" if revision and revision != "main" else ""
+    return f"hf-magmax push {shlex.quote(os.fspath(folder))} --to-hub {shlex.quote(repo_id)}{branch}"
+
+
+def check_repo_id(repo_id: Any, option: str = "push_to_hub") -> str:
+    """`repo_id` if it is a valid Hub repo id (`name` or `namespace/name`, huggingface_hub's `validate_repo_id`),
+    else a `ValueError` naming `option`: checked before a merge, not after it.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import check_repo_id
+    >>> check_repo_id("me/my-merge")
+    'me/my-merge'
+    ```
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"`{option}` must be a Hub repo id such as 'me/my-merge', got {repo_id!r}.")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:  # HFValidationError
+        reason = " ".join(str(err).split())
+        raise ValueError(f"`{option}` = {repo_id!r} is not a valid Hub repo id ({reason}).") from None
+    return repo_id
+
+
+#: The line of a release commit's description that names its branch (a resumed run finds the commit by it).
+RELEASE_MARKER = "hf_magmax-release-branch: "
+
+
+def find_release_commit(repo_id: str, branch: str, token: str | bool | None = None) -> str | None:
+    """The oid of `main`'s head commit if it is the release commit of `branch` ([`push_release`] marks its
+    description with the branch name) whose branch was never created (a kill between the commit and the branch),
+    else `None`.
+
+    Raises:
+        [`HubPushError`] if the Hub cannot be asked.
+    """
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    with _hub_api(None, repo_id, token) as (api, _):
+        try:
+            commits = api.list_repo_commits(repo_id, revision="main")
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+    if commits and f"{RELEASE_MARKER}{branch}" in (commits[0].message or "").splitlines():
+        return commits[0].commit_id
+    return None
+
+
+def create_release_branch(repo_id: str, branch: str, commit: str, token: str | bool | None = None) -> None:
+    """Create `branch` at `commit` (the second half of [`push_release`], for a release whose commit is on `main`)."""
+    with _hub_api(None, repo_id, token) as (api, _):
+        api.create_branch(repo_id, branch=branch, revision=commit, exist_ok=False)
 
 
 def push_release(
@@ -442,6 +554,7 @@ def push_release(
             repo_id=repo_id,
             operations=operations,
             commit_message=commit_message or f"Upload {branch} with hf_magmax",
+            commit_description=f"{RELEASE_MARKER}{branch}",  # found by a resumed run if the branch is missing
             revision="main",
         )
         try:
@@ -594,14 +707,19 @@ def _check_folder(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _hub_api(folder: Path | None, repo_id: str, token: str | bool | None) -> Iterator[tuple[Any, Any]]:
+def _hub_api(
+    folder: Path | None, repo_id: str, token: str | bool | None, revision: str | None = None
+) -> Iterator[tuple[Any, Any]]:
     """An `HfApi` on `HF_ENDPOINT` (read now) and huggingface_hub's constants; any error in the block becomes one
-    [`HubPushError`] naming the repo, the reason and (for a push) the local folder that is kept."""
+    [`HubPushError`] naming the repo, the reason and (for a push) the local folder that is kept and the command that
+    pushes it."""
     from huggingface_hub import HfApi, constants
 
-    where = f"; the local output is kept at {folder}" if folder is not None else ""
+    where = ""
+    if folder is not None:
+        where = f"; the local output is kept at {folder} (push it with: {push_command(folder, repo_id, revision)})"
     if constants.is_offline_mode():
-        fix = "push again with `hf_magmax.hub.push_to_hub`" if folder is not None else "try again"
+        fix = "push it then" if folder is not None else "try again"
         raise HubPushError(
             f"cannot reach the Hub repo {repo_id!r}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1){where}. "
             f"Unset HF_HUB_OFFLINE and {fix}.",

@@ -77,12 +77,20 @@ class TensorPlan:
 def _config_dict(checkpoint: CheckpointReader) -> dict[str, Any]:
     """The config as transformers reads it (every default filled in), else the raw `config.json`."""
     try:
-        import transformers
-
-        return transformers.AutoConfig.from_pretrained(str(checkpoint.path)).to_dict()
+        return checkpoint.auto_config().to_dict()
     except Exception as err:  # a model type this transformers does not know, remote code, ...
         logger.debug("AutoConfig could not read %s (%s): comparing raw config.json", checkpoint.name, err)
         return dict(checkpoint.config or {})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal, floats as float32 (GGUF metadata stores them so: `rms_norm_eps` 1e-6 is read back as
+    9.99999997e-07, the same number in the float32 math that uses it)."""
+    if isinstance(a, float) and isinstance(b, float):
+        import struct
+
+        return a == b or struct.pack("<f", a) == struct.pack("<f", b)
+    return a == b
 
 
 def _is_architecture_key(key: str) -> bool:
@@ -102,7 +110,7 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
     if base_type != model_type:
         raise ValueError(
             f"model {model.name!r} is of another architecture: model_type {model_type!r} in "
-            f"{model.path / 'config.json'} but {base_type!r} in the base {base.path / 'config.json'}. Only fine-tunes "
+            f"{model.config_file} but {base_type!r} in the base {base.config_file}. Only fine-tunes "
             "of the base model can be merged."
         )
     if model.config == base.config:  # the same config.json (the usual fine-tune): nothing can differ, no AutoConfig
@@ -111,7 +119,9 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
     differing = [
         key
         for key in sorted(set(base_config) | set(model_config))
-        if key not in _BENIGN_CONFIG_KEYS and "dropout" not in key and base_config.get(key) != model_config.get(key)
+        if key not in _BENIGN_CONFIG_KEYS
+        and "dropout" not in key
+        and not _same(base_config.get(key), model_config.get(key))
     ]
     architecture = [key for key in differing if _is_architecture_key(key)]
     other = [key for key in differing if key not in architecture]
@@ -125,7 +135,7 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
         key = architecture[0]
         message = (
             f"model {model.name!r} has another config than the base: `{key}` is {model_config.get(key)!r} in "
-            f"{model.path / 'config.json'} but {base_config.get(key)!r} in {base.path / 'config.json'}"
+            f"{model.config_file} but {base_config.get(key)!r} in {base.config_file}"
             + (f" (and {len(architecture) - 1} more: {', '.join(architecture[1:6])})" if len(architecture) > 1 else "")
         )
         if strict:
@@ -151,13 +161,12 @@ def _tied_weights(checkpoints: Sequence[CheckpointReader]) -> dict[str, str]:
     """Tied parameter names (both directions), from a meta-device instance of the base's architecture."""
     try:
         import torch
-        import transformers
 
         model_class, checkpoint = _model_class(checkpoints)
         if model_class is None:
             return {}
         with torch.device("meta"):
-            model = model_class(transformers.AutoConfig.from_pretrained(str(checkpoint.path)))
+            model = model_class(checkpoint.auto_config())
         tied = dict(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})
     except Exception as err:
         logger.debug("could not determine the tied weights: %s", err)

@@ -654,7 +654,19 @@ class OPCMMerge(OnlineMerge):
             self.task_norms = norm
             return
         tau = tau.to(self.total.device)
-        self.total.add_(opcm_project(self.total, tau, self.alpha) if self.projects else tau)
+        if self.projects:
+            try:
+                tau = opcm_project(self.total, tau, self.alpha)
+            except torch.linalg.LinAlgError as err:  # a NaN/Inf in the merge so far (`allow_non_finite`): no SVD
+                finite = bool(torch.isfinite(self.total).all())
+                reason = "it did not converge" if finite else "the merge so far holds NaN or Inf values"
+                raise ValueError(
+                    f"opcm cannot project task vector {self.num_tasks + 1} of tensor {self.name!r}: the SVD of the "
+                    f"merge of the tasks before it failed ({reason}; {' '.join(str(err).split())[:120]}). Fix the "
+                    "input that holds NaN/Inf, or merge with another method (`allow_non_finite` cannot apply to "
+                    "opcm's projection)."
+                ) from None
+        self.total.add_(tau)
         self.task_norms = torch.cat([self.task_norms, norm])
 
     def _result(self) -> Tensor:

@@ -737,6 +737,13 @@ def _logging_beside_progress_bars():
     """While a command runs, log lines go through `tqdm.write`: printed above the progress bars, not into them."""
     import contextlib
 
+    console = [
+        handler
+        for handler in logging.root.handlers
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout)
+    ]
+    if not console:  # no log lines on the terminal (an application's own handlers, pytest's): nothing to redirect
+        return contextlib.nullcontext()
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency

@@ -193,3 +193,12 @@ def test_result_push_to_hub(checkpoints, fake_hub):  # noqa: F811
     assert url.startswith(fake_hub.url) and repo.private is False
     assert {"config.json", "model.safetensors", "README.md", "magmax_config.yaml"} <= set(repo.files)
     assert repo.commits[-1].message == "Upload MagMax LoRA merge"
+
+
+def test_the_log_names_the_method_of_an_adapter_merge(checkpoints, tmp_path, caplog):
+    base, adapters = checkpoints
+    argv = ["merge-lora", "--base", str(base), "--adapters", *adapters, "--method", "ties", "--rank", "4"]
+    with caplog.at_level("INFO", logger="hf_magmax"):
+        assert main([*argv, "--output", str(tmp_path / "ties-lora"), "--no-progress"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merged ")]
+    assert line.startswith(f"merged {len(adapters)} adapters with ties (λ=") and "into adapter 'magmax'" not in line

@@ -125,3 +125,31 @@ def test_relative_links_of_the_docs_resolve():
             if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_the_sdist_ships_the_tests_with_their_helpers_and_the_linked_pages(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "deprecat" not in (result.stdout + result.stderr).lower()  # e.g. License classifiers (SPDX `license`)
+    import tarfile
+
+    (sdist,) = tmp_path.glob("hf_magmax-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    shipped = {
+        "tests/conftest.py", "tests/builders.py", "tests/tiny_tasks.py", "tests/fake_hub.py", "tests/recipe_utils.py",
+        "tests/scripts/ddp_magmax.py", "docs/merge.md", "recipes/README.md", "benchmarks/README.md",
+        "benchmarks/merge_checkpoints.py", "src/hf_magmax/merging/_fold.c", "LICENSE", "README.md", "MANIFEST.in",
+        ".ci/run", ".ci/sdist_check.sh",
+    }  # fmt: skip
+    assert shipped <= names, sorted(shipped - names)
+    assert {name for name in names if name.startswith(("tests/test_", "docs/"))} >= {
+        str(path.relative_to(ROOT)) for path in [*ROOT.glob("tests/test_*.py"), *ROOT.glob("docs/*.md")]
+    }
+    assert not [name for name in names if "_work" in name or name.endswith((".so", ".pyc"))]

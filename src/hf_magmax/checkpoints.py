@@ -20,7 +20,8 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    task_arithmetic, average and ties run these steps fused in C, one pass per task per element
    (`merging.kernels.fused_merge_block`, the same bits; `HF_MAGMAX_DISABLE_CKERNELS=1` turns it off). OPCM folds
    whole tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
-   every tensor for the norms alone (`_model_scale`), so it costs two folds of the model, memory still one tensor.
+   every tensor once (`_fold_model`, one SVD per 2-D weight per task) and spills each running sum to the staging
+   directory (`_FoldedStates`); the second pass only rescales them and writes. Memory is still one tensor.
 3. **Write the side files** (`_write_side_files`): the base's config and tokenizer files, `magmax_config.yaml`
    ([`~hf_magmax.config.MergeConfig`]) and a model card, all in the staging directory that is moved into place at the
    end ([`~hf_magmax.io.staged_output_dir`]).
@@ -29,6 +30,7 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -258,6 +260,7 @@ def merge_checkpoints(
     ```
     """
     config = _check_arguments(locals())
+    _warn_if_degenerate(config)
     spec = config.spec
     output = check_output_path(output_dir, _local_inputs([config.base, *config.models]))
     check_output_dir(output, overwrite)
@@ -343,6 +346,35 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
     return config.validate()
 
 
+def _warn_if_degenerate(config: MergeConfig) -> None:
+    """A model that is the base itself, or a model given twice, merges without error but is rarely what was meant."""
+
+    def identity(name: str) -> str:
+        local = expand_path(name)
+        return os.path.realpath(local) if local.exists() else name
+
+    base = identity(config.base)
+    seen: dict[str, int] = {}
+    for task, model in enumerate(config.models, start=1):
+        key = identity(model)
+        if key == base:
+            logger.warning(
+                "model %d of `models` (%r) is the base model itself: its task vector is zero, so it adds nothing to "
+                "the merge (and pulls average and TIES towards the base); pass a fine-tuned model instead",
+                task,
+                model,
+            )
+        elif key in seen:
+            logger.warning(
+                "`models` names %r twice (tasks %d and %d): the same task vector is merged twice; pass each fine-tuned "
+                "model once",
+                model,
+                seen[key],
+                task,
+            )
+        seen.setdefault(key, task)
+
+
 def _normalize_dtype(dtype: Any) -> str | None:
     if dtype is None or dtype == "auto":
         return None
@@ -412,7 +444,7 @@ def check_merge_inputs(config: MergeConfig, token: str | bool | None) -> MergeIn
             checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
             remote.remove(checkpoint)
         checkpoint.read_tensor_table()
-    _plan_tensors(base, models, config)
+    _plan_tensors(base, models, config, warn=False)  # validation only: planned again below
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
@@ -427,8 +459,10 @@ def check_merge_inputs(config: MergeConfig, token: str | bool | None) -> MergeIn
     return inputs
 
 
-def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> MergeInputs:
-    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype)
+def _plan_tensors(
+    base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig, warn: bool = True
+) -> MergeInputs:
+    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype, warn=warn)
     return MergeInputs(base, models, plans, layout)
 
 
@@ -469,9 +503,13 @@ def _stream_merge(
 
     tracked = {name for name in writer.order if provenance is not None and provenance.covers(name)}
     tensors = merged_tensors(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite,
-                             track_winners=tracked)  # fmt: skip
-    with torch.no_grad(), tqdm(total=len(writer.order), desc="Merging tensors", unit="tensor",
-                               disable=not show_progress) as progress:  # fmt: skip
+                             track_winners=tracked, spill_dir=writer.directory,
+                             show_progress=show_progress)  # fmt: skip
+    desc = "Merging tensors"
+    if spec.merge_class.needs_model_stats:
+        desc += f" ({spec.method}, pass 2 of 2: rescale, write)"
+    with torch.no_grad(), contextlib.closing(tensors), tqdm(total=len(writer.order), desc=desc, unit="tensor",
+                                                            disable=not show_progress) as progress:  # fmt: skip
         for plan, blocks in tensors:
             writer.begin(plan.name)
             if plan.name in tracked:
@@ -494,24 +532,51 @@ def merged_tensors(
     device: str = "cpu",
     allow_non_finite: bool = False,
     track_winners: Collection[str] = (),
+    spill_dir: str | os.PathLike | None = None,
+    show_progress: bool = False,
 ) -> Iterator[tuple[TensorPlan, Iterator]]:
     """Every output tensor of a merge, in `order`, as `(plan, blocks)`: `blocks` yields `(block, winners)` in row
     order (whole tensors for methods that do not fold in blocks, and for tensors copied from one input), each block
     in the output dtype, exactly the bits [`merge_checkpoints`] writes. The one generator behind the streaming merge
     and [`~hf_magmax.verify.verify_merge`]; memory is one block (one tensor for opcm), whatever T.
 
+    `needs_model_stats` methods (opcm) fold every tensor here, before this returns (one SVD per 2-D weight per task
+    after the first), keeping each running sum in one file in `spill_dir` (default: a new temporary directory); the
+    blocks then only rescale them, and the file is removed once the iterator is exhausted or closed.
+
     Args:
         inputs ([`MergeInputs`]): what [`check_merge_inputs`] returned.
         spec ([`~hf_magmax.merging.MergeSpec`]): the merge.
         order (`list[str]`): output tensor names (keys of `inputs.tensors`).
         track_winners (`Collection[str]`, *optional*): tensors whose winner maps to yield (else `winners` is None).
+        spill_dir (`str` or `os.PathLike`, *optional*): opcm only: where the running sums wait between the passes
+            (4 bytes per merged parameter; the streaming merge uses its staging directory).
+        show_progress (`bool`, *optional*, defaults to `False`): opcm only: a progress bar over the first pass.
     """
-    model_scale = _model_scale(inputs, spec, order, device=device, allow_non_finite=allow_non_finite)
-    for name in order:
-        plan = inputs.tensors[name]
-        inputs.pins.check(_files_of(plan, inputs))  # before touching its memory maps (a truncation: SIGBUS)
-        yield plan, _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
-                                   track_winners=name in track_winners, model_scale=model_scale)  # fmt: skip
+    folded, model_scale = None, 1.0
+    if spec.merge_class.needs_model_stats:
+        folded = _FoldedStates(spill_dir)
+        try:
+            model_scale = _fold_model(inputs, spec, order, folded, device=device, allow_non_finite=allow_non_finite,
+                                      show_progress=show_progress)  # fmt: skip
+        except BaseException:
+            folded.close()
+            raise
+    return _merged_stream(inputs, spec, order, folded, model_scale, device=device, allow_non_finite=allow_non_finite,
+                          track_winners=track_winners)  # fmt: skip
+
+
+def _merged_stream(inputs, spec, order, folded, model_scale, *, device, allow_non_finite, track_winners):
+    try:
+        for name in order:
+            plan = inputs.tensors[name]
+            inputs.pins.check(_files_of(plan, inputs))  # before touching its memory maps (a truncation: SIGBUS)
+            yield plan, _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
+                                       track_winners=name in track_winners, model_scale=model_scale,
+                                       folded=folded)  # fmt: skip
+    finally:
+        if folded is not None:
+            folded.close()
 
 
 def _files_of(plan: TensorPlan, inputs: MergeInputs) -> list[Path]:
@@ -575,21 +640,91 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-def _model_scale(inputs: MergeInputs, spec: MergeSpec, order: Sequence[str], *, device: str, allow_non_finite: bool):
-    """`needs_model_stats` methods (opcm): the model-wide factor of the merged task vector, from a first pass that
-    folds every whole tensor and keeps only its [`~hf_magmax.merging.OnlineMerge.model_stat`]; 1.0 for the others."""
-    if not spec.merge_class.needs_model_stats:
-        return 1.0
+class _FoldedStates:
+    """The accumulator states of the first pass of a `needs_model_stats` merge (opcm), spilled to one file in the
+    staging directory: the second pass restores each tensor's state and rescales it instead of folding the task
+    vectors again, so every SVD runs once. Memory stays one tensor; disk holds the running sums until the merge ends
+    (4 bytes per merged parameter, 8 for fp64), and the file is removed before the output is moved into place."""
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        import tempfile
+
+        self._temporary = tempfile.mkdtemp(prefix="hf_magmax-opcm-") if directory is None else None
+        self.path = Path(directory if directory is not None else self._temporary) / ".hf_magmax-folded-states.bin"
+        self._file = open(self.path, "w+b")
+        self._index: dict[str, dict[str, Any]] = {}
+
+    def put(self, name: str, accumulator: Any) -> None:
+        import torch
+
+        entry = {}
+        for key, value in accumulator.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to("cpu").contiguous()
+                entry[key] = (self._file.tell(), value.dtype, tuple(value.shape))
+                self._file.write(value.reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                entry[key] = value
+        self._index[name] = entry
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str, device: str) -> dict[str, Any]:
+        """The state of `name` as `put` saw it (tensors on `device`), for `OnlineMerge.load_state_dict`."""
+        import torch
+
+        self._file.flush()
+        state = {}
+        for key, value in self._index[name].items():
+            if isinstance(value, tuple):
+                offset, dtype, shape = value
+                buffer = bytearray(math.prod(shape) * dtype.itemsize)
+                self._file.seek(offset)
+                self._file.readinto(buffer)
+                value = torch.frombuffer(buffer, dtype=dtype).reshape(shape).to(device)
+            state[key] = value
+        return state
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+        if self._temporary is not None:
+            os.rmdir(self._temporary)
+            self._temporary = None
+
+
+def _fold_model(
+    inputs: MergeInputs,
+    spec: MergeSpec,
+    order: Sequence[str],
+    folded: _FoldedStates,
+    *,
+    device: str,
+    allow_non_finite: bool,
+    show_progress: bool,
+) -> float:
+    """Pass 1 of a `needs_model_stats` merge (opcm): fold every whole tensor, spill its state to `folded`, and return
+    the model-wide factor of the merged task vector from every tensor's
+    [`~hf_magmax.merging.OnlineMerge.model_stat`]."""
     import torch
+    from huggingface_hub.utils import tqdm
 
     from .task_vectors import subtract
 
+    names = [name for name in order if inputs.tensors[name].kind == "merge"]
+    logger.info(
+        "%s: pass 1 of 2 folds the %d merged tensors of %d model(s) (one SVD per 2-D weight per task after the first) "
+        "for the model-wide rescale; pass 2 rescales and writes them",
+        spec.method,
+        len(names),
+        len(inputs.models),
+    )
     stats = []
-    with torch.no_grad():
-        for name in order:
+    with torch.no_grad(), tqdm(total=len(names), desc=f"Folding tensors ({spec.method}, pass 1 of 2)", unit="tensor",
+                               disable=not show_progress) as progress:  # fmt: skip
+        for name in names:
             plan = inputs.tensors[name]
-            if plan.kind != "merge":
-                continue
             inputs.pins.check(_files_of(plan, inputs))
             theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
             _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
@@ -598,7 +733,10 @@ def _model_scale(inputs: MergeInputs, spec: MergeSpec, order: Sequence[str], *, 
                 tau = subtract(model.rows(source)[...], theta_0, device=device)
                 _check_finite(tau, allow_non_finite, source, model)
                 accumulator.update(tau)
+                del tau
             stats.append(accumulator.model_stat())
+            folded.put(plan.name, accumulator)
+            progress.update(1)
     return spec.merge_class.model_scale_from_stats(stats)
 
 
@@ -611,6 +749,7 @@ def _merged_blocks(
     allow_non_finite: bool,
     track_winners=False,
     model_scale: float = 1.0,
+    folded: _FoldedStates | None = None,
 ):
     """The output tensor `plan`, block by block, in its output dtype: `(block, winners of the block or None)`."""
     import torch
@@ -620,6 +759,13 @@ def _merged_blocks(
     dtype = getattr(torch, plan.dtype)
     if plan.kind == "base":  # integer / bool buffers are taken from the base
         yield inputs.base.get(plan.base), None
+        return
+    if folded is not None and plan.name in folded:  # opcm, pass 2: the state folded in pass 1, rescaled
+        accumulator = spec.accumulator(plan.base)
+        accumulator.load_state_dict(folded.get(plan.name, device))
+        theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
+        yield _checked(apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype),
+                       plan, spec, allow_non_finite), None  # fmt: skip
         return
     if plan.kind == "last":  # a tensor only the fine-tunes have (a new head): the last model's
         model = inputs.models[-1]
@@ -660,13 +806,18 @@ def _merged_blocks(
             accumulator.update(tau)
             del tau
         merged = apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype)
-        if not allow_non_finite and not _is_finite(merged):
-            raise ValueError(
-                f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "
-                f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
-                "`allow_non_finite=True` (--allow-non-finite)."
-            )
-        yield merged, accumulator.winners() if track_winners else None
+        yield _checked(merged, plan, spec, allow_non_finite), accumulator.winners() if track_winners else None
+
+
+def _checked(merged, plan: TensorPlan, spec: MergeSpec, allow_non_finite: bool):
+    """`merged`, after checking that it is finite (unless `allow_non_finite`)."""
+    if not allow_non_finite and not _is_finite(merged):
+        raise ValueError(
+            f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "
+            f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
+            "`allow_non_finite=True` (--allow-non-finite)."
+        )
+    return merged
 
 
 def _widened(tensor, device: str):
@@ -736,13 +887,19 @@ def _model_card(
         return model if is_hub_id(model) and not expand_path(model).exists() else expand_path(model).name
 
     models = "\n".join(f"{i}. `{shown(m)}`" for i, m in enumerate(config.models, start=1))
+    if any(expand_path(name).exists() for name in [config.base, *config.models]):
+        models += (
+            "\n\nLocal models are named by their folder only (here and in the configuration below); the "
+            f"`{MERGE_CONFIG_NAME}` written beside the weights records their absolute paths, so it re-runs the merge "
+            "from any directory of the machine that made it."
+        )
     default = " (the method's default)" if spec.scaling_coef_is_default else ""
     details = (
         f"- **Method:** `{spec.method}`, {spec.describe()}.\n"
         "- **Merged model:** θ_0 + λ · merge(θ_1 − θ_0, …, θ_T − θ_0), with the task vectors taken in the order "
         "below.\n"
         f"- **Scaling coefficient (λ):** {spec.coef:g}{default}\n"
-        f"- **Base model (θ_0):** `{base_name}`\n"
+        f"- **Base model (θ_0):** `{base_name}`" + ("" if hub_base else " (a local model, named by its folder)") + "\n"
         f"- **Parameters:** {num_parameters:,}"
     )
     sections = {"Merge details": details, "Models merged (task order)": models}
@@ -766,8 +923,9 @@ def _model_card(
         )
     return model_card_text(
         expand_path(config.output_dir).name,
-        f"This model is a merge of {len(config.models)} fine-tuned model(s) of `{base_name}` made with "
-        f"hf_magmax {__version__}.",
+        f"This model is a merge of {len(config.models)} fine-tuned model(s) of "
+        + (f"`{hub_base}`" if hub_base else f"a local base model `{base_name}`")
+        + f" made with hf_magmax {__version__}.",
         sections,
         base_model=hub_base,
         base_model_relation="merge",

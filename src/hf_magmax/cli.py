@@ -12,8 +12,10 @@ in `SUBCOMMANDS`. User mistakes (`ValueError`, `KeyError`, `FileNotFoundError`, 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -45,7 +47,47 @@ class _ArgumentParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message}{_did_you_mean(message)} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, but arguments that no parser knows are reported by the subcommand they were given to, with
+        the closest option it has (`hf-magmax merge --methd`: `did you mean --method?`)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        command = getattr(namespace, "command", None)
+        subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if extras and command is not None and subparsers and command in subparsers[0].choices:
+            parser = subparsers[0].choices[command]
+            options = [option for action in parser._actions for option in action.option_strings]
+            flags = [extra.split("=")[0] for extra in extras if extra.startswith("--")]
+            hints = [close for flag in flags for close in difflib.get_close_matches(flag, options, n=1)]
+            hint = f"; did you mean {' '.join(hints)}?" if hints else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
+
+
+def _did_you_mean(message: str) -> str:
+    """`; did you mean 'magmax'?` for argparse's `invalid choice: 'maxmag' (choose from ...)`, else ``."""
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if found is None:
+        return ""
+    choices = [choice.strip(" '\"") for choice in found.group(2).split(",")]
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(found.group(1).lower(), list(lowered), n=1, cutoff=0.5)
+    return f"; did you mean '{lowered[close[0]]}'?" if close else ""
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the version, and whether the fast C merge kernels are in use (looked up only when asked, so that
+    `--help` still imports no torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        from .merging.kernels import c_kernels_status
+
+        sys.stdout.write(f"{parser.prog} {_version()}\n{c_kernels_status()}\n")  # stdout, as argparse's version
+        parser.exit(0)
 
 
 def _method_choices() -> list[str]:
@@ -162,6 +204,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         choices=_method_choices(),
+        type=str.lower,
         help="merge method (default: magmax)",
     )
     parser.add_argument(
@@ -190,6 +233,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
+        type=str.lower,
         help="dtype of the merged floating tensors "
         "(default: each tensor's dtype in the base); the math runs in float32 either way",
     )
@@ -225,6 +269,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--extra-tensors",
         choices=["error", "last"],
+        type=str.lower,
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
     _add_publish_arguments(parser)
@@ -313,7 +358,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADAPTER",
         help="the LoRA adapters, in task order (directories or Hub repo ids); for magmax, ties go to the later one",
     )
-    parser.add_argument("--method", choices=_method_choices(), help="merge method (default: magmax)")
+    parser.add_argument("--method", choices=_method_choices(), type=str.lower, help="merge method (default: magmax)")
     parser.add_argument(
         "--scaling-coef",
         type=float,
@@ -339,6 +384,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--lora-output",
         choices=["merged", "adapter"],
+        type=str.lower,
         help="merged: a full model with the merge folded in (default); adapter: a re-factored LoRA adapter",
     )
     parser.add_argument("--merged", action="store_true", help="the same as --lora-output merged")
@@ -348,6 +394,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--svd",
         choices=["full", "randomized"],
+        type=str.lower,
         help="SVD of the adapter re-factor: full (exact truncation) or randomized (torch.svd_lowrank, for large "
         "matrices) (default: full)",
     )
@@ -355,6 +402,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
+        type=str.lower,
         help="dtype of the merged floating tensors (default: the base's); the math runs in float32 either way",
     )
     parser.add_argument("--device", help="where the base is loaded and the math runs: cpu or cuda[:N] (default: cpu)")
@@ -683,6 +731,35 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Calla
 }
 
 
+def _configure_logging(level: int) -> None:
+    """Log lines on stderr: hf_magmax's at `level`, other libraries' (matplotlib's font cache, ...) from WARNING up,
+    except with DEBUG. A logging setup that exists already (an application's, pytest's) is left as it is."""
+    if logging.root.handlers:
+        return
+    logging.basicConfig(level=level if level <= logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    for name in ("hf_magmax", logger.name):  # `python -m hf_magmax.cli`: this module's logger is `__main__`
+        logging.getLogger(name).setLevel(level)
+
+
+def _logging_beside_progress_bars():
+    """While a command runs, log lines go through `tqdm.write`: printed above the progress bars, not into them."""
+    import contextlib
+
+    console = [
+        handler
+        for handler in logging.root.handlers
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout)
+    ]
+    if not console:  # no log lines on the terminal (an application's own handlers, pytest's): nothing to redirect
+        return contextlib.nullcontext()
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="hf-magmax",
@@ -691,7 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Face ecosystem: merge fine-tuned checkpoints or LoRA adapters, and run continual-learning demos."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show the version and whether the fast C merge kernels are in use"
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks for errors (also: HF_MAGMAX_DEBUG=1)"
     )
@@ -699,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("HF_MAGMAX_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
         help="logging level (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -723,13 +803,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("HF_MAGMAX_DEBUG", "") not in ("", "0")
-    logging.basicConfig(
-        level=logging.DEBUG if debug else getattr(logging, args.log_level),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(logging.DEBUG if debug else getattr(logging, args.log_level))
     _, run = SUBCOMMANDS[args.command]
     try:
-        return int(run(args) or 0)
+        with _logging_beside_progress_bars():
+            return int(run(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP while an output is staged (hf_magmax.io.Terminated)
         if argv is None:  # the console script: the cleanup is done, a further Ctrl-C must not print a traceback
             _ignore_signals()  # from the interpreter's exit handlers (a caller of main(argv) keeps its handlers)

@@ -299,12 +299,27 @@ class MergeConfig:
         out["output_dir"] = public_name(out["output_dir"])
         return out
 
+    def to_local_dict(self) -> dict[str, Any]:
+        """[`to_dict`] as the `magmax_config.yaml` beside the weights records it: local paths (base, models, adapters,
+        output_dir) made absolute ([`~hf_magmax.io.absolute_name`]), so that the file re-runs the merge from any
+        working directory of this machine; Hub ids as given."""
+        from .io import absolute_name
+
+        out = self.to_dict()
+        out["base"] = absolute_name(out["base"])
+        key = "adapters" if "adapters" in out else "models"
+        out[key] = [absolute_name(name) for name in out[key]]
+        if out["output_dir"] is not None:
+            out["output_dir"] = os.path.abspath(os.path.expanduser(out["output_dir"]))  # always local
+        return out
+
     def to_yaml(self, public: bool = False) -> str:
-        """[`to_dict`] as YAML text, with the effective λ noted where the method's default is recorded; `public`:
-        [`to_public_dict`] instead, with a comment saying that local paths are shown by their folder names."""
+        """[`to_local_dict`] as YAML text (absolute local paths), with the effective λ noted where the method's
+        default is recorded; `public`: [`to_public_dict`] instead, with a comment saying that local paths are shown by
+        their folder names."""
         import yaml
 
-        data = self.to_public_dict() if public else self.to_dict()
+        data = self.to_public_dict() if public else self.to_local_dict()
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         if public:
             text = PUBLIC_CONFIG_NOTE + text

@@ -69,6 +69,28 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-")) and ".." not in name
 
 
+def absolute_name(name: str | os.PathLike | None) -> str | None:
+    """How an input is recorded on this machine (the `magmax_config.yaml` beside the weights): a local path made
+    absolute (`~` expanded, links kept), so that the file re-runs from any working directory; a Hub repo id as given.
+
+    Example:
+
+    ```python
+    >>> import os
+    >>> from hf_magmax.io import absolute_name
+    >>> absolute_name("org/model"), absolute_name("/data/ckpt/./task1") == os.path.normpath("/data/ckpt/task1")
+    ('org/model', True)
+    ```
+    """
+    if name is None:
+        return None
+    name = os.fspath(name)
+    local = os.path.expanduser(name)
+    if is_hub_id(name) and not os.path.exists(local):
+        return name
+    return os.path.abspath(local)
+
+
 def public_name(name: str | os.PathLike | None) -> str | None:
     """How an input is named where others can read it (a model card, a pushed `magmax_config.yaml`): a Hub repo id
     as given, a local path by its last component only (`/home/alice/runs/task1` -> `task1`), never the path itself.

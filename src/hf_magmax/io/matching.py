@@ -225,7 +225,12 @@ class _Names:
 
 
 def plan_tensors(
-    base: CheckpointReader, models: list[CheckpointReader], *, extra_tensors: str = "error", dtype: str | None = None
+    base: CheckpointReader,
+    models: list[CheckpointReader],
+    *,
+    extra_tensors: str = "error",
+    dtype: str | None = None,
+    warn: bool = True,
 ) -> tuple[dict[str, TensorPlan], CheckpointReader]:
     """Match every tensor of every model to the base's: the plan of every output tensor, and the checkpoint whose
     layout (names, config) the output follows. Raises naming the first missing/extra/mismatched tensor.
@@ -235,6 +240,8 @@ def plan_tensors(
         extra_tensors (`str`, *optional*, defaults to `"error"`): floating tensors only the models have are an
             error, or (`"last"`) taken from the last model, whose layout the output then follows.
         dtype (`str`, *optional*): the output dtype of floating tensors (default: each one's dtype).
+        warn (`bool`, *optional*, defaults to `True`): log what `extra_tensors="last"` drops (off for a plan made
+            only to validate, before the same plan is made again).
     """
     same = all(set(model.tensors) == set(base.tensors) for model in models)
     prefix = "" if same else _base_model_prefix([base, *models])
@@ -257,6 +264,8 @@ def plan_tensors(
                     "model %r has integer tensor %r that the base lacks: not written", names.checkpoint.name, name
                 )
     layout = _check_extras(extras, base_names, model_names[-1], extra_tensors)
+    if extras and warn:
+        _warn_about_dropped_extras(extras, model_names)
     plans = {}
     for key, base_name in base_names.by_key.items():
         info = base.tensors[base_name]
@@ -304,6 +313,32 @@ def _match(base: _Names, model: _Names, tied: dict[str, str]) -> dict[str, str]:
         if want.is_floating:
             matched[key] = source
     return matched
+
+
+def _warn_about_dropped_extras(extras: dict, models: list[_Names]) -> None:
+    """`extra_tensors="last"`: the earlier models' versions of the extra tensors are dropped; say so where they differ
+    in shape from the last model's (heads for other label sets: the output keeps only the last model's labels)."""
+    last = models[-1]
+    differing = []
+    for key in extras:
+        want = last.checkpoint.tensors[last.by_key[key]].shape
+        for names in models[:-1]:
+            if key in names.by_key and (got := names.checkpoint.tensors[names.by_key[key]].shape) != want:
+                differing.append(f"{names.by_key[key]!r} is {list(got)} in {names.checkpoint.name!r}")
+    if differing:
+        more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+        logger.warning(
+            "the fine-tuned models' extra tensors differ in shape: %s%s, but the output takes them from the last "
+            "model %r, with its config (labels, head size): the other models' heads are dropped",
+            "; ".join(differing[:3]),
+            more,
+            last.checkpoint.name,
+        )
+    logger.info(
+        "extra tensors %s taken from the last model %r (extra_tensors='last'), with its config",
+        ", ".join(repr(last.by_key[key]) for key in list(extras)[:5]) + (" ..." if len(extras) > 5 else ""),
+        last.checkpoint.name,
+    )
 
 
 def _check_extras(extras: dict, base: _Names, last: _Names, extra_tensors: str) -> _Names:

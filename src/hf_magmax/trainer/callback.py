@@ -220,6 +220,7 @@ class MagMaxCallback(TrainerCallback):
                 language=language,
                 license=license,
                 finetuned_from=finetuned_from,
+                **{key: kwargs.get(key) for key in ("tasks", "dataset_tags")},  # what the example scripts pass
             )
             with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -268,13 +269,15 @@ class MagMaxCallback(TrainerCallback):
             extra_tags (`list[str]`, *optional*):
                 Tags added to the card's metadata.
             metadata:
-                `model_name`, `language`, `license`, `finetuned_from` (as in `Trainer.create_model_card`).
+                `model_name`, `language`, `license`, `finetuned_from`, `tasks`, `dataset_tags` (as in
+                `Trainer.create_model_card`).
         """
         from .trainer import _model_card
 
         trainer = trainer if trainer is not None else self.trainer
         if trainer is None:
             raise ValueError("MagMaxCallback.model_card needs a trainer: attach one with `attach(trainer)`.")
+        metadata.setdefault("made_with", "MagMaxCallback")
         return _model_card(self._run, trainer.model, trainer.args, extra_tags=extra_tags, **metadata)
 
     @property

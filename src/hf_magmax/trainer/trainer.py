@@ -567,7 +567,13 @@ class MagMaxTrainer(Trainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         extra = [tags] if isinstance(tags, str) else list(tags or [])
         text = self._model_card_text(
-            extra_tags=extra, model_name=model_name, language=language, license=license, finetuned_from=finetuned_from
+            extra_tags=extra,
+            model_name=model_name,
+            language=language,
+            license=license,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(text)
@@ -608,12 +614,16 @@ def _model_card(
     args: Any,
     extra_tags: Sequence[str] = (),
     revision: str | None = None,
+    made_with: str = "MagMaxTrainer",
     **metadata: Any,
 ) -> str:
     """The card of a continual run, through the one card builder ([`hf_magmax.hub.build_model_card`]).
 
     With `revision` (a per-task Hub revision, `push_every_task`): the card of the merged model after the tasks so far
-    (their order, λ now, the accuracy rows so far, the provenance shares when recorded).
+    (their order, λ now, the accuracy rows so far, the provenance shares when recorded). `made_with`: what ran the
+    loop (`MagMaxTrainer`, or `MagMaxCallback` on a plain `Trainer`). `metadata` takes what `Trainer.create_model_card`
+    takes and transformers' example scripts pass: `model_name`, `language`, `license`, `finetuned_from` (the card's
+    `base_model` when it is a Hub id), `tasks` (its `pipeline_tag` when there is one) and `dataset_tags` (`datasets`).
     """
     from ..hub import build_model_card
     from ..metrics import format_matrix
@@ -630,7 +640,7 @@ def _model_card(
         else f"This revision (`{revision}`) holds the **merged** model after task {done} ({run.task_names[done - 1]})."
     )
     intro = (
-        f"Fine-tuned sequentially on {trained} with hf_magmax's `MagMaxTrainer` and merged "
+        f"Fine-tuned sequentially on {trained} with hf_magmax's `{made_with}` and merged "
         f"with **{summary['method']}** (scaling coefficient λ = {coef:g}"
         + (", chosen on validation data" if run.spec.is_auto else "")
         + f"). {holds}"
@@ -688,5 +698,19 @@ def _model_card(
         tags=[t for t in extra_tags if t],
         language=metadata.get("language") or None,
         license=metadata.get("license") or None,
+        pipeline_tag=_one(metadata.get("tasks")),
+        datasets=_listed(metadata.get("dataset_tags")),
     )
     return str(card)
+
+
+def _one(value: str | Sequence[str] | None) -> str | None:
+    """A task tag given as `"text-classification"` or `["text-classification"]` (transformers' `tasks`); None for none
+    or several."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    return values[0] if len(values) == 1 and values[0] else None
+
+
+def _listed(value: str | Sequence[str] | None) -> list[str] | None:
+    values = [value] if isinstance(value, str) else [v for v in value or [] if v]
+    return values or None

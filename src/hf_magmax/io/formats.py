@@ -82,13 +82,8 @@ def absolute_name(name: str | os.PathLike | None) -> str | None:
     ('org/model', True)
     ```
     """
-    if name is None:
-        return None
-    name = os.fspath(name)
-    local = os.path.expanduser(name)
-    if is_hub_id(name) and not os.path.exists(local):
-        return name
-    return os.path.abspath(local)
+    local = _local_path(name)
+    return os.path.abspath(local) if local is not None else name if name is None else os.fspath(name)
 
 
 def public_name(name: str | os.PathLike | None) -> str | None:
@@ -103,13 +98,19 @@ def public_name(name: str | os.PathLike | None) -> str | None:
     ('org/model', 'task1', 'base')
     ```
     """
+    local = _local_path(name)
+    if local is None:
+        return name if name is None else os.fspath(name)
+    return Path(os.path.normpath(local)).name or os.fspath(name)
+
+
+def _local_path(name: str | os.PathLike | None) -> str | None:
+    """`name` as a local path (`~` expanded), or `None` for no name or a Hub repo id that is not a local path."""
     if name is None:
         return None
     name = os.fspath(name)
     local = os.path.expanduser(name)
-    if is_hub_id(name) and not os.path.exists(local):
-        return name
-    return Path(os.path.normpath(local)).name or name
+    return None if is_hub_id(name) and not os.path.exists(local) else local
 
 
 def parse_size(size: int | str, name: str = "max_shard_size") -> int:

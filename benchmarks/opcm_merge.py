@@ -130,7 +130,7 @@ def main() -> None:
     fusionbench = (
         "FusionBench implements OPCM for CLIP vision models only (`OPCMForCLIP`): no causal-LM version to run"
         if args.fusionbench_python.is_file()
-        else f"not run: no fusion-bench environment at {args.fusionbench_python}; and FusionBench implements OPCM "
+        else "not run: no fusion-bench environment given (`--fusionbench-python`); and FusionBench implements OPCM "
         "for CLIP vision models only (`OPCMForCLIP`), with no causal-LM version to run on these inputs"
     )
     rows.append(("FusionBench opcm", "opcm", None, None, None, fusionbench))

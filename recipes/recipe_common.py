@@ -208,9 +208,13 @@ def finish_run(trainer, training_args, script_args, label_names, recipe: str) ->
     if os.path.isfile(results_path):
         with open(results_path, encoding="utf-8") as f:
             continual = json.load(f)
+    from hf_magmax.trainer.deepspeed import zero_stage
+
     payload = {
         "recipe": recipe,
         "world_size": training_args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "zero_stage": zero_stage(trainer),
         "label_names": label_names,
         "script_args": args_to_dict(script_args),
         "training_args": json.loads(training_args.to_json_string()),

@@ -21,8 +21,23 @@ LoRA (TRACE's LoRA setting: r 8, alpha 32, dropout 0.1 on q_proj/v_proj, lr 1e-4
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
         recipes/trace.py --config recipes/configs/trace_lora.yaml
 
+The 500-sample release (LLM-CL-Benchmark_500, the variant recent papers report; TreeLoRA's scripts):
+
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
+        recipes/trace.py --config recipes/configs/trace_500_lora.yaml
+
 FSDP: `--config_file recipes/accelerate_configs/fsdp.yaml`. One GPU: `python recipes/trace.py --config ...`.
 Resume an interrupted run with `--resume_from_checkpoint true`; push with `--push_to_hub true --hub_model_id you/name`.
+
+What was run where: the first two commands above (full fine-tuning, LoRA), exactly as written except for
+`--num_processes 2 --mixed_precision no` (the configs say 8 GPUs and bf16), run end to end on CPU (2 processes, gloo;
+DeepSpeed 0.19.8 with `DS_ACCELERATOR=cpu`) with a tiny Llama, the tiny TRACE fixture and
+`recipes/configs/tiny_trace.yaml`, 2 tasks, each writing `trace_results.json` (`tests/test_recipes_launch.py`). Under
+the ZeRO-3 config the model is loaded partitioned (`zero3_init_flag`), each rank folds its partitions, and `save_model`
+consolidates the merged model once (`zero3_save_16bit_model: true`; without it MagMaxTrainer refuses to start, since
+DeepSpeed's own checkpoint would hold the sequential model). The LoRA command trains under DDP. `torchrun
+--nproc_per_node 2 recipes/trace.py ...` (DDP, full fine-tuning) is tested too (`tests/test_recipes.py`). Neither 7B
+config has been run here (no GPU); FSDP on CPU is not run by Accelerate (see recipes/README.md).
 """
 
 from __future__ import annotations
@@ -33,23 +48,21 @@ from dataclasses import dataclass, field
 
 from recipe_common import check_launch, finish_run, parse_recipe_args, resume_argument, setup_logging, write_json
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
-from transformers.trainer_utils import EvalLoopOutput
 
+from hf_magmax.extras.generation import TASK_COLUMN, GenerationMagMaxTrainer
+from hf_magmax.extras.llm_cl import PUBLISHED_RESULTS, reference_table
 from hf_magmax.trace import (
     TRACE_TASKS,
     TraceDataCollator,
-    generate_trace_predictions,
     load_trace,
     score_trace_task,
     trace_summary,
 )
-from hf_magmax.trainer import MagMaxConfig, MagMaxTrainer
+from hf_magmax.trainer import MagMaxConfig
 from hf_magmax.trainer.config import check_per_task_length
 
 
 logger = logging.getLogger(__name__)
-
-TASK_COLUMN = "trace_task"
 
 
 @dataclass
@@ -81,53 +94,27 @@ class ScriptArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules LoRA adapts."}
     )
+    trace_variant: str = field(
+        default="5000",
+        metadata={
+            "help": "The release the data comes from, `5000` (LLM-CL-Benchmark_5000) or `500` (LLM-CL-Benchmark_500, "
+            "500 training samples per task): selects the published numbers printed beside ours."
+        },
+    )
 
     def __post_init__(self):
         if not self.data_path:
             raise ValueError("`data_path` is required: a local TRACE folder or a Hub dataset repo id.")
+        self.trace_variant = str(self.trace_variant)
+        if self.trace_variant not in ("5000", "500"):
+            raise ValueError(f"`trace_variant` must be `5000` or `500`, got {self.trace_variant!r}.")
         if not self.tasks:
             raise ValueError(f"`tasks` is empty: list TRACE tasks in learning order, e.g. {list(TRACE_TASKS)}.")
 
 
-class TraceMagMaxTrainer(MagMaxTrainer):
-    """`MagMaxTrainer` whose evaluation generates answers and scores them with TRACE's metric of the task.
-
-    Every evaluation dataset carries its task name in a `trace_task` column; the score (key `score`, in [0, 100]) is
-    the continual metric of both matrices.
-    """
-
-    def __init__(
-        self,
-        *args,
-        generation_kwargs: dict | None = None,
-        generation_batch_size: int = 8,
-        max_prompt_len: int = 1024,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self.generation_kwargs = generation_kwargs or {}
-        self.generation_batch_size = generation_batch_size
-        self.max_prompt_len = max_prompt_len
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ) -> EvalLoopOutput:
-        dataset = dataloader.dataset
-        task = dataset[0][TASK_COLUMN]
-        model = self.accelerator.unwrap_model(self.model) if not self.is_fsdp_enabled else self.model
-        predictions = generate_trace_predictions(
-            model,
-            self.processing_class,
-            dataset["prompt"],
-            batch_size=self.generation_batch_size,
-            max_prompt_len=self.max_prompt_len,
-            **self.generation_kwargs,
-        )
-        score = score_trace_task(task, predictions, dataset["answer"], sources=dataset["prompt"])
-        logger.info("%s: %s = %.2f", metric_key_prefix, task, score)
-        return EvalLoopOutput(
-            predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_score": score}, num_samples=len(dataset)
-        )
+def score_trace(task: str, predictions: list[str], dataset) -> float:
+    """TRACE's metric of `task` on the generated answers (the prompts are SARI's sources)."""
+    return score_trace_task(task, predictions, dataset["answer"], sources=dataset["prompt"])
 
 
 def check_model(args: ScriptArguments) -> None:
@@ -164,7 +151,7 @@ def main(argv=None):
     train_datasets, eval_datasets = {}, {}
     for task, parts in trace.items():
         train_datasets[task] = parts["train"]
-        eval_datasets[task] = parts["test"].add_column(TASK_COLUMN, [task] * len(parts["test"]))
+        eval_datasets[task] = parts["test"].add_column(TASK_COLUMN, [task] * len(parts["test"]))  # names the metric
 
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
     tokenizer.padding_side = "left"
@@ -188,7 +175,7 @@ def main(argv=None):
     if script_args.do_sample:
         generation_kwargs["temperature"] = script_args.temperature
 
-    trainer = TraceMagMaxTrainer(
+    trainer = GenerationMagMaxTrainer(
         model=model,
         args=training_args,
         data_collator=TraceDataCollator(
@@ -198,9 +185,11 @@ def main(argv=None):
         train_datasets=train_datasets,
         eval_datasets=eval_datasets,
         peft_config=peft_config,
+        metric=score_trace,
         generation_kwargs=generation_kwargs,
         generation_batch_size=script_args.generation_batch_size,
         max_prompt_len=script_args.max_prompt_len,
+        answer_prefix=None,  # TRACE scores the decoded answer as it is
     )
     trainer.train(resume_from_checkpoint=resume_argument(training_args))
     trainer.save_model(training_args.output_dir)
@@ -212,13 +201,24 @@ def main(argv=None):
         if all(v is not None for row in matrix[1:] for v in row):
             trace_scores[label] = {"matrix": matrix, **trace_summary(matrix)}
     payload = finish_run(trainer, training_args, script_args, None, recipe="trace")
+    reference = f"trace_{script_args.trace_variant}"
+    table = reference_table(reference, {f"{label} (ours), OP": s["OP"] for label, s in trace_scores.items()})
     if trainer.is_world_process_zero():
         write_json(
             os.path.join(training_args.output_dir, "trace_results.json"),
-            {"tasks": list(trace), "scores": trace_scores, "script_args": payload["script_args"]},
+            {
+                "tasks": list(trace),
+                "scores": trace_scores,
+                "published": PUBLISHED_RESULTS[reference],
+                "table": table,
+                "script_args": payload["script_args"],
+            },
         )
         for label, scores in trace_scores.items():
             logger.info("TRACE %s: OP %.2f, BWT %.2f", label, scores["OP"], scores["BWT"])
+        logger.info(
+            "TRACE (%s samples per task), ours beside the published numbers:\n%s", script_args.trace_variant, table
+        )
     return trace_scores
 
 

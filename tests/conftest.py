@@ -1,4 +1,5 @@
 import os
+import re
 
 
 # Offline everywhere: a single Hub lookup otherwise burns ~48 s in retries.
@@ -20,3 +21,40 @@ def _seed():
 
 # The loopback fake Hub, as a fixture for every test module (see tests/fake_hub.py).
 from fake_hub import fake_hub  # noqa: E402, F401
+
+
+# In CI no ZeRO / DeepSpeed / TRL test may be skipped: `.ci/run` installs DeepSpeed for the CPU and TRL (the `test`
+# extra) and sets CI=true, so a skip there means a broken install, which must fail the run instead of hiding the tests.
+MUST_RUN_IN_CI = ("zero3", "deepspeed", "sft", "trl")
+
+
+_MUST_RUN = re.compile(rf"(?:^|[^a-z0-9])(?:{'|'.join(MUST_RUN_IN_CI)})(?:[^a-z0-9]|$)")  # words: not `ctrl`
+
+
+def _must_run(nodeid: str) -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") and _MUST_RUN.search(nodeid.lower()) is not None
+
+
+def _fail_skip(report) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{report.nodeid} was skipped in CI ({reason}): it must run; install the `test` and `deepspeed` extras "
+        "(DS_BUILD_OPS=0, DS_ACCELERATOR=cpu)."
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if report.skipped and _must_run(report.nodeid):  # a module-level `importorskip`
+        _fail_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.skipped and _must_run(report.nodeid):
+        _fail_skip(report)
+    return report

@@ -10,6 +10,8 @@ Endpoints (as `huggingface_hub` 1.x/2.x calls them):
 - `GET  /api/models/{repo}/tree/{rev}[/{path}]`          file listing (snapshot_download)
 - `POST /api/models/{repo}/branch/{branch}`              create a branch (at `startingPoint`: a branch or a commit oid;
                                                          default main), 409 if it exists
+- `DELETE /api/models/{repo}/branch/{branch}`            delete a branch
+- `GET  /api/models/{repo}/commits/{rev}`                the commits made on a branch, newest first (`list_repo_commits`)
 - `GET  /api/models/{repo}/refs`                         the branches and their head commits (`list_repo_refs`)
 - `POST /api/models/{repo}/preupload/{rev}`              upload modes: `regular` (inline in the commit) by default,
                                                          `lfs` for files of at least `lfs_threshold` bytes
@@ -47,6 +49,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -137,6 +140,10 @@ class FakeHub:
         self.user = user
         self.repos: dict[str, FakeRepo] = {}
         self.lfs_objects: dict[str, bytes] = {}
+        #: requests to stall (a process killed mid-request): "commit" or "branch" (POST); while the name is here, such
+        #: a request sets `stalled` and waits, then is answered 503 without any effect
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.downloads: list[tuple[str, str | None]] = []  # (path, Range header or None) of every file GET
         self._lock = threading.Lock()
@@ -260,6 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", self._preupload),
             ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", self._commit),
             ("POST", rf"/api/models/{_REPO}/branch/(?P<rev>[^/]+)", self._branch),
+            ("DELETE", rf"/api/models/{_REPO}/branch/(?P<rev>[^/]+)", self._delete_branch),
+            ("GET", rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)", self._commits),
             ("GET", rf"/api/models/{_REPO}/refs", self._refs),
             ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", self._repo_info),
             ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<prefix>.*))?", self._tree),
@@ -273,11 +282,25 @@ class _Handler(BaseHTTPRequestHandler):
         for method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if method == self.command and match:
+                if handler.__name__.lstrip("_") in hub.stall:
+                    return self._stall(handler.__name__.lstrip("_"))
                 return handler(query=query, **match.groupdict())
         self._body()
         return self._error(404, f"fake Hub: no route for {self.command} {path}")
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = lambda self: self._route()  # noqa: E731
+
+    def _stall(self, name: str):
+        self._body()
+        hub = self.fake_hub
+        hub.stalled.set()
+        deadline = time.monotonic() + 60
+        while name in hub.stall and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            self._error(503, f"fake Hub: {name} stalled")
+        except OSError:  # the client is gone (killed)
+            pass
 
     def _get_repo(self, repo: str) -> FakeRepo | None:
         found = self.fake_hub.repos.get(repo)
@@ -334,6 +357,35 @@ class _Handler(BaseHTTPRequestHandler):
             found.branches[rev] = dict(files)
             found.heads[rev] = found.heads.get(start) or (start if start in found.snapshots else found.head())
         self._send(200, {})
+
+    def _delete_branch(self, repo, rev, query):
+        self._body()
+        if not self._authorized():
+            return self._error(401, "Invalid credentials in Authorization header")
+        found = self._get_repo(repo)
+        if found is None:
+            return
+        with self.fake_hub._lock:
+            if unquote(rev) not in found.branches:
+                return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            del found.branches[unquote(rev)]
+            found.heads.pop(unquote(rev), None)
+        self._send(200, {})
+
+    def _commits(self, repo, rev, query):
+        """The commits of a branch, newest first (one page), as `list_repo_commits` reads them."""
+        found = self._get_repo(repo)
+        if found is None:
+            return
+        revision = unquote(rev)
+        if revision != "main" and revision not in found.branches:
+            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        commits = [
+            {"id": c.oid, "authors": [{"user": self.fake_hub.user}], "date": "2026-01-01T00:00:00.000Z",
+             "title": c.message, "message": c.description}
+            for c in reversed(found.commits_on(revision))
+        ]  # fmt: skip
+        self._send(200, commits)
 
     def _refs(self, repo, query):
         found = self._get_repo(repo)

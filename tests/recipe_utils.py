@@ -221,3 +221,75 @@ def make_tiny_vit(path: str) -> str:
     ViTForImageClassification(config).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+# --- the O-LoRA-lineage LLM benchmarks (Standard CL, Long-15, SuperNI-15) ---------------------------------------------
+
+#: A sentence per O-LoRA task type, in the style of the release's records (`sentence` field).
+OLORA_SENTENCES = {
+    "TC": "Title: {word} news\nText: the {word} story of the day.\n",
+    "SC": "Title: {word}\nText: this {word} product is what I expected.\n",
+    "NLI": "sentence 1: the {word} is here.\nsentence 2: the {word} is there.",
+    "QQP": "first sentence: what is a {word}?\nsecond sentence: what is the {word}?",
+    "BoolQA": "question: is the {word} red\npassage: the {word} is red.",
+    "COPA": 'Which sentence is the effect of "The {word} fell."? Choose one between A and B.\nA: It broke.\nB: It sang.',
+    "MultiRC": "paragraph: the {word} is red.\nquestion: what color?\nanswer: red",
+    "WiC": "word: {word}\nthe {word} is here.\nthe {word} is there.",
+}
+
+
+def make_olora_benchmark(root: str, tasks, per_split: int = 4) -> str:
+    """Write O-LoRA's `CL_Benchmark` layout: `<root>/<task type>/<task>/{train,dev,test}.json` (JSON lists of
+    `{"sentence", "label"}`) and `labels.json` (the release's label set), for each task."""
+    from hf_magmax.extras.llm_cl import OLORA_LABELS, OLORA_TASK_TYPES
+
+    for task in tasks:
+        task_type = OLORA_TASK_TYPES[task]
+        folder = os.path.join(root, task_type, task)
+        os.makedirs(folder, exist_ok=True)
+        labels = list(OLORA_LABELS[task])
+        with open(os.path.join(folder, "labels.json"), "w", encoding="utf-8") as f:
+            json.dump(labels, f)
+        records = [
+            {"label": labels[i % len(labels)], "sentence": OLORA_SENTENCES[task_type].format(word=f"{task} {i}")}
+            for i in range(per_split)
+        ]
+        for split in ("train", "dev", "test"):
+            with open(os.path.join(folder, f"{split}.json"), "w", encoding="utf-8") as f:
+                json.dump(records, f, ensure_ascii=False)
+    return root
+
+
+def make_superni_benchmark(root: str, tasks, per_split: int = 3) -> str:
+    """Write SAPT's SuperNI layout: `<root>/SuperNI/<task>/{train,dev,test}.json`, each one SuperNI task object
+    (`Definition`, `Positive Examples`, `Instances` of `{"id", "input", "output"}`; `output` a list of references)."""
+    for task in tasks:
+        folder = os.path.join(root, "SuperNI", task)
+        os.makedirs(folder, exist_ok=True)
+        instances = [
+            {
+                "id": f"{task}-{i}",
+                "input": f"the {task.split('_')[1]} text {i}",
+                "output": [f"answer {i}", f"reply {i}"],
+            }
+            for i in range(per_split)
+        ]
+        payload = {
+            "Definition": [f"In this task you answer the {task.split('_')[1]} question. "],
+            "Positive Examples": [{"input": "x", "output": "y", "explanation": "z"}],
+            "Negative Examples": [],
+            "Instances": instances,
+        }
+        for split in ("train", "dev", "test"):
+            with open(os.path.join(folder, f"{split}.json"), "w", encoding="utf-8") as f:
+                json.dump(payload, f)
+    return root
+
+
+def llm_cl_corpus() -> list[str]:
+    """Texts to train the tiny tokenizer of the LLM-benchmark tests on (prompts and labels of the formats above)."""
+    from hf_magmax.extras.llm_cl import OLORA_INSTRUCTIONS, OLORA_LABELS
+
+    texts = list(OLORA_INSTRUCTIONS.values()) + [", ".join(labels) for labels in OLORA_LABELS.values()]
+    texts += [s.format(word="word") for s in OLORA_SENTENCES.values()]
+    return texts + ["Definition: In this task you answer Now complete the following example - Input: Output: answer"]

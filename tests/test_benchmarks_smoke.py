@@ -79,3 +79,25 @@ def test_long_sequences_shorter_sequences_are_prefixes(long_sequences):
     assert all(torch.equal(a, b) for a, b in zip(short, long[:5]))
     assert all(sorted(p.tolist()) == list(range(64)) for p in long)
     assert len({tuple(p.tolist()) for p in long}) == 50
+
+
+def test_opcm_merge_quick_run_reports_opcm_beside_ties_and_its_svd_floor(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    output = tmp_path / "opcm.md"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "opcm_merge.py"), "--num-tasks", "2", "--size", "tiny",
+         "--work-dir", str(tmp_path / "work"), "--output", str(output)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = output.read_text(encoding="utf-8")
+    for row in (
+        "| hf_magmax ties | ties |",
+        "| hf_magmax opcm | opcm |",
+        "| SVDs of one OPCM merge alone",
+        "FusionBench",
+    ):
+        assert row in report, row
+    assert "- OPCM within 3x of TIES: " in report and "SVDs alone take" in report
+    assert "15 SVDs for T=2" in report  # the tiny Llama: 2 layers x 7 linear weights + lm_head, one task projected

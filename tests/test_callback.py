@@ -4,6 +4,7 @@ import json
 import re
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny_tasks import classification_tasks, tiny_bert
 from transformers import Trainer, TrainingArguments
@@ -79,23 +80,33 @@ def test_callback_on_a_plain_trainer_writes_what_magmax_trainer_writes(tmp_path,
     card = (tmp_path / "c-model" / "README.md").read_text()
     assert "## Merged (magmax): accuracy matrix" in card and "scaling_coef: 0.5" in card and "- magmax" in card
     assert _sections(card) == _sections((tmp_path / "t-model" / "README.md").read_text())
-    assert card == (tmp_path / "t-model" / "README.md").read_text()
+    assert "with hf_magmax's `MagMaxCallback`" in card and "MagMaxTrainer" not in card  # what ran the loop
+    assert _as_trainer(card) == (tmp_path / "t-model" / "README.md").read_text()
     reloaded = load_file(str(tmp_path / "c-model" / "model.safetensors"))
     assert all(torch.equal(reloaded[k], expected[k]) for k in reloaded)
 
-    # push_to_hub uploads the MagMax card too
-    ours.push_to_hub()
-    plain.push_to_hub()
+    # push_to_hub uploads the MagMax card too, with the metadata transformers' example scripts pass
+    kwargs = {"finetuned_from": "org/tiny-bert", "tasks": "text-classification", "dataset_tags": "org/tiny-data"}
+    ours.push_to_hub(**kwargs)
+    plain.push_to_hub(**kwargs)
     pushed = fake_hub.repos["me/callback"].files
     pushed_card = pushed["README.md"].decode()
     assert "# callback\n" in pushed_card  # titled by the repo, as transformers' card
-    assert (
-        pushed_card.replace("# callback\n", "# trainer\n") == fake_hub.repos["me/trainer"].files["README.md"].decode()
+    metadata = yaml.safe_load(pushed_card.split("---")[1])
+    assert metadata["base_model"] == "org/tiny-bert" and metadata["pipeline_tag"] == "text-classification"
+    assert metadata["datasets"] == ["org/tiny-data"]
+    assert _as_trainer(pushed_card.replace("# callback\n", "# trainer\n")) == (
+        fake_hub.repos["me/trainer"].files["README.md"].decode()
     )
     assert "continual_results.json" in pushed and "model.safetensors" in pushed
     for repo in ("me/callback", "me/trainer"):  # the per-task checkpoints stay local on both paths
         assert not [name for name in fake_hub.repos[repo].files if name.startswith("task-")], repo
-    assert callback.model_card() == ours._model_card_text()
+    assert _as_trainer(callback.model_card()) == ours._model_card_text()
+
+
+def _as_trainer(card: str) -> str:
+    """A callback's card as MagMaxTrainer's would read (the one line that says what ran the loop)."""
+    return card.replace("`MagMaxCallback`", "`MagMaxTrainer`")
 
 
 def test_plain_trainer_before_any_task_keeps_transformers_card(tmp_path):

@@ -289,10 +289,12 @@ def test_model_card_and_config_yaml(llama, tmp_path):
         "allow_non_finite": False,
     }
     card_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert yaml.safe_load(card_yaml) == config
+    names = [Path(m).name for m in models]  # a card is published: local inputs by their folder names only
+    assert yaml.safe_load(card_yaml) == dict(config, base="base", models=names, output_dir="out")
+    assert str(tmp_path) not in body and str(Path(base).parent) not in body
     assert "MagMax: Leveraging Model Merging for Seamless Continual Learning" in body
     assert "2407.06322" in body and "Marczak" in body and "ECCV" in body
-    assert "hf_magmax 0." in body and "0.8" in body and all(m in body for m in models)
+    assert "hf_magmax 0." in body and "0.8" in body and all(f"`{m}`" in body for m in names)
     kwargs = load_merge_config(out / MERGE_CONFIG_NAME)
     assert kwargs == {"base": base, "models": models, "method": "ties", "scaling_coef": 0.8, "density": 0.5,
                       "output_dir": str(tmp_path / "out")}  # fmt: skip

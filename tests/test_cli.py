@@ -55,7 +55,15 @@ def _run_main(*argv: str) -> tuple[dict, str]:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["merge", "--help"], ["merge-lora", "--help"], ["demo", "--help"], ["--version"], []],
+    [
+        ["--help"],
+        ["merge", "--help"],
+        ["merge-lora", "--help"],
+        ["verify", "--help"],
+        ["demo", "--help"],
+        ["--version"],
+        [],
+    ],
     ids=lambda argv: " ".join(argv) or "no-args",
 )
 def test_help_imports_no_torch(argv):
@@ -78,7 +86,15 @@ def test_help_imports_no_torch(argv):
         (["demo", "--num-tasks", "3"], ["--num-tasks=3", "1, 2, 5 or 10"]),
         (["demo", "--epochs", "0"], ["--epochs=0"]),
         (["demo", "--learning-rate", "-1"], ["--learning-rate"]),
+        (["verify", "no/such/dir"], ["no/such/dir", "does not exist"]),
         (["no-such-command"], ["no-such-command"]),
+        (["merg"], ["hf-magmax: error", "did you mean 'merge'?"]),
+        (
+            ["merge", "--methd", "ties"],
+            ["hf-magmax merge: error", "--methd", "did you mean --method?", "merge --help"],
+        ),
+        (["merge", "--base", "b", "--models", "m", "--output", "o", "--method", "maxmag"], ["did you mean 'magmax'?"]),
+        (["merge-lora", "--adaptors", "a"], ["hf-magmax merge-lora: error", "did you mean --adapters?"]),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) and value and value[0][0] != "-" else None,
 )
@@ -156,3 +172,72 @@ def test_merge_on_local_checkpoints_imports_no_transformers_or_peft(tmp_path):
     assert report["code"] == 0, result.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert report["heavy"] == ["torch"], f"`hf-magmax merge` imported {report['heavy']}"
+
+
+PROBE = """
+import logging, sys
+from hf_magmax import cli
+
+def add(subparsers):
+    subparsers.add_parser("probe")
+
+def run(args):
+    from huggingface_hub.utils import tqdm
+
+    with tqdm(total=2, desc="probing") as bar:
+        bar.update(1)
+        logging.getLogger("hf_magmax.demo").info("a line of ours")
+        logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
+        logging.getLogger("matplotlib.font_manager").warning("a warning of theirs")
+        bar.update(1)
+    return 0
+
+cli.SUBCOMMANDS["probe"] = (add, run)
+sys.exit(cli.main(sys.argv[1:] + ["probe"]))
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_log_lines_are_printed_above_the_progress_bar_and_other_libraries_info_stays_out(level):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-c", PROBE, "--log-level", level]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "probing" in err  # the bar is shown
+    # each log line starts a line of its own: not glued to the end of the bar's `1/2 [...]`
+    assert re.search(r"(^|[\r\n])INFO hf_magmax.demo: a line of ours\n", err), err
+    assert re.search(r"(^|[\r\n])WARNING matplotlib.font_manager: a warning of theirs\n", err), err
+    assert ("fontManager" in err) == (level == "DEBUG")  # other libraries' INFO only when debugging
+
+
+def test_choices_are_case_insensitive():
+    from hf_magmax.cli import build_parser
+
+    args = build_parser().parse_args(["--log-level", "debug", "merge", "--method", "MagMax", "--dtype", "BFloat16"])
+    assert (args.log_level, args.method, args.dtype) == ("DEBUG", "magmax", "bfloat16")
+    args = build_parser().parse_args(["merge-lora", "--method", "TIES", "--lora-output", "Adapter"])
+    assert (args.method, args.lora_output) == ("ties", "adapter")
+
+
+def test_version_says_whether_the_c_kernels_are_in_use_without_importing_torch():
+    report, _ = _run_main("--version")  # the version goes to stdout, before the report line
+    assert report["code"] == 0 and report["heavy"] == []
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_magmax.cli", "--version"], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    name, kernels = result.stdout.strip().splitlines()
+    assert name == f"hf-magmax {hf_magmax.__version__}" and kernels.startswith("C merge kernels: ")
+    from hf_magmax.merging.kernels import c_kernels
+
+    assert ("in use" in kernels) == (c_kernels() is not None), kernels
+    off = subprocess.run(
+        [sys.executable, "-m", "hf_magmax.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=_env(HF_MAGMAX_DISABLE_CKERNELS="1"),
+        timeout=120,
+    )
+    assert "C merge kernels: off (HF_MAGMAX_DISABLE_CKERNELS=1)" in off.stdout

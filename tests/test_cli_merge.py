@@ -166,6 +166,33 @@ def test_extra_tensors_flag(family, tmp_path, capsys):
     assert yaml.safe_load((tmp_path / "b" / MERGE_CONFIG_NAME).read_text())["extra_tensors"] == "last"
 
 
+def test_extra_tensors_of_other_shapes_are_dropped_with_a_warning_naming_them(family, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, models = family
+    heads = []
+    for name, num_labels in (("five", 5), ("three", 3)):
+        heads.append(tmp_path / name)
+        shutil.copytree(models[0], heads[-1])
+        state = load_file(heads[-1] / "model.safetensors")
+        state["score.weight"] = torch.full((num_labels, 16), float(num_labels))
+        save_file(state, heads[-1] / "model.safetensors", metadata={"format": "pt"})
+    argv = ["merge", "--base", base, "--models", *map(str, heads), "--extra-tensors", "last", "--no-progress"]
+    with caplog.at_level("INFO", logger="hf_magmax"):
+        assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    assert load_dir(tmp_path / "out")["score.weight"].shape == (3, 16)  # the last model's
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "extra tensors" in r.message]
+    assert "'score.weight' is [5, 16] in" in warning and "five" in warning and "three" in warning
+    caplog.clear()
+    same = ["merge", "--base", base, "--models", str(heads[1]), str(heads[1]), "--extra-tensors", "last"]
+    with caplog.at_level("INFO", logger="hf_magmax"):
+        assert main([*same, "--no-progress", "--output-dir", str(tmp_path / "same")]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "extra tensors" in r.getMessage()]
+    assert [r for r in caplog.records if "'score.weight' taken from the last model" in r.getMessage()]
+
+
 def test_push_to_hub_and_failed_push(fake_hub, family, tmp_path, capsys):  # noqa: F811
     base, models = family
     out = tmp_path / "out"
@@ -214,3 +241,46 @@ def test_top_level_help_lists_merge(capsys):
         main(["--help"])
     assert exit.value.code == 0
     assert "merge" in capsys.readouterr().out
+
+
+def test_a_model_that_is_the_base_or_given_twice_merges_with_a_warning(family, tmp_path, caplog):
+    base, models = family
+    argv = ["merge", "--base", base, "--models", base, models[0], models[0] + "/", "--no-progress"]
+    with caplog.at_level("WARNING", logger="hf_magmax"):
+        assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("model 1 of `models`" in w and "is the base model itself" in w for w in warnings), warnings
+    assert any("twice (tasks 2 and 3)" in w for w in warnings), warnings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_magmax"):
+        assert (
+            main(["merge", "--base", base, "--models", *models, "--no-progress", "--output-dir", str(tmp_path / "ok")])
+            == 0
+        )
+    assert not [r for r in caplog.records if "twice" in r.getMessage() or "base model itself" in r.getMessage()]
+
+
+def test_the_local_config_re_runs_from_any_directory_and_the_card_says_how_inputs_are_named(
+    family, tmp_path, monkeypatch
+):
+    import shutil
+
+    base, models = family
+    work = tmp_path / "work"
+    shutil.copytree(Path(base).parent, work / "ckpt")
+    monkeypatch.chdir(work)
+    argv = ["merge", "--base", "ckpt/base", "--models", "ckpt/task0", "ckpt/task1", "--output-dir", "merged"]
+    assert main([*argv, "--no-progress"]) == 0
+    recorded = yaml.safe_load((work / "merged" / MERGE_CONFIG_NAME).read_text())
+    assert recorded["base"] == str(work / "ckpt" / "base")
+    assert recorded["models"] == [str(work / "ckpt" / "task0"), str(work / "ckpt" / "task1")]
+    assert recorded["output_dir"] == str(work / "merged")
+    card = (work / "merged" / "README.md").read_text()
+    assert "named by their folder only" in card and str(work) not in card
+    assert "merge of 2 fine-tuned model(s) of a local base model `base` made with" in card
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the card's re-run command, from another directory
+    assert main(["merge", str(work / "merged" / MERGE_CONFIG_NAME), "--output-dir", "again", "--no-progress"]) == 0
+    first, again = load_dir(work / "merged"), load_dir(elsewhere / "again")
+    assert all(torch.equal(first[name], again[name]) for name in first)

@@ -64,8 +64,10 @@ def test_adapter_output_with_card(checkpoints, tmp_path):
     metadata, body = parse_model_card((out / "README.md").read_text())
     assert metadata["library_name"] == "peft" and "magmax" in metadata["tags"]
     assert "base_model" not in metadata  # a local directory is no Hub id (the body names it)
-    for text in ["`magmax`", "**scaling coefficient λ:** 0.5", "rank: 4", "Reconstruction error", *adapters]:
+    names = [f"`{Path(a).name}`" for a in adapters]  # a card is published: local folders by name only
+    for text in ["`magmax`", "**scaling coefficient λ:** 0.5", "rank: 4", "Reconstruction error", *names]:
         assert text in body
+    assert str(Path(adapters[0]).parent) not in body
     config = yaml.safe_load((out / "magmax_config.yaml").read_text())
     assert config == {  # the one schema (MergeConfig): λ null = the method's default
         "base": str(base),
@@ -81,7 +83,8 @@ def test_adapter_output_with_card(checkpoints, tmp_path):
         "device": "cpu",
         "allow_non_finite": False,
     }
-    assert "```yaml\n" + (out / "magmax_config.yaml").read_text() in body
+    card_config = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert card_config == dict(config, base="base", adapters=["a1", "a2"], output_dir="magmax-lora")
     # the directory is an ordinary PEFT adapter, equal to the library's result
     base_model = LlamaForSequenceClassification.from_pretrained(base)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), out).merge_and_unload().state_dict()
@@ -190,3 +193,12 @@ def test_result_push_to_hub(checkpoints, fake_hub):  # noqa: F811
     assert url.startswith(fake_hub.url) and repo.private is False
     assert {"config.json", "model.safetensors", "README.md", "magmax_config.yaml"} <= set(repo.files)
     assert repo.commits[-1].message == "Upload MagMax LoRA merge"
+
+
+def test_the_log_names_the_method_of_an_adapter_merge(checkpoints, tmp_path, caplog):
+    base, adapters = checkpoints
+    argv = ["merge-lora", "--base", str(base), "--adapters", *adapters, "--method", "ties", "--rank", "4"]
+    with caplog.at_level("INFO", logger="hf_magmax"):
+        assert main([*argv, "--output", str(tmp_path / "ties-lora"), "--no-progress"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merged ")]
+    assert line.startswith(f"merged {len(adapters)} adapters with ties (λ=") and "into adapter 'magmax'" not in line

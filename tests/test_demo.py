@@ -81,6 +81,7 @@ def test_every_subcommand_takes_no_progress():
     from hf_magmax.cli import SUBCOMMANDS, build_parser
 
     parser = build_parser()
-    for name in SUBCOMMANDS:
-        args = parser.parse_args([name, "--no-progress"])
+    positional = {"push": ["out", "--to-hub", "me/x"], "verify": ["out"], "mergekit-yaml": ["cfg.yml", "out"]}
+    for name in SUBCOMMANDS:  # one vocabulary: every subcommand hides its bars with --no-progress
+        args = parser.parse_args([name, "--no-progress", *positional.get(name, [])])
         assert args.no_progress is True, name

@@ -5,7 +5,8 @@ A fenced block runs when the line before its opening fence is
     <!-- test: run -->             (a ```python or ```bash block)
     <!-- test: write FILENAME -->  (any block: its text is written to FILENAME, e.g. a YAML config used next)
 
-The blocks of one file run in order, in one fresh directory; python blocks share one namespace (as in a notebook);
+The blocks of one file run in order, in one fresh directory (as a reader would, starting with a README.md of the
+reader's own); no block may change or remove a file it did not create (checked after every block); python blocks share one namespace (as in a notebook);
 bash blocks made only of `hf-magmax` commands run through `hf_magmax.cli.main` in this process (each must exit 0),
 other bash blocks in bash with `hf-magmax` bound to this checkout's CLI. `SETUP` gives a file the fixtures its text
 assumes (docs/merge.md: `ckpt/base`, `ckpt/task1..3`; docs/trainer.md: a tiny plain `Trainer` and its tasks).
@@ -94,22 +95,46 @@ def run_blocks(path: Path, directory: Path, namespace: dict | None = None) -> di
     cli = f'hf-magmax() {{ "{sys.executable}" -m hf_magmax.cli "$@"; }}\n'
     for line, language, target, code in marked_blocks(path):
         where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}:{line}"
-        if target is not None:
-            (directory / target).write_text(code, encoding="utf-8")
-        elif language == "python":
-            try:
-                exec(compile(code, where, "exec"), namespace)
-            except Exception as err:
-                raise AssertionError(f"the python block at {where} failed: {type(err).__name__}: {err}") from err
-        elif all(command[:1] == ["hf-magmax"] for command in _commands(code)):
-            for command in _commands(code):  # in this process: no torch import per command
-                assert _cli(command[1:]) == 0, f"`{' '.join(command)}` at {where} failed (see the captured stderr)"
-        else:
-            result = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", cli + code], cwd=directory, env=env, capture_output=True, text=True
-            )
-            assert result.returncode == 0, f"the bash block at {where} failed:\n{result.stderr[-3000:]}"
+        before = _snapshot(directory)
+        _run_block(where, language, target, code, directory, namespace, env, cli)
+        changed = sorted(name for name, stamp in before.items() if _snapshot_of(directory / name) != stamp)
+        assert not changed, (
+            f"the block at {where} changed or removed files it did not create (a reader's own files, or the output of "
+            f"an earlier block): {changed[:5]}; write to a new path of its own"
+        )
     return namespace
+
+
+def _snapshot_of(file: Path) -> tuple[int, int] | None:
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int] | None]:
+    """Size and modification time of every file under `directory` (the scratch directory a reader works in)."""
+    return {str(f.relative_to(directory)): _snapshot_of(f) for f in directory.rglob("*") if f.is_file()}
+
+
+def _run_block(where, language, target, code, directory, namespace, env, cli) -> None:
+    """Run one marked block in `directory` (python blocks in `namespace`, bash blocks through the CLI or bash)."""
+    if target is not None:
+        (directory / target).write_text(code, encoding="utf-8")
+    elif language == "python":
+        try:
+            exec(compile(code, where, "exec"), namespace)
+        except Exception as err:
+            raise AssertionError(f"the python block at {where} failed: {type(err).__name__}: {err}") from err
+    elif all(command[:1] == ["hf-magmax"] for command in _commands(code)):
+        for command in _commands(code):  # in this process: no torch import per command
+            assert _cli(command[1:]) == 0, f"`{' '.join(command)}` at {where} failed (see the captured stderr)"
+    else:
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", cli + code], cwd=directory, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"the bash block at {where} failed:\n{result.stderr[-3000:]}"
 
 
 def _commands(code: str) -> list[list[str]]:
@@ -124,11 +149,17 @@ def _cli(argv: list[str]) -> int:
         return int(exit.code or 0)
 
 
+#: a README.md that the reader already has in the directory where they try the docs
+READER_README = "# my project\n\nThe reader's own README: the docs' snippets must leave it alone.\n"
+
+
 @pytest.mark.parametrize("path", MARKED, ids=[p.name for p in MARKED])
 def test_marked_snippets_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text(READER_README)  # the reader's own files: no block may touch them
     namespace = SETUP[path.name](tmp_path) if path.name in SETUP else None
     namespace = run_blocks(path, tmp_path, namespace)
+    assert (tmp_path / "README.md").read_text() == READER_README
     if path.name == "trainer.md":  # the callback's files, as the text under the snippet says
         for task in ("task-00-task_1", "task-01-task_2"):
             assert (tmp_path / "out" / task / "checkpoint-2").is_dir()
@@ -139,6 +170,19 @@ def test_the_readme_and_every_quick_start_are_marked():
     langs = [language for _, language, _, _ in marked_blocks(ROOT / "README.md")]
     assert langs.count("python") >= 4 and langs.count("bash") >= 2  # quick starts 1-3 and the engine
     assert {p.name for p in MARKED} >= {"README.md", "engine.md", "lora.md", "merge.md", "continual.md"}
+
+
+def test_a_snippet_that_overwrites_a_file_it_did_not_create_fails(tmp_path, monkeypatch):
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "<!-- test: run -->\n```python\nopen('notes.txt', 'w').write('mine')\n```\n\n"
+        "<!-- test: run -->\n```python\nopen('README.md', 'w').write('a card')\n```\n"
+    )
+    (tmp_path / "README.md").write_text(READER_README)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError, match=r"doc.md:7 changed or removed files it did not create .*README.md"):
+        run_blocks(doc, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # a block's own new file is fine
 
 
 def test_a_broken_snippet_fails(tmp_path, monkeypatch):
@@ -192,3 +236,16 @@ def test_a_changed_number_fails_and_make_docs_numbers_fixes_it(docs_numbers, cur
     assert docs_numbers["rewrite"](tmp_path, current_values) == [readme]
     assert readme.read_text(encoding="utf-8") == text
     assert docs_numbers["check"](tmp_path, current_values) == []
+
+
+def test_the_merge_option_table_lists_every_flag_of_hf_magmax_merge():
+    from hf_magmax.cli import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if a.dest == "command"]
+    merge = subparsers.choices["merge"]
+    flags = {a.option_strings[0] for a in merge._actions if a.option_strings and a.dest != "help"}
+    table = (ROOT / "docs" / "merge.md").read_text(encoding="utf-8")
+    first_cells = re.findall(r"^\| `([^`|]*)` \|", table, flags=re.MULTILINE)  # `--a X [--b] [--c Y]`
+    documented = {flag for cell in first_cells for flag in re.findall(r"--[a-z-]+", cell)}
+    assert flags - documented == set(), "docs/merge.md's option table lacks these `hf-magmax merge` flags"

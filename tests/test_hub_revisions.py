@@ -296,10 +296,45 @@ def test_cli_merge_pushes_to_a_revision(fake_hub, tmp_path, capsys):
     assert main([*argv, str(out), "--push-to-hub", "me/cli", "--revision", "after-task-2"]) == 0
     repo = fake_hub.repos["me/cli"]
     assert set(repo.branches) == {"after-task-2"} and repo.files == {}  # main is left as it is
-    assert repo.branches["after-task-2"] == {p.name: p.read_bytes() for p in out.iterdir()}
-    assert repo.commits[-1].revision == "after-task-2"
+    pushed, local = repo.branches["after-task-2"], {p.name: p.read_bytes() for p in out.iterdir()}
+    assert pushed.keys() == local.keys()
+    assert all(pushed[k] == local[k] for k in local if k != "magmax_config.yaml")  # published: no local paths
+    assert b"/ckpt/" not in pushed["magmax_config.yaml"]
+    assert repo.heads["after-task-2"] == repo.commits[-1].oid
     assert main([*argv, str(tmp_path / "m2"), "--revision", "x"]) == 2
     assert "--revision only applies with --push-to-hub" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "m3"), "--push-to-hub", "me/cli", "--revision", "a b"]) == 2
     assert "not a valid git branch name" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
+def test_a_run_killed_between_a_tasks_commit_and_its_branch_does_not_commit_it_twice(fake_hub, tmp_path):
+    """A real process, SIGKILLed while the Hub creates task 1's branch (its commit on main is done): the resumed run
+    finds the commit on main by its description and creates the branch there, instead of committing task 1 again."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    script = os.path.join(os.path.dirname(__file__), "scripts", "continual_release.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRANSFORMERS_OFFLINE", None)  # huggingface_hub reads it as HF_HUB_OFFLINE (the fixture lifts that one)
+    fake_hub.stall.add("branch")
+    process = subprocess.Popen([sys.executable, script, str(out), REPO], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert fake_hub.stalled.wait(timeout=240), "the run never reached task 1's branch"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        _, err = process.communicate(timeout=60)
+        fake_hub.stall.clear()
+    assert process.returncode == -signal.SIGKILL, err
+    time.sleep(0.1)
+    repo = fake_hub.repos[REPO]
+    assert len(repo.commits_on("main")) == 1 and not repo.branches  # committed, never branched
+    first = repo.commits_on("main")[0].oid
+
+    trainer = run(out, resume=True, save_strategy="steps", save_steps=2)
+    assert len(repo.commits_on("main")) == 3  # tasks 2 and 3; task 1 not again
+    assert repo.heads["after-task-1"] == first
+    assert [c.message for c in repo.commits_on("main")][0].startswith("a: merged model after task 1/3")
+    statuses = {r["task"]: r["status"] for r in trainer.continual_results["hub_revisions"]}
+    assert statuses == {1: "on_hub", 2: "pushed", 3: "pushed"}

@@ -457,3 +457,34 @@ def test_continual_lora_in_the_trainer_and_the_lora_merger(tmp_path):
     q = "model.layers.0.self_attn.q_proj.weight"
     ours = expected.state_dict()[q] - base_state[q]
     assert not torch.allclose(ours / ours.norm(), summed[q] / summed[q].norm(), atol=1e-3)
+
+
+def test_streaming_merge_runs_each_svd_once_shows_its_first_pass_and_leaves_no_spill(tmp_path, monkeypatch, capsys):
+    base, models = make_family(tmp_path, "llama", num_tasks=3)
+    projected = [name for name, t in load_dir(base).items() if opcm_projects(name, t.shape)]
+    svd, shapes, shown = torch.linalg.svd, [], []
+
+    def counting_svd(matrix, *args, **kwargs):
+        shapes.append(tuple(matrix.shape))
+        shown.append(capsys.readouterr().err)  # what the terminal showed before this SVD
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    out = merge_checkpoints(base, models, tmp_path / "out", method="opcm", show_progress=True)
+    # one SVD per projected weight per task after the first: pass 2 rescales the sums spilled by pass 1
+    assert len(shapes) == (len(models) - 1) * len(projected) > 0
+    assert all(rows >= cols for rows, cols in shapes)  # wide weights are projected as their transpose (faster SVD)
+    assert "Folding tensors (opcm, pass 1 of 2)" in shown[0]  # a bar before the first SVD
+    assert "pass 2 of 2" in capsys.readouterr().err
+    assert not [p.name for p in out.iterdir() if "folded" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_opcm_project_of_a_wide_matrix_is_the_transpose_of_the_tall_projection():
+    generator = torch.Generator().manual_seed(0)
+    merged, tau = torch.randn(2, 12, 40, dtype=torch.float64, generator=generator)
+    wide = opcm_project(merged, tau, 0.4)
+    tall = opcm_project(merged.T.contiguous(), tau.T.contiguous(), 0.4)
+    assert wide.shape == (12, 40)
+    torch.testing.assert_close(wide, tall.T, rtol=0, atol=1e-12)
+    assert not torch.allclose(wide, tau)  # it does project

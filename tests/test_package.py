@@ -64,7 +64,8 @@ def test_import_is_lazy():
 
 def test_core_never_imports_extras():
     code = "".join(f"import hf_magmax.{name}\n" for name in CORE)
-    code += "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hf_magmax.extras'))))"
+    code += "outside = ('hf_magmax.extras', 'hf_magmax.integrations', 'trl')\n"
+    code += "print(json.dumps(sorted(m for m in sys.modules if m.startswith(outside))))"
     assert _fresh(code) == []
     for name in CORE:
         module = ROOT / "src" / "hf_magmax" / name
@@ -72,8 +73,12 @@ def test_core_never_imports_extras():
         assert files, name
         for file in files:
             source = file.read_text()
-            assert "from .extras" not in source and "from ..extras" not in source, file
-            assert "hf_magmax.extras" not in source, file
+            if file.name == "cli.py":  # the console layer: `hf-magmax mergekit-yaml` imports its integration when run
+                assert source.count(".integrations") == 1 and "\n    from .integrations.mergekit import" in source
+                source = source.replace("\n    from .integrations.mergekit import", "\n")
+            for package in ("extras", "integrations"):
+                assert f"from .{package}" not in source and f"from ..{package}" not in source, file
+                assert f"hf_magmax.{package}" not in source, file
 
 
 def test_old_paths_of_heads_and_trace_are_the_extras_modules():
@@ -102,7 +107,8 @@ def test_packaging_files():
 def test_readme_test_command_is_the_ci_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    (ci_command,) = [line for line in ci.splitlines() if "python -m pytest" in line and not line.startswith("#")]
+    # the suite's line (later lines run optional extras' tests after it: FusionBench, the SmolLM2 GGUF)
+    (ci_command,) = [line for line in ci.splitlines() if "python -m pytest" in line and '".[test]"' in line]
     (readme_line,) = [line for line in readme.splitlines() if "python -m pytest" in line and '".[test]"' in line]
     readme_command = readme_line.split("#")[0].strip()
     assert ci_command.replace(" -q", "").strip() == readme_command
@@ -119,3 +125,31 @@ def test_relative_links_of_the_docs_resolve():
             if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_the_sdist_ships_the_tests_with_their_helpers_and_the_linked_pages(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "deprecat" not in (result.stdout + result.stderr).lower()  # e.g. License classifiers (SPDX `license`)
+    import tarfile
+
+    (sdist,) = tmp_path.glob("hf_magmax-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    shipped = {
+        "tests/conftest.py", "tests/builders.py", "tests/tiny_tasks.py", "tests/fake_hub.py", "tests/recipe_utils.py",
+        "tests/scripts/ddp_magmax.py", "docs/merge.md", "recipes/README.md", "benchmarks/README.md",
+        "benchmarks/merge_checkpoints.py", "src/hf_magmax/merging/_fold.c", "LICENSE", "README.md", "MANIFEST.in",
+        ".ci/run", ".ci/sdist_check.sh",
+    }  # fmt: skip
+    assert shipped <= names, sorted(shipped - names)
+    assert {name for name in names if name.startswith(("tests/test_", "docs/"))} >= {
+        str(path.relative_to(ROOT)) for path in [*ROOT.glob("tests/test_*.py"), *ROOT.glob("docs/*.md")]
+    }
+    assert not [name for name in names if "_work" in name or name.endswith((".so", ".pyc"))]

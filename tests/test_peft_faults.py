@@ -294,3 +294,78 @@ def test_an_older_merge_lora_config_still_runs(inputs, tmp_path):
     assert _cli(path, "--output-dir", tmp_path / "o") == 0
     recorded = yaml.safe_load((tmp_path / "o" / "magmax_config.yaml").read_text())
     assert recorded["lora_output"] == "adapter" and recorded["rank"] == 2 and "adapter_name" not in recorded
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one line instead of a traceback (issue #18, item 7)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_opcm_with_nan_in_the_first_adapter_and_allow_non_finite_is_one_line(inputs, tmp_path, capsys):
+    base, adapters = inputs
+    bad = _poisoned(adapters[1], tmp_path / "bad")  # NaN in the first task's q_proj: no SVD of the merge so far
+    out = tmp_path / "out"
+    argv = ["--base", base, "--adapters", bad, adapters[0], "--method", "opcm", "--output-dir", out]
+    assert _cli(*argv, "--allow-non-finite") == 2
+    err = _one_line_error(capsys)
+    assert "opcm cannot project task vector 2" in err and Q_PROJ in err and "NaN or Inf" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("damage", ["malicious", "truncated"])
+def test_a_malicious_or_truncated_bin_base_is_one_line(inputs, tmp_path, capsys, damage):
+    base, adapters = inputs
+    evil = tmp_path / "evil-base"
+    shutil.copytree(base, evil)
+    (evil / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    if damage == "malicious":
+        torch.save({"model.embed_tokens.weight": Payload()}, evil / "pytorch_model.bin")
+    else:
+        torch.save(load_file(Path(base) / "model.safetensors"), evil / "pytorch_model.bin")
+        data = (evil / "pytorch_model.bin").read_bytes()
+        (evil / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert _cli("--base", evil, "--adapters", adapters[0], "--output-dir", out) == 2
+    err = _one_line_error(capsys)
+    assert f"cannot load the base model '{evil}'" in err
+    assert f"cannot read PyTorch checkpoint {evil / 'pytorch_model.bin'} (memory-mapped, weights only)" in err
+    assert not marker.exists() and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs that change during the merge (issue #18, item 3)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["base config", "adapter weights"])
+def test_an_input_changed_during_a_lora_merge_is_one_error_and_nothing_is_written(
+    inputs, tmp_path, capsys, monkeypatch, which
+):
+    import time
+
+    import hf_magmax.peft.save as peft_save
+
+    base, adapters = inputs
+    base_copy, adapter_copy = tmp_path / "base", _copy(adapters[0], tmp_path / "a1")
+    shutil.copytree(base, base_copy)
+    target = base_copy / "config.json" if which == "base config" else adapter_copy / "adapter_model.safetensors"
+    real = peft_save.merge_adapters
+
+    def merge_then_change(*args, **kwargs):  # a second writer changes an input once the merge has read it
+        result = real(*args, **kwargs)
+        time.sleep(0.02)  # past the filesystem's timestamp granularity
+        target.write_bytes(target.read_bytes() + b" ")
+        return result
+
+    monkeypatch.setattr(peft_save, "merge_adapters", merge_then_change)
+    out = tmp_path / "out"
+    assert _cli("--base", base_copy, "--adapters", adapter_copy, "--output-dir", out) == 2
+    err = _one_line_error(capsys)
+    assert f"input file {target} was rewritten" in err and "nothing was written" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "hf_magmax" in p.name]

@@ -12,7 +12,10 @@ import sys
 import numpy as np
 import pytest
 from recipe_utils import (
+    llm_cl_corpus,
     make_image_dataset,
+    make_olora_benchmark,
+    make_superni_benchmark,
     make_text_dataset,
     make_tiny_bert,
     make_tiny_clip,
@@ -65,6 +68,7 @@ def assets(tmp_path_factory):
         "bert": make_tiny_bert(str(root / "bert")),
         "sentiment": make_text_dataset(str(root / "sentiment"), ["negative", "positive"]),
         "topic": make_text_dataset(str(root / "topic"), ["sports", "business", "positive"]),
+        "cl_llama": make_tiny_llama(str(root / "cl_llama"), llm_cl_corpus()),
     }
 
 
@@ -92,6 +96,7 @@ def test_trace_recipe_full_fine_tuning_all_eight_tasks(assets, tmp_path):
         assert op == pytest.approx(matrix[-1].mean())
         assert bwt == pytest.approx(np.mean([matrix[-1, i] - matrix[i + 1, i] for i in range(7)]))
         assert scores[label]["OP"] == op
+    assert results["published"]["scores"]["SeqFT (full fine-tuning)"] == 48.7  # the 5000-sample release's numbers
     continual = _json(out / "continual_results.json")
     assert continual["metric"] == "score" and continual["task_names"] == list(TRACE_TASKS)
     assert _json(out / "results.json")["recipe"] == "trace"
@@ -104,11 +109,138 @@ def test_trace_recipe_lora_with_per_task_epochs(assets, tmp_path):
         ["--config", os.path.join(CONFIGS, "tiny_trace.yaml"), "--model_name_or_path", assets["llama"]]
         + ["--data_path", assets["trace"], "--output_dir", str(out), "--tasks", "FOMC", "20Minuten"]
         + ["--use_peft", "true", "--num_train_epochs_per_task", "2", "1", "--learning_rate", "1e-2"]
+        + ["--trace_variant", "500"]
     )
     results = _json(out / "trace_results.json")
     assert results["tasks"] == ["FOMC", "20Minuten"]
+    # the 500-sample release: its published numbers beside ours
+    assert results["published"]["scores"] == {"O-LoRA": 42.78, "MoRAM": 44.54}
+    assert "| MagMax (ours), OP |" in results["table"] and "| MoRAM | 44.54 |" in results["table"]
     _check_matrix(results["scores"]["MagMax"]["matrix"], 2, 0.0, 100.0)
     assert results["script_args"]["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+# --- Standard CL, Long-15, SuperNI-15 (recipes/llm_continual.py) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cl_benchmark(tmp_path_factory):
+    """One folder in both layouts: O-LoRA's `CL_Benchmark` (all 15 classification tasks) and SAPT's `SuperNI/`."""
+    from hf_magmax.extras.llm_cl import OLORA_TASK_TYPES, SUPERNI_TASKS
+
+    root = str(tmp_path_factory.mktemp("CL_Benchmark"))
+    make_olora_benchmark(root, OLORA_TASK_TYPES)
+    make_superni_benchmark(root, SUPERNI_TASKS)
+    return root
+
+
+def _run_llm_continual(assets, cl_benchmark, out, config, *extra):
+    return _recipe("llm_continual").main(
+        ["--config", os.path.join(CONFIGS, config), "--model_name_or_path", assets["cl_llama"]]
+        + ["--data_path", cl_benchmark, "--output_dir", str(out), *extra]
+    )
+
+
+def _check_llm_results(out, benchmark, runs, num_tasks, published):
+    results = _json(out / "llm_cl_results.json")
+    assert results["benchmark"] == benchmark and len(results["runs"]) == runs
+    for run in results["runs"]:
+        assert (out / f"order{run['order']}_seed{run['seed']}" / "continual_results.json").is_file()
+        for kind in ("sequential", "merged"):
+            # `eval_merged_every_task: false` (the long15 / superni tiny configs) scores the merged model at the end only
+            rows = [row for row in run[kind]["matrix"] if None not in row]
+            assert len(run[kind]["matrix"]) == num_tasks + 1 and len(rows) in (2, num_tasks + 1)
+            final = np.asarray(rows[-1], dtype=float)
+            assert final.shape == (num_tasks,) and np.all((final >= 0.0) & (final <= 100.0))
+            assert run[kind]["metrics"]["final_average_accuracy"] == pytest.approx(final.mean())
+    for kind in ("sequential", "merged"):
+        ap = [r[kind]["metrics"]["final_average_accuracy"] for r in results["runs"]]
+        assert results["summary"][kind]["final_average_accuracy"]["mean"] == pytest.approx(np.mean(ap))
+    assert results["published"]["scores"] == published
+    table = (out / "results.md").read_text()
+    assert "MagMax (ours)" in table and "Merge before Forget" in table
+    for name, value in published.items():
+        assert f"| {name} | {value:.2f} |" in table
+    return results
+
+
+def test_standard_cl_recipe_lora_averages_seeds(assets, cl_benchmark, tmp_path):
+    out = tmp_path / "standard_cl"
+    _run_llm_continual(assets, cl_benchmark, out, "tiny_standard_cl.yaml", "--use_peft", "true")
+    results = _check_llm_results(
+        out, "standard_cl", 2, 4, {"MagMax": 80.3, "SeqLoRA": 76.0, "O-LoRA": 77.2, "SLAO": 80.4, "MTL": 80.9}
+    )
+    assert [(r["order"], r["seed"]) for r in results["runs"]] == [(1, 0), (1, 1)]
+    assert results["runs"][0]["tasks"] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    assert results["metric"] == "exact_match" and "SeqLoRA (ours)" in results["table"]
+
+
+def test_standard_cl_recipe_skips_finished_runs(assets, cl_benchmark, tmp_path, monkeypatch):
+    """A relaunched sweep with `skip_finished_runs` reuses the complete run and trains only the missing one."""
+    out = tmp_path / "sweep"
+    first = _run_llm_continual(assets, cl_benchmark, out, "tiny_standard_cl.yaml", "--seeds", "0")
+    module = _recipe("llm_continual")
+    trained = []
+    real_run_one = module.run_one
+    monkeypatch.setattr(
+        module, "run_one", lambda s, t, order, seed: trained.append(seed) or real_run_one(s, t, order, seed)
+    )
+    again = _run_llm_continual(
+        assets, cl_benchmark, out, "tiny_standard_cl.yaml", "--seeds", "0", "1", "--skip_finished_runs", "true"
+    )
+    assert trained == [1]
+    assert again["runs"][0]["sequential"] == first["runs"][0]["sequential"] and len(again["runs"]) == 2
+    assert module.finished_run(str(out / "order1_seed0"), ("dbpedia", "amazon", "agnews", "yahoo")) is None
+
+
+def test_standard_cl_recipe_every_order(assets, cl_benchmark, tmp_path):
+    out = tmp_path / "orders"
+    _run_llm_continual(
+        assets,
+        cl_benchmark,
+        out,
+        "tiny_standard_cl.yaml",
+        "--orders",
+        "2",
+        "3",
+        "--seeds",
+        "5",
+        "--max_test_samples",
+        "1",
+    )
+    results = _json(out / "llm_cl_results.json")
+    assert [r["tasks"] for r in results["runs"]] == [
+        ["dbpedia", "amazon", "agnews", "yahoo"],
+        ["yahoo", "amazon", "agnews", "dbpedia"],
+    ]
+    assert "SeqFT (ours)" in results["table"]
+
+
+def test_long15_recipe_full_fine_tuning(assets, cl_benchmark, tmp_path):
+    out = tmp_path / "long15"
+    _run_llm_continual(assets, cl_benchmark, out, "tiny_long15.yaml")
+    results = _check_llm_results(out, "long15", 1, 15, {"MagMax": 73.4, "SeqLoRA": 68.7, "SLAO": 74.8, "MTL": 78.1})
+    assert results["runs"][0]["tasks"][:4] == ["MNLI", "CB", "WiC", "COPA"]
+
+
+def test_superni_recipe_scores_rouge_l(assets, cl_benchmark, tmp_path):
+    out = tmp_path / "superni"
+    _run_llm_continual(assets, cl_benchmark, out, "tiny_superni.yaml")
+    results = _check_llm_results(out, "superni", 1, 15, {"MagMax": 11.2, "SeqLoRA": 22.6, "SLAO": 37.2, "MTL": 45.2})
+    assert results["metric"] == "rouge_l" and results["runs"][0]["tasks"][0] == "task1572_samsum_summary"
+
+
+def test_llm_continual_bad_arguments_fail_before_training(assets, cl_benchmark, tmp_path):
+    with pytest.raises(ValueError, match="`orders` \\[4\\] are not orders of `benchmark` 'standard_cl'"):
+        _run_llm_continual(assets, cl_benchmark, tmp_path / "a", "tiny_standard_cl.yaml", "--orders", "4")
+    with pytest.raises(FileNotFoundError, match="no folder for task 'dbpedia'"):
+        _recipe("llm_continual").main(
+            ["--config", os.path.join(CONFIGS, "tiny_standard_cl.yaml"), "--model_name_or_path", assets["cl_llama"]]
+            + ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "b")]
+        )
+    with pytest.raises(ValueError, match="has no causal-LM head"):
+        _run_llm_continual({"cl_llama": assets["vit"]}, cl_benchmark, tmp_path / "c", "tiny_standard_cl.yaml")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 # --- images -----------------------------------------------------------------------------------------------------------
@@ -275,7 +407,11 @@ def test_every_shipped_config_parses(tmp_path):
     """Every shipped config parses, and every scalar value it sets reaches the parsed arguments unchanged."""
     import yaml
 
-    pairs = {"trace": ["trace_", "tiny_trace"], "continual_text_classification": ["text_", "tiny_text"]}
+    pairs = {
+        "trace": ["trace_", "tiny_trace"],
+        "continual_text_classification": ["text_", "tiny_text"],
+        "llm_continual": ["standard_cl_", "long15_", "superni_", "tiny_standard_cl", "tiny_long15", "tiny_superni"],
+    }
     overridden = {"output_dir", "use_cpu", "bf16"}
     checked = 0
     for name in sorted(os.listdir(CONFIGS)):

@@ -96,6 +96,43 @@ def test_resume_falls_back_to_the_last_complete_checkpoint_of_the_same_task(cras
         assert torch.equal(value, reference[name]), name
 
 
+class _Payload:
+    """A pickle that would run a command when unpickled without `weights_only`."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+@pytest.mark.parametrize("damage", ["truncated", "malicious"])
+def test_resume_falls_back_when_a_file_trainer_reads_is_damaged(crashed, tmp_path, monkeypatch, name, damage):
+    out, reference = _copy_crashed(crashed, tmp_path)
+    newest = out / "task-01-b" / "checkpoint-3"
+    shutil.copytree(out / "task-01-b" / "checkpoint-2", newest)
+    assert (newest / name).is_file()
+    if damage == "truncated":
+        _truncate(newest / name)
+    elif name.endswith(".safetensors"):  # a header that claims more data than the file holds
+        data = (newest / name).read_bytes()
+        (newest / name).write_bytes(data[:-16])
+    else:
+        torch.save({"state": _Payload()}, newest / name)
+    monkeypatch.chdir(tmp_path)
+    steps = Steps()
+    resumed = run(out, callbacks=[steps], resume=True)  # task-01-b/checkpoint-2, not the damaged checkpoint-3
+    assert steps.steps == 6
+    assert not (tmp_path / "PWNED").exists()
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    # named explicitly, the damaged checkpoint is one error naming the file, before any step
+    trainer = MagMaxTrainer(tiny_bert(), make_args(out), train_datasets=three_tasks(), callbacks=[NoStep()])
+    with pytest.raises(CheckpointError, match=name) as info:
+        trainer.train(resume_from_checkpoint=str(newest))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("name", [STATE_NAME, MERGE_STATE_NAME, BASE_WEIGHTS_NAME])
 def test_a_truncated_checkpoint_file_is_one_error_naming_it(crashed, tmp_path, name):
     out, _ = _copy_crashed(crashed, tmp_path)

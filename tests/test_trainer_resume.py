@@ -69,3 +69,21 @@ def test_resume_from_a_checkpoint_of_another_sequence_is_rejected(tmp_path):
         other.train(resume_from_checkpoint=str(tmp_path / "first" / "task-01-b" / "checkpoint-2"))
     with pytest.raises(FileNotFoundError, match="not a MagMaxTrainer checkpoint"):
         other.train(resume_from_checkpoint=str(tmp_path))
+
+
+def test_a_resumed_run_writes_the_same_provenance_bytes(tmp_path):
+    """`magmax_provenance.json` of a resumed run is byte-identical to an uninterrupted run's (same keys, same order:
+    a run resumed in its first task makes its winner maps in the order of θ_0 read back, not the model's)."""
+
+    def run_with_provenance(output_dir, callbacks=(), resume=None):
+        train, evaluation = tasks()
+        args = tiny_config(output_dir, save_provenance=True)
+        trainer = MagMaxTrainer(tiny_bert(), args, train_datasets=train, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+
+    run_with_provenance(tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        run_with_provenance(tmp_path / "crashed", callbacks=[Crash(task=0, step=2)])  # before any fold
+    run_with_provenance(tmp_path / "crashed", resume=True)
+    name = "magmax_provenance.json"
+    assert (tmp_path / "crashed" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()

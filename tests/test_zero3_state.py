@@ -4,12 +4,11 @@
 its partition of it and of the running merge (`param.ds_tensor`: the flat elements from `rank · partition size`, the
 end padding left out), folds them with no gather and writes the merged partition back; random_mix draws by the global
 flat offset, TIES sums the ranks' histograms. The merged weights equal the one-process merge bit for bit and each rank
-holds half of the one-process state. Skipped where DeepSpeed is not installed (`pip install deepspeed`,
-`DS_BUILD_OPS=0`; CPU only).
+holds half of the one-process state. Needs DeepSpeed (`DS_BUILD_OPS=0 pip install deepspeed`; CPU only): skipped
+without it, except in CI, where tests/conftest.py turns the skip into a failure (`.ci/run` installs it).
 
-Where the line is: this tests `MergeState` on ZeRO-3 partitions directly. `MagMaxTrainer` under Accelerate's DeepSpeed
-ZeRO-3 (which does run on CPU) still takes the weights through `accelerator.get_state_dict`, which is `None` on ranks
-> 0 there; see docs/memory.md.
+This tests `MergeState` on ZeRO-3 partitions directly; `MagMaxTrainer` and `MagMaxCallback` under Accelerate's
+DeepSpeed ZeRO-3 are tested in tests/test_trainer_zero3.py.
 """
 
 import json

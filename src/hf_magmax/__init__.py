@@ -35,6 +35,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
         "label_embedding_head_names",
     ),
     "hub": ("HubPushError", "push_to_hub"),
+    "integrations.trl": ("MagMaxSFTConfig", "MagMaxSFTTrainer"),  # imports `trl` on first access
     "merging": (
         "DEFAULT_SCALING_COEFS",
         "MERGE_METHODS",
@@ -80,6 +81,7 @@ _IMPORT_STRUCTURE: dict[str, tuple[str, ...]] = {
     ),
     "task_vectors": ("TaskVector",),
     "trainer": ("MagMaxCallback", "MagMaxConfig", "MagMaxTrainer"),
+    "verify": ("VerifyResult", "verify_merge"),
 }
 
 _NAME_TO_MODULE: dict[str, str] = {name: module for module, names in _IMPORT_STRUCTURE.items() for name in names}
@@ -98,6 +100,8 @@ __all__ = [
     "MERGE_METHODS",
     "MagMaxCallback",
     "MagMaxConfig",
+    "MagMaxSFTConfig",
+    "MagMaxSFTTrainer",
     "MagMaxTrainer",
     "MergeConfig",
     "MergeSpec",
@@ -107,6 +111,7 @@ __all__ = [
     "TEXT_TEMPLATES",
     "TaskVector",
     "TextZeroShotClassifier",
+    "VerifyResult",
     "ZeroShotHead",
     "__version__",
     "accuracy_compute_metrics",
@@ -142,6 +147,7 @@ __all__ = [
     "task_arithmetic",
     "task_incremental_split",
     "ties",
+    "verify_merge",
     "winner_shares",
 ]
 
@@ -156,6 +162,7 @@ _SUBMODULES = frozenset(
         "extras",
         "heads",
         "hub",
+        "integrations",
         "io",
         "merging",
         "metrics",
@@ -164,6 +171,7 @@ _SUBMODULES = frozenset(
         "task_vectors",
         "trace",
         "trainer",
+        "verify",
     }
 )
 
@@ -203,6 +211,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         label_embedding_head_names,
     )
     from .hub import HubPushError, push_to_hub
+    from .integrations.trl import MagMaxSFTConfig, MagMaxSFTTrainer
     from .merging import (
         DEFAULT_SCALING_COEFS,
         MERGE_METHODS,
@@ -247,3 +256,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .task_vectors import TaskVector
     from .trainer import MagMaxCallback, MagMaxConfig, MagMaxTrainer
+    from .verify import VerifyResult, verify_merge

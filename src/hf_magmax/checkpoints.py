@@ -4,7 +4,7 @@
 [`merge_checkpoints`] merges a base model θ_0 and T fine-tuned models θ_1..θ_T (local directories or Hub repo ids)
 into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holding a whole model in memory. It reads as its steps:
 
-1. **Check the inputs** (`_check_inputs`). Configs are compared semantically (both loaded with `AutoConfig`: fields
+1. **Check the inputs** (`check_merge_inputs`). Configs are compared semantically (both loaded with `AutoConfig`: fields
    that define the architecture and the tensor shapes must agree, other differences are a warning naming them);
    tensor names, shapes and dtypes are compared from the safetensors headers (or the memory-mapped `.bin` state
    dicts) before a single weight is read. Names are matched across the ways real checkpoints are saved: a base saved
@@ -20,7 +20,8 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    task_arithmetic, average and ties run these steps fused in C, one pass per task per element
    (`merging.kernels.fused_merge_block`, the same bits; `HF_MAGMAX_DISABLE_CKERNELS=1` turns it off). OPCM folds
    whole tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
-   every tensor for the norms alone (`_model_scale`), so it costs two folds of the model, memory still one tensor.
+   every tensor once (`_fold_model`, one SVD per 2-D weight per task) and spills each running sum to the staging
+   directory (`_FoldedStates`); the second pass only rescales them and writes. Memory is still one tensor.
 3. **Write the side files** (`_write_side_files`): the base's config and tokenizer files, `magmax_config.yaml`
    ([`~hf_magmax.config.MergeConfig`]) and a model card, all in the staging directory that is moved into place at the
    end ([`~hf_magmax.io.staged_output_dir`]).
@@ -29,13 +30,14 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
-import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +47,16 @@ from .io import (
     SAFE_WEIGHTS_INDEX_NAME,
     WEIGHTS_INDEX_NAME,
     CheckpointReader,
+    PinnedFiles,
     ShardedSafetensorsWriter,
     check_output_dir,
     check_output_path,
-    copy_non_weight_files,
+    copy_side_file,
     expand_path,
     is_hub_id,
+    non_weight_files,
     parse_size,
+    public_name,
     staged_output_dir,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
@@ -64,9 +69,12 @@ __all__ = [
     "EXTRA_TENSORS",
     "MERGE_CONFIG_FIELDS",
     "MERGE_CONFIG_NAME",
+    "MergeInputs",
+    "check_merge_inputs",
     "load_merge_config",
     "merge_checkpoints",
     "merge_checkpoints_kwargs",
+    "merged_tensors",
     "parse_size",
 ]
 
@@ -217,7 +225,8 @@ def merge_checkpoints(
         private (`bool`, *optional*, defaults to `False`):
             Create the Hub repo as private.
         revision (`str`, *optional*):
-            With `push_to_hub`: the branch to push to (created from `main` if missing; `main` is left as it is).
+            With `push_to_hub`: the branch to push to (if missing, created at the new commit once the upload is
+            done, so a failed upload never leaves it serving another model; `main` is left as it is).
         token (`str` or `bool`, *optional*):
             Hub token for downloading inputs and pushing; defaults to the usual `HF_TOKEN` / saved login.
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -251,12 +260,22 @@ def merge_checkpoints(
     ```
     """
     config = _check_arguments(locals())
+    _warn_if_degenerate(config)
     spec = config.spec
     output = check_output_path(output_dir, _local_inputs([config.base, *config.models]))
     check_output_dir(output, overwrite)
-    inputs = _check_inputs(config, token=token)
+    inputs = check_merge_inputs(config, token=token)
     search = None
     try:
+        if inputs.gguf_inputs:
+            if spec.is_auto:
+                raise ValueError(
+                    "`scaling_coef='auto'` loads each candidate merge with transformers, which a GGUF input does not "
+                    "support here: pass a number as `scaling_coef` (--scaling-coef)."
+                )
+            logger.info("GGUF input(s) %s dequantised to float32 while merging; the output is NOT re-quantised: it is "
+                        "written as safetensors in %s.", ", ".join(c.name for c in inputs.gguf_inputs),
+                        config.dtype or "each tensor's dtype in the base (float32 for a GGUF base)")  # fmt: skip
         if spec.is_auto:
             spec, search = _search_scaling_coef(inputs, spec, score_fn, scaling_coef_grid, config.device)
             config = config.replace(scaling_coef=spec.coef)
@@ -267,20 +286,17 @@ def merge_checkpoints(
                               allow_non_finite=allow_non_finite, show_progress=show_progress)  # fmt: skip
             summary = provenance.finish() if provenance is not None else None
             _write_side_files(staging, inputs, config, writer.num_parameters, search, summary)
+            inputs.pins.check()  # every input as it was checked, weights and side files alike: else nothing
     finally:
         inputs.close()
     logger.info("merged %d model(s) into %s with %s", len(config.models), output, spec.describe())
-    if push_to_hub:
+    if push_to_hub is not None:
+        from .hub import interrupted_push
         from .hub import push_to_hub as push
 
-        push(
-            output,
-            push_to_hub,
-            private=private,
-            token=token,
-            commit_message=f"hf_magmax {spec.method} merge",
-            revision=config.revision,
-        )
+        with interrupted_push(output, push_to_hub, config.revision):
+            push(output, push_to_hub, private=private, token=token, revision=config.revision,
+                 commit_message=f"hf_magmax {spec.method} merge")  # fmt: skip
     return output
 
 
@@ -322,12 +338,41 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         allow_non_finite=args["allow_non_finite"],
         strict_config=args["strict_config"],
         extra_tensors=args["extra_tensors"],
-        save_provenance=bool(args["save_provenance"]),
+        save_provenance=args["save_provenance"],  # type-checked by `validate`: "yes" is refused
         push_to_hub=args["push_to_hub"],
         revision=args["revision"],
         private=args["private"],
     )
     return config.validate()
+
+
+def _warn_if_degenerate(config: MergeConfig) -> None:
+    """A model that is the base itself, or a model given twice, merges without error but is rarely what was meant."""
+
+    def identity(name: str) -> str:
+        local = expand_path(name)
+        return os.path.realpath(local) if local.exists() else name
+
+    base = identity(config.base)
+    seen: dict[str, int] = {}
+    for task, model in enumerate(config.models, start=1):
+        key = identity(model)
+        if key == base:
+            logger.warning(
+                "model %d of `models` (%r) is the base model itself: its task vector is zero, so it adds nothing to "
+                "the merge (and pulls average and TIES towards the base); pass a fine-tuned model instead",
+                task,
+                model,
+            )
+        elif key in seen:
+            logger.warning(
+                "`models` names %r twice (tasks %d and %d): the same task vector is merged twice; pass each fine-tuned "
+                "model once",
+                model,
+                seen[key],
+                task,
+            )
+        seen.setdefault(key, task)
 
 
 def _normalize_dtype(dtype: Any) -> str | None:
@@ -363,23 +408,29 @@ def _local_inputs(names: Sequence[str]) -> dict[str, Path]:
 
 
 @dataclass
-class _Inputs:
+class MergeInputs:
     """The checked inputs of a merge: the checkpoints, the plan of every output tensor, whose layout the output has."""
 
     base: CheckpointReader
     models: list[CheckpointReader]
     tensors: dict[str, TensorPlan]
     layout: CheckpointReader  # the base, or the last model when it brings extra tensors
+    pins: PinnedFiles = dataclasses.field(default_factory=PinnedFiles)  # every input file, as it was checked
 
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(plan.name, plan.dtype, plan.shape) for plan in sorted(self.tensors.values(), key=lambda p: p.name)]
+
+    @property
+    def gguf_inputs(self) -> list[CheckpointReader]:
+        """The GGUF inputs (dequantised on read; the output is not re-quantised)."""
+        return [c for c in (self.base, *self.models) if c.fmt == "gguf"]
 
     def close(self) -> None:
         for checkpoint in (self.base, *self.models):
             checkpoint.close()
 
 
-def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
+def check_merge_inputs(config: MergeConfig, token: str | bool | None) -> MergeInputs:
     """Read and compare configs and tensor tables (Hub models from their remote headers first, then downloaded)."""
     checkpoints = [CheckpointReader.open(name, token=token, weights=False) for name in [config.base, *config.models]]
     base, models = checkpoints[0], checkpoints[1:]
@@ -393,19 +444,29 @@ def _check_inputs(config: MergeConfig, token: str | bool | None) -> _Inputs:
             checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
             remote.remove(checkpoint)
         checkpoint.read_tensor_table()
-    _plan_tensors(base, models, config)
+    _plan_tensors(base, models, config, warn=False)  # validation only: planned again below
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
-    return _plan_tensors(base, models, config)
+    # the side files to copy: a link out is refused now (a GGUF base's side files are converted from its metadata)
+    side_files = non_weight_files(base.path, _REGENERATED) if base.fmt != "gguf" else []
+    inputs = _plan_tensors(base, models, config)
+    for checkpoint in checkpoints:  # pinned now, checked per tensor and before the commit
+        for file in checkpoint.input_files():
+            inputs.pins.add(file)
+    for rel in side_files:
+        inputs.pins.add(base.path / rel)
+    return inputs
 
 
-def _plan_tensors(base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig) -> _Inputs:
-    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype)
-    return _Inputs(base, models, plans, layout)
+def _plan_tensors(
+    base: CheckpointReader, models: list[CheckpointReader], config: MergeConfig, warn: bool = True
+) -> MergeInputs:
+    plans, layout = plan_tensors(base, models, extra_tensors=config.extra_tensors, dtype=config.dtype, warn=warn)
+    return MergeInputs(base, models, plans, layout)
 
 
-def _search_scaling_coef(inputs: _Inputs, spec: MergeSpec, score_fn, grid, device: str):
+def _search_scaling_coef(inputs: MergeInputs, spec: MergeSpec, score_fn, grid, device: str):
     """`scaling_coef="auto"`: choose λ with `score_fn` ([`hf_magmax.scaling`]); returns the spec with it."""
     from .scaling import DEFAULT_SCALING_COEF_GRID, check_scaling_coef_grid, select_scaling_coef_for_checkpoints
 
@@ -427,7 +488,7 @@ def _search_scaling_coef(inputs: _Inputs, spec: MergeSpec, score_fn, grid, devic
 
 
 def _stream_merge(
-    inputs: _Inputs,
+    inputs: MergeInputs,
     spec: MergeSpec,
     writer: ShardedSafetensorsWriter,
     provenance: _Provenance | None = None,
@@ -440,35 +501,100 @@ def _stream_merge(
     import torch
     from huggingface_hub.utils import tqdm
 
-    model_scale = _model_scale(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite)
-    with torch.no_grad(), tqdm(total=len(writer.order), desc="Merging tensors", unit="tensor",
-                               disable=not show_progress) as progress:  # fmt: skip
-        for name in writer.order:
-            plan = inputs.tensors[name]
-            tracked = provenance is not None and provenance.covers(name)
-            writer.begin(name)
-            if tracked:
-                provenance.begin(name)
-            blocks = _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
-                                    track_winners=tracked, model_scale=model_scale)  # fmt: skip
+    tracked = {name for name in writer.order if provenance is not None and provenance.covers(name)}
+    tensors = merged_tensors(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite,
+                             track_winners=tracked, spill_dir=writer.directory,
+                             show_progress=show_progress)  # fmt: skip
+    desc = "Merging tensors"
+    if spec.merge_class.needs_model_stats:
+        desc += f" ({spec.method}, pass 2 of 2: rescale, write)"
+    with torch.no_grad(), contextlib.closing(tensors), tqdm(total=len(writer.order), desc=desc, unit="tensor",
+                                                            disable=not show_progress) as progress:  # fmt: skip
+        for plan, blocks in tensors:
+            writer.begin(plan.name)
+            if plan.name in tracked:
+                provenance.begin(plan.name)
             for block, winners in blocks:
                 writer.write_part(block)
-                if tracked:
-                    provenance.write_part(name, winners)
+                if plan.name in tracked:
+                    provenance.write_part(plan.name, winners)
             writer.end()
-            if tracked:
+            if plan.name in tracked:
                 provenance.end()
             progress.update(1)
+
+
+def merged_tensors(
+    inputs: MergeInputs,
+    spec: MergeSpec,
+    order: Sequence[str],
+    *,
+    device: str = "cpu",
+    allow_non_finite: bool = False,
+    track_winners: Collection[str] = (),
+    spill_dir: str | os.PathLike | None = None,
+    show_progress: bool = False,
+) -> Iterator[tuple[TensorPlan, Iterator]]:
+    """Every output tensor of a merge, in `order`, as `(plan, blocks)`: `blocks` yields `(block, winners)` in row
+    order (whole tensors for methods that do not fold in blocks, and for tensors copied from one input), each block
+    in the output dtype, exactly the bits [`merge_checkpoints`] writes. The one generator behind the streaming merge
+    and [`~hf_magmax.verify.verify_merge`]; memory is one block (one tensor for opcm), whatever T.
+
+    `needs_model_stats` methods (opcm) fold every tensor here, before this returns (one SVD per 2-D weight per task
+    after the first), keeping each running sum in one file in `spill_dir` (default: a new temporary directory); the
+    blocks then only rescale them, and the file is removed once the iterator is exhausted or closed.
+
+    Args:
+        inputs ([`MergeInputs`]): what [`check_merge_inputs`] returned.
+        spec ([`~hf_magmax.merging.MergeSpec`]): the merge.
+        order (`list[str]`): output tensor names (keys of `inputs.tensors`).
+        track_winners (`Collection[str]`, *optional*): tensors whose winner maps to yield (else `winners` is None).
+        spill_dir (`str` or `os.PathLike`, *optional*): opcm only: where the running sums wait between the passes
+            (4 bytes per merged parameter; the streaming merge uses its staging directory).
+        show_progress (`bool`, *optional*, defaults to `False`): opcm only: a progress bar over the first pass.
+    """
+    folded, model_scale = None, 1.0
+    if spec.merge_class.needs_model_stats:
+        folded = _FoldedStates(spill_dir)
+        try:
+            model_scale = _fold_model(inputs, spec, order, folded, device=device, allow_non_finite=allow_non_finite,
+                                      show_progress=show_progress)  # fmt: skip
+        except BaseException:
+            folded.close()
+            raise
+    return _merged_stream(inputs, spec, order, folded, model_scale, device=device, allow_non_finite=allow_non_finite,
+                          track_winners=track_winners)  # fmt: skip
+
+
+def _merged_stream(inputs, spec, order, folded, model_scale, *, device, allow_non_finite, track_winners):
+    try:
+        for name in order:
+            plan = inputs.tensors[name]
+            inputs.pins.check(_files_of(plan, inputs))  # before touching its memory maps (a truncation: SIGBUS)
+            yield plan, _merged_blocks(plan, inputs, spec, device=device, allow_non_finite=allow_non_finite,
+                                       track_winners=name in track_winners, model_scale=model_scale,
+                                       folded=folded)  # fmt: skip
+    finally:
+        if folded is not None:
+            folded.close()
+
+
+def _files_of(plan: TensorPlan, inputs: MergeInputs) -> list[Path]:
+    """The input files the output tensor `plan` is read from."""
+    if plan.kind == "last":  # a tensor of the last model only
+        return [inputs.models[-1].tensors[plan.sources[0]].file]
+    files = [inputs.base.tensors[plan.base].file]
+    return files + [model.tensors[source].file for model, source in zip(inputs.models, plan.sources)]
 
 
 class _Provenance:
     """The winner maps of a streaming merge, written block by block into `magmax_provenance.safetensors` (one file,
     planned up front like the weights), and the per-tensor counts that the shares are made of."""
 
-    def __init__(self, staging: Path, inputs: _Inputs, order: Sequence[str]) -> None:
+    def __init__(self, staging: Path, inputs: MergeInputs, order: Sequence[str]) -> None:
         from .metrics import PROVENANCE_FILE
 
-        self.task_names = [model.name for model in inputs.models]
+        self.task_names = [public_name(model.name) for model in inputs.models]  # published: no local path
         num_tasks = len(self.task_names)
         self.dtype = "uint8" if num_tasks <= 255 else "int16"
         plans = [inputs.tensors[name] for name in order]  # the weights' order: both files are written side by side
@@ -514,21 +640,92 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, device: str, allow_non_finite: bool):
-    """`needs_model_stats` methods (opcm): the model-wide factor of the merged task vector, from a first pass that
-    folds every whole tensor and keeps only its [`~hf_magmax.merging.OnlineMerge.model_stat`]; 1.0 for the others."""
-    if not spec.merge_class.needs_model_stats:
-        return 1.0
+class _FoldedStates:
+    """The accumulator states of the first pass of a `needs_model_stats` merge (opcm), spilled to one file in the
+    staging directory: the second pass restores each tensor's state and rescales it instead of folding the task
+    vectors again, so every SVD runs once. Memory stays one tensor; disk holds the running sums until the merge ends
+    (4 bytes per merged parameter, 8 for fp64), and the file is removed before the output is moved into place."""
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        import tempfile
+
+        self._temporary = tempfile.mkdtemp(prefix="hf_magmax-opcm-") if directory is None else None
+        self.path = Path(directory if directory is not None else self._temporary) / ".hf_magmax-folded-states.bin"
+        self._file = open(self.path, "w+b")
+        self._index: dict[str, dict[str, Any]] = {}
+
+    def put(self, name: str, accumulator: Any) -> None:
+        import torch
+
+        entry = {}
+        for key, value in accumulator.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to("cpu").contiguous()
+                entry[key] = (self._file.tell(), value.dtype, tuple(value.shape))
+                self._file.write(value.reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                entry[key] = value
+        self._index[name] = entry
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str, device: str) -> dict[str, Any]:
+        """The state of `name` as `put` saw it (tensors on `device`), for `OnlineMerge.load_state_dict`."""
+        import torch
+
+        self._file.flush()
+        state = {}
+        for key, value in self._index[name].items():
+            if isinstance(value, tuple):
+                offset, dtype, shape = value
+                buffer = bytearray(math.prod(shape) * dtype.itemsize)
+                self._file.seek(offset)
+                self._file.readinto(buffer)
+                value = torch.frombuffer(buffer, dtype=dtype).reshape(shape).to(device)
+            state[key] = value
+        return state
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+        if self._temporary is not None:
+            os.rmdir(self._temporary)
+            self._temporary = None
+
+
+def _fold_model(
+    inputs: MergeInputs,
+    spec: MergeSpec,
+    order: Sequence[str],
+    folded: _FoldedStates,
+    *,
+    device: str,
+    allow_non_finite: bool,
+    show_progress: bool,
+) -> float:
+    """Pass 1 of a `needs_model_stats` merge (opcm): fold every whole tensor, spill its state to `folded`, and return
+    the model-wide factor of the merged task vector from every tensor's
+    [`~hf_magmax.merging.OnlineMerge.model_stat`]."""
     import torch
+    from huggingface_hub.utils import tqdm
 
     from .task_vectors import subtract
 
+    names = [name for name in order if inputs.tensors[name].kind == "merge"]
+    logger.info(
+        "%s: pass 1 of 2 folds the %d merged tensors of %d model(s) (one SVD per 2-D weight per task after the first) "
+        "for the model-wide rescale; pass 2 rescales and writes them",
+        spec.method,
+        len(names),
+        len(inputs.models),
+    )
     stats = []
-    with torch.no_grad():
-        for name in order:
+    with torch.no_grad(), tqdm(total=len(names), desc=f"Folding tensors ({spec.method}, pass 1 of 2)", unit="tensor",
+                               disable=not show_progress) as progress:  # fmt: skip
+        for name in names:
             plan = inputs.tensors[name]
-            if plan.kind != "merge":
-                continue
+            inputs.pins.check(_files_of(plan, inputs))
             theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
             _check_finite(theta_0, allow_non_finite, plan.base, inputs.base)
             accumulator = spec.accumulator(plan.base)
@@ -536,19 +733,23 @@ def _model_scale(inputs: _Inputs, spec: MergeSpec, order: Sequence[str], *, devi
                 tau = subtract(model.rows(source)[...], theta_0, device=device)
                 _check_finite(tau, allow_non_finite, source, model)
                 accumulator.update(tau)
+                del tau
             stats.append(accumulator.model_stat())
+            folded.put(plan.name, accumulator)
+            progress.update(1)
     return spec.merge_class.model_scale_from_stats(stats)
 
 
 def _merged_blocks(
     plan: TensorPlan,
-    inputs: _Inputs,
+    inputs: MergeInputs,
     spec: MergeSpec,
     *,
     device: str,
     allow_non_finite: bool,
     track_winners=False,
     model_scale: float = 1.0,
+    folded: _FoldedStates | None = None,
 ):
     """The output tensor `plan`, block by block, in its output dtype: `(block, winners of the block or None)`."""
     import torch
@@ -558,6 +759,13 @@ def _merged_blocks(
     dtype = getattr(torch, plan.dtype)
     if plan.kind == "base":  # integer / bool buffers are taken from the base
         yield inputs.base.get(plan.base), None
+        return
+    if folded is not None and plan.name in folded:  # opcm, pass 2: the state folded in pass 1, rescaled
+        accumulator = spec.accumulator(plan.base)
+        accumulator.load_state_dict(folded.get(plan.name, device))
+        theta_0 = _widened(inputs.base.rows(plan.base)[...], device)
+        yield _checked(apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype),
+                       plan, spec, allow_non_finite), None  # fmt: skip
         return
     if plan.kind == "last":  # a tensor only the fine-tunes have (a new head): the last model's
         model = inputs.models[-1]
@@ -598,13 +806,18 @@ def _merged_blocks(
             accumulator.update(tau)
             del tau
         merged = apply_merged(theta_0, accumulator.result(model_scale=model_scale), spec.coef, dtype=dtype)
-        if not allow_non_finite and not _is_finite(merged):
-            raise ValueError(
-                f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "
-                f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
-                "`allow_non_finite=True` (--allow-non-finite)."
-            )
-        yield merged, accumulator.winners() if track_winners else None
+        yield _checked(merged, plan, spec, allow_non_finite), accumulator.winners() if track_winners else None
+
+
+def _checked(merged, plan: TensorPlan, spec: MergeSpec, allow_non_finite: bool):
+    """`merged`, after checking that it is finite (unless `allow_non_finite`)."""
+    if not allow_non_finite and not _is_finite(merged):
+        raise ValueError(
+            f"the merged tensor {plan.name!r} is not finite in {plan.dtype} although every input is (λ = "
+            f"{spec.coef:g}): choose a wider `dtype` (--dtype float32) or a smaller `scaling_coef`, or pass "
+            "`allow_non_finite=True` (--allow-non-finite)."
+        )
+    return merged
 
 
 def _widened(tensor, device: str):
@@ -639,14 +852,15 @@ def _check_finite(tensor, allow_non_finite: bool, name: str, checkpoint: Checkpo
 
 
 def _write_side_files(
-    staging: Path, inputs: _Inputs, config: MergeConfig, num_parameters: int, search: Any, provenance: Any = None
+    staging: Path, inputs: MergeInputs, config: MergeConfig, num_parameters: int, search: Any, provenance: Any = None
 ) -> None:
-    copy_non_weight_files(inputs.base.path, staging, skip_names=_REGENERATED)
-    if inputs.layout is not inputs.base and (inputs.layout.path / "config.json").is_file():
-        shutil.copy2(inputs.layout.path / "config.json", staging / "config.json")  # its head, labels, architectures
-    if config.dtype is not None and (staging / "config.json").is_file():
+    inputs.base.write_side_files(staging, skip_names=_REGENERATED)  # a GGUF base: converted from its metadata
+    if inputs.layout is not inputs.base and inputs.layout.config_file.name == "config.json":
+        copy_side_file(inputs.layout.path, "config.json", staging)  # its head, labels, architectures
+    dtype = config.dtype or ("float32" if inputs.base.fmt == "gguf" else None)  # a GGUF base is dequantised to fp32
+    if dtype is not None and (staging / "config.json").is_file():
         model_config = json.loads((staging / "config.json").read_text())
-        model_config["dtype"] = config.dtype
+        model_config["dtype"] = dtype
         model_config.pop("torch_dtype", None)
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
     (staging / MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
@@ -654,10 +868,13 @@ def _write_side_files(
         (staging / "scaling_coef_search.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
     from .hub import write_model_card
 
-    write_model_card(staging, _model_card(config, num_parameters, search, provenance))
+    gguf = [c.name for c in inputs.gguf_inputs]
+    write_model_card(staging, _model_card(config, num_parameters, search, provenance, gguf))
 
 
-def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, provenance: Any = None):
+def _model_card(
+    config: MergeConfig, num_parameters: int, search: Any = None, provenance: Any = None, gguf: Sequence[str] = ()
+):
     """The card of a checkpoint merge, through the one card builder ([`hf_magmax.hub.model_card_text`], the text of `build_model_card`)."""
     from . import __version__
     from .hub import model_card_text
@@ -670,16 +887,30 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         return model if is_hub_id(model) and not expand_path(model).exists() else expand_path(model).name
 
     models = "\n".join(f"{i}. `{shown(m)}`" for i, m in enumerate(config.models, start=1))
+    if any(expand_path(name).exists() for name in [config.base, *config.models]):
+        models += (
+            "\n\nLocal models are named by their folder only (here and in the configuration below); the "
+            f"`{MERGE_CONFIG_NAME}` written beside the weights records their absolute paths, so it re-runs the merge "
+            "from any directory of the machine that made it."
+        )
     default = " (the method's default)" if spec.scaling_coef_is_default else ""
     details = (
         f"- **Method:** `{spec.method}`, {spec.describe()}.\n"
         "- **Merged model:** θ_0 + λ · merge(θ_1 − θ_0, …, θ_T − θ_0), with the task vectors taken in the order "
         "below.\n"
         f"- **Scaling coefficient (λ):** {spec.coef:g}{default}\n"
-        f"- **Base model (θ_0):** `{base_name}`\n"
+        f"- **Base model (θ_0):** `{base_name}`" + ("" if hub_base else " (a local model, named by its folder)") + "\n"
         f"- **Parameters:** {num_parameters:,}"
     )
     sections = {"Merge details": details, "Models merged (task order)": models}
+    if gguf:
+        shown_gguf = ", ".join(f"`{shown(name)}`" for name in gguf)
+        sections["GGUF inputs"] = (
+            f"{shown_gguf} {'was' if len(gguf) == 1 else 'were'} read from GGUF and dequantised to float32 as "
+            "transformers loads GGUF (`from_pretrained(..., gguf_file=...)`). The merge is **not re-quantised**: "
+            f"these weights are safetensors in {config.dtype or 'float32'}, and the config and tokenizer files were "
+            "converted from the GGUF metadata. Quantise them again with llama.cpp if you need a GGUF."
+        )
     if search is not None:
         from .scaling import scaling_curve_markdown
 
@@ -692,13 +923,14 @@ def _model_card(config: MergeConfig, num_parameters: int, search: Any = None, pr
         )
     return model_card_text(
         expand_path(config.output_dir).name,
-        f"This model is a merge of {len(config.models)} fine-tuned model(s) of `{base_name}` made with "
-        f"hf_magmax {__version__}.",
+        f"This model is a merge of {len(config.models)} fine-tuned model(s) of "
+        + (f"`{hub_base}`" if hub_base else f"a local base model `{base_name}`")
+        + f" made with hf_magmax {__version__}.",
         sections,
         base_model=hub_base,
         base_model_relation="merge",
         method=spec.method,
-        merge_config=config.to_yaml(),
+        merge_config=config.to_yaml(public=True),  # a card is for others: no local path in it
         config_file=MERGE_CONFIG_NAME,
         rerun_command=f"hf-magmax merge {MERGE_CONFIG_NAME}",
     )

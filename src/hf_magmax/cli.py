@@ -12,8 +12,10 @@ in `SUBCOMMANDS`. User mistakes (`ValueError`, `KeyError`, `FileNotFoundError`, 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -45,7 +47,47 @@ class _ArgumentParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message}{_did_you_mean(message)} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, but arguments that no parser knows are reported by the subcommand they were given to, with
+        the closest option it has (`hf-magmax merge --methd`: `did you mean --method?`)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        command = getattr(namespace, "command", None)
+        subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if extras and command is not None and subparsers and command in subparsers[0].choices:
+            parser = subparsers[0].choices[command]
+            options = [option for action in parser._actions for option in action.option_strings]
+            flags = [extra.split("=")[0] for extra in extras if extra.startswith("--")]
+            hints = [close for flag in flags for close in difflib.get_close_matches(flag, options, n=1)]
+            hint = f"; did you mean {' '.join(hints)}?" if hints else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
+
+
+def _did_you_mean(message: str) -> str:
+    """`; did you mean 'magmax'?` for argparse's `invalid choice: 'maxmag' (choose from ...)`, else ``."""
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if found is None:
+        return ""
+    choices = [choice.strip(" '\"") for choice in found.group(2).split(",")]
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(found.group(1).lower(), list(lowered), n=1, cutoff=0.5)
+    return f"; did you mean '{lowered[close[0]]}'?" if close else ""
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the version, and whether the fast C merge kernels are in use (looked up only when asked, so that
+    `--help` still imports no torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        from .merging.kernels import c_kernels_status
+
+        sys.stdout.write(f"{parser.prog} {_version()}\n{c_kernels_status()}\n")  # stdout, as argparse's version
+        parser.exit(0)
 
 
 def _method_choices() -> list[str]:
@@ -89,6 +131,7 @@ examples:
   hf-magmax merge --base bert-base --models ft1 ft2 --extra-tensors last --output-dir m3  # new heads: the last's
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --private
   hf-magmax merge CONFIG.yaml --push-to-hub me/my-merge --revision after-task-3  # to a branch; main left as it is
+  hf-magmax push merged --to-hub me/my-merge                        # push an existing output (e.g. after a failed push)
 
 CONFIG.yaml takes the same fields as the flags (base, models, method, scaling_coef, density, seed, alpha, dtype, device,
 max_shard_size, output_dir, overwrite, allow_non_finite, strict_config, extra_tensors, push_to_hub, revision,
@@ -133,7 +176,8 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Merge T fine-tuned checkpoints θ_1..θ_T of one base model θ_0 into θ_0 + λ·merge(θ_1−θ_0, …, θ_T−θ_0), "
             "reading the memory-mapped inputs one block of rows at a time (memory does not grow with T or the model "
-            "size). Inputs are local directories or Hub repo ids (safetensors, sharded or not, or .bin). Everything "
+            "size). Inputs are local directories or Hub repo ids (safetensors, sharded or not, or .bin), or local GGUF "
+            "files (dequantised as transformers reads them; the output is safetensors, not re-quantised). Everything "
             "is validated before weights are read; the output (sharded safetensors + index, the base's config and "
             "tokenizer files, a model card and magmax_config.yaml) appears atomically, and Ctrl-C, SIGTERM or SIGHUP "
             "leave nothing behind."
@@ -147,17 +191,20 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="CONFIG.yaml",
         help="a merge configuration YAML (e.g. a previous merge's magmax_config.yaml); flags override its fields",
     )
-    parser.add_argument("--base", help="the base (pretrained) model θ_0: a local directory or a Hub repo id")
+    parser.add_argument(
+        "--base", help="the base (pretrained) model θ_0: a local directory, a .gguf file or a Hub repo id"
+    )
     parser.add_argument(
         "--models",
         nargs="+",
         metavar="MODEL",
-        help="the fine-tuned models θ_1..θ_T, in task order (directories or "
+        help="the fine-tuned models θ_1..θ_T, in task order (directories, .gguf files or "
         "Hub repo ids); for magmax, ties go to the later task",
     )
     parser.add_argument(
         "--method",
         choices=_method_choices(),
+        type=str.lower,
         help="merge method (default: magmax)",
     )
     parser.add_argument(
@@ -186,6 +233,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
+        type=str.lower,
         help="dtype of the merged floating tensors "
         "(default: each tensor's dtype in the base); the math runs in float32 either way",
     )
@@ -221,14 +269,15 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--extra-tensors",
         choices=["error", "last"],
+        type=str.lower,
         help="tensors only the fine-tuned models have (a new head): an error (default), or taken from the last model",
     )
     _add_publish_arguments(parser)
     parser.add_argument(
         "--revision",
         metavar="BRANCH",
-        help="with --push-to-hub: push to this branch (created from main if missing; main is left as it is), e.g. "
-        "after-task-3",
+        help="with --push-to-hub: push to this branch, e.g. after-task-3 (if missing, created at the new commit after "
+        "the upload; main is left as it is)",
     )
 
 
@@ -309,7 +358,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADAPTER",
         help="the LoRA adapters, in task order (directories or Hub repo ids); for magmax, ties go to the later one",
     )
-    parser.add_argument("--method", choices=_method_choices(), help="merge method (default: magmax)")
+    parser.add_argument("--method", choices=_method_choices(), type=str.lower, help="merge method (default: magmax)")
     parser.add_argument(
         "--scaling-coef",
         type=float,
@@ -335,6 +384,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--lora-output",
         choices=["merged", "adapter"],
+        type=str.lower,
         help="merged: a full model with the merge folded in (default); adapter: a re-factored LoRA adapter",
     )
     parser.add_argument("--merged", action="store_true", help="the same as --lora-output merged")
@@ -344,6 +394,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--svd",
         choices=["full", "randomized"],
+        type=str.lower,
         help="SVD of the adapter re-factor: full (exact truncation) or randomized (torch.svd_lowrank, for large "
         "matrices) (default: full)",
     )
@@ -351,6 +402,7 @@ def _add_merge_lora_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
+        type=str.lower,
         help="dtype of the merged floating tensors (default: the base's); the math runs in float32 either way",
     )
     parser.add_argument("--device", help="where the base is loaded and the math runs: cpu or cuda[:N] (default: cpu)")
@@ -413,6 +465,56 @@ def _run_merge_lora(args: argparse.Namespace) -> int:
         return 1
     logger.info("LoRA merge written to %s", path)
     return 0
+
+
+# -- verify ---------------------------------------------------------------------------------------------------------
+
+_VERIFY_EPILOG = """\
+examples:
+  hf-magmax verify merged                                  # re-compute from merged/magmax_config.yaml and compare
+  hf-magmax verify merged --base ckpt/base --models ckpt/t1 ckpt/t2   # inputs that moved since the merge
+  hf-magmax verify merged-lora                             # an `hf-magmax merge-lora --merged` output
+  hf-magmax verify me/my-merge                             # a merge pushed to the Hub (downloaded, then checked)
+
+Exit status: 0 when every tensor matches bit for bit (none missing, none extra), 1 at the first difference (named on
+stdout: tensor, index, both values), 2 when the directory or its inputs cannot be read.
+"""
+
+
+def _add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="re-compute a merge from its magmax_config.yaml and check every tensor of the output bit for bit",
+        description=(
+            "Re-compute the merge recorded in DIR/magmax_config.yaml (inputs as recorded: local directories, GGUF "
+            "files or Hub repo ids) and compare every tensor of DIR with it, bit for bit. Checkpoint merges are "
+            "re-computed by the streaming merge itself and compared block by block (nothing is written, memory does "
+            "not grow with the number of models); `merge-lora --merged` outputs are re-computed in memory."
+        ),
+        epilog=_VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "output_dir",
+        metavar="DIR",
+        help="a merged model directory holding magmax_config.yaml, or a Hub repo id of one",
+    )
+    parser.add_argument("--base", help="use this base model instead of the recorded one")
+    parser.add_argument("--models", nargs="+", metavar="MODEL", help="use these fine-tuned models (checkpoint merges)")
+    parser.add_argument(
+        "--adapters", nargs="+", metavar="ADAPTER", help="use these LoRA adapters (merge-lora outputs)"
+    )
+    parser.add_argument("--device", help="where the math runs: cpu or cuda[:N] (default: the recorded device)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_merge
+
+    result = verify_merge(args.output_dir, base=args.base, models=args.models, adapters=args.adapters,
+                          device=args.device, show_progress=not args.no_progress)  # fmt: skip
+    sys.stdout.write(f"{'OK' if result else 'MISMATCH'}: {result}\n")
+    return 0 if result else 1
 
 
 # --- demo (class-incremental digits: sequential fine-tuning vs average / TIES / MagMax) ------------------------------
@@ -505,12 +607,157 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- push -------------------------------------------------------------------------------------------------------------
+
+_PUSH_EPILOG = """\
+examples:
+  hf-magmax push merged --to-hub me/my-merge
+  hf-magmax push merged --to-hub me/my-merge --revision after-task-3   # to a branch; main left as it is
+  hf-magmax push merged --to-hub me/my-merge --private
+
+What is uploaded is what `merge --push-to-hub` uploads: every file of DIR, with local paths in the configs and card
+replaced by folder names; a symbolic link out of DIR or a text file holding a local path refuses the push.
+"""
+
+
+def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload an existing output directory (a merge, e.g. after an interrupted --push-to-hub) to the Hub",
+        description=(
+            "Upload an output directory written by `hf-magmax merge` / `merge-lora` to a Hub repo, as their "
+            "--push-to-hub does (one commit; a missing --revision branch is created only after the upload, at the "
+            "new commit), without merging again."
+        ),
+        epilog=_PUSH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", help="the output directory to upload")
+    parser.add_argument("--to-hub", required=True, metavar="REPO_ID", help="the Hub repo to upload to (created)")
+    parser.add_argument(
+        "--revision", metavar="BRANCH", help="push to this branch (created at the new commit if missing)"
+    )
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument(
+        "--commit-message", metavar="TEXT", help='the commit message (default: "Upload with hf_magmax")'
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the upload's progress bars")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import HubPushError, check_branch_name, check_repo_id, interrupted_push, push_to_hub
+
+    check_repo_id(args.to_hub, "--to-hub")
+    if args.revision is not None:
+        check_branch_name(args.revision, "--revision")
+    if not os.path.isdir(args.dir):
+        raise FileNotFoundError(f"{args.dir} is not a directory: pass the output directory of a merge.")
+    if args.no_progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    try:
+        with interrupted_push(args.dir, args.to_hub, args.revision):
+            url = push_to_hub(args.dir, args.to_hub, private=args.private, revision=args.revision,
+                              commit_message=args.commit_message)  # fmt: skip
+    except HubPushError as err:
+        sys.stderr.write(f"hf-magmax push: error: {err}\n")
+        return 1
+    sys.stdout.write(f"{url}\n")
+    return 0
+
+
+# -- mergekit-yaml (mergekit's command line with hf_magmax's methods registered) ------------------------------------
+
+_MERGEKIT_YAML_EPILOG = """\
+example CONFIG.yml (mergekit's format; `lambda` is an alias of `scaling_coef`):
+  merge_method: magmax          # or random_mix (parameters: scaling_coef, seed)
+  base_model: ckpt/base
+  models:
+    - model: ckpt/task1
+    - model: ckpt/task2
+  parameters:
+    scaling_coef: 0.5
+
+  hf-magmax mergekit-yaml CONFIG.yml merged/
+  hf-magmax mergekit-yaml CONFIG.yml merged/ --cuda --lazy-unpickle   # any mergekit-yaml option
+  hf-magmax mergekit-yaml CONFIG.yml merged/ --help                   # mergekit's own options
+
+The output equals `hf-magmax merge` on the same checkpoints bit for bit (leave mergekit's `dtype:` unset; `out_dtype:`
+sets the output dtype). Needs mergekit (LGPL-3.0, optional): pip install "hf_magmax[mergekit]".
+"""
+
+
+def _add_mergekit_yaml_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "mergekit-yaml",
+        help="mergekit's `mergekit-yaml` with hf_magmax's magmax and random_mix registered (needs mergekit)",
+        description=(
+            "Run a mergekit YAML through mergekit's own `mergekit-yaml` after registering hf_magmax's `magmax` and "
+            "`random_mix` in mergekit's method registry (what importing hf_magmax's mergekit integration does). "
+            "Everything after CONFIG goes to mergekit unchanged (docs/integrations.md)."
+        ),
+        epilog=_MERGEKIT_YAML_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG", help="a mergekit YAML (merge_method: magmax, random_mix, ...)")
+    parser.add_argument(
+        "mergekit_args", nargs=argparse.REMAINDER, metavar="OUT [OPTIONS]", help="output directory, mergekit options"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="before CONFIG: hide progress bars (mergekit's --quiet)"
+    )
+
+
+def _run_mergekit_yaml(args: argparse.Namespace) -> int:
+    if not args.mergekit_args:
+        raise ValueError("`mergekit-yaml` needs CONFIG and OUT: hf-magmax mergekit-yaml CONFIG.yml OUTPUT_DIR.")
+    if "--help" not in args.mergekit_args and not os.path.isfile(args.config):  # before importing mergekit, torch
+        raise FileNotFoundError(f"CONFIG {args.config!r} is not a file: pass a mergekit YAML.")
+    from .integrations.mergekit import main as mergekit_yaml
+
+    quiet = ["--quiet"] if args.no_progress and "--quiet" not in args.mergekit_args else []
+    return mergekit_yaml([args.config, *args.mergekit_args, *quiet])
+
+
 #: name -> (add_parser, run)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge_parser, _run_merge),
     "merge-lora": (_add_merge_lora_parser, _run_merge_lora),
+    "push": (_add_push_parser, _run_push),
+    "verify": (_add_verify_parser, _run_verify),
     "demo": (_add_demo_parser, _run_demo),
+    "mergekit-yaml": (_add_mergekit_yaml_parser, _run_mergekit_yaml),
 }
+
+
+def _configure_logging(level: int) -> None:
+    """Log lines on stderr: hf_magmax's at `level`, other libraries' (matplotlib's font cache, ...) from WARNING up,
+    except with DEBUG. A logging setup that exists already (an application's, pytest's) is left as it is."""
+    if logging.root.handlers:
+        return
+    logging.basicConfig(level=level if level <= logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    for name in ("hf_magmax", logger.name):  # `python -m hf_magmax.cli`: this module's logger is `__main__`
+        logging.getLogger(name).setLevel(level)
+
+
+def _logging_beside_progress_bars():
+    """While a command runs, log lines go through `tqdm.write`: printed above the progress bars, not into them."""
+    import contextlib
+
+    console = [
+        handler
+        for handler in logging.root.handlers
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout)
+    ]
+    if not console:  # no log lines on the terminal (an application's own handlers, pytest's): nothing to redirect
+        return contextlib.nullcontext()
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Face ecosystem: merge fine-tuned checkpoints or LoRA adapters, and run continual-learning demos."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show the version and whether the fast C merge kernels are in use"
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks for errors (also: HF_MAGMAX_DEBUG=1)"
     )
@@ -529,12 +778,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("HF_MAGMAX_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
         help="logging level (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add_parser, _ in SUBCOMMANDS.values():
         add_parser(subparsers)
     return parser
+
+
+def _ignore_signals() -> None:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP from now on (the process is exiting after an interruption)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -544,15 +803,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("HF_MAGMAX_DEBUG", "") not in ("", "0")
-    logging.basicConfig(
-        level=logging.DEBUG if debug else getattr(logging, args.log_level),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(logging.DEBUG if debug else getattr(logging, args.log_level))
     _, run = SUBCOMMANDS[args.command]
     try:
-        return int(run(args) or 0)
+        with _logging_beside_progress_bars():
+            return int(run(args) or 0)
     except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP while an output is staged (hf_magmax.io.Terminated)
-        sys.stderr.write("hf-magmax: interrupted; nothing partial was left at the output path.\n")
+        if argv is None:  # the console script: the cleanup is done, a further Ctrl-C must not print a traceback
+            _ignore_signals()  # from the interpreter's exit handlers (a caller of main(argv) keeps its handlers)
+        # what the interruption left, as the library knows it (`Terminated.outcome`: e.g. "the new output is in
+        # place", or "complete at PATH but not pushed"); by default nothing, since staging is removed on the way out
+        outcome = getattr(err, "outcome", None) or "nothing partial was left at the output path"
+        sys.stderr.write(f"hf-magmax: interrupted; {outcome}.\n")
         return 128 + getattr(err, "signum", 2)
     except USER_ERRORS as err:
         if debug:

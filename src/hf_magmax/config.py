@@ -27,6 +27,8 @@ __all__ = ["EXTRA_TENSORS", "LORA_OUTPUTS", "MERGE_CONFIG_NAME", "OUTPUT_DTYPES"
 
 #: The merge configuration saved next to the merged weights (the same YAML both subcommands read).
 MERGE_CONFIG_NAME = "magmax_config.yaml"
+#: The first line of a published `magmax_config.yaml` (and of the one in a model card).
+PUBLIC_CONFIG_NOTE = "# local inputs are named by their folder only; a Hub id re-runs as it is\n"
 #: What `merge-lora` writes: a full model with the merge folded in, or a re-factored LoRA adapter.
 LORA_OUTPUTS = ("merged", "adapter")
 #: Output dtypes of merged floating tensors (`None`: each tensor keeps the base's dtype).
@@ -103,8 +105,8 @@ class MergeConfig:
         extra_tensors (`str`, *optional*, defaults to `"error"`): checkpoints only: tensors only the fine-tunes have
             (a new head) are an error (`"error"`) or taken from the last model (`"last"`).
         push_to_hub (`str`, *optional*): a Hub repo id to upload the result to.
-        revision (`str`, *optional*): with `push_to_hub`, the branch to push to (created from `main` if missing;
-            `main` itself is left as it is); defaults to `main`.
+        revision (`str`, *optional*): with `push_to_hub`, the branch to push to (if missing, created at the new
+            commit once the upload is done; `main` itself is left as it is); defaults to `main`.
         private (`bool`, *optional*, defaults to `False`): with `push_to_hub`, create a private repo.
         save_provenance (`bool`, *optional*, defaults to `False`): magmax and random_mix only: write which task won
             each element (`magmax_provenance.safetensors`, the shares in `magmax_provenance.json` and the card).
@@ -188,6 +190,13 @@ class MergeConfig:
             raise ValueError(f"`rank` only applies to an adapter output (`lora_output: adapter`){where}.")
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(OUTPUT_DTYPES)}{where}, got {self.dtype!r}.")
+        if self.push_to_hub is not None:  # '' too: an empty repo id is an error, not "no push"
+            from .hub import check_repo_id
+
+            try:
+                check_repo_id(self.push_to_hub)
+            except ValueError as err:
+                raise ValueError(f"{str(err).rstrip('.')}{where}.") from None
         if self.private and not self.push_to_hub:
             raise ValueError(f"`private` only applies with `push_to_hub`{where}: name the repo to create.")
         if self.revision is not None:
@@ -220,7 +229,11 @@ class MergeConfig:
         if "output" in data:  # older files: `output` was the directory (merge) or adapter/merged (merge-lora)
             legacy = data.pop("output")
             key = "lora_output" if legacy in LORA_OUTPUTS and data.get("adapters") else "output_dir"
-            data.setdefault(key, legacy)
+            if key in data:
+                raise ValueError(
+                    f"both `output` (the older name of `{key}`) and `{key}` are set{where}: keep `{key}` only."
+                )
+            data[key] = legacy
         if data.get("adapters") and data.get("adapter_name") == "magmax":  # older merge-lora files: the default name
             data.pop("adapter_name")
         fields = [f.name for f in dataclasses.fields(cls)]
@@ -232,15 +245,20 @@ class MergeConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> MergeConfig:
         """Read a `magmax_config.yaml` (or a hand-written one). The values are type-checked by [`validate`] when
-        the merge runs; errors name the file and the field."""
+        the merge runs; errors name the file and the field.
+
+        Only a regular file of at most 1 MiB is read (a directory, FIFO, device or socket is refused by what it is,
+        without opening it for reading); YAML aliases (`*name`, which can expand a few lines into billions of
+        values) and a key given twice are refused, naming the line."""
         import yaml
 
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"merge config {path} does not exist: pass the path of a magmax_config.yaml.")
+        text = _read_config_text(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader without aliases
+        except _RefusedYAML as err:
+            raise ValueError(f"merge config {path}: {err}") from None
+        except yaml.YAMLError as err:
             raise ValueError(f"merge config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ValueError(f"merge config {path} must be a YAML mapping with keys like base, models, method.")
@@ -268,11 +286,43 @@ class MergeConfig:
             out["save_provenance"] = True
         return out
 
-    def to_yaml(self) -> str:
-        """[`to_dict`] as YAML text, with the effective λ noted where the method's default is recorded."""
+    def to_public_dict(self) -> dict[str, Any]:
+        """[`to_dict`] as others may read it (a model card, a pushed `magmax_config.yaml`): Hub ids as given, every
+        local path (base, models, adapters, output_dir) by its last component only (see
+        [`~hf_magmax.io.public_name`]), so that no user, project or mount name is published."""
+        from .io import public_name
+
+        out = self.to_dict()
+        out["base"] = public_name(out["base"])
+        key = "adapters" if "adapters" in out else "models"
+        out[key] = [public_name(name) for name in out[key]]
+        out["output_dir"] = public_name(out["output_dir"])
+        return out
+
+    def to_local_dict(self) -> dict[str, Any]:
+        """[`to_dict`] as the `magmax_config.yaml` beside the weights records it: local paths (base, models, adapters,
+        output_dir) made absolute ([`~hf_magmax.io.absolute_name`]), so that the file re-runs the merge from any
+        working directory of this machine; Hub ids as given."""
+        from .io import absolute_name
+
+        out = self.to_dict()
+        out["base"] = absolute_name(out["base"])
+        key = "adapters" if "adapters" in out else "models"
+        out[key] = [absolute_name(name) for name in out[key]]
+        if out["output_dir"] is not None:
+            out["output_dir"] = os.path.abspath(os.path.expanduser(out["output_dir"]))  # always local
+        return out
+
+    def to_yaml(self, public: bool = False) -> str:
+        """[`to_local_dict`] as YAML text (absolute local paths), with the effective λ noted where the method's
+        default is recorded; `public`: [`to_public_dict`] instead, with a comment saying that local paths are shown by
+        their folder names."""
         import yaml
 
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        data = self.to_public_dict() if public else self.to_local_dict()
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        if public:
+            text = PUBLIC_CONFIG_NOTE + text
         if self.scaling_coef is None:
             default = self.spec.coef
             text = text.replace(
@@ -281,6 +331,100 @@ class MergeConfig:
                 1,
             )
         return text
+
+
+#: The largest merge configuration file read (a real one is a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _RefusedYAML(ValueError):
+    """A YAML construct a merge configuration may not use (an alias, a key given twice)."""
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a merge configuration file: a regular file of at most [`MAX_CONFIG_BYTES`], never a directory,
+    FIFO, device or socket (those are named, and a FIFO is never opened for reading, so nothing blocks)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"merge config {path} does not exist: pass the path of a magmax_config.yaml."
+        ) from None
+    if stat.S_ISDIR(mode):
+        inside = path / MERGE_CONFIG_NAME
+        hint = f" (it holds {inside}: pass that)" if inside.is_file() else ""
+        raise IsADirectoryError(
+            f"merge config {path} is a directory{hint}: pass the path of a YAML file such as magmax_config.yaml."
+        )
+    if not stat.S_ISREG(mode):
+        what = _file_kind(mode)
+        raise ValueError(f"merge config {path} is {what}, not a regular file (not read): pass a YAML file.")
+    # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it does not wait for a writer
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(
+                f"merge config {path} is {_file_kind(os.fstat(f.fileno()).st_mode)}, not a regular file (not "
+                "read): pass a YAML file."
+            )
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"merge config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: a merge configuration is a few lines "
+            "of YAML; pass a magmax_config.yaml."
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"merge config {path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, what in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _strict_loader():
+    """A `yaml.SafeLoader` that refuses aliases (`*name`, before anything is expanded) and a key given twice."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _RefusedYAML(
+                    f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}: aliases are not "
+                    "accepted in a merge configuration (they can expand a few lines into billions of values); "
+                    "write the values out."
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)
+                    line = key_node.start_mark.line + 1
+                    if key in seen:
+                        raise _RefusedYAML(
+                            f"the key {key!r} is given twice (lines {seen[key]} and {line}): keep one of them."
+                        )
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def _check_kind(name: str, value: Any, kind: str, where: str) -> Any:

@@ -355,13 +355,19 @@ def push_to_hub(
         commit_message (`str`, *optional*):
             Defaults to `"Upload with hf_magmax"`.
         revision (`str`, *optional*):
-            Branch to push to (created if missing); defaults to the main branch.
+            Branch to push to; defaults to the main branch. An existing branch gets one commit on its head
+            (`parent_commit`: a branch moved meanwhile refuses the commit). A missing branch is created only *after*
+            the upload, at the new commit: the files are committed on a temporary branch
+            `hf-magmax-upload-<random>` started from `main`, then `revision` is created at that commit and the
+            temporary branch deleted. A refused or interrupted upload therefore never leaves `revision` serving
+            another model (at worst a temporary branch, named in the log, is left behind). `main` is not changed.
 
     Returns:
         `str`: the URL of the commit.
 
     Raises:
-        [`HubPushError`] if anything fails; the local folder is never modified.
+        `ValueError` for an invalid repo id or branch name (before any request); [`HubPushError`] if anything fails
+        (the local folder is never modified).
 
     Example:
 
@@ -372,18 +378,125 @@ def push_to_hub(
     ```
     """
     folder = _check_folder(folder)
-    with _hub_api(folder, repo_id, token) as (api, constants):
+    check_repo_id(repo_id)
+    if revision is not None:
+        check_branch_name(revision)
+    operations = _publishable(folder, repo_id)  # before any request: a local path or a link out refuses the push
+    message = commit_message or "Upload with hf_magmax"
+    with _hub_api(folder, repo_id, token, revision) as (api, constants):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and revision != constants.DEFAULT_REVISION:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or "Upload with hf_magmax",
-            revision=revision,
-        )
+        if revision is None or revision == constants.DEFAULT_REVISION:
+            commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message)
+        else:
+            commit = _commit_to_branch(api, repo_id, revision, operations, message)
     logger.info("pushed %s to %s", folder, commit.commit_url)
     return str(commit.commit_url)
+
+
+def _commit_to_branch(api: Any, repo_id: str, branch: str, operations: list[Any], message: str) -> Any:
+    """One commit of `operations` on `branch`; a missing branch is created at the new commit, after the upload."""
+    import uuid
+
+    heads = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
+    if branch in heads:
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=message,
+            revision=branch,
+            parent_commit=heads[branch],
+        )
+    upload = f"hf-magmax-upload-{uuid.uuid4().hex[:12]}"
+    api.create_branch(repo_id, branch=upload, revision=heads.get("main"), exist_ok=False)
+    try:
+        commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, revision=upload)
+        api.create_branch(repo_id, branch=branch, revision=commit.oid, exist_ok=False)
+    finally:
+        try:
+            api.delete_branch(repo_id, branch=upload)
+        except Exception as err:  # noqa: BLE001 - the push itself is done or already failing
+            logger.warning("could not delete the temporary branch %r of %s: %s", upload, repo_id, err)
+    return commit
+
+
+@contextlib.contextmanager
+def interrupted_push(folder: str | os.PathLike, repo_id: str, revision: str | None = None) -> Iterator[None]:
+    """Around the push of a finished output: Ctrl-C, SIGTERM or SIGHUP raise [`~hf_magmax.io.Terminated`] whose
+    `outcome` says the truth, that the output is complete at `folder` and how to push it (a Hub commit is all or
+    nothing: the repo holds the new commit or not, a branch is created only after it)."""
+    from .io.output import Terminated, terminate_as_interrupt
+
+    try:
+        with terminate_as_interrupt():
+            yield
+    except KeyboardInterrupt as err:
+        outcome = (
+            f"the merge is complete at {folder}, but its push to the Hub repo {repo_id!r} was interrupted (a Hub "
+            f"commit is all or nothing; check the repo, and push it with: {push_command(folder, repo_id, revision)})"
+        )
+        raise Terminated(getattr(err, "signum", 2), outcome) from None
+
+
+def push_command(folder: str | os.PathLike, repo_id: str, revision: str | None = None) -> str:
+    """The `hf-magmax push` command line that uploads `folder` to `repo_id` (on `revision`)."""
+    import shlex
+
+    branch = f" --revision {shlex.quote(revision)}" if revision and revision != "main" else ""
+    return f"hf-magmax push {shlex.quote(os.fspath(folder))} --to-hub {shlex.quote(repo_id)}{branch}"
+
+
+def check_repo_id(repo_id: Any, option: str = "push_to_hub") -> str:
+    """`repo_id` if it is a valid Hub repo id (`name` or `namespace/name`, huggingface_hub's `validate_repo_id`),
+    else a `ValueError` naming `option`: checked before a merge, not after it.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.hub import check_repo_id
+    >>> check_repo_id("me/my-merge")
+    'me/my-merge'
+    ```
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"`{option}` must be a Hub repo id such as 'me/my-merge', got {repo_id!r}.")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:  # HFValidationError
+        reason = " ".join(str(err).split())
+        raise ValueError(f"`{option}` = {repo_id!r} is not a valid Hub repo id ({reason}).") from None
+    return repo_id
+
+
+#: The line of a release commit's description that names its branch (a resumed run finds the commit by it).
+RELEASE_MARKER = "hf_magmax-release-branch: "
+
+
+def find_release_commit(repo_id: str, branch: str, token: str | bool | None = None) -> str | None:
+    """The oid of `main`'s head commit if it is the release commit of `branch` ([`push_release`] marks its
+    description with the branch name) whose branch was never created (a kill between the commit and the branch),
+    else `None`.
+
+    Raises:
+        [`HubPushError`] if the Hub cannot be asked.
+    """
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    with _hub_api(None, repo_id, token) as (api, _):
+        try:
+            commits = api.list_repo_commits(repo_id, revision="main")
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+    if commits and f"{RELEASE_MARKER}{branch}" in (commits[0].message or "").splitlines():
+        return commits[0].commit_id
+    return None
+
+
+def create_release_branch(repo_id: str, branch: str, commit: str, token: str | bool | None = None) -> None:
+    """Create `branch` at `commit` (the second half of [`push_release`], for a release whose commit is on `main`)."""
+    with _hub_api(None, repo_id, token) as (api, _):
+        api.create_branch(repo_id, branch=branch, revision=commit, exist_ok=False)
 
 
 def push_release(
@@ -434,12 +547,14 @@ def push_release(
     branch = check_branch_name(branch, "branch")
     if branch == "main":
         raise ValueError("`branch` must not be 'main': push_release always updates main; name the revision's branch.")
+    operations = _publishable(folder, repo_id)  # before any request: a local path or a link out refuses the push
     with _hub_api(folder, repo_id, token) as (api, _):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
+            operations=operations,
             commit_message=commit_message or f"Upload {branch} with hf_magmax",
+            commit_description=f"{RELEASE_MARKER}{branch}",  # found by a resumed run if the branch is missing
             revision="main",
         )
         try:
@@ -468,6 +583,122 @@ def hub_branches(repo_id: str, token: str | bool | None = None) -> dict[str, str
     return {ref.name: ref.target_commit for ref in refs.branches}
 
 
+#: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights.
+_PATH_KEYS = {"_name_or_path", "name_or_path", "base_model_name_or_path", "base", "models", "adapters", "output_dir"}
+_TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".csv", ".tsv")
+
+
+def publishable_files(folder: str | os.PathLike) -> list[Any]:
+    """The files of `folder` as they are published: `huggingface_hub.CommitOperationAdd`s, with every local path in
+    the configs that transformers, PEFT and hf_magmax write (`config.json`'s `_name_or_path`, `adapter_config.json`'s
+    `base_model_name_or_path`, a tokenizer's `name_or_path`, `magmax_config.yaml`'s inputs and `output_dir`)
+    replaced by its last component ([`~hf_magmax.io.public_name`]). The folder itself is not changed (its
+    `magmax_config.yaml` still re-runs the merge here).
+
+    Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`.
+
+    Raises:
+        `ValueError` when a file still holds a local path after that (the folder, its parent, the current or the home
+        directory: the push would publish it), naming the file; or for a symbolic link out of `folder`.
+    """
+    import json
+
+    import yaml
+    from huggingface_hub import CommitOperationAdd
+
+    from .io import public_name
+    from .io.writing import _link_roots, _resolve_inside
+
+    folder = Path(folder)
+    roots = _link_roots(folder)
+    markers = _local_path_markers(folder)
+    operations = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if ".git" in rel.parts or rel.as_posix().startswith(".cache/huggingface/") or path.is_dir():
+            continue
+        resolved = _resolve_inside(path, folder, roots)
+        content: bytes | Path = resolved
+        if path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
+            text = resolved.read_text(encoding="utf-8", errors="replace")
+            public = text
+            if path.suffix == ".json":
+                public = _public_json(text, json, public_name)
+            elif path.suffix in (".yaml", ".yml"):
+                public = _public_yaml(text, yaml, public_name)
+            for local, marker in markers:
+                if marker.search(public):
+                    raise ValueError(
+                        f"{path} holds the local path {local!r}: "
+                        "hf_magmax never publishes a local path. Remove it from the file (or name the Hub id) and "
+                        "push again."
+                    )
+            if public != text:
+                content = public.encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=content))
+    return operations
+
+
+def _publishable(folder: Path, repo_id: str) -> list[Any]:
+    try:
+        return publishable_files(folder)
+    except ValueError as err:
+        message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
+        raise HubPushError(message, folder) from None
+
+
+def _local_path_markers(folder: Path) -> list[tuple[str, re.Pattern]]:
+    """Local paths that must not appear in a published file: the folder, its parent, the current and home dirs
+    (each only when it is at least two levels deep, or the home directory of a named user)."""
+    candidates = {folder.resolve(), folder.resolve().parent, Path.cwd().resolve(), Path.home()}
+    markers = []
+    for path in sorted(candidates, key=lambda p: -len(str(p))):
+        text = str(path)
+        if len(path.parts) < 3 and path != Path.home():
+            continue
+        if path == Path.home() and text in ("/", ""):
+            continue
+        markers.append((text, re.compile(re.escape(text) + r"(?![\w.-])")))
+    return markers
+
+
+def _public_value(value: Any, public_name) -> Any:
+    if isinstance(value, str):
+        local = os.path.expanduser(value)
+        if os.path.isabs(local) or value.startswith(("./", "../", "~")) or os.path.exists(local):
+            return public_name(value)
+        return value
+    if isinstance(value, list):
+        return [_public_value(v, public_name) for v in value]
+    return value
+
+
+def _public_json(text: str, json, public_name) -> str:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+        return text
+    public = {k: _public_value(v, public_name) if k in _PATH_KEYS else v for k, v in data.items()}
+    return text if public == data else json.dumps(public, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _public_yaml(text: str, yaml, public_name) -> str:
+    from .config import PUBLIC_CONFIG_NOTE
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+        return text
+    public = {k: _public_value(v, public_name) if k in _PATH_KEYS else v for k, v in data.items()}
+    if public == data:
+        return text
+    return PUBLIC_CONFIG_NOTE + yaml.safe_dump(public, sort_keys=False, allow_unicode=True)
+
+
 def _check_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
@@ -476,14 +707,19 @@ def _check_folder(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _hub_api(folder: Path | None, repo_id: str, token: str | bool | None) -> Iterator[tuple[Any, Any]]:
+def _hub_api(
+    folder: Path | None, repo_id: str, token: str | bool | None, revision: str | None = None
+) -> Iterator[tuple[Any, Any]]:
     """An `HfApi` on `HF_ENDPOINT` (read now) and huggingface_hub's constants; any error in the block becomes one
-    [`HubPushError`] naming the repo, the reason and (for a push) the local folder that is kept."""
+    [`HubPushError`] naming the repo, the reason and (for a push) the local folder that is kept and the command that
+    pushes it."""
     from huggingface_hub import HfApi, constants
 
-    where = f"; the local output is kept at {folder}" if folder is not None else ""
+    where = ""
+    if folder is not None:
+        where = f"; the local output is kept at {folder} (push it with: {push_command(folder, repo_id, revision)})"
     if constants.is_offline_mode():
-        fix = "push again with `hf_magmax.hub.push_to_hub`" if folder is not None else "try again"
+        fix = "push it then" if folder is not None else "try again"
         raise HubPushError(
             f"cannot reach the Hub repo {repo_id!r}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1){where}. "
             f"Unset HF_HUB_OFFLINE and {fix}.",

@@ -348,6 +348,11 @@ def _layer_of(name: str) -> str:
     return ".".join(parts[:-1]) or name
 
 
+def _natural_key(name: str) -> tuple:
+    """A sort key that orders the numeric parts of a tensor name by value (`layers.2` before `layers.10`)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in str(name).split("."))
+
+
 def provenance_summary(winners: Any, task_names: Sequence[str]) -> dict[str, Any]:
     """The winner shares of a merge: the fraction of elements each task won, overall, per layer and per tensor.
 
@@ -384,7 +389,10 @@ def provenance_summary_from_counts(counts: Mapping[str, Sequence[float]], task_n
         return [float(v) / total if total else 0.0 for v in values]
 
     tensors, layer_counts, overall = {}, {}, [0.0] * T
-    for name, tensor_counts in counts.items():
+    # in name order (numbers by value: layers.2 before layers.10), whatever order the counts came in: a resumed run
+    # (winners read back from a checkpoint) writes the same bytes as an uninterrupted one
+    for name in sorted(counts, key=_natural_key):
+        tensor_counts = counts[name]
         if len(tensor_counts) != T:
             raise ValueError(
                 f"the winners of {name!r} count {len(tensor_counts)} tasks, but there are {T} task names."

@@ -14,11 +14,13 @@
   staging directory left by a killed process (SIGKILL, power loss) is removed by the next run. [`check_output_path`]
   refuses, before any work, outputs that are symlinks, the current directory, an input, inside an input, or that
   contain an input.
-- [`copy_non_weight_files`], [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
+- **GGUF** ([`GGUFCheckpointReader`], `gguf.py`): a `.gguf` file (or a folder holding one) read as transformers reads
+  it, each block of rows dequantised when it is read; [`CheckpointReader.open`] returns one for such inputs.
+- [`copy_non_weight_files`] (never a link out of the input folder: [`non_weight_files`] refuses it), [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
   [`parse_size`].
 
 The package is split by concern: `formats` (names, dtypes, sizes), `output` (the output directory), `reading`,
-`writing`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
+`gguf`, `writing`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
 """
 
 from .formats import (
@@ -30,10 +32,13 @@ from .formats import (
     WEIGHT_SUFFIXES,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
+    absolute_name,
     expand_path,
     is_hub_id,
     parse_size,
+    public_name,
 )
+from .gguf import GGUFCheckpointReader, find_gguf_file
 from .output import (
     Terminated,
     check_output_dir,
@@ -44,16 +49,19 @@ from .output import (
 )
 from .reading import (
     CheckpointReader,
+    InputChangedError,
+    PinnedFiles,
     TensorInfo,
     load_bin,
     load_pretrained,
     model_class_for,
+    pin_checkpoint,
     read_config,
     read_index,
     read_safetensors_header,
     resolve_checkpoint,
 )
-from .writing import ShardedSafetensorsWriter, copy_non_weight_files
+from .writing import ShardedSafetensorsWriter, copy_non_weight_files, copy_side_file, non_weight_files
 
 
 __all__ = [
@@ -66,16 +74,25 @@ __all__ = [
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "CheckpointReader",
+    "GGUFCheckpointReader",
+    "InputChangedError",
+    "PinnedFiles",
     "ShardedSafetensorsWriter",
     "Terminated",
     "TensorInfo",
     "check_output_dir",
     "check_output_path",
     "copy_non_weight_files",
+    "copy_side_file",
     "expand_path",
+    "find_gguf_file",
     "is_hub_id",
     "load_bin",
     "load_pretrained",
+    "non_weight_files",
+    "absolute_name",
+    "public_name",
+    "pin_checkpoint",
     "model_class_for",
     "parse_size",
     "read_config",

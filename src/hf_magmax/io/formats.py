@@ -69,6 +69,50 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-")) and ".." not in name
 
 
+def absolute_name(name: str | os.PathLike | None) -> str | None:
+    """How an input is recorded on this machine (the `magmax_config.yaml` beside the weights): a local path made
+    absolute (`~` expanded, links kept), so that the file re-runs from any working directory; a Hub repo id as given.
+
+    Example:
+
+    ```python
+    >>> import os
+    >>> from hf_magmax.io import absolute_name
+    >>> absolute_name("org/model"), absolute_name("/data/ckpt/./task1") == os.path.normpath("/data/ckpt/task1")
+    ('org/model', True)
+    ```
+    """
+    local = _local_path(name)
+    return os.path.abspath(local) if local is not None else name if name is None else os.fspath(name)
+
+
+def public_name(name: str | os.PathLike | None) -> str | None:
+    """How an input is named where others can read it (a model card, a pushed `magmax_config.yaml`): a Hub repo id
+    as given, a local path by its last component only (`/home/alice/runs/task1` -> `task1`), never the path itself.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.io import public_name
+    >>> public_name("org/model"), public_name("/home/alice/ckpt/task1/"), public_name("./ckpt/base")
+    ('org/model', 'task1', 'base')
+    ```
+    """
+    local = _local_path(name)
+    if local is None:
+        return name if name is None else os.fspath(name)
+    return Path(os.path.normpath(local)).name or os.fspath(name)
+
+
+def _local_path(name: str | os.PathLike | None) -> str | None:
+    """`name` as a local path (`~` expanded), or `None` for no name or a Hub repo id that is not a local path."""
+    if name is None:
+        return None
+    name = os.fspath(name)
+    local = os.path.expanduser(name)
+    return None if is_hub_id(name) and not os.path.exists(local) else local
+
+
 def parse_size(size: int | str, name: str = "max_shard_size") -> int:
     """Parse a size like `"5GB"`, `"500MB"`, `"2GiB"`, `"100kB"` or a number of bytes into bytes.
 

@@ -77,12 +77,20 @@ class TensorPlan:
 def _config_dict(checkpoint: CheckpointReader) -> dict[str, Any]:
     """The config as transformers reads it (every default filled in), else the raw `config.json`."""
     try:
-        import transformers
-
-        return transformers.AutoConfig.from_pretrained(str(checkpoint.path)).to_dict()
+        return checkpoint.auto_config().to_dict()
     except Exception as err:  # a model type this transformers does not know, remote code, ...
         logger.debug("AutoConfig could not read %s (%s): comparing raw config.json", checkpoint.name, err)
         return dict(checkpoint.config or {})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal, floats as float32 (GGUF metadata stores them so: `rms_norm_eps` 1e-6 is read back as
+    9.99999997e-07, the same number in the float32 math that uses it)."""
+    if isinstance(a, float) and isinstance(b, float):
+        import struct
+
+        return a == b or struct.pack("<f", a) == struct.pack("<f", b)
+    return a == b
 
 
 def _is_architecture_key(key: str) -> bool:
@@ -102,7 +110,7 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
     if base_type != model_type:
         raise ValueError(
             f"model {model.name!r} is of another architecture: model_type {model_type!r} in "
-            f"{model.path / 'config.json'} but {base_type!r} in the base {base.path / 'config.json'}. Only fine-tunes "
+            f"{model.config_file} but {base_type!r} in the base {base.config_file}. Only fine-tunes "
             "of the base model can be merged."
         )
     if model.config == base.config:  # the same config.json (the usual fine-tune): nothing can differ, no AutoConfig
@@ -111,7 +119,9 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
     differing = [
         key
         for key in sorted(set(base_config) | set(model_config))
-        if key not in _BENIGN_CONFIG_KEYS and "dropout" not in key and base_config.get(key) != model_config.get(key)
+        if key not in _BENIGN_CONFIG_KEYS
+        and "dropout" not in key
+        and not _same(base_config.get(key), model_config.get(key))
     ]
     architecture = [key for key in differing if _is_architecture_key(key)]
     other = [key for key in differing if key not in architecture]
@@ -125,7 +135,7 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
         key = architecture[0]
         message = (
             f"model {model.name!r} has another config than the base: `{key}` is {model_config.get(key)!r} in "
-            f"{model.path / 'config.json'} but {base_config.get(key)!r} in {base.path / 'config.json'}"
+            f"{model.config_file} but {base_config.get(key)!r} in {base.config_file}"
             + (f" (and {len(architecture) - 1} more: {', '.join(architecture[1:6])})" if len(architecture) > 1 else "")
         )
         if strict:
@@ -151,13 +161,12 @@ def _tied_weights(checkpoints: Sequence[CheckpointReader]) -> dict[str, str]:
     """Tied parameter names (both directions), from a meta-device instance of the base's architecture."""
     try:
         import torch
-        import transformers
 
         model_class, checkpoint = _model_class(checkpoints)
         if model_class is None:
             return {}
         with torch.device("meta"):
-            model = model_class(transformers.AutoConfig.from_pretrained(str(checkpoint.path)))
+            model = model_class(checkpoint.auto_config())
         tied = dict(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})
     except Exception as err:
         logger.debug("could not determine the tied weights: %s", err)
@@ -216,7 +225,12 @@ class _Names:
 
 
 def plan_tensors(
-    base: CheckpointReader, models: list[CheckpointReader], *, extra_tensors: str = "error", dtype: str | None = None
+    base: CheckpointReader,
+    models: list[CheckpointReader],
+    *,
+    extra_tensors: str = "error",
+    dtype: str | None = None,
+    warn: bool = True,
 ) -> tuple[dict[str, TensorPlan], CheckpointReader]:
     """Match every tensor of every model to the base's: the plan of every output tensor, and the checkpoint whose
     layout (names, config) the output follows. Raises naming the first missing/extra/mismatched tensor.
@@ -226,6 +240,8 @@ def plan_tensors(
         extra_tensors (`str`, *optional*, defaults to `"error"`): floating tensors only the models have are an
             error, or (`"last"`) taken from the last model, whose layout the output then follows.
         dtype (`str`, *optional*): the output dtype of floating tensors (default: each one's dtype).
+        warn (`bool`, *optional*, defaults to `True`): log what `extra_tensors="last"` drops (off for a plan made
+            only to validate, before the same plan is made again).
     """
     same = all(set(model.tensors) == set(base.tensors) for model in models)
     prefix = "" if same else _base_model_prefix([base, *models])
@@ -248,6 +264,8 @@ def plan_tensors(
                     "model %r has integer tensor %r that the base lacks: not written", names.checkpoint.name, name
                 )
     layout = _check_extras(extras, base_names, model_names[-1], extra_tensors)
+    if extras and warn:
+        _warn_about_dropped_extras(extras, model_names)
     plans = {}
     for key, base_name in base_names.by_key.items():
         info = base.tensors[base_name]
@@ -295,6 +313,32 @@ def _match(base: _Names, model: _Names, tied: dict[str, str]) -> dict[str, str]:
         if want.is_floating:
             matched[key] = source
     return matched
+
+
+def _warn_about_dropped_extras(extras: dict, models: list[_Names]) -> None:
+    """`extra_tensors="last"`: the earlier models' versions of the extra tensors are dropped; say so where they differ
+    in shape from the last model's (heads for other label sets: the output keeps only the last model's labels)."""
+    last = models[-1]
+    differing = []
+    for key in extras:
+        want = last.checkpoint.tensors[last.by_key[key]].shape
+        for names in models[:-1]:
+            if key in names.by_key and (got := names.checkpoint.tensors[names.by_key[key]].shape) != want:
+                differing.append(f"{names.by_key[key]!r} is {list(got)} in {names.checkpoint.name!r}")
+    if differing:
+        more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+        logger.warning(
+            "the fine-tuned models' extra tensors differ in shape: %s%s, but the output takes them from the last "
+            "model %r, with its config (labels, head size): the other models' heads are dropped",
+            "; ".join(differing[:3]),
+            more,
+            last.checkpoint.name,
+        )
+    logger.info(
+        "extra tensors %s taken from the last model %r (extra_tensors='last'), with its config",
+        ", ".join(repr(last.by_key[key]) for key in list(extras)[:5]) + (" ..." if len(extras) > 5 else ""),
+        last.checkpoint.name,
+    )
 
 
 def _check_extras(extras: dict, base: _Names, last: _Names, extra_tensors: str) -> _Names:

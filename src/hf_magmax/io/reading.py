@@ -7,8 +7,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -197,9 +198,36 @@ class CheckpointReader:
 
     @classmethod
     def open(cls, name: str, *, token: str | bool | None = None, weights: bool = True) -> CheckpointReader:
-        """Resolve `name` ([`resolve_checkpoint`]) and read its config (not its tensors yet)."""
+        """Resolve `name` ([`resolve_checkpoint`]) and read its config (not its tensors yet).
+
+        A local `.gguf` file, or a folder holding one `.gguf` file and no safetensors/`.bin` weights, gives a
+        [`~hf_magmax.io.gguf.GGUFCheckpointReader`] (dequantised lazily, as transformers reads GGUF)."""
+        local = expand_path(name)
+        if local.exists():
+            from .gguf import GGUFCheckpointReader, find_gguf_file
+
+            gguf_file = find_gguf_file(local)
+            if gguf_file is not None:
+                return GGUFCheckpointReader.open_file(name, gguf_file)
         path = resolve_checkpoint(name, token=token, weights=weights)
         return cls(name=name, path=path, config=read_config(path))
+
+    @property
+    def config_file(self) -> Path:
+        """Where the config was read from (named in errors)."""
+        return self.path / "config.json"
+
+    def auto_config(self):
+        """The transformers config of this checkpoint (`AutoConfig.from_pretrained`: every default filled in)."""
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(str(self.path))
+
+    def write_side_files(self, directory: Path, skip_names=()) -> None:
+        """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `directory`, except `skip_names`."""
+        from .writing import copy_non_weight_files
+
+        copy_non_weight_files(self.path, directory, skip_names=skip_names)
 
     @property
     def is_local(self) -> bool:
@@ -207,6 +235,11 @@ class CheckpointReader:
 
     def weight_files(self) -> list[Path]:
         return sorted({info.file for info in self.tensors.values()})
+
+    def input_files(self) -> list[Path]:
+        """Every file the merge reads from this checkpoint: its weight files, their index and `config.json`."""
+        extra = [self.path / n for n in ("config.json", SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)]
+        return self.weight_files() + [p for p in extra if p.is_file()]
 
     def read_tensor_table(self) -> None:
         """Fill `tensors` from the headers of the files `from_pretrained` would load.
@@ -340,6 +373,94 @@ class CheckpointReader:
         self._handles.clear()
 
 
+class InputChangedError(ValueError):
+    """An input file of a merge changed after it was checked (rewritten, truncated, replaced or removed)."""
+
+
+class PinnedFiles:
+    """The input files of a merge, pinned when they were checked: device, inode, size and modification time (ns).
+
+    Weights are read lazily through memory maps, so a file rewritten in place, or replaced by a rename (a trainer
+    still saving into the folder), would contribute old tensors before the change and new ones after; a config
+    edited meanwhile would be copied beside weights it does not describe. [`check`] compares the files with their
+    pins: the merge checks the files of each tensor before reading it, and every file once more before the commit,
+    so a changed input is one error naming the file, and nothing is written.
+
+    Example:
+
+    ```python
+    >>> from hf_magmax.io import PinnedFiles
+    >>> pins = PinnedFiles()
+    >>> pins.add("ckpt/base/model.safetensors")  # doctest: +SKIP
+    >>> pins.check()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self) -> None:
+        self.stamps: dict[Path, tuple[int, int, int, int] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def add(self, path: str | os.PathLike) -> None:
+        """Pin `path` as it is now (following links, as reading it does)."""
+        path = Path(path)
+        if path not in self.stamps:
+            self.stamps[path] = self._stamp(path)
+
+    def check(self, paths: Iterable[str | os.PathLike] | None = None) -> None:
+        """Raise [`InputChangedError`] naming the first of `paths` (default: every pinned file) that changed."""
+        for path in self.stamps if paths is None else map(Path, paths):
+            if path not in self.stamps:
+                continue
+            then, now = self.stamps[path], self._stamp(path)
+            if now == then:
+                continue
+            if now is None:
+                what = "was removed"
+            elif then is None:
+                what = "appeared"
+            elif now[:2] != then[:2]:
+                what = "was replaced by another file (renamed over it)"
+            elif now[2] < then[2]:
+                what = f"was truncated from {then[2]} to {now[2]} bytes"
+            else:
+                what = f"was rewritten ({then[2]} -> {now[2]} bytes, modified again)"
+            raise InputChangedError(
+                f"input file {path} {what} during the merge: the result would mix its old and new content, so "
+                "nothing was written. Re-run once the inputs no longer change (is a trainer still saving there?)."
+            )
+
+
+def pin_checkpoint(pins: PinnedFiles, path: str | os.PathLike, extra: Iterable[str] = ()) -> None:
+    """Pin what a load of the checkpoint directory `path` reads (its configs, the weight files `from_pretrained` or
+    PEFT choose, their index and shards) and the relative paths `extra` (side files to be copied); a path that is not
+    a local directory (a Hub id) is skipped."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    names = ("config.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", SAFE_WEIGHTS_NAME,
+             WEIGHTS_NAME)  # fmt: skip
+    for name in names:
+        if (path / name).is_file():
+            pins.add(path / name)
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        if (path / index).is_file():
+            pins.add(path / index)
+            for shard in sorted(set(read_index(path / index).values())):
+                pins.add(shard)
+    for rel in extra:
+        pins.add(path / rel)
+
+
 def model_class_for(config: Any, default: Any = None):
     """The transformers class named first in `config.architectures` that transformers has, else `default`."""
     import transformers
@@ -378,7 +499,21 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "auto", what: str = "m
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")
         dtype = getattr(torch, dtype)
+    if os.path.isdir(path):  # the weight files from_pretrained reads, checked first: one line naming a bad one
+        try:
+            reader = CheckpointReader(name=path, path=Path(path))
+            reader.read_tensor_table()
+            reader.close()
+        except ValueError as err:
+            raise ValueError(f"cannot load the {what} {path!r}: {err}") from None
     config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     model_class = model_class_for(config, transformers.AutoModel)
     logger.info("loading %s as %s", path, model_class.__name__)
-    return model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    try:
+        return model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError) as err:  # torch.load: a pickle that is not weights only, a bad zip
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise ValueError(
+            f"cannot load the {what} {path!r}: its weights are corrupt or not weights-only (blocked, not run: "
+            f"{reason}). Convert it to safetensors or re-save it with a recent torch."
+        ) from err

@@ -173,28 +173,92 @@ class ShardedSafetensorsWriter:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def non_weight_files(source: str | os.PathLike, skip_names: Iterable[str] = ()) -> list[str]:
+    """The relative paths of a checkpoint folder's other files (config, generation config, tokenizer, sub-folders such
+    as `1_Pooling/`): everything but weights, hidden files and the top-level `skip_names`, sorted.
+
+    A symbolic link is never followed out of the folder: a link that resolves inside `source` is listed (and copied
+    as a plain file), a link that points outside it, or nowhere, is refused with an error naming the link, so that a
+    cloned repo's `notes.txt -> ~/.ssh/id_rsa` can never reach an output or the Hub. The one exception is a Hub cache
+    snapshot (`models--org--name/snapshots/<rev>/`), whose files are links into the same repo's `blobs/`.
+
+    Raises:
+        `ValueError` for a link out of the folder (or a dangling one), naming it and the fix.
+    """
+    source = Path(source)
+    allowed = _link_roots(source)
+    skip = set(skip_names)
+    found = []
+    for folder, dirs, files in os.walk(source, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files) + [d for d in dirs if (Path(folder) / d).is_symlink()]:
+            path = Path(folder) / name
+            rel = path.relative_to(source)
+            if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or (len(rel.parts) == 1 and name in skip):
+                continue
+            if path.is_symlink():
+                _resolve_inside(path, source, allowed)
+                if path.is_dir():
+                    continue  # a link to a folder inside: its files are listed where they really are
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+def _link_roots(source: Path) -> list[Path]:
+    """Where a link inside `source` may point: `source` itself, and a Hub cache snapshot's `blobs/`."""
+    root = source.resolve()
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():  # huggingface_hub's cache layout
+        return [root, (root.parent.parent / "blobs").resolve()]
+    return [root]
+
+
+def _resolve_inside(path: Path, source: Path, allowed: list[Path]) -> Path:
+    """`path` resolved, if it stays inside `allowed`; else a `ValueError` naming the link."""
+    rel = path.relative_to(source)
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, or a loop
+        raise ValueError(
+            f"{path} is a symbolic link that points nowhere ({os.readlink(path)!r}): hf_magmax copies the other files "
+            f"of {source} into the output, so remove the link or replace it with the file."
+        ) from None
+    if not any(target == root or root in target.parents for root in allowed):
+        raise ValueError(
+            f"{path} is a symbolic link to {os.readlink(path)!r}, outside {source}: hf_magmax never copies a file "
+            f"from outside an input folder into an output (it could be published). Remove the link, or replace it "
+            f"with a copy of the file if `{rel.as_posix()}` belongs to the model."
+        )
+    return target
+
+
 def copy_non_weight_files(
     source: str | os.PathLike, target: str | os.PathLike, skip_names: Iterable[str] = ()
 ) -> list[str]:
-    """Copy a checkpoint's other files (config, generation config, tokenizer, sub-folders such as `1_Pooling/`) from
-    `source` to `target`: everything but weights, hidden files and the top-level `skip_names`.
+    """Copy a checkpoint's other files ([`non_weight_files`]: config, generation config, tokenizer, sub-folders
+    such as `1_Pooling/`) from `source` to `target`, each as a plain file.
 
-    Never copies `target` into itself (a target inside `source` is skipped). Returns the copied relative paths.
+    Never copies `target` into itself (a target inside `source` is skipped), never follows a link out of `source`
+    (refused, see [`non_weight_files`]). Returns the copied relative paths.
     """
     source, target = Path(source), Path(target)
     target_resolved = target.resolve()
-    skip = set(skip_names)
     copied = []
-    for src in sorted(source.rglob("*")):
-        rel = src.relative_to(source)
-        if any(part.startswith(".") for part in rel.parts) or not src.is_file():
+    for rel in non_weight_files(source, skip_names):
+        resolved = (source / rel).resolve()
+        if resolved == target_resolved or target_resolved in resolved.parents:
             continue
-        if src.name.endswith(WEIGHT_SUFFIXES) or (len(rel.parts) == 1 and src.name in skip):
-            continue
-        if src.resolve() == target_resolved or target_resolved in src.resolve().parents:
-            continue
-        destination = target / rel
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, destination)  # follows symlinks (Hub cache snapshots)
-        copied.append(rel.as_posix())
+        copy_side_file(source, rel, target)
+        copied.append(rel)
     return copied
+
+
+def copy_side_file(source: str | os.PathLike, rel: str, target: str | os.PathLike) -> Path:
+    """Copy `source/rel` to `target/rel` as a plain file, refusing a link out of `source` (see
+    [`non_weight_files`]); checked at the copy itself, so a folder changed since it was listed cannot leak a file."""
+    source = Path(source)
+    resolved = _resolve_inside(source / rel, source, _link_roots(source))
+    destination = Path(target) / rel
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(resolved, destination)  # the checked file's content, never a link
+    shutil.copystat(resolved, destination)
+    return destination

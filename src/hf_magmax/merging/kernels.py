@@ -357,6 +357,32 @@ def c_kernels():
     return _clib_handle
 
 
+def c_kernels_status() -> str:
+    """One line for `hf-magmax --version`: whether the fused C folds run here, without importing torch. The builds
+    found are listed; the best one the CPU runs (torch's CPU capability) is picked at the first merge, and a merge
+    checks that the baseline build loads with this module's ABI."""
+    if os.environ.get(DISABLE_CKERNELS_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return f"C merge kernels: off ({DISABLE_CKERNELS_ENV}=1); the torch path runs (same results, slower)"
+    import importlib.machinery
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    built = {
+        stem: os.path.join(here, stem + suffix)
+        for stem, _ in _VARIANTS
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        if os.path.isfile(os.path.join(here, stem + suffix))
+    }
+    slow = "the torch path runs (same results, slower)"
+    if "_fold" not in built:
+        return f"C merge kernels: not built (no C compiler at install time?); {slow}"
+    if _load_library(built["_fold"]) is None:  # the baseline build: no instruction this CPU may lack
+        return f"C merge kernels: built but not loadable (a stale build? reinstall hf_magmax); {slow}"
+    return (
+        f"C merge kernels: in use for {', '.join(FUSED_METHODS)} (builds: {', '.join(built)}; the best one this CPU "
+        "runs is picked)"
+    )
+
+
 def _code(tensor: Tensor) -> int | None:
     """`_fold.c`'s dtype code of a contiguous CPU tensor, None if the C folds do not take it."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():

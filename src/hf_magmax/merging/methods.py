@@ -564,8 +564,11 @@ def opcm_project(merged: Tensor, task_vector: Tensor, alpha: float) -> Tensor:
     singular-value mass `cumsum(σ) / sum(σ)` exceeds `alpha`. It returns `U P' Vᵀ`. This is FusionBench's
     `merge_linear_weights` (full SVD, `u @ P' @ v.T`); here it is computed as `τ − U_r E V_rᵀ` with the thin SVD
     (`E` the removed entries, which all lie in the first `r = min(m, n)` rows and columns), the same matrix in exact
-    arithmetic without the `m × m` and `n × n` factors. A zero `merged` has no singular subspace (FusionBench's result
-    then depends on the basis LAPACK returns): the task vector is returned as is.
+    arithmetic without the `m × m` and `n × n` factors, and with `E` applied as its block and its diagonal (the rest of
+    `P` is never formed). A wide matrix (`m < n`) is projected as its transpose
+    (`svd(Aᵀ) = V Σ Uᵀ`, and the removed pattern is symmetric: the same matrix in exact arithmetic), because LAPACK's
+    SVD of a tall matrix is about twice as fast as of a wide one. A zero `merged` has no singular subspace
+    (FusionBench's result then depends on the basis LAPACK returns): the task vector is returned as is.
 
     Args:
         merged (`torch.Tensor`): the merged task vector so far, 2-D, in the compute dtype.
@@ -577,17 +580,20 @@ def opcm_project(merged: Tensor, task_vector: Tensor, alpha: float) -> Tensor:
     """
     import torch
 
+    if merged.shape[0] < merged.shape[1]:  # wide: project the transpose (a tall SVD is ~2x faster)
+        return opcm_project(merged.T, task_vector.T, alpha).T
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # u: (m, r), s: (r,), vh: (r, n)
     total = s.sum()
     if not bool(total > 0):
         return task_vector.clone()
     split = int((s.cumsum(dim=0) / total > alpha).float().argmax())
-    coords = u.T @ task_vector @ vh.T  # (r, r): Uᵀ τ V restricted to the singular directions
-    removed = torch.zeros_like(coords)
-    removed[:split, :split] = coords[:split, :split]
-    diagonal = torch.arange(coords.shape[0], device=coords.device)
-    removed[diagonal, diagonal] = coords[diagonal, diagonal]
-    return task_vector - u @ removed @ vh
+    # the removed entries of P = Uᵀ τ V: its top-left (split, split) block and its diagonal; the rest of P is never
+    # formed (U P' Vᵀ = U_k P_kk V_kᵀ + Σ_{i≥k} p_ii u_i v_iᵀ: half the matrix products of forming P and U P' Vᵀ)
+    left = u.T @ task_vector  # (r, n): Uᵀ τ
+    diagonal = (left * vh).sum(dim=1)  # (r,): p_ii = u_iᵀ τ v_i
+    block = left[:split] @ vh[:split].T  # (k, k): P[:k, :k]
+    out = task_vector - u[:, :split] @ (block @ vh[:split])
+    return out.sub_((u[:, split:] * diagonal[split:]) @ vh[split:])
 
 
 class OPCMMerge(OnlineMerge):
@@ -648,7 +654,19 @@ class OPCMMerge(OnlineMerge):
             self.task_norms = norm
             return
         tau = tau.to(self.total.device)
-        self.total.add_(opcm_project(self.total, tau, self.alpha) if self.projects else tau)
+        if self.projects:
+            try:
+                tau = opcm_project(self.total, tau, self.alpha)
+            except torch.linalg.LinAlgError as err:  # a NaN/Inf in the merge so far (`allow_non_finite`): no SVD
+                finite = bool(torch.isfinite(self.total).all())
+                reason = "it did not converge" if finite else "the merge so far holds NaN or Inf values"
+                raise ValueError(
+                    f"opcm cannot project task vector {self.num_tasks + 1} of tensor {self.name!r}: the SVD of the "
+                    f"merge of the tasks before it failed ({reason}; {' '.join(str(err).split())[:120]}). Fix the "
+                    "input that holds NaN/Inf, or merge with another method (`allow_non_finite` cannot apply to "
+                    "opcm's projection)."
+                ) from None
+        self.total.add_(tau)
         self.task_norms = torch.cat([self.task_norms, norm])
 
     def _result(self) -> Tensor:

@@ -641,7 +641,8 @@ def _merge_loaded(
     set_peft_model_state_dict(model, result.adapter.state_dict, adapter_name=request.adapter_name)
     result.model = model
     logger.info(
-        "merged %d adapters (%s, λ=%s) into adapter %r: overall relative reconstruction error %.3g",
+        "merged %d adapters with %s (λ=%s) into one LoRA adapter (PEFT adapter name %r): overall relative "
+        "reconstruction error %.3g",
         len(names),
         spec.method,
         coef,

@@ -21,6 +21,7 @@ from .merge import LoraMergeResult, merge_adapters
 
 if TYPE_CHECKING:
     from ..config import MergeConfig
+    from ..io import PinnedFiles
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,17 @@ def lora_merge_config(
 
 
 def _model_card(result: LoraMergeResult, config: MergeConfig, provenance: dict | None = None):
-    """The card of a LoRA merge, through the one card builder ([`hf_magmax.hub.build_model_card`])."""
+    """The card of a LoRA merge, through the one card builder ([`hf_magmax.hub.build_model_card`]); local paths are
+    shown by their folder names only (a card is published)."""
     from ..hub import build_model_card
+    from ..io import public_name
 
     base = config.base
     model_class = "AutoModel" if result.model is None else type(_base_model(result.model)).__name__
     adapter_output = result.lora_output == "adapter"
     hub_base = _hub_id(base)
     base_name = hub_base or (Path(base).name if base else "the base model")
-    adapters = "\n".join(f"| {i + 1} | `{a}` |" for i, a in enumerate(result.adapters))
+    adapters = "\n".join(f"| {i + 1} | `{public_name(a)}` |" for i, a in enumerate(result.adapters))
     sections = {}
     if adapter_output:
         ranks = sorted(set(result.adapter.ranks.values())) or [0]
@@ -141,7 +144,7 @@ def _model_card(result: LoraMergeResult, config: MergeConfig, provenance: dict |
         library_name="peft" if adapter_output else "transformers",
         method=result.method,
         lora=True,
-        merge_config=config.to_yaml(),
+        merge_config=config.to_yaml(public=True),  # a card is for others: no local path in it
         config_file=LORA_MERGE_CONFIG_NAME,
         rerun_command=f"hf-magmax merge-lora {LORA_MERGE_CONFIG_NAME}",
     )
@@ -163,6 +166,7 @@ def save_lora_merge(
     output_dir: str | os.PathLike,
     overwrite: bool = False,
     base: str | os.PathLike | None = None,
+    pins: PinnedFiles | None = None,
 ) -> str:
     """Write a LoRA merge atomically: the adapter (or merged model), a model card and `magmax_config.yaml`.
 
@@ -180,21 +184,27 @@ def save_lora_merge(
             Replace a non-empty `output_dir` (the old one is removed only once the new one is in place).
         base (`str` or `os.PathLike`, *optional*):
             The base model as the user named it (for the card and the config); defaults to its `name_or_path`.
+        pins ([`~hf_magmax.io.PinnedFiles`], *optional*):
+            The input files as they were when the merge read them: checked before the commit (a base or adapter
+            file changed meanwhile is an error naming it, and nothing is written).
 
     Returns:
         `str`: the output directory.
     """
     from ..hub import write_model_card
-    from ..io import check_output_dir, copy_non_weight_files, staged_output_dir
+    from ..io import check_output_dir, copy_non_weight_files, non_weight_files, public_name, staged_output_dir
 
     output = Path(os.path.expanduser(os.fspath(output_dir))).absolute()
     config = lora_merge_config(result, base, output)
     check_output_not_input(output, _inputs(config.base, config.adapters))
     check_output_dir(output, overwrite)
+    base_dir = Path(config.base) if config.base else None
+    copies_base_files = result.lora_output == "merged" and base_dir is not None and base_dir.is_dir()
+    if copies_base_files:
+        non_weight_files(base_dir, _BASE_FILES_SKIPPED)  # a link out of the base is refused before anything is written
     with staged_output_dir(output, overwrite) as staging:
         result.save_pretrained(staging)
-        base_dir = Path(config.base) if config.base else None
-        if result.lora_output == "merged" and base_dir is not None and base_dir.is_dir():
+        if copies_base_files:
             written = [path.name for path in staging.iterdir()]  # what save_pretrained wrote stays as it is
             copy_non_weight_files(base_dir, staging, skip_names=(*_BASE_FILES_SKIPPED, *written))
         (staging / LORA_MERGE_CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
@@ -202,9 +212,11 @@ def save_lora_merge(
         if result.winners is not None:
             from ..metrics import save_provenance
 
-            names = [f"{i + 1}. {a}" for i, a in enumerate(result.adapters)]
+            names = [f"{i + 1}. {public_name(a)}" for i, a in enumerate(result.adapters)]  # published: no path
             provenance = save_provenance(staging, result.winners, names)
         write_model_card(staging, _model_card(result, config, provenance))
+        if pins is not None:
+            pins.check()  # the base's side files were copied just now, its weights and the adapters read before
     logger.info("LoRA merge (%s, %s) written to %s", result.method, result.lora_output, output)
     return str(output)
 
@@ -247,6 +259,17 @@ def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str 
         raise ValueError("`adapters` is missing: a LoRA merge needs `adapters` (use `hf-magmax merge` for `models`).")
     check_output_not_input(config.output_dir, _inputs(config.base, list(config.adapters)))
     _check_output_dir(config.output_dir, config.overwrite)
+    from ..io import PinnedFiles, non_weight_files, pin_checkpoint
+
+    base_dir = Path(os.path.expanduser(config.base)) if config.base else None
+    side_files: list[str] = []
+    if config.lora_output == "merged" and base_dir is not None and base_dir.is_dir():
+        side_files = non_weight_files(base_dir, _BASE_FILES_SKIPPED)  # a link out of the base: refused before any work
+    pins = PinnedFiles()  # every local input as it is now, checked before the commit
+    if base_dir is not None:
+        pin_checkpoint(pins, base_dir, side_files)
+    for adapter in config.adapters:
+        pin_checkpoint(pins, os.path.expanduser(adapter))
     with _progress_bars(show_progress):
         result = merge_adapters(
             config.base,
@@ -262,11 +285,12 @@ def run_lora_merge(config: MergeConfig, show_progress: bool = True, source: str 
             show_progress=show_progress,
             save_provenance=config.save_provenance,
         )
-        path = save_lora_merge(result, config.output_dir, overwrite=config.overwrite, base=config.base)
+        path = save_lora_merge(result, config.output_dir, overwrite=config.overwrite, base=config.base, pins=pins)
     if result.lora_output == "adapter":
         logger.info("overall relative reconstruction error of the adapter: %.4g", result.overall_error)
-    if config.push_to_hub:
-        from ..hub import push_to_hub
+    if config.push_to_hub is not None:
+        from ..hub import interrupted_push, push_to_hub
 
-        push_to_hub(path, config.push_to_hub, private=config.private, commit_message="Upload MagMax LoRA merge")
+        with interrupted_push(path, config.push_to_hub):
+            push_to_hub(path, config.push_to_hub, private=config.private, commit_message="Upload MagMax LoRA merge")
     return path

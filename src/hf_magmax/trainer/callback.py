@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,17 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import MagMaxOptions, check_push_options
-from .inputs import check_datasets, freeze, head, is_peft_model, normalize_tasks, task_dir_name
+from .deepspeed import check_deepspeed, fresh_engine
+from .inputs import (
+    check_datasets,
+    freeze,
+    head,
+    is_peft_model,
+    normalize_tasks,
+    prepare_dataset,
+    prepares_datasets,
+    task_dir_name,
+)
 from .run import ContinualRun
 from .state import unwrap
 
@@ -71,7 +82,8 @@ class MagMaxCallback(TrainerCallback):
             The MagMax options (may also be passed first, in place of `trainer`). Defaults to `MagMaxOptions()`.
         scaling_coef, scaling_coef_grid, merge_method, merge_density, merge_seed, merge_alpha, final_model,
         eval_merged_every_task, eval_unseen_tasks, merge_device, frozen_modules, max_validation_samples,
-        select_scaling_coef_every_task, continual_metric, save_provenance, push_every_task, hub_revision_pattern:
+        select_scaling_coef_every_task, continual_metric, save_provenance, push_every_task, hub_revision_pattern,
+        lora_output, lora_rank:
             Each field of [`MagMaxOptions`] as a keyword argument (same defaults), on top of `options`. With
             `push_every_task=True` the trainer's `args.hub_model_id` names the repo (an error at `attach` without it),
             and the merged model is pushed after every task as [`MagMaxTrainer`] does.
@@ -129,6 +141,8 @@ class MagMaxCallback(TrainerCallback):
             val_list = [head(ds, self.options.max_validation_samples) for ds in val_list]
         self.num_tasks = num_tasks
         self._current_task: int | None = None  # the task being trained (for the checkpoint directories)
+        self._prepared: list[Any] = []  # datasets the attached SFTTrainer has prepared (never prepared twice)
+        self._model: nn.Module | None = None  # the model of the sequence (every task trains this one)
         self._run = ContinualRun(self.options, names, eval_list, val_list or None)
         self.trainer: Trainer | None = None
         if trainer is not None:
@@ -141,10 +155,18 @@ class MagMaxCallback(TrainerCallback):
                 "`push_every_task=True` needs the Hub repo to push to: set `hub_model_id` in the trainer's "
                 "TrainingArguments (`hub_token` and `hub_private_repo` apply too)."
             )
+        check_deepspeed(trainer, self.options)  # ZeRO-3: what needs whole tensors, the final save
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         self._hook(trainer)
+        if prepares_datasets(trainer):  # TRL's SFTTrainer: evaluate on the sets as it prepares its own
+            run, names = self._run, self._run.task_names
+            run.eval_datasets = [self._prepare(ds, f"eval {n}", False) for n, ds in zip(names, run.eval_datasets)]
+            if run.validation_datasets:
+                run.validation_datasets = [
+                    self._prepare(ds, f"validation {n}", False) for n, ds in zip(names, run.validation_datasets)
+                ]
         if self.options.frozen_modules:
             freeze(trainer.model, self.options.frozen_modules)
         return self
@@ -160,6 +182,11 @@ class MagMaxCallback(TrainerCallback):
         get_output_dir, save_model = trainer._get_output_dir, trainer.save_model
         create_model_card = trainer.create_model_card
         push_to_hub, push_from_checkpoint = trainer.push_to_hub, trainer._push_from_checkpoint
+        train = trainer.train
+
+        def _train(self, *args: Any, **kwargs: Any) -> Any:
+            fresh_engine(self)  # DeepSpeed: each task's train() builds its own engine (a fresh optimizer)
+            return train(*args, **kwargs)
 
         def _get_output_dir(self, trial: Any = None) -> str:
             run_dir = get_output_dir(trial=trial)
@@ -175,18 +202,15 @@ class MagMaxCallback(TrainerCallback):
                 with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
                     f.write(callback.model_card(self))
 
-        def _create_model_card(
-            self,
-            language: str | None = None,
-            license: str | None = None,
-            tags: str | list[str] | None = None,
-            model_name: str | None = None,
-            finetuned_from: str | None = None,
-            **kwargs: Any,
-        ) -> None:
-            if not callback._run.num_tasks_done:  # nothing merged yet: transformers' card
-                create_model_card(language, license, tags, model_name, finetuned_from, **kwargs)
+        def _create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            if not callback._run.num_tasks_done:  # nothing merged yet: the trainer's own card
+                create_model_card(*args, **kwargs)
                 return
+            # the trainer's own signature (transformers': language, license, tags, model_name, finetuned_from, …;
+            # TRL's: model_name, dataset_name, tags)
+            given = inspect.signature(create_model_card).bind_partial(*args, **kwargs).arguments
+            language, license, tags = given.get("language"), given.get("license"), given.get("tags")
+            model_name, finetuned_from = given.get("model_name"), given.get("finetuned_from")
             if not self.is_world_process_zero():
                 return
             os.makedirs(self.args.output_dir, exist_ok=True)
@@ -197,6 +221,7 @@ class MagMaxCallback(TrainerCallback):
                 language=language,
                 license=license,
                 finetuned_from=finetuned_from,
+                **{key: kwargs.get(key) for key in ("tasks", "dataset_tags")},  # what the example scripts pass
             )
             with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -209,11 +234,32 @@ class MagMaxCallback(TrainerCallback):
             with run_folders_kept_local():
                 push_from_checkpoint(checkpoint_folder)
 
+        trainer.train = types.MethodType(_train, trainer)
+        if prepares_datasets(trainer):
+            self._prepared = [trainer.train_dataset, *dict(trainer.eval_dataset or {}).values()]
+            get_train_dataloader = trainer.get_train_dataloader
+
+            def _get_train_dataloader(self) -> Any:
+                # each task's raw training set, prepared (tokenized, labelled, packed) as the first task's was
+                task = callback._task()
+                name = callback._run.task_names[task] if task < len(callback._run.task_names) else f"task_{task}"
+                self.train_dataset = callback._prepare(self.train_dataset, f"train {name}", True)
+                return get_train_dataloader()
+
+            trainer.get_train_dataloader = types.MethodType(_get_train_dataloader, trainer)
         trainer.push_to_hub = types.MethodType(_push_to_hub, trainer)
         trainer._push_from_checkpoint = types.MethodType(_push_from_checkpoint, trainer)
         trainer._get_output_dir = types.MethodType(_get_output_dir, trainer)
         trainer.save_model = types.MethodType(_save_model, trainer)
         trainer.create_model_card = types.MethodType(_create_model_card, trainer)
+
+    def _prepare(self, dataset: Any, name: str, train: bool) -> Any:
+        """`dataset` prepared by the attached SFTTrainer (once: a dataset it or this callback prepared is kept)."""
+        if dataset is None or any(dataset is known for known in self._prepared):
+            return dataset
+        prepared = prepare_dataset(self.trainer, dataset, name, train)
+        self._prepared.append(prepared)
+        return prepared
 
     def model_card(self, trainer: Trainer | None = None, extra_tags: Sequence[str] = (), **metadata: Any) -> str:
         """The MagMax model card of this run (the one [`MagMaxTrainer`] writes), as markdown text.
@@ -224,13 +270,15 @@ class MagMaxCallback(TrainerCallback):
             extra_tags (`list[str]`, *optional*):
                 Tags added to the card's metadata.
             metadata:
-                `model_name`, `language`, `license`, `finetuned_from` (as in `Trainer.create_model_card`).
+                `model_name`, `language`, `license`, `finetuned_from`, `tasks`, `dataset_tags` (as in
+                `Trainer.create_model_card`).
         """
         from .trainer import _model_card
 
         trainer = trainer if trainer is not None else self.trainer
         if trainer is None:
             raise ValueError("MagMaxCallback.model_card needs a trainer: attach one with `attach(trainer)`.")
+        metadata.setdefault("made_with", "MagMaxCallback")
         return _model_card(self._run, trainer.model, trainer.args, extra_tags=extra_tags, **metadata)
 
     @property
@@ -245,18 +293,29 @@ class MagMaxCallback(TrainerCallback):
         if self._run.finished:
             raise RuntimeError("MagMaxCallback: the task sequence is finished; make a new callback for a new one.")
         trainer = self.trainer
-        if model is not None and is_peft_model(unwrap(model)):
+        task = self._task()
+        current = unwrap(model) if model is not None else None
+        if task > 0 and current is not None and self._model is not None and current is not self._model:
             raise ValueError(
-                "MagMaxCallback merges full weights; for a PEFT (LoRA) model use `MagMaxTrainer(peft_config=...)`, "
-                "whose task vectors are the adapter's ΔW, or merge the saved adapters with `merge_adapters`."
+                f"MagMaxCallback: task {task + 1} trains another model object than task 1 (a new trainer, or a new "
+                "PEFT wrapping from `peft_config`): the task vectors would not share θ_0. Re-use one trainer for the "
+                "whole sequence and set `trainer.train_dataset` per task (or use MagMaxTrainer / MagMaxSFTTrainer)."
             )
+        if task == 0 and current is not None:
+            self._model = current
+            # a PEFT (LoRA) model: the task vectors are the adapter's ΔW relative to the base, as in MagMaxTrainer
+            self._run.lora = is_peft_model(current)
+            if self._run.lora and self.options.push_every_task:
+                raise ValueError(
+                    "`push_every_task=True` is not supported with LoRA training yet: drop it and push the final model "
+                    "with `trainer.push_to_hub()`, or train all weights."
+                )
         if trainer is None and self.options.push_every_task:
             raise ValueError(
                 "MagMaxCallback with `push_every_task=True` needs the trainer: `MagMaxCallback(trainer)`."
             )
         if trainer is None and self._run.eval_datasets:
             raise ValueError("MagMaxCallback needs the trainer to evaluate: build it with `MagMaxCallback(trainer)`.")
-        task = self._task()
         if self.num_tasks is not None and task >= self.num_tasks:
             raise ValueError(f"MagMaxCallback: a task beyond the {self.num_tasks} announced in `num_tasks`.")
         if task >= len(self._run.task_names):  # open-ended sequence
@@ -290,3 +349,8 @@ class MagMaxCallback(TrainerCallback):
                 raise ValueError("pass the model to `finish(model)` when the callback has no trainer.")
             model = self.trainer.model
         self._run.finish(self.trainer, model)
+        if self._run.lora:  # the base with the merged ΔW folded in, or a re-factored adapter (`lora_output`)
+            finished = self._run.finish_lora(self.trainer, model)
+            if finished is not None and self.trainer is not None:
+                self.trainer.model = self.trainer.model_wrapped = finished
+                self._run.write_results(self.trainer)

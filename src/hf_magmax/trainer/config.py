@@ -70,8 +70,9 @@ class MagMaxOptions:
         continual_metric (`str`, *optional*):
             The metric of the accuracy matrices, a key of `compute_metrics`' output without the prefix, e.g.
             `"accuracy"`. Defaults to `"accuracy"` when the training labels are class ids (a built-in accuracy is used
-            if `compute_metrics` is not given), and to `"neg_loss"` (minus the evaluation loss, so higher is better
-            and forgetting is a loss increase) otherwise, e.g. for causal language models.
+            if `compute_metrics` is not given), to `"mean_token_accuracy"` inside TRL's `SFTTrainer` (the token
+            accuracy it logs as `eval_mean_token_accuracy`), and to `"neg_loss"` (minus the evaluation loss, so
+            higher is better and forgetting is a loss increase) otherwise, e.g. for causal language models.
         save_provenance (`bool`, *optional*, defaults to `False`):
             `magmax` and `random_mix` only (an error for other methods, raised here, before the first step): record
             which task won each merged element (ties go to the later task). The maps are kept in the merge state
@@ -91,6 +92,12 @@ class MagMaxOptions:
         hub_revision_pattern (`str`, *optional*, defaults to `"after-task-{k}"`):
             The branch of each task's revision: `{k}` is the 1-based task index (required), `{name}` the task name;
             e.g. `"v1-task{k:02d}"`. Checked here: it must give a valid git branch name other than `main`.
+        lora_output (`str`, *optional*, defaults to `"merged"`):
+            LoRA training only: end with the merged deltas folded into the base model (`"merged"`), or re-factored
+            into a new LoRA adapter of rank `lora_rank` (`"adapter"`).
+        lora_rank (`int`, *optional*):
+            Rank of the re-factored adapter for `lora_output="adapter"`, capped per module by the size of its ΔW;
+            defaults to the trained adapter's rank times the number of tasks. The re-factor is exact at full rank.
 
     Example:
 
@@ -163,6 +170,14 @@ class MagMaxOptions:
         default="after-task-{k}",
         metadata={"help": "Branch of each task's revision with push_every_task: {k} = 1-based task, {name} = task."},
     )
+    lora_output: str = field(
+        default="merged",
+        metadata={
+            "help": "LoRA training: fold the merge into the base (merged) or re-factor it (adapter).",
+            "choices": LORA_OUTPUTS,
+        },
+    )
+    lora_rank: int | None = field(default=None, metadata={"help": "Rank of the re-factored adapter."})
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -284,6 +299,11 @@ def check_options(options: Any) -> None:
     limit = options.max_validation_samples
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"`max_validation_samples` must be a positive integer or None, got {limit!r}.")
+    if options.lora_output not in LORA_OUTPUTS:
+        raise ValueError(f"`lora_output` must be one of {', '.join(LORA_OUTPUTS)}, got {options.lora_output!r}.")
+    rank = options.lora_rank
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"`lora_rank` must be a positive integer, got {rank!r}.")
     if options.continual_metric is not None and not isinstance(options.continual_metric, str):
         raise TypeError(
             f"`continual_metric` must be a metric name such as 'accuracy', got {options.continual_metric!r}."
@@ -298,7 +318,8 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     `max_steps`, … restart with every task). The MagMax options are those of [`MagMaxOptions`] (`scaling_coef`,
     `scaling_coef_grid`, `merge_method`, `merge_density`, `merge_seed`, `final_model`, `eval_merged_every_task`,
     `eval_unseen_tasks`, `merge_device`, `frozen_modules`, `max_validation_samples`, `select_scaling_coef_every_task`,
-    `continual_metric`, `save_provenance`, `push_every_task`, `hub_revision_pattern`), plus these Trainer-only ones.
+    `continual_metric`, `save_provenance`, `push_every_task`, `hub_revision_pattern`, `lora_output`, `lora_rank`),
+    plus these Trainer-only ones.
     With `push_every_task=True`, `hub_model_id` is required (an error here, before training), and `hub_token` and
     `hub_private_repo` apply to the pushes. The Trainer-only options:
 
@@ -315,12 +336,6 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
         validation_fraction (`float`, *optional*, defaults to `0.1`):
             With `scaling_coef="auto"` and no `validation_datasets`: the share of each task's training split held out
             (seeded with `seed`) to choose λ. Never the evaluation data of the accuracy matrices.
-        lora_output (`str`, *optional*, defaults to `"merged"`):
-            LoRA training only: end with the merged deltas folded into the base model (`"merged"`), or re-factored
-            into a new LoRA adapter of rank `lora_rank` (`"adapter"`).
-        lora_rank (`int`, *optional*):
-            Rank of the re-factored adapter for `lora_output="adapter"`, capped per module by the size of its ΔW;
-            defaults to the trained adapter's rank times the number of tasks. The re-factor is exact at full rank.
 
     Example:
 
@@ -344,24 +359,13 @@ class MagMaxConfig(MagMaxOptions, TrainingArguments):
     validation_fraction: float | None = field(
         default=0.1, metadata={"help": 'Share of each training split held out to choose λ with scaling_coef="auto".'}
     )
-    lora_output: str = field(
-        default="merged",
-        metadata={
-            "help": "LoRA training: fold the merge into the base (merged) or re-factor it (adapter).",
-            "choices": LORA_OUTPUTS,
-        },
-    )
-    lora_rank: int | None = field(default=None, metadata={"help": "Rank of the re-factored adapter."})
 
     def __post_init__(self) -> None:
-        TrainingArguments.__post_init__(self)
+        # the next `__post_init__` after the MagMax options in the MRO: `TrainingArguments`', or that of a TRL config
+        # mixed in after this one (`MagMaxSFTConfig(MagMaxConfig, SFTConfig)` runs SFTConfig's, which runs
+        # TrainingArguments')
+        super(MagMaxOptions, self).__post_init__()
         check_options(self)
-        if self.lora_output not in LORA_OUTPUTS:
-            raise ValueError(f"`lora_output` must be one of {', '.join(LORA_OUTPUTS)}, got {self.lora_output!r}.")
-        if self.lora_rank is not None and (
-            isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1
-        ):
-            raise ValueError(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}.")
         self.num_train_epochs_per_task = _check_per_task(self.num_train_epochs_per_task, "num_train_epochs_per_task")
         self.max_steps_per_task = _check_per_task(self.max_steps_per_task, "max_steps_per_task", integer=True)
         if self.push_every_task and not self.hub_model_id:

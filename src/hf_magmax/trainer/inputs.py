@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .matrices import label_column, scalar_labels
+from .matrices import is_sft_trainer, label_column, scalar_labels
 from .state import matches, unwrap
 
 
@@ -50,6 +50,37 @@ def normalize_tasks(datasets: Any, argument: str) -> tuple[list[str], list[Any],
     if len(set(names)) != len(names):
         raise ValueError(f"`{argument}` has duplicate task names {names}: give every task its own name.")
     return names, out, classes
+
+
+def collect_tasks(
+    args: Any, train_dataset: Any, train_datasets: Any, eval_datasets: Any, validation_datasets: Any
+) -> tuple[list[str], list[Any], list[list | None], list[Any], list[Any]]:
+    """The task sequence a MagMax trainer is given, checked: `(names, train, split classes, eval, validation)`.
+
+    `train_datasets` (a list, a dict name → dataset or a `ContinualSplit`) or, for a single task, `train_dataset`;
+    the eval and validation sets must name the same tasks; per-task schedules and Hub branches must fit the tasks.
+    """
+    from .config import check_per_task_length, check_push_options
+
+    if train_datasets is None:
+        if train_dataset is None:
+            raise ValueError(
+                "no tasks: pass `train_datasets`, a list or dict task name → dataset with at least one task."
+            )
+        train_datasets = [train_dataset]
+    elif train_dataset is not None:
+        raise ValueError("pass either `train_datasets` (the task sequence) or `train_dataset`, not both.")
+
+    names, datasets, split_classes = normalize_tasks(train_datasets, "train_datasets")
+    if not datasets:
+        raise ValueError("no tasks: `train_datasets` is empty; pass at least one task.")
+    check_per_task_length(args, len(datasets))
+    check_push_options(args, names)  # every task's branch is a valid git branch name
+    eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
+    check_same_tasks(names, eval_names, eval_datasets, "eval_datasets")
+    val_names, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
+    check_same_tasks(names, val_names, validation_datasets, "validation_datasets")
+    return names, datasets, split_classes, eval_list, val_list
 
 
 def num_examples(dataset: Any) -> int | None:
@@ -219,3 +250,30 @@ def head(dataset: Any, n: int) -> Any:
 def task_dir_name(task: int, name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     return f"task-{task:02d}-{safe}"
+
+
+def prepares_datasets(trainer: Any) -> bool:
+    """Whether `trainer` turns raw datasets into model inputs itself, one dataset at a time: TRL's `SFTTrainer`
+    (tokenization of text, prompt/completion or `messages`, the completion-only / assistant-only labels, truncation,
+    packing) unless `dataset_kwargs={"skip_prepare_dataset": True}`."""
+    return is_sft_trainer(trainer) and not getattr(trainer, "_skip_prepare_dataset", False)
+
+
+def is_prepared(dataset: Any) -> bool:
+    """A dataset an `SFTTrainer` already packed (its `seq_lengths` column): preparing it again would pack the packs."""
+    return "seq_lengths" in (getattr(dataset, "column_names", None) or ())
+
+
+def prepare_dataset(trainer: Any, dataset: Any, name: str, train: bool) -> Any:
+    """`dataset` as `trainer` prepares its own `train_dataset` (`train=True`) or evaluation sets: for TRL's
+    `SFTTrainer`, through its own `_prepare_dataset` with the same options (`packing`, or `eval_packing` for
+    evaluation sets, and the `formatting_func`), so that every task is prepared exactly like the first one. Each
+    dataset is prepared (and packed) on its own: a pack never holds examples of two tasks. Other trainers, and
+    datasets already packed, are returned as they are."""
+    if dataset is None or not prepares_datasets(trainer) or is_prepared(dataset):
+        return dataset
+    args = trainer.args
+    packing = args.packing if train or args.eval_packing is None else args.eval_packing
+    return trainer._prepare_dataset(
+        dataset, trainer.processing_class, args, packing, getattr(trainer, "_formatting_func", None), name
+    )

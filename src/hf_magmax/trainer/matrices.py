@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-__all__ = ["RESULTS_NAME", "AccuracyMatrices", "resolve_metric", "score"]
+__all__ = ["RESULTS_NAME", "TOKEN_ACCURACY", "AccuracyMatrices", "resolve_metric", "score"]
 
 #: Name of the results file written to `output_dir`.
 RESULTS_NAME = "continual_results.json"
@@ -43,10 +43,32 @@ def scalar_labels(dataset: Any) -> list[int] | None:
     return None
 
 
-def resolve_metric(continual_metric: str | None, train_datasets: Sequence[Any]) -> str:
-    """The metric of the matrices: the one asked for, else accuracy for class-id labels, else `neg_loss`."""
+#: TRL's `SFTTrainer` counts this metric inside its `compute_loss` (its `_metrics[mode]`), per batch: the share of the
+#: loss tokens (the completion with completion-only loss, the assistant turns with `assistant_only_loss`) whose top-1
+#: prediction is the label, under teacher forcing. Its `evaluate()` logs their mean as `eval_mean_token_accuracy`.
+TOKEN_ACCURACY = "mean_token_accuracy"
+
+
+def counted_eval_metrics(trainer: Any) -> dict[str, list[float]] | None:
+    """The evaluation metrics a TRL trainer counts in `compute_loss` (`trainer._metrics["eval"]`), or None for a
+    trainer that keeps none (e.g. transformers' `Trainer`)."""
+    metrics = getattr(trainer, "_metrics", None)
+    counted = metrics.get("eval") if isinstance(metrics, dict) else None
+    return counted if isinstance(counted, dict) else None
+
+
+def is_sft_trainer(trainer: Any) -> bool:
+    """Whether `trainer` is TRL's `SFTTrainer` (or a subclass), told without importing `trl`."""
+    return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl.") for c in type(trainer).__mro__)
+
+
+def resolve_metric(continual_metric: str | None, train_datasets: Sequence[Any], trainer: Any = None) -> str:
+    """The metric of the matrices: the one asked for, else TRL's token accuracy inside an `SFTTrainer`, else accuracy
+    for class-id labels, else `neg_loss`."""
     if continual_metric is not None:
         return continual_metric
+    if trainer is not None and is_sft_trainer(trainer):
+        return TOKEN_ACCURACY
     for dataset in train_datasets:
         if label_column(dataset) is not None:
             return "accuracy" if scalar_labels(dataset) is not None else "neg_loss"
@@ -82,7 +104,10 @@ def score(trainer: Any, dataset: Any, prefix: str, metric: str) -> float:
 
     from ..metrics import accuracy_compute_metrics
 
-    predictions = metric not in ("neg_loss", "loss")
+    counted = counted_eval_metrics(trainer)
+    if counted is not None:
+        counted.clear()  # only this evaluation's batches; none of them reach the trainer's own logs either
+    predictions = metric not in ("neg_loss", "loss", TOKEN_ACCURACY)
     try:
         output = trainer.evaluation_loop(
             trainer.get_eval_dataloader(dataset),
@@ -92,7 +117,19 @@ def score(trainer: Any, dataset: Any, prefix: str, metric: str) -> float:
         )
     finally:
         _close_prediction_bar(trainer)
+        batches = {key: list(values) for key, values in (counted or {}).items()}
+        if counted is not None:
+            counted.clear()
     metrics = dict(output.metrics)
+    if metric == TOKEN_ACCURACY:
+        values = batches.get(TOKEN_ACCURACY)
+        if not values:
+            raise ValueError(
+                f"`continual_metric={TOKEN_ACCURACY!r}` is the token accuracy TRL's SFTTrainer counts while it "
+                f"evaluates, and {type(trainer).__name__} counted none on `{prefix}`: use it with an SFTTrainer "
+                "(or `MagMaxSFTTrainer`), or choose another `continual_metric`."
+            )
+        return sum(values) / len(values)  # as SFTTrainer's `eval_mean_token_accuracy`
     if predictions and trainer.compute_metrics is None and output.predictions is not None:
         if output.label_ids is None:
             raise ValueError(

@@ -10,7 +10,10 @@ weights in the model's dtype, tokenizer/processor, the card of the tasks so far)
 What was pushed (task, branch, commit) is recorded in the run state that checkpoints carry (`magmax_state.json`) and
 under `hub_revisions` in `continual_results.json`. A resumed run skips the tasks recorded there, and before any push
 asks the Hub for the repo's branches (`list_repo_refs`): a branch that already exists is never pushed again (its
-commit is recorded instead), so a task is not published twice even when the record was lost.
+commit is recorded instead), so a task is not published twice even when the record was lost. A run killed between a
+task's commit on `main` and the creation of its branch is found too: each release commit names its branch in its
+description, and when `main`'s head is the missing branch's release, the branch is created there instead of
+committing the task again.
 
 A failed push is a warning, not an error: a continual run can take days, and a Hub outage must not lose it. The
 folder is kept (named in the warning and in the record, with the command that pushes it later to its branch, leaving
@@ -113,7 +116,7 @@ class HubReleases:
         if done is not None:
             logger.info("Task %d (%s) is already on the Hub as %s (%s): not pushed again.", k, name, branch, done)
             return None
-        from ..hub import HubPushError, hub_branches, push_release
+        from ..hub import HubPushError, create_release_branch, find_release_commit, hub_branches, push_release
 
         args = trainer.args
         repo_id, token, private = args.hub_model_id, args.hub_token, bool(args.hub_private_repo)
@@ -136,6 +139,19 @@ class HubReleases:
                     "(a resumed run's earlier push). For a new run, choose another `hub_revision_pattern` or delete "
                     "the branch.",
                     branch, repo_id, branches[branch], k, name,
+                )  # fmt: skip
+                self.records.append(record)
+                shutil.rmtree(folder, ignore_errors=True)
+                return record
+            # killed between its commit on main and its branch: main's head is this task's release; branch it there
+            orphan = find_release_commit(repo_id, branch, token=token) if branches is not None else None
+            if orphan is not None:
+                create_release_branch(repo_id, branch, orphan, token=token)
+                record.update(status=ON_HUB, commit=orphan)
+                logger.warning(
+                    "Task %d (%s) was committed to main of %r (commit %s) by an earlier, interrupted run, but its branch "
+                    "%r was missing: created it at that commit (not pushed again).",
+                    k, name, repo_id, orphan, branch,
                 )  # fmt: skip
                 self.records.append(record)
                 shutil.rmtree(folder, ignore_errors=True)

@@ -20,7 +20,19 @@ from torch import Tensor, nn
 from .config import MagMaxOptions
 from .matrices import AccuracyMatrices, resolve_metric, score, write_results
 from .release import HubReleases
-from .state import BASE_HASH_NAME, BASE_WEIGHTS_NAME, LEGACY_BASE_NAME, CheckpointError, MergeState, reshard, unwrap
+from .state import (
+    BASE_DIR_NAME,
+    BASE_HASH_NAME,
+    BASE_WEIGHTS_NAME,
+    LEGACY_BASE_NAME,
+    RANK_BASE_NAME,
+    CheckpointError,
+    MergeState,
+    has_zero3_parameters,
+    reshard,
+    unwrap,
+    zero3_weights,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -105,9 +117,12 @@ class ContinualRun:
         self.finished = False
         self.lora = lora
         self.lora_info: dict[str, Any] | None = None
+        #: per-module SVD errors of the re-factored adapter (`lora_output="adapter"`), after [`finish_lora`]
+        self.lora_reconstruction_errors: dict[str, float] | None = None
         #: the run's one θ_0 file (`output_dir/magmax_base/model.safetensors`) and its sha256, once written
+        #: a sharded state's θ_0 is one file per rank: the path holds `{rank}` and the sha256 is a list, one per rank
         self.base_path: str | None = None
-        self.base_sha256: str | None = None
+        self.base_sha256: str | list[str] | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -154,14 +169,17 @@ class ContinualRun:
     # -- weights ---------------------------------------------------------------------------------------------------
 
     def weights(self, trainer: Any, model: nn.Module, initial: bool = False) -> dict[str, Tensor]:
-        """The model's weights as this rank holds them: under FSDP2 (DTensor parameters) the live local shards, with
-        no gather ([`MergeState`] folds them); otherwise the full weights, gathered through Accelerate (ZeRO-3)
-        once training has started."""
+        """The model's weights as this rank holds them, with no gather: under FSDP2 (DTensor parameters) the live
+        local shards, under DeepSpeed ZeRO-3 the parameters themselves ([`MergeState`] folds their partitions);
+        otherwise the full weights (DDP, ZeRO-1/2: every rank holds them), through Accelerate once training has
+        started."""
         unwrapped = unwrap(model)
         if self.lora:
             from ..peft import lora_delta_state_dict
 
             return lora_delta_state_dict(unwrapped, adapter_name=getattr(unwrapped, "active_adapter", "default"))
+        if has_zero3_parameters(unwrapped):
+            return zero3_weights(unwrapped)
         if has_dtensor_parameters(unwrapped):
             reshard(unwrapped)  # the shards, not parameters an evaluation left unsharded
         elif trainer is not None and not initial:
@@ -215,12 +233,14 @@ class ContinualRun:
         `train()` would make Accelerate skip the DDP wrapping of the model.)"""
         initial = trainer is None or trainer.model_wrapped is model
         self.state.snapshot(self.weights(trainer, model, initial=initial))
-        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets)
+        self.matrices.metric = resolve_metric(self.options.continual_metric, train_datasets, trainer)
 
     def write_base(self, trainer: Any) -> None:
         """Write θ_0 once per run to `output_dir/magmax_base/` (the main process, with its sha256), then hold it
-        memory-mapped from there on every process. Sharded states keep their part in memory."""
+        memory-mapped from there on every process. A θ_0 taken from shards or partitions (a model loaded partitioned,
+        e.g. under ZeRO-3's `zero.Init`) is written by every rank, its own part, to `model-rank{r}.safetensors`."""
         if self.state.sharded:
+            self._write_rank_base(trainer)
             return
         path = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_WEIGHTS_NAME))
         hash_path = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_HASH_NAME))
@@ -238,9 +258,23 @@ class ContinualRun:
         self.base_path = path
         self.state.map_base(path)
 
+    def _write_rank_base(self, trainer: Any) -> None:
+        """Every rank writes its part of θ_0 once per run and maps it; the sha256 of every rank's file is gathered so
+        that the main process can record them all in the checkpoints. (Meta weights stay in memory.)"""
+        if any(t.is_meta for t in self.state.base.values()):
+            return
+        import torch.distributed as dist
+
+        pattern = os.path.abspath(os.path.join(trainer.args.output_dir, BASE_DIR_NAME, RANK_BASE_NAME))
+        path = pattern.replace("{rank}", str(_rank()))
+        digests: list[str | None] = [None] * _world_size()
+        dist.all_gather_object(digests, self.state.write_base(path))
+        self.state.map_base(path)
+        self.base_path, self.base_sha256 = pattern, list(digests)
+
     def begin_task(self, trainer: Any, model: nn.Module, task: int) -> None:
         if not self.lora:
-            self.state.check_shapes(unwrap(model).state_dict(), self.task_names[task])
+            self.state.check_shapes(self.weights(trainer, model, initial=True), self.task_names[task])
 
     def evaluate_row(self, trainer: Any, kind: str) -> list[float | None]:
         """The scores of the model as it is now on every task (θ_0's row, and the last row, always on every task);
@@ -325,6 +359,37 @@ class ContinualRun:
             log(trainer, logs)
             self.write_results(trainer)
             self.write_provenance(trainer)
+
+    def finish_lora(self, trainer: Any, model: nn.Module) -> nn.Module | None:
+        """After [`finish`] of a LoRA run: the model to continue with (None for `final_model="sequential"`: keep the
+        PeftModel). `lora_output="merged"`: the base with `ΔW_start + λ · merge(τ)` folded in (a plain transformers
+        model); `"adapter"`: that ΔW re-factored by SVD into a new LoRA adapter of rank `lora_rank` (default: the
+        trained rank times the number of tasks, capped per module), its errors in `lora_reconstruction_errors`."""
+        if self.options.final_model == "sequential":
+            return None
+        from ..peft import _strip_adapters, deltas_to_lora, fold_deltas_into_base
+
+        peft_model = unwrap(model)
+        adapter = getattr(peft_model, "active_adapter", "default")
+        # the merged model relative to the *base*: ΔW_start + λ · merge(τ)
+        deltas = self.state.merged_state_dict(self.final_scaling_coef)
+        # default: the trained adapter's rank times the number of tasks; any rank is capped by what each ΔW allows
+        rank = self.options.lora_rank or int(getattr(peft_model.peft_config[adapter], "r", 8)) * len(self.task_names)
+        ranks = {name.rpartition(".")[0]: min(rank, min(d.shape)) for name, d in deltas.items() if d.ndim == 2}
+        task_type = getattr(peft_model.peft_config[adapter], "task_type", None)
+        base_model = _strip_adapters(peft_model)
+        self.lora_info = {"output": self.options.lora_output}
+        if self.options.lora_output == "merged":
+            fold_deltas_into_base(base_model, deltas, 1.0)
+            return base_model
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        factorization = deltas_to_lora(deltas, ranks, model=base_model, task_type=task_type)
+        self.lora_reconstruction_errors = factorization.errors
+        self.lora_info.update(ranks=factorization.ranks, reconstruction_error=factorization.overall_error)
+        new_model = get_peft_model(base_model, factorization.peft_config)
+        set_peft_model_state_dict(new_model, factorization.state_dict)
+        return new_model
 
     # -- results ---------------------------------------------------------------------------------------------------
 
@@ -477,13 +542,22 @@ class ContinualRun:
         merge_state = MergeState.read(directory, self.state.device, rank=rank)
         recorded = record.get("base")
         if recorded:
-            base_path = os.path.normpath(os.path.join(directory, recorded["file"]))
-            base = MergeState.read_base(base_path, recorded.get("sha256"), directory)
-        else:  # θ_0 inside the checkpoint (sharded from the start, or a checkpoint of an older version)
+            pattern = os.path.normpath(os.path.join(directory, recorded["file"]))
+            sha256 = recorded.get("sha256")
+            base_path = pattern.replace("{rank}", str(_rank()))  # one file per rank for a θ_0 taken sharded
+            if isinstance(sha256, list):
+                if len(sha256) != _world_size():
+                    raise ValueError(
+                        f"the checkpoint {directory!r} holds θ_0 in {len(sha256)} per-rank files, but this run has "
+                        f"{_world_size()} processes: resume with {len(sha256)} processes and the same sharding."
+                    )
+                sha256 = sha256[_rank()]
+            base = MergeState.read_base(base_path, sha256, directory)
+        else:  # θ_0 inside the checkpoint (a checkpoint of an older version, or meta weights)
             base_path = os.path.join(directory, _rank_name(LEGACY_BASE_NAME, rank))
             base = MergeState.read_base(base_path, None, directory)
         self.state.restore(base, merge_state, base_file=base_path)
-        self.base_path = os.path.abspath(base_path) if recorded else None
+        self.base_path = os.path.abspath(pattern) if recorded else None
         self.base_sha256 = recorded.get("sha256") if recorded else None
         self.matrices.load(record)
         self.releases.load(record.get("hub_revisions"))

@@ -45,6 +45,7 @@ __all__ = [
     "BASE_HASH_NAME",
     "BASE_WEIGHTS_NAME",
     "MERGE_STATE_NAME",
+    "RANK_BASE_NAME",
     "RANK_MERGE_STATE_NAME",
     "CheckpointError",
     "MergeState",
@@ -55,6 +56,8 @@ __all__ = [
 BASE_DIR_NAME = "magmax_base"
 BASE_WEIGHTS_NAME = "magmax_base/model.safetensors"
 BASE_HASH_NAME = "magmax_base/sha256"
+#: A θ_0 taken from shards or partitions (the model was loaded sharded): every rank's part, in `magmax_base/`.
+RANK_BASE_NAME = "model-rank{rank}.safetensors"
 #: The merge state a checkpoint carries, besides the `Trainer`'s own files.
 MERGE_STATE_NAME = "magmax_merge_state.pt"
 #: One merge-state file per rank when the state is sharded (FSDP2, ZeRO-3): each rank writes and reads its own.
@@ -163,6 +166,38 @@ def _zero3_partition(tensor: Tensor) -> tuple[Tensor, int, bool] | None:
     offset = rank * size
     valid = max(0, min(size, int(tensor.ds_numel) - offset))  # the last partitions are padded
     return ds_tensor.view(-1).narrow(0, 0, valid), offset, world > 1
+
+
+def has_zero3_parameters(model: nn.Module) -> bool:
+    """Whether the model's parameters are DeepSpeed ZeRO-3 parameters (partitioned, each rank holding `ds_tensor`)."""
+    return any(getattr(p, "ds_tensor", None) is not None for p in model.parameters())
+
+
+def zero3_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict with the ZeRO-3 parameters themselves (`keep_vars=True`: a detached copy would lose the
+    `ds_tensor` partition and `ds_shape`), tied weights under every name; nothing is gathered."""
+    return model.state_dict(keep_vars=True)
+
+
+def sync_zero3_parameters(tensors: Sequence[Tensor]) -> None:
+    """After the partitions (`ds_tensor`) of ZeRO-3 parameters were written: release the parameters DeepSpeed holds
+    gathered (the persistent ones, below `stage3_param_persistence_threshold`, which its forward reads from
+    `param.data`, and any a forward left available) and gather the persistent ones again from the new partitions, as
+    DeepSpeed does around a checkpoint. Every rank calls it with the same parameters (collective)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    seen, available = set(), []
+    for param in tensors:
+        if getattr(param, "ds_tensor", None) is not None and id(param) not in seen:
+            seen.add(id(param))
+            if param.ds_status == ZeroParamStatus.AVAILABLE:
+                available.append(param)
+    if not available:
+        return
+    available[0].partition(param_list=available)  # the partitions are the truth: frees the gathered copies
+    persistent = [param for param in available if getattr(param, "ds_persist", False)]
+    if persistent:
+        persistent[0].all_gather(param_list=persistent)
 
 
 def global_shape(tensor: Tensor) -> tuple[int, ...]:
@@ -503,13 +538,16 @@ class MergeState:
 
     @torch.no_grad()
     def write_into(self, model: nn.Module, tensors: Callable[[str], Tensor]) -> None:
-        """Copy `tensors(name)` into the model's weights in place (into the local shard of a DTensor)."""
+        """Copy `tensors(name)` into the model's weights in place (into the local shard of a DTensor, the partition of a
+        ZeRO-3 parameter: the parameters DeepSpeed keeps gathered are then gathered again, on every rank)."""
         live = live_tensors(unwrap(model))
         for name in self.base:
             if name not in live:
                 raise KeyError(f"the model has no weight {name!r} to write the merged value into.")
             target = local_part(live[name])[0]
             target.copy_(tensors(name).to(target.device, target.dtype))
+        if any(getattr(live[name], "ds_tensor", None) is not None for name in self.base):
+            sync_zero3_parameters([live[name] for name in self.base])  # ZeRO-3: the gathered copies follow
 
     # -- memory ----------------------------------------------------------------------------------------------------
 

@@ -24,15 +24,15 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..task_vectors import shared_tensor_groups
-from .config import MagMaxConfig, check_per_task_length, check_push_options
+from .config import MagMaxConfig
+from .deepspeed import check_deepspeed, fresh_engine
 from .inputs import (
     check_datasets,
-    check_same_tasks,
     checkpoint_tensor_names,
+    collect_tasks,
     freeze,
     head,
     is_peft_model,
-    normalize_tasks,
     num_labels,
     resolve_task_classes,
     task_dir_name,
@@ -56,6 +56,54 @@ _MODEL_WEIGHTS = (
     "adapter_model.safetensors",
     "adapter_model.bin",
 )
+
+
+#: Files of a checkpoint that `Trainer` itself reads on resume (weights-only pickles), besides the model weights.
+_TRAINER_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_*.pth", "scaler.pt")
+
+
+def check_trainer_files(checkpoint: str) -> None:
+    """Check that the files `Trainer` reads on resume are complete and loadable before choosing `checkpoint`.
+
+    The model weights (safetensors headers against the file sizes, `.bin` and the optimizer, scheduler and RNG
+    states loaded memory-mapped with `weights_only=True`, as `Trainer` loads them): a file truncated by a kill while
+    saving, or a pickle that is not weights only, is a [`CheckpointError`] naming it, so that resume falls back to an
+    older checkpoint instead of failing with a traceback half-way through `Trainer`'s restore.
+    """
+    from pathlib import Path
+
+    from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as `Trainer` allows it
+
+    from ..io import read_index, read_safetensors_header
+
+    def fail(path: str, err: BaseException) -> CheckpointError:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        return CheckpointError(f"{path!r} is truncated, corrupt or not weights-only ({reason}).")
+
+    names = ("model.safetensors", "adapter_model.safetensors")
+    files = [os.path.join(checkpoint, n) for n in names if os.path.isfile(os.path.join(checkpoint, n))]
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            files += sorted({os.fspath(p) for p in read_index(Path(index)).values()})
+        except ValueError as err:
+            raise fail(index, err) from None
+    for file in files:
+        try:
+            read_safetensors_header(Path(file))
+        except (OSError, ValueError) as err:
+            raise fail(file, err) from None
+    pickles = [os.path.join(checkpoint, n) for n in ("pytorch_model.bin", "adapter_model.bin")]
+    for pattern in _TRAINER_PICKLES:
+        pickles += sorted(glob.glob(os.path.join(glob.escape(checkpoint), pattern)))
+    for file in pickles:
+        if not os.path.isfile(file):
+            continue
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - zip, pickle and OS errors alike
+            raise fail(file, err) from None
 
 
 class MagMaxTrainer(Trainer):
@@ -138,27 +186,11 @@ class MagMaxTrainer(Trainer):
                 "`optimizers` is not supported: MagMaxTrainer creates a fresh optimizer and schedule for every task. "
                 "Pass `optimizer_cls_and_kwargs` (or the `optim` option of the config) instead."
             )
-        if train_datasets is None:
-            if train_dataset is None:
-                raise ValueError(
-                    "no tasks: pass `train_datasets`, a list or dict task name → dataset with at least one task."
-                )
-            train_datasets = [train_dataset]
-        elif train_dataset is not None:
-            raise ValueError("pass either `train_datasets` (the task sequence) or `train_dataset`, not both.")
-
-        names, datasets, split_classes = normalize_tasks(train_datasets, "train_datasets")
-        if not datasets:
-            raise ValueError("no tasks: `train_datasets` is empty; pass at least one task.")
-        check_per_task_length(args, len(datasets))
-        check_push_options(args, names)  # every task's branch is a valid git branch name
-        eval_names, eval_list, _ = normalize_tasks(eval_datasets, "eval_datasets")
-        check_same_tasks(names, eval_names, eval_datasets, "eval_datasets")
-        val_names, val_list, _ = normalize_tasks(validation_datasets, "validation_datasets")
-        check_same_tasks(names, val_names, validation_datasets, "validation_datasets")
+        names, datasets, split_classes, eval_list, val_list = collect_tasks(
+            args, train_dataset, train_datasets, eval_datasets, validation_datasets
+        )
 
         # LoRA
-        self._magmax_lora = False
         if peft_config is not None:
             try:
                 from peft import get_peft_model
@@ -167,15 +199,7 @@ class MagMaxTrainer(Trainer):
             if is_peft_model(model):
                 raise ValueError("`model` is already a PeftModel: do not pass `peft_config` as well.")
             model = get_peft_model(model, peft_config)
-        if is_peft_model(model):
-            self._magmax_lora = True
-            if args.push_every_task:
-                raise ValueError(
-                    "`push_every_task=True` is not supported with LoRA training yet (each revision would be the base "
-                    "with the merged ΔW folded in): drop `push_every_task` and push the final model with "
-                    "`trainer.push_to_hub()`, or train all weights."
-                )
-        elif args.frozen_modules:
+        if not is_peft_model(model) and args.frozen_modules:
             freeze(model, args.frozen_modules)
 
         if eval_dataset is None and eval_list:
@@ -195,6 +219,28 @@ class MagMaxTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self._setup_continual(names, datasets, eval_list, val_list, task_classes, split_classes)
+
+    def _setup_continual(
+        self,
+        names: list[str],
+        datasets: list[Any],
+        eval_list: list[Any],
+        val_list: list[Any],
+        task_classes: Sequence[Sequence[int]] | None = None,
+        split_classes: Sequence[Any] | None = None,
+    ) -> None:
+        """After `Trainer.__init__`: the task sequence as the trainer will consume it (every check on its data, the
+        validation data of `scaling_coef="auto"`, the class masks) and the [`ContinualRun`] that drives it. A trainer
+        that prepares its datasets itself (`MagMaxSFTTrainer`) calls it with the prepared ones."""
+        split_classes = list(split_classes) if split_classes is not None else [None] * len(datasets)
+        self._magmax_lora = is_peft_model(unwrap(self.model))
+        if self._magmax_lora and self.args.push_every_task:
+            raise ValueError(
+                "`push_every_task=True` is not supported with LoRA training yet (each revision would be the base "
+                "with the merged ΔW folded in): drop `push_every_task` and push the final model with "
+                "`trainer.push_to_hub()`, or train all weights."
+            )
         self.task_names = names
         self.train_datasets = datasets
         self.eval_datasets = eval_list
@@ -229,6 +275,7 @@ class MagMaxTrainer(Trainer):
                 "with a `label`/`labels` column of class ids."
             )
 
+        check_deepspeed(self, self.args, lora=self._magmax_lora)  # ZeRO-3: what needs whole tensors, the final save
         self._magmax = ContinualRun(self.args, names, eval_list, self.validation_datasets, lora=self._magmax_lora)
         self._magmax_task: int | None = None
 
@@ -265,6 +312,7 @@ class MagMaxTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint, start = self._resume_from_last_complete_checkpoint()
         elif resume_from_checkpoint is not None:
+            check_trainer_files(os.fspath(resume_from_checkpoint))
             start = run.load(os.fspath(resume_from_checkpoint))
         if resume_from_checkpoint is not None:
             logger.info("Resuming task %d (%s) from %s", start, self.task_names[start], resume_from_checkpoint)
@@ -322,6 +370,7 @@ class MagMaxTrainer(Trainer):
         self._magmax_class_mask = self._class_mask(task)
         self._magmax.begin_task(self, self.model, task)
         self.optimizer, self.lr_scheduler = None, None
+        fresh_engine(self)  # DeepSpeed: a new engine around the same parameters, not the previous task's
         logger.info(
             "***** MagMax task %d/%d: %s (epochs %s, max_steps %s) *****",
             task + 1,
@@ -455,10 +504,12 @@ class MagMaxTrainer(Trainer):
         """Load the newest checkpoint that is complete and reads; incomplete or corrupt ones are skipped (logged)."""
         candidates = self._checkpoints_newest_first()
         for checkpoint in candidates:
-            if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in _MODEL_WEIGHTS):
+            weights = any(os.path.isfile(os.path.join(checkpoint, name)) for name in _MODEL_WEIGHTS)
+            if not weights and not glob.glob(os.path.join(checkpoint, "global_step*")):  # DeepSpeed's own files
                 logger.warning("Skipping the checkpoint %s: it has no model weights (incomplete).", checkpoint)
                 continue
             try:
+                check_trainer_files(checkpoint)
                 return checkpoint, self._magmax.load(checkpoint)
             except (FileNotFoundError, CheckpointError) as err:
                 logger.warning("Skipping the checkpoint %s: %s", checkpoint, err)
@@ -471,35 +522,11 @@ class MagMaxTrainer(Trainer):
 
     def _finish_lora(self) -> None:
         """Replace the PeftModel by the base with the merged ΔW folded in, or by a re-factored adapter."""
-        run = self._magmax
-        if self.args.final_model == "sequential":
-            return
-        from ..peft import _strip_adapters, deltas_to_lora, fold_deltas_into_base
-
-        peft_model = unwrap(self.model)
-        coef = run.final_scaling_coef
-        # the merged model relative to the *base*: ΔW_start + λ · merge(τ)
-        deltas = run.state.merged_state_dict(coef)
-        # default: the trained adapter's rank times the number of tasks; any rank is capped by what each ΔW allows
-        rank = self.args.lora_rank or _lora_rank(peft_model) * len(self.task_names)
-        ranks = {name.rpartition(".")[0]: min(rank, min(d.shape)) for name, d in deltas.items() if d.ndim == 2}
-        task_type = getattr(peft_model.peft_config[peft_model.active_adapter], "task_type", None)
-        base_model = _strip_adapters(peft_model)
-        run.lora_info = {"output": self.args.lora_output}
-        if self.args.lora_output == "merged":
-            fold_deltas_into_base(base_model, deltas, 1.0)
-            self.model = self.model_wrapped = base_model
-            run.write_results(self)
-            return
-        from peft import get_peft_model, set_peft_model_state_dict
-
-        factorization = deltas_to_lora(deltas, ranks, model=base_model, task_type=task_type)
-        self.lora_reconstruction_errors = factorization.errors
-        run.lora_info.update(ranks=factorization.ranks, reconstruction_error=factorization.overall_error)
-        new_model = get_peft_model(base_model, factorization.peft_config)
-        set_peft_model_state_dict(new_model, factorization.state_dict)
-        self.model = self.model_wrapped = new_model
-        run.write_results(self)
+        finished = self._magmax.finish_lora(self, self.model)
+        if finished is not None:
+            self.model = self.model_wrapped = finished
+            self.lora_reconstruction_errors = self._magmax.lora_reconstruction_errors
+            self._magmax.write_results(self)
 
     # -- Hub ---------------------------------------------------------------------------------------------------------
 
@@ -540,7 +567,13 @@ class MagMaxTrainer(Trainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         extra = [tags] if isinstance(tags, str) else list(tags or [])
         text = self._model_card_text(
-            extra_tags=extra, model_name=model_name, language=language, license=license, finetuned_from=finetuned_from
+            extra_tags=extra,
+            model_name=model_name,
+            language=language,
+            license=license,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(text)
@@ -575,23 +608,22 @@ def run_folders_kept_local() -> Iterator[None]:
         del api.upload_folder
 
 
-def _lora_rank(peft_model: nn.Module) -> int:
-    config = peft_model.peft_config[getattr(peft_model, "active_adapter", "default")]
-    return int(getattr(config, "r", 8))
-
-
 def _model_card(
     run: ContinualRun,
     model: nn.Module,
     args: Any,
     extra_tags: Sequence[str] = (),
     revision: str | None = None,
+    made_with: str = "MagMaxTrainer",
     **metadata: Any,
 ) -> str:
     """The card of a continual run, through the one card builder ([`hf_magmax.hub.build_model_card`]).
 
     With `revision` (a per-task Hub revision, `push_every_task`): the card of the merged model after the tasks so far
-    (their order, λ now, the accuracy rows so far, the provenance shares when recorded).
+    (their order, λ now, the accuracy rows so far, the provenance shares when recorded). `made_with`: what ran the
+    loop (`MagMaxTrainer`, or `MagMaxCallback` on a plain `Trainer`). `metadata` takes what `Trainer.create_model_card`
+    takes and transformers' example scripts pass: `model_name`, `language`, `license`, `finetuned_from` (the card's
+    `base_model` when it is a Hub id), `tasks` (its `pipeline_tag` when there is one) and `dataset_tags` (`datasets`).
     """
     from ..hub import build_model_card
     from ..metrics import format_matrix
@@ -608,7 +640,7 @@ def _model_card(
         else f"This revision (`{revision}`) holds the **merged** model after task {done} ({run.task_names[done - 1]})."
     )
     intro = (
-        f"Fine-tuned sequentially on {trained} with hf_magmax's `MagMaxTrainer` and merged "
+        f"Fine-tuned sequentially on {trained} with hf_magmax's `{made_with}` and merged "
         f"with **{summary['method']}** (scaling coefficient λ = {coef:g}"
         + (", chosen on validation data" if run.spec.is_auto else "")
         + f"). {holds}"
@@ -666,5 +698,19 @@ def _model_card(
         tags=[t for t in extra_tags if t],
         language=metadata.get("language") or None,
         license=metadata.get("license") or None,
+        pipeline_tag=_one(metadata.get("tasks")),
+        datasets=_listed(metadata.get("dataset_tags")),
     )
     return str(card)
+
+
+def _one(value: str | Sequence[str] | None) -> str | None:
+    """A task tag given as `"text-classification"` or `["text-classification"]` (transformers' `tasks`); None for none
+    or several."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    return values[0] if len(values) == 1 and values[0] else None
+
+
+def _listed(value: str | Sequence[str] | None) -> list[str] | None:
+    values = [value] if isinstance(value, str) else [v for v in value or [] if v]
+    return values or None

@@ -1,0 +1,191 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""Benchmark: the streaming OPCM merge (`hf-magmax merge --method opcm`) beside magmax and TIES on the same inputs.
+
+Builds the inputs of `benchmarks/merge_checkpoints.py` (a Llama from a config plus T fine-tunes: the base plus seeded
+noise, safetensors in `--dtype`), reads them once into the page cache, then runs each contender in a fresh subprocess
+and reports its wall time, its CPU time (user + system: on a shared machine the wall time also holds the time a run
+waited for a core) and its peak anonymous memory (RssAnon of the process tree), with OPCM's ratio to TIES:
+
+- `hf-magmax merge` with magmax (λ = 0.5), ties (density 0.2) and opcm (alpha 0.5, λ = 1), from this tree;
+- with `--before-src DIR`, opcm from another checkout's `src` (for example the version before a change), on the
+  same inputs; its output is compared with this tree's (max |Δ|);
+- FusionBench's OPCM where `--fusionbench-python` exists. FusionBench implements OPCM for CLIP vision models only
+  (`fusion_bench.method.opcm.OPCMForCLIP`, which also evaluates on CLIP test sets after every task): there is no
+  causal-LM version to run on these inputs, so the row says so rather than timing a port written here.
+
+OPCM costs one SVD per 2-D weight (not embeddings) per task after the first; the report counts them and times them
+alone (`torch.linalg.svd` of random matrices of the same shapes, as many, in a fresh subprocess): the floor of any
+exact OPCM on the machine.
+
+Run (on a shared machine, one thread per run keeps the runs from stalling on busy cores):
+
+    python benchmarks/opcm_merge.py --num-tasks 8 --size 100m --threads 1 \
+        --before-src /path/to/old/checkout/src --output benchmarks/results/opcm_merge.md
+
+Smoke run: `python benchmarks/opcm_merge.py --num-tasks 2 --size tiny --output /tmp/opcm.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from merge_checkpoints import (  # noqa: E402
+    SIZES,
+    agreement,
+    build_checkpoints,
+    hf_magmax_cmd,
+    measure,
+    warm_page_cache,
+)
+
+
+def svd_count(base: Path, num_tasks: int) -> tuple[int, int]:
+    """(projected 2-D weights, SVDs of one OPCM merge of `num_tasks` models): one per weight per task but the first."""
+    from safetensors import safe_open
+
+    from hf_magmax.merging import opcm_projects
+
+    with safe_open(base / "model.safetensors", framework="pt") as f:
+        projected = sum(opcm_projects(name, f.get_slice(name).get_shape()) for name in f.keys())
+    return projected, projected * max(0, num_tasks - 1)
+
+
+#: run in a fresh interpreter by `--svd-floor`: the SVDs of one OPCM merge alone, on random matrices of the projected
+#: shapes (the same LAPACK call as `opcm_project`, wide matrices transposed as it does): no exact OPCM on this machine
+#: can take less
+SVD_FLOOR = """
+import sys, torch
+from safetensors import safe_open
+from hf_magmax.merging import opcm_projects
+base, projections = sys.argv[1], int(sys.argv[2])
+with safe_open(base, framework="pt") as f:
+    shapes = [tuple(f.get_slice(n).get_shape()) for n in f.keys() if opcm_projects(n, f.get_slice(n).get_shape())]
+generator = torch.Generator().manual_seed(0)
+for shape in shapes:
+    matrix = torch.randn(max(shape), min(shape), generator=generator)
+    for _ in range(projections):
+        torch.linalg.svd(matrix, full_matrices=False)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-tasks", type=int, default=8, help="T, the number of fine-tuned models (default: 8)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="100m", help="model size preset (default: 100m)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every contender (default: torch's choice)")
+    parser.add_argument("--before-src", type=Path, help="also run opcm with this `src` directory on PYTHONPATH")
+    parser.add_argument(
+        "--fusionbench-python",
+        type=Path,
+        default=HERE / "_work" / "fb-venv" / "bin" / "python",
+        help="python of the virtual environment where fusion-bench is installed",
+    )
+    parser.add_argument("--work-dir", type=Path, default=HERE / "_work" / "merge_checkpoints")
+    parser.add_argument("--output", type=Path, help="write the markdown report here (also printed)")
+    args = parser.parse_args()
+
+    work = args.work_dir
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    started, load_before = time.perf_counter(), os.getloadavg()
+    base, models, num_params = build_checkpoints(work, args.size, args.num_tasks, args.dtype)
+    models = models[: args.num_tasks]
+    warm_page_cache([base, *models])
+    outs = work / "out-opcm"
+
+    rows = []  # (label, method, seconds, peak MiB, cpu seconds, note)
+    runs = [(f"hf_magmax {m}", m, env) for m in ("magmax", "ties", "opcm")]
+    if args.before_src:
+        before_env = dict(env, PYTHONPATH=str(args.before_src.resolve()))
+        runs.append((f"hf_magmax opcm, before ({args.before_src})", "opcm", before_env))
+    for label, method, run_env in runs:
+        out = outs / (label.split(",")[0].replace(" ", "_") + ("-before" if "before" in label else ""))
+        shutil.rmtree(out, ignore_errors=True)
+        seconds, peak, cpu = measure(
+            hf_magmax_cmd(base, models, out, method), work / "logs" / f"{out.name}.log", run_env
+        )
+        rows.append((label, method, seconds, peak, cpu, ""))
+        print(f"{label:50s} {seconds:8.2f} s  CPU {cpu:8.2f} s  {peak:7.0f} MiB", file=sys.stderr)
+    floor_cmd = [sys.executable, "-c", SVD_FLOOR, str(base / "model.safetensors")]
+    start_s, _, start_cpu = measure([*floor_cmd, "0"], work / "logs" / "svd-floor-0.log", env)  # start-up alone
+    seconds, peak, cpu = measure([*floor_cmd, str(max(0, len(models) - 1))], work / "logs" / "svd-floor.log", env)
+    seconds, cpu = seconds - start_s, cpu - start_cpu
+    note = f"random matrices, same shapes; start-up ({start_cpu:.2f} s CPU) subtracted"
+    rows.append(("SVDs of one OPCM merge alone (the floor)", "-", seconds, peak, cpu, note))
+    print(f"{'SVD floor':50s} {seconds:8.2f} s  CPU {cpu:8.2f} s", file=sys.stderr)
+    fusionbench = (
+        "FusionBench implements OPCM for CLIP vision models only (`OPCMForCLIP`): no causal-LM version to run"
+        if args.fusionbench_python.is_file()
+        else "not run: no fusion-bench environment given (`--fusionbench-python`); and FusionBench implements OPCM "
+        "for CLIP vision models only (`OPCMForCLIP`), with no causal-LM version to run on these inputs"
+    )
+    rows.append(("FusionBench opcm", "opcm", None, None, None, fusionbench))
+    load_after = os.getloadavg()
+
+    seconds = {label: (s, cpu) for label, _, s, _, cpu, _ in rows if s is not None}
+    ties_wall, ties_cpu = seconds["hf_magmax ties"]
+    projected, svds = svd_count(base, len(models))
+    lines = [
+        "# The streaming OPCM merge beside magmax and TIES",
+        "",
+        f"One run of `benchmarks/opcm_merge.py`: Llama from a config, {num_params / 1e6:.1f}M parameters, "
+        f"{args.dtype} safetensors, base + T={len(models)} fine-tunes, inputs in the page cache; each row a fresh "
+        f"subprocess. CPU: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        + (f"{args.threads} thread(s) per run" if args.threads else "torch's default threads")
+        + f", Python {platform.python_version()}; load average (1/5/15 min) {load_before[0]:.2f}/{load_before[1]:.2f}/"
+        f"{load_before[2]:.2f} before and {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after the "
+        f"{(time.perf_counter() - started) / 60:.1f} min run. OPCM projects {projected} 2-D weights: "
+        f"{svds} SVDs for T={len(models)} (one per weight per task after the first).",
+        "",
+        "| run | method | wall (s) | CPU time (s) | wall vs ties | CPU time vs ties | peak anon. memory (MiB) | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, method, s, peak, cpu, note in rows:
+        if s is None:
+            lines.append(f"| {label} | {method} | | | | | | {note} |")
+            continue
+        lines.append(
+            f"| {label} | {method} | {s:.2f} | {cpu:.2f} | {s / ties_wall:.2f}x | {cpu / ties_cpu:.2f}x | {peak:.0f} "
+            f"| {note} |"
+        )
+    opcm_wall, opcm_cpu = seconds["hf_magmax opcm"]
+    floor_cpu = seconds["SVDs of one OPCM merge alone (the floor)"][1]
+    lines += [
+        "",
+        f"- OPCM within 3x of TIES: {opcm_cpu / ties_cpu:.1f}x in CPU time, {opcm_wall / ties_wall:.1f}x wall "
+        f"({'met' if opcm_cpu <= 3 * ties_cpu else 'NOT met'}); its {svds} SVDs alone take {floor_cpu:.1f} s of CPU "
+        f"time ({floor_cpu / ties_cpu:.1f}x TIES, {floor_cpu / opcm_cpu:.0%} of OPCM's)",
+    ]
+    before = [label for label in seconds if "before" in label]
+    if before:
+        old_wall, old_cpu = seconds[before[0]]
+        match = agreement(outs / "hf_magmax_opcm", outs / "hf_magmax_opcm-before")
+        lines.append(
+            f"- OPCM now vs before: {old_cpu / opcm_cpu:.2f}x less CPU time, {old_wall / opcm_wall:.2f}x less wall "
+            f"time; outputs: max abs. difference {match.get('max_abs', float('nan')):.3g}, "
+            f"{match.get('differ', float('nan')):.2%} of the elements differ ({', '.join(match.get('dtypes', []))})"
+        )
+    shutil.rmtree(outs, ignore_errors=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

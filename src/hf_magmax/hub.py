@@ -397,7 +397,7 @@ def _commit_to_branch(api: Any, repo_id: str, branch: str, operations: list[Any]
     """One commit of `operations` on `branch`; a missing branch is created at the new commit, after the upload."""
     import uuid
 
-    heads = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
+    heads = _branch_heads(api, repo_id)
     if branch in heads:
         return api.create_commit(
             repo_id=repo_id,
@@ -577,10 +577,14 @@ def hub_branches(repo_id: str, token: str | bool | None = None) -> dict[str, str
 
     with _hub_api(None, repo_id, token) as (api, _):
         try:
-            refs = api.list_repo_refs(repo_id)
+            return _branch_heads(api, repo_id)
         except RepositoryNotFoundError:
             return None
-    return {ref.name: ref.target_commit for ref in refs.branches}
+
+
+def _branch_heads(api: Any, repo_id: str) -> dict[str, str]:
+    """The branches of `repo_id` and their head commits (`list_repo_refs`)."""
+    return {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
 
 
 #: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights.
@@ -601,31 +605,23 @@ def publishable_files(folder: str | os.PathLike) -> list[Any]:
         `ValueError` when a file still holds a local path after that (the folder, its parent, the current or the home
         directory: the push would publish it), naming the file; or for a symbolic link out of `folder`.
     """
-    import json
-
-    import yaml
     from huggingface_hub import CommitOperationAdd
 
-    from .io import public_name
-    from .io.writing import _link_roots, _resolve_inside
+    from .io import link_roots, resolve_inside
 
     folder = Path(folder)
-    roots = _link_roots(folder)
+    roots = link_roots(folder)
     markers = _local_path_markers(folder)
     operations = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if ".git" in rel.parts or rel.as_posix().startswith(".cache/huggingface/") or path.is_dir():
             continue
-        resolved = _resolve_inside(path, folder, roots)
+        resolved = resolve_inside(path, folder, roots)
         content: bytes | Path = resolved
         if path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
             text = resolved.read_text(encoding="utf-8", errors="replace")
-            public = text
-            if path.suffix == ".json":
-                public = _public_json(text, json, public_name)
-            elif path.suffix in (".yaml", ".yml"):
-                public = _public_yaml(text, yaml, public_name)
+            public = _public_text(text, path.suffix)
             for local, marker in markers:
                 if marker.search(public):
                     raise ValueError(
@@ -662,41 +658,53 @@ def _local_path_markers(folder: Path) -> list[tuple[str, re.Pattern]]:
     return markers
 
 
-def _public_value(value: Any, public_name) -> Any:
+def _public_text(text: str, suffix: str) -> str:
+    """`text` of a `.json` or `.yaml` file with the local paths under `_PATH_KEYS` replaced by their last component
+    (rewritten only when one is replaced); any other text as it is."""
+    if suffix == ".json":
+        import json
+
+        try:
+            public = _public_mapping(json.loads(text))
+        except ValueError:
+            return text
+        return text if public is None else json.dumps(public, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        from .config import PUBLIC_CONFIG_NOTE
+
+        try:
+            public = _public_mapping(yaml.safe_load(text))
+        except yaml.YAMLError:
+            return text
+        return (
+            text
+            if public is None
+            else PUBLIC_CONFIG_NOTE + yaml.safe_dump(public, sort_keys=False, allow_unicode=True)
+        )
+    return text
+
+
+def _public_mapping(data: Any) -> dict[str, Any] | None:
+    """`data` (a parsed config) with the local paths under `_PATH_KEYS` replaced, or `None` when nothing changes."""
+    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+        return None
+    public = {key: _public_value(value) if key in _PATH_KEYS else value for key, value in data.items()}
+    return None if public == data else public
+
+
+def _public_value(value: Any) -> Any:
+    from .io import public_name
+
     if isinstance(value, str):
         local = os.path.expanduser(value)
         if os.path.isabs(local) or value.startswith(("./", "../", "~")) or os.path.exists(local):
             return public_name(value)
         return value
     if isinstance(value, list):
-        return [_public_value(v, public_name) for v in value]
+        return [_public_value(v) for v in value]
     return value
-
-
-def _public_json(text: str, json, public_name) -> str:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text
-    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
-        return text
-    public = {k: _public_value(v, public_name) if k in _PATH_KEYS else v for k, v in data.items()}
-    return text if public == data else json.dumps(public, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _public_yaml(text: str, yaml, public_name) -> str:
-    from .config import PUBLIC_CONFIG_NOTE
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
-        return text
-    public = {k: _public_value(v, public_name) if k in _PATH_KEYS else v for k, v in data.items()}
-    if public == data:
-        return text
-    return PUBLIC_CONFIG_NOTE + yaml.safe_dump(public, sort_keys=False, allow_unicode=True)
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

@@ -186,7 +186,7 @@ def non_weight_files(source: str | os.PathLike, skip_names: Iterable[str] = ()) 
         `ValueError` for a link out of the folder (or a dangling one), naming it and the fix.
     """
     source = Path(source)
-    allowed = _link_roots(source)
+    allowed = link_roots(source)
     skip = set(skip_names)
     found = []
     for folder, dirs, files in os.walk(source, followlinks=False):
@@ -197,23 +197,26 @@ def non_weight_files(source: str | os.PathLike, skip_names: Iterable[str] = ()) 
             if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or (len(rel.parts) == 1 and name in skip):
                 continue
             if path.is_symlink():
-                _resolve_inside(path, source, allowed)
+                resolve_inside(path, source, allowed)
                 if path.is_dir():
                     continue  # a link to a folder inside: its files are listed where they really are
             found.append(rel.as_posix())
     return sorted(found)
 
 
-def _link_roots(source: Path) -> list[Path]:
-    """Where a link inside `source` may point: `source` itself, and a Hub cache snapshot's `blobs/`."""
-    root = source.resolve()
+def link_roots(source: str | os.PathLike) -> list[Path]:
+    """Where a link inside the folder `source` may point: `source` itself, and a Hub cache snapshot's `blobs/`."""
+    root = Path(source).resolve()
     if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():  # huggingface_hub's cache layout
         return [root, (root.parent.parent / "blobs").resolve()]
     return [root]
 
 
-def _resolve_inside(path: Path, source: Path, allowed: list[Path]) -> Path:
-    """`path` resolved, if it stays inside `allowed`; else a `ValueError` naming the link."""
+def resolve_inside(path: Path, source: Path, allowed: list[Path] | None = None) -> Path:
+    """`path` (inside the folder `source`) resolved, if it stays inside `allowed` (defaults to
+    [`link_roots`]`(source)`); else a `ValueError` naming the link. The one check behind every copy and push."""
+    if allowed is None:
+        allowed = link_roots(source)
     rel = path.relative_to(source)
     try:
         target = path.resolve(strict=True)
@@ -256,7 +259,7 @@ def copy_side_file(source: str | os.PathLike, rel: str, target: str | os.PathLik
     """Copy `source/rel` to `target/rel` as a plain file, refusing a link out of `source` (see
     [`non_weight_files`]); checked at the copy itself, so a folder changed since it was listed cannot leak a file."""
     source = Path(source)
-    resolved = _resolve_inside(source / rel, source, _link_roots(source))
+    resolved = resolve_inside(source / rel, source)
     destination = Path(target) / rel
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(resolved, destination)  # the checked file's content, never a link

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..trainer import MagMaxConfig, MagMaxTrainer
-from ..trainer.inputs import collect_tasks, freeze, is_peft_model, prepare_dataset
+from ..trainer.inputs import check_model_and_optimizers, collect_tasks, freeze, is_peft_model, prepare_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -175,13 +175,7 @@ class MagMaxSFTTrainer(MagMaxTrainer, SFTTrainer):
                 f"`args` must be a MagMaxSFTConfig, got {type(args).__name__}: build it with "
                 "`MagMaxSFTConfig(**sft_config.to_dict(), scaling_coef=...)`, or add MagMaxCallback to your SFTTrainer."
             )
-        if model is None:
-            raise ValueError("`model` is required: pass the base model θ_0 that the task sequence starts from.")
-        if optimizers[0] is not None or optimizers[1] is not None:
-            raise ValueError(
-                "`optimizers` is not supported: MagMaxSFTTrainer creates a fresh optimizer and schedule for every "
-                "task. Pass `optimizer_cls_and_kwargs` (or the `optim` option of the config) instead."
-            )
+        check_model_and_optimizers(model, optimizers, "MagMaxSFTTrainer")
         names, raw_train, split_classes, raw_eval, raw_val = collect_tasks(
             args, train_dataset, train_datasets, eval_datasets, validation_datasets
         )

@@ -83,6 +83,18 @@ def collect_tasks(
     return names, datasets, split_classes, eval_list, val_list
 
 
+def check_model_and_optimizers(model: Any, optimizers: tuple[Any, Any], trainer: str) -> None:
+    """The continual trainers' shared refusals: no base model, or a fixed optimizer/schedule (`trainer` names the
+    class in the message)."""
+    if model is None:
+        raise ValueError("`model` is required: pass the base model θ_0 that the task sequence starts from.")
+    if optimizers[0] is not None or optimizers[1] is not None:
+        raise ValueError(
+            f"`optimizers` is not supported: {trainer} creates a fresh optimizer and schedule for every task. "
+            "Pass `optimizer_cls_and_kwargs` (or the `optim` option of the config) instead."
+        )
+
+
 def num_examples(dataset: Any) -> int | None:
     try:
         return len(dataset)

@@ -28,6 +28,7 @@ from .config import MagMaxConfig
 from .deepspeed import check_deepspeed, fresh_engine
 from .inputs import (
     check_datasets,
+    check_model_and_optimizers,
     checkpoint_tensor_names,
     collect_tasks,
     freeze,
@@ -179,13 +180,7 @@ class MagMaxTrainer(Trainer):
             )
         if model_init is not None:
             raise ValueError("`model_init` is not supported by MagMaxTrainer: pass `model`, the base model θ_0.")
-        if model is None:
-            raise ValueError("`model` is required: pass the base model θ_0 that the task sequence starts from.")
-        if optimizers[0] is not None or optimizers[1] is not None:
-            raise ValueError(
-                "`optimizers` is not supported: MagMaxTrainer creates a fresh optimizer and schedule for every task. "
-                "Pass `optimizer_cls_and_kwargs` (or the `optim` option of the config) instead."
-            )
+        check_model_and_optimizers(model, optimizers, "MagMaxTrainer")
         names, datasets, split_classes, eval_list, val_list = collect_tasks(
             args, train_dataset, train_datasets, eval_datasets, validation_datasets
         )

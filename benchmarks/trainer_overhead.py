@@ -31,30 +31,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
+
+from _memory import AnonPeak, proc_status  # benchmarks/ is sys.path[0] when run as a script
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "trainer_overhead.md")
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class AnonPeak(threading.Thread):
-    def __init__(self, interval: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self.running = interval, 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(self.interval)
 
 
 def minilm_tasks(cli: argparse.Namespace) -> tuple[object, dict, dict]:
@@ -202,7 +184,7 @@ def worker(kind: str, cli: argparse.Namespace) -> dict:
         "magmax_seconds": magmax_seconds,
         "magmax_cpu_seconds": magmax_cpu_seconds,
         "anon_peak": sampler.peak,
-        "hwm": _status("VmHWM"),
+        "hwm": proc_status("VmHWM"),
         "state_bytes": state_bytes,
         "params": params,
         "eval_seconds": eval_seconds,

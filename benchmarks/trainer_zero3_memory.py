@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from _memory import AnonPeak, proc_status  # benchmarks/ is sys.path[0] when run as a script
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,25 +47,6 @@ CASES = (
     ("DDP, fp32", "ddp", "no", "plain"),
 )
 MIB = 1 << 20
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class AnonPeak(threading.Thread):
-    def __init__(self, interval: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self.running = interval, 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(self.interval)
 
 
 def build_model(cli: argparse.Namespace, path: str) -> int:
@@ -150,7 +132,7 @@ def worker(cli: argparse.Namespace) -> None:
         "partitioned_at_load": partitioned,
         "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
         "anon_peak": sampler.peak,
-        "hwm": _status("VmHWM"),
+        "hwm": proc_status("VmHWM"),
         "state": state,
         "seconds": seconds,
     }

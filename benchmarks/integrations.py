@@ -134,10 +134,7 @@ def main() -> None:
 
     work = args.work_dir
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = _BENCH["contender_env"](args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     sections = [line for dtype in args.dtype for line in run_dtype(args, work, dtype, env)]
     shutil.rmtree(work / "out", ignore_errors=True)

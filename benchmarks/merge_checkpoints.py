@@ -162,6 +162,16 @@ def measure(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, floa
     return wall, peak / 1024, cpu
 
 
+def contender_env(threads: int | None) -> dict[str, str]:
+    """The environment of every timed run: offline, no progress bars, this checkout's `src` first on the path, and
+    `threads` OpenMP/MKL threads when given."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def input_files(paths: list[Path]) -> list[Path]:
     return sorted(file for path in paths for file in path.iterdir() if file.is_file())
 
@@ -604,10 +614,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = contender_env(args.threads)
     threads = f"{args.threads} thread(s) per run (OMP_NUM_THREADS)" if args.threads else "torch's default threads"
     started, load_before = time.perf_counter(), os.getloadavg()
     sections = []

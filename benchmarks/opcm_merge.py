@@ -43,6 +43,7 @@ from merge_checkpoints import (  # noqa: E402
     SIZES,
     agreement,
     build_checkpoints,
+    contender_env,
     hf_magmax_cmd,
     measure,
     warm_page_cache,
@@ -97,10 +98,7 @@ def main() -> None:
 
     work = args.work_dir
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = contender_env(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     base, models, num_params = build_checkpoints(work, args.size, args.num_tasks, args.dtype)
     models = models[: args.num_tasks]

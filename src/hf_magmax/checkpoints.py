@@ -54,7 +54,6 @@ from .io import (
     copy_side_file,
     expand_path,
     is_hub_id,
-    non_weight_files,
     parse_size,
     public_name,
     staged_output_dir,
@@ -448,14 +447,10 @@ def check_merge_inputs(config: MergeConfig, token: str | bool | None) -> MergeIn
     for checkpoint in remote:
         checkpoint.path = CheckpointReader.open(checkpoint.name, token=token).path
         checkpoint.read_tensor_table()
-    # the side files to copy: a link out is refused now (a GGUF base's side files are converted from its metadata)
-    side_files = non_weight_files(base.path, _REGENERATED) if base.fmt != "gguf" else []
+    side_files = base.side_files(_REGENERATED)  # the side files to copy: a link out of the base is refused now
     inputs = _plan_tensors(base, models, config)
-    for checkpoint in checkpoints:  # pinned now, checked per tensor and before the commit
-        for file in checkpoint.input_files():
-            inputs.pins.add(file)
-    for rel in side_files:
-        inputs.pins.add(base.path / rel)
+    for file in [*(f for checkpoint in checkpoints for f in checkpoint.input_files()), *side_files]:
+        inputs.pins.add(file)  # pinned now, checked per tensor and before the commit
     return inputs
 
 

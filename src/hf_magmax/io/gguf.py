@@ -344,6 +344,10 @@ class GGUFCheckpointReader(CheckpointReader):
 
     # -- side files ------------------------------------------------------------------------------------------------
 
+    def side_files(self, skip_names=()) -> list[Path]:
+        """None: the side files of a GGUF input are converted from its metadata, not copied."""
+        return []
+
     def write_side_files(self, directory: Path, skip_names=()) -> None:
         """Write what `save_pretrained` of a model and tokenizer loaded from this GGUF would write beside the
         weights: `config.json`, `generation_config.json` and the tokenizer files (converted from the GGUF

@@ -223,6 +223,13 @@ class CheckpointReader:
 
         return transformers.AutoConfig.from_pretrained(str(self.path))
 
+    def side_files(self, skip_names=()) -> list[Path]:
+        """The files [`write_side_files`] copies, listed now (so that a link out of the folder is refused before any
+        work, and the files can be pinned)."""
+        from .writing import non_weight_files
+
+        return [self.path / rel for rel in non_weight_files(self.path, skip_names)]
+
     def write_side_files(self, directory: Path, skip_names=()) -> None:
         """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `directory`, except `skip_names`."""
         from .writing import copy_non_weight_files

@@ -500,9 +500,7 @@ def _stream_merge(
     tensors = merged_tensors(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite,
                              track_winners=tracked, spill_dir=writer.directory,
                              show_progress=show_progress)  # fmt: skip
-    desc = "Merging tensors"
-    if spec.merge_class.needs_model_stats:
-        desc += f" ({spec.method}, pass 2 of 2: rescale, write)"
+    desc = "Merging tensors" + second_pass_label(spec, "write")
     with torch.no_grad(), contextlib.closing(tensors), tqdm(total=len(writer.order), desc=desc, unit="tensor",
                                                             disable=not show_progress) as progress:  # fmt: skip
         for plan, blocks in tensors:
@@ -517,6 +515,12 @@ def _stream_merge(
             if plan.name in tracked:
                 provenance.end()
             progress.update(1)
+
+
+def second_pass_label(spec: MergeSpec, action: str) -> str:
+    """What the bar over [`merged_tensors`]'s output adds to its label for a two-pass merge (`needs_model_stats`:
+    opcm), `action` being what is done with each rescaled tensor (`"write"`, `"compare"`); `""` for the others."""
+    return f" ({spec.method}, pass 2 of 2: rescale, {action})" if spec.merge_class.needs_model_stats else ""
 
 
 def merged_tensors(

@@ -213,7 +213,7 @@ def _verify_checkpoint_merge(
     directory: Path, config: MergeConfig, stored: CheckpointReader, *, token, show_progress: bool
 ) -> VerifyResult:
     """Stream the re-computed merge ([`merged_tensors`]) and compare it block by block with `stored`."""
-    from .checkpoints import check_merge_inputs, merged_tensors, second_pass_label
+    from .checkpoints import check_merge_inputs, merged_tensors
 
     try:
         inputs = check_merge_inputs(config, token=token)
@@ -242,7 +242,7 @@ def _verify_checkpoint_merge(
         with contextlib.closing(tensors):  # an early mismatch: the spilled running sums are removed now
             return _compare_streams(directory, "merge", ((p.name, blocks) for p, blocks in tensors), stored,
                                     len(order), show_progress, provenance,
-                                    desc="Verifying tensors" + second_pass_label(config.spec, "compare"))  # fmt: skip
+                                    desc="Verifying tensors" + config.spec.pass_label(2, "rescale, compare"))  # fmt: skip
     finally:
         inputs.close()
         if provenance is not None:

@@ -16,11 +16,13 @@
   contain an input.
 - **GGUF** ([`GGUFCheckpointReader`], `gguf.py`): a `.gguf` file (or a folder holding one) read as transformers reads
   it, each block of rows dequantised when it is read; [`CheckpointReader.open`] returns one for such inputs.
+- **Spilling** ([`FoldedStates`], `spill.py`): the running sums of a two-pass merge (opcm) kept on disk between its
+  passes, so that every SVD runs once and memory stays one tensor.
 - [`copy_non_weight_files`] (never a link out of the input folder: [`non_weight_files`] refuses it), [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
   [`parse_size`].
 
 The package is split by concern: `formats` (names, dtypes, sizes), `output` (the output directory), `reading`,
-`gguf`, `writing`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
+`gguf`, `writing`, `spill`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
 """
 
 from .formats import (
@@ -61,6 +63,7 @@ from .reading import (
     read_safetensors_header,
     resolve_checkpoint,
 )
+from .spill import FoldedStates
 from .writing import (
     ShardedSafetensorsWriter,
     copy_non_weight_files,
@@ -74,6 +77,7 @@ from .writing import (
 __all__ = [
     "CheckpointReader",
     "FLOATING",
+    "FoldedStates",
     "GGUFCheckpointReader",
     "ITEMSIZE",
     "InputChangedError",

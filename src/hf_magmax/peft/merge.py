@@ -340,7 +340,9 @@ def merge_adapters(
             In task order: adapter names loaded on `model_or_base`, local adapter directories, or Hub repo ids.
         method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
             `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix` or `opcm`, or a whole spec. opcm (SVD
-            projection of each ΔW, one rescale over all modules) folds every module twice: once for the norms.
+            projection of each ΔW, one rescale over all modules) runs in two passes: the first folds every module
+            (one SVD per projected weight per adapter after the first) and keeps each running sum in a temporary file
+            ([`~hf_magmax.io.FoldedStates`], 4 bytes per merged parameter); the second rescales them.
         scaling_coef (`float`, *optional*):
             λ, finite and > 0. Defaults to the method's default ([`hf_magmax.DEFAULT_SCALING_COEFS`]).
         lora_output (`str`, *optional*):

@@ -58,6 +58,7 @@ from .io import (
     parse_size,
     public_name,
     staged_output_dir,
+    warn_if_degenerate,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
 from .merging import MergeSpec, apply_merged, compute_dtype, kernels
@@ -260,7 +261,7 @@ def merge_checkpoints(
     ```
     """
     config = _check_arguments(locals())
-    _warn_if_degenerate(config)
+    warn_if_degenerate(config.models, "models", base=config.base)
     spec = config.spec
     output = check_output_path(output_dir, _local_inputs([config.base, *config.models]))
     check_output_dir(output, overwrite)
@@ -344,35 +345,6 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         private=args["private"],
     )
     return config.validate()
-
-
-def _warn_if_degenerate(config: MergeConfig) -> None:
-    """A model that is the base itself, or a model given twice, merges without error but is rarely what was meant."""
-
-    def identity(name: str) -> str:
-        local = expand_path(name)
-        return os.path.realpath(local) if local.exists() else name
-
-    base = identity(config.base)
-    seen: dict[str, int] = {}
-    for task, model in enumerate(config.models, start=1):
-        key = identity(model)
-        if key == base:
-            logger.warning(
-                "model %d of `models` (%r) is the base model itself: its task vector is zero, so it adds nothing to "
-                "the merge (and pulls average and TIES towards the base); pass a fine-tuned model instead",
-                task,
-                model,
-            )
-        elif key in seen:
-            logger.warning(
-                "`models` names %r twice (tasks %d and %d): the same task vector is merged twice; pass each fine-tuned "
-                "model once",
-                model,
-                seen[key],
-                task,
-            )
-        seen.setdefault(key, task)
 
 
 def _normalize_dtype(dtype: Any) -> str | None:

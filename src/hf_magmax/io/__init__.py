@@ -36,11 +36,13 @@ from .formats import (
     WEIGHTS_NAME,
     absolute_name,
     expand_path,
+    input_identity,
     is_hub_id,
     parse_size,
     public_name,
 )
 from .gguf import GGUFCheckpointReader, find_gguf_file
+from .matching import warn_if_degenerate
 from .output import (
     Terminated,
     check_output_dir,
@@ -98,6 +100,7 @@ __all__ = [
     "copy_side_file",
     "expand_path",
     "find_gguf_file",
+    "input_identity",
     "is_hub_id",
     "link_roots",
     "load_bin",
@@ -115,4 +118,5 @@ __all__ = [
     "resolve_inside",
     "staged_output_dir",
     "terminate_as_interrupt",
+    "warn_if_degenerate",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import FoldedStates
+from ..io import FoldedStates, warn_if_degenerate
 from ..merging import MergeSpec, apply_merged
 from .deltas import (
     _base_model,
@@ -47,7 +47,6 @@ from .loading import (
     check_device,
     check_finite_tensors,
     load_adapter_onto,
-    same_path,
 )
 from .refactor import SVD_METHODS, LoraFactorization, _layout, _Refactorer, _to_lora_matrix
 
@@ -263,11 +262,7 @@ def _check_sources(adapters: Sequence[str | os.PathLike]) -> list[str]:
     if isinstance(adapters, str | os.PathLike) or len(adapters) == 0:
         raise ValueError("`adapters` must be a non-empty list of adapter names, directories or Hub repo ids.")
     sources = [os.fspath(a) for a in adapters]
-    for i, a in enumerate(sources):
-        for b in sources[:i]:
-            local = os.path.exists(os.path.expanduser(a)) and os.path.exists(os.path.expanduser(b))
-            if a == b or (local and same_path(a, b)):
-                raise ValueError(f"`adapters` lists the same adapter more than once: {b!r} and {a!r}.")
+    warn_if_degenerate(sources, "adapters")  # one named twice merges, with `hf-magmax merge`'s warning
     return sources
 
 

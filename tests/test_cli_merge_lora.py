@@ -202,3 +202,25 @@ def test_the_log_names_the_method_of_an_adapter_merge(checkpoints, tmp_path, cap
         assert main([*argv, "--output", str(tmp_path / "ties-lora"), "--no-progress"]) == 0
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merged ")]
     assert line.startswith(f"merged {len(adapters)} adapters with ties (λ=") and "into adapter 'magmax'" not in line
+
+
+def test_an_adapter_given_twice_merges_with_the_merge_s_warning(checkpoints, tmp_path, caplog):
+    """The same adapter named twice (as given, with a trailing `/`, or through a link) merges, with the warning
+    `hf-magmax merge` gives for a model named twice (one helper, `hf_magmax.io.warn_if_degenerate`)."""
+    base, adapters = checkpoints
+    link = tmp_path / "link-to-a1"
+    link.symlink_to(adapters[0], target_is_directory=True)
+    twins = [adapters[0], adapters[0] + "/", str(link), adapters[1]]
+    argv = ["merge-lora", "--base", str(base), "--adapters", *twins, "--merged", "--no-progress"]
+    with caplog.at_level("WARNING", logger="hf_magmax"):
+        assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "twice" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "`adapters` names" in warnings[0] and "twice (tasks 1 and 2)" in warnings[0], warnings
+    assert "twice (tasks 1 and 3)" in warnings[1] and "pass each adapter once" in warnings[1], warnings
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    caplog.clear()
+    argv = ["merge-lora", "--base", str(base), "--adapters", *adapters, "--merged", "--no-progress"]
+    with caplog.at_level("WARNING", logger="hf_magmax"):
+        assert main([*argv, "--output-dir", str(tmp_path / "ok")]) == 0
+    assert not [r for r in caplog.records if "twice" in r.getMessage()]

@@ -2,6 +2,7 @@
 """LoRA merger: exact deltas vs `merge_and_unload`, merges vs the dense engine, SVD re-factor, errors."""
 
 import copy
+import importlib
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 peft = pytest.importorskip("peft")
@@ -31,7 +33,7 @@ from hf_magmax.peft import (  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-METHODS = ["magmax", "average", "task_arithmetic", "ties", "random_mix"]
+METHODS = ["magmax", "average", "task_arithmetic", "ties", "random_mix", "opcm"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -264,6 +266,46 @@ def test_merged_output_equals_dense_engine_bit_for_bit(llama_adapters, method, d
     if method == "random_mix":  # the same merge through the keyword arguments
         again = merge_adapters(copy.deepcopy(base), paths, method=method, seed=7).model.state_dict()
         assert all(torch.equal(again[k], v) for k, v in result.model.state_dict().items())
+
+
+@pytest.mark.parametrize("lora_output", ["merged", "adapter"])
+def test_opcm_folds_every_adapter_once_shows_its_first_pass_and_leaves_no_spill(
+    llama_adapters, lora_output, tmp_path, monkeypatch
+):
+    """opcm's rescale is model-wide: a first pass folds every module's ΔWs (one SVD per projected weight per adapter
+    after the first) and keeps the running sums; the merge then rescales them, it does not fold (and SVD) again."""
+    import tempfile
+
+    from hf_magmax.merging import opcm_projects
+
+    base, paths, dense = llama_adapters
+    projected = [name for name, tensor in dense[0].items() if opcm_projects(name, tensor.shape)]
+    svd, svds = torch.linalg.svd, []
+
+    def counting_svd(matrix, *args, **kwargs):
+        svds.append(tuple(matrix.shape))
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the running sums wait between the passes
+    merger, bars = importlib.import_module("hf_magmax.peft.merge"), []
+
+    def recording_tqdm(iterable, desc, disable):  # the bars show on a terminal only: record what they would say
+        bars.append((desc, len(svds)))
+        return tqdm(iterable, desc=desc, disable=disable)
+
+    monkeypatch.setattr(merger, "tqdm", recording_tqdm)
+    rank = 4 if lora_output == "adapter" else None
+    merge_adapters(copy.deepcopy(base), paths, method="task_arithmetic", lora_output=lora_output, rank=rank)
+    refactor_svds, svds[:], bars[:] = len(svds), [], []  # the adapter's re-factor: one SVD per module, any method
+    merge_adapters(copy.deepcopy(base), paths, method="opcm", lora_output=lora_output, rank=rank)
+    opcm_svds = (len(paths) - 1) * len(projected)
+    assert len(projected) > 0 and (refactor_svds > 0) == (lora_output == "adapter")
+    assert len(svds) == opcm_svds + refactor_svds
+    # pass 1 (every SVD of opcm) under its own bar, then pass 2 (the re-factor's SVDs only)
+    assert bars == [("folding 3 adapters (opcm, pass 1 of 2)", 0), ("merging 3 adapters (opcm, pass 2 of 2: rescale)",
+                                                                      opcm_svds)]  # fmt: skip
+    assert not list(tmp_path.iterdir())  # the spilled running sums are gone
 
 
 def test_seed_and_density_policy_and_deprecated_output(llama_adapters):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from hf_magmax import merge_checkpoints, verify_merge
 from hf_magmax.cli import main
 from hf_magmax.config import MERGE_CONFIG_NAME
+from hf_magmax.merging import opcm_projects
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,29 @@ def test_every_method_verifies(family, tmp_path, kwargs):
         state[name] = state[name].flip(0) if state[name].dim() else state[name]
         save_file(state, shard, metadata={"format": "pt"})
         assert verify_merge(out, show_progress=False).mismatch.name == name
+
+
+def test_opcm_verify_shows_its_first_pass_and_runs_each_svd_once(family, tmp_path, monkeypatch, capsys):
+    """The re-computed opcm merge folds every tensor before the first comparison (minutes on a real model): verify
+    shows that first pass with the merge's own bar, and, like the merge, runs one SVD per projected weight per task."""
+    base, models = family
+    out = merge_checkpoints(base, models, tmp_path / "m", method="opcm", show_progress=False)
+    capsys.readouterr()
+    projected = [name for name, t in load_file(out / "model.safetensors").items() if opcm_projects(name, t.shape)]
+    svd, shown = torch.linalg.svd, []
+
+    def counting_svd(matrix, *args, **kwargs):
+        shown.append(capsys.readouterr().err)  # what the terminal showed before this SVD
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    assert verify_merge(out, show_progress=True)
+    assert len(shown) == (len(models) - 1) * len(projected) > 0
+    assert "Folding tensors (opcm, pass 1 of 2)" in shown[0]  # a bar before the first SVD, as the merge shows
+    assert "Verifying tensors (opcm, pass 2 of 2: rescale, compare)" in capsys.readouterr().err
+    shown.clear()
+    assert main(["verify", str(out), "--no-progress"]) == 0  # and none with --no-progress
+    assert "Folding tensors" not in "".join(shown) + capsys.readouterr().err
 
 
 def test_moved_inputs_need_overrides(family, tmp_path, capsys):

@@ -21,7 +21,7 @@ into `θ_0 + λ · merge(θ_1 − θ_0, ..., θ_T − θ_0)` without ever holdin
    (`merging.kernels.fused_merge_block`, the same bits; `HF_MAGMAX_DISABLE_CKERNELS=1` turns it off). OPCM folds
    whole tensors (`blockwise=False`: its SVD), and its rescale is model-wide (`needs_model_stats`): a first pass folds
    every tensor once (`_fold_model`, one SVD per 2-D weight per task) and spills each running sum to the staging
-   directory (`_FoldedStates`); the second pass only rescales them and writes. Memory is still one tensor.
+   directory ([`~hf_magmax.io.FoldedStates`]); the second pass only rescales them and writes. Memory is still one tensor.
 3. **Write the side files** (`_write_side_files`): the base's config and tokenizer files, `magmax_config.yaml`
    ([`~hf_magmax.config.MergeConfig`]) and a model card, all in the staging directory that is moved into place at the
    end ([`~hf_magmax.io.staged_output_dir`]).
@@ -47,6 +47,7 @@ from .io import (
     SAFE_WEIGHTS_INDEX_NAME,
     WEIGHTS_INDEX_NAME,
     CheckpointReader,
+    FoldedStates,
     PinnedFiles,
     ShardedSafetensorsWriter,
     check_output_dir,
@@ -57,6 +58,7 @@ from .io import (
     parse_size,
     public_name,
     staged_output_dir,
+    warn_if_degenerate,
 )
 from .io.matching import TensorPlan, compare_configs, plan_tensors
 from .merging import MergeSpec, apply_merged, compute_dtype, kernels
@@ -259,7 +261,7 @@ def merge_checkpoints(
     ```
     """
     config = _check_arguments(locals())
-    _warn_if_degenerate(config)
+    warn_if_degenerate(config.models, "models", base=config.base)
     spec = config.spec
     output = check_output_path(output_dir, _local_inputs([config.base, *config.models]))
     check_output_dir(output, overwrite)
@@ -343,35 +345,6 @@ def _check_arguments(args: dict[str, Any]) -> MergeConfig:
         private=args["private"],
     )
     return config.validate()
-
-
-def _warn_if_degenerate(config: MergeConfig) -> None:
-    """A model that is the base itself, or a model given twice, merges without error but is rarely what was meant."""
-
-    def identity(name: str) -> str:
-        local = expand_path(name)
-        return os.path.realpath(local) if local.exists() else name
-
-    base = identity(config.base)
-    seen: dict[str, int] = {}
-    for task, model in enumerate(config.models, start=1):
-        key = identity(model)
-        if key == base:
-            logger.warning(
-                "model %d of `models` (%r) is the base model itself: its task vector is zero, so it adds nothing to "
-                "the merge (and pulls average and TIES towards the base); pass a fine-tuned model instead",
-                task,
-                model,
-            )
-        elif key in seen:
-            logger.warning(
-                "`models` names %r twice (tasks %d and %d): the same task vector is merged twice; pass each fine-tuned "
-                "model once",
-                model,
-                seen[key],
-                task,
-            )
-        seen.setdefault(key, task)
 
 
 def _normalize_dtype(dtype: Any) -> str | None:
@@ -500,9 +473,7 @@ def _stream_merge(
     tensors = merged_tensors(inputs, spec, writer.order, device=device, allow_non_finite=allow_non_finite,
                              track_winners=tracked, spill_dir=writer.directory,
                              show_progress=show_progress)  # fmt: skip
-    desc = "Merging tensors"
-    if spec.merge_class.needs_model_stats:
-        desc += f" ({spec.method}, pass 2 of 2: rescale, write)"
+    desc = "Merging tensors" + spec.pass_label(2, "rescale, write")
     with torch.no_grad(), contextlib.closing(tensors), tqdm(total=len(writer.order), desc=desc, unit="tensor",
                                                             disable=not show_progress) as progress:  # fmt: skip
         for plan, blocks in tensors:
@@ -550,7 +521,7 @@ def merged_tensors(
     """
     folded, model_scale = None, 1.0
     if spec.merge_class.needs_model_stats:
-        folded = _FoldedStates(spill_dir)
+        folded = FoldedStates(spill_dir)
         try:
             model_scale = _fold_model(inputs, spec, order, folded, device=device, allow_non_finite=allow_non_finite,
                                       show_progress=show_progress)  # fmt: skip
@@ -635,65 +606,11 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[Any, int]]:
     return [(slice(i, min(i + step, shape[0])), i * row) for i in range(0, shape[0], step)]
 
 
-class _FoldedStates:
-    """The accumulator states of the first pass of a `needs_model_stats` merge (opcm), spilled to one file in the
-    staging directory: the second pass restores each tensor's state and rescales it instead of folding the task
-    vectors again, so every SVD runs once. Memory stays one tensor; disk holds the running sums until the merge ends
-    (4 bytes per merged parameter, 8 for fp64), and the file is removed before the output is moved into place."""
-
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        import tempfile
-
-        self._temporary = tempfile.mkdtemp(prefix="hf_magmax-opcm-") if directory is None else None
-        self.path = Path(directory if directory is not None else self._temporary) / ".hf_magmax-folded-states.bin"
-        self._file = open(self.path, "w+b")
-        self._index: dict[str, dict[str, Any]] = {}
-
-    def put(self, name: str, accumulator: Any) -> None:
-        import torch
-
-        entry = {}
-        for key, value in accumulator.state_dict().items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().to("cpu").contiguous()
-                entry[key] = (self._file.tell(), value.dtype, tuple(value.shape))
-                self._file.write(value.reshape(-1).view(torch.uint8).numpy().data)
-            else:
-                entry[key] = value
-        self._index[name] = entry
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
-    def get(self, name: str, device: str) -> dict[str, Any]:
-        """The state of `name` as `put` saw it (tensors on `device`), for `OnlineMerge.load_state_dict`."""
-        import torch
-
-        self._file.flush()
-        state = {}
-        for key, value in self._index[name].items():
-            if isinstance(value, tuple):
-                offset, dtype, shape = value
-                buffer = bytearray(math.prod(shape) * dtype.itemsize)
-                self._file.seek(offset)
-                self._file.readinto(buffer)
-                value = torch.frombuffer(buffer, dtype=dtype).reshape(shape).to(device)
-            state[key] = value
-        return state
-
-    def close(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-        if self._temporary is not None:
-            os.rmdir(self._temporary)
-            self._temporary = None
-
-
 def _fold_model(
     inputs: MergeInputs,
     spec: MergeSpec,
     order: Sequence[str],
-    folded: _FoldedStates,
+    folded: FoldedStates,
     *,
     device: str,
     allow_non_finite: bool,
@@ -716,7 +633,7 @@ def _fold_model(
         len(inputs.models),
     )
     stats = []
-    with torch.no_grad(), tqdm(total=len(names), desc=f"Folding tensors ({spec.method}, pass 1 of 2)", unit="tensor",
+    with torch.no_grad(), tqdm(total=len(names), desc=f"Folding tensors{spec.pass_label(1)}", unit="tensor",
                                disable=not show_progress) as progress:  # fmt: skip
         for name in names:
             plan = inputs.tensors[name]
@@ -744,7 +661,7 @@ def _merged_blocks(
     allow_non_finite: bool,
     track_winners=False,
     model_scale: float = 1.0,
-    folded: _FoldedStates | None = None,
+    folded: FoldedStates | None = None,
 ):
     """The output tensor `plan`, block by block, in its output dtype: `(block, winners of the block or None)`."""
     import torch

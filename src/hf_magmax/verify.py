@@ -19,6 +19,7 @@ dtype or shape that differs, or the first element whose bits differ (its index a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -234,10 +235,14 @@ def _verify_checkpoint_merge(
             mismatch = _compare_tables(tables, provenance, prefix=f"{provenance.path.name}: ")
         if mismatch is not None:
             return VerifyResult(directory, "merge", 0, mismatch)
+        # opcm folds every tensor here (its first pass, under the merge's own bar) before the first comparison
         tensors = merged_tensors(inputs, config.spec, order, device=config.device,
-                                 allow_non_finite=config.allow_non_finite, track_winners=tracked)  # fmt: skip
-        return _compare_streams(directory, "merge", ((p.name, blocks) for p, blocks in tensors), stored,
-                                len(order), show_progress, provenance)  # fmt: skip
+                                 allow_non_finite=config.allow_non_finite, track_winners=tracked,
+                                 show_progress=show_progress)  # fmt: skip
+        with contextlib.closing(tensors):  # an early mismatch: the spilled running sums are removed now
+            return _compare_streams(directory, "merge", ((p.name, blocks) for p, blocks in tensors), stored,
+                                    len(order), show_progress, provenance,
+                                    desc="Verifying tensors" + config.spec.pass_label(2, "rescale, compare"))  # fmt: skip
     finally:
         inputs.close()
         if provenance is not None:
@@ -335,6 +340,7 @@ def _compare_streams(
     total: int,
     show_progress: bool,
     provenance: CheckpointReader | None = None,
+    desc: str = "Verifying tensors",
 ) -> VerifyResult:
     """Compare `(name, blocks)` streams with the stored tensors block by block (and each block's winner map, where
     one comes, with `provenance`); stop at the first difference."""
@@ -342,7 +348,7 @@ def _compare_streams(
     from huggingface_hub.utils import tqdm
 
     matched = 0
-    with torch.no_grad(), tqdm(total=total, desc="Verifying tensors", unit="tensor", disable=not show_progress) as bar:
+    with torch.no_grad(), tqdm(total=total, desc=desc, unit="tensor", disable=not show_progress) as bar:
         for name, blocks in streams:
             shape = stored.tensors[name].shape
             view = stored.rows(name)

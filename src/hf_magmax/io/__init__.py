@@ -16,11 +16,13 @@
   contain an input.
 - **GGUF** ([`GGUFCheckpointReader`], `gguf.py`): a `.gguf` file (or a folder holding one) read as transformers reads
   it, each block of rows dequantised when it is read; [`CheckpointReader.open`] returns one for such inputs.
+- **Spilling** ([`FoldedStates`], `spill.py`): the running sums of a two-pass merge (opcm) kept on disk between its
+  passes, so that every SVD runs once and memory stays one tensor.
 - [`copy_non_weight_files`] (never a link out of the input folder: [`non_weight_files`] refuses it), [`load_pretrained`] (a model by the class its config names), [`is_hub_id`],
   [`parse_size`].
 
 The package is split by concern: `formats` (names, dtypes, sizes), `output` (the output directory), `reading`,
-`gguf`, `writing`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
+`gguf`, `writing`, `spill`; everything is importable from `hf_magmax.io`. Importing it does not import torch.
 """
 
 from .formats import (
@@ -34,11 +36,13 @@ from .formats import (
     WEIGHTS_NAME,
     absolute_name,
     expand_path,
+    input_identity,
     is_hub_id,
     parse_size,
     public_name,
 )
 from .gguf import GGUFCheckpointReader, find_gguf_file
+from .matching import warn_if_degenerate
 from .output import (
     Terminated,
     check_output_dir,
@@ -61,6 +65,7 @@ from .reading import (
     read_safetensors_header,
     resolve_checkpoint,
 )
+from .spill import FoldedStates
 from .writing import (
     ShardedSafetensorsWriter,
     copy_non_weight_files,
@@ -74,6 +79,7 @@ from .writing import (
 __all__ = [
     "CheckpointReader",
     "FLOATING",
+    "FoldedStates",
     "GGUFCheckpointReader",
     "ITEMSIZE",
     "InputChangedError",
@@ -94,6 +100,7 @@ __all__ = [
     "copy_side_file",
     "expand_path",
     "find_gguf_file",
+    "input_identity",
     "is_hub_id",
     "link_roots",
     "load_bin",
@@ -111,4 +118,5 @@ __all__ = [
     "resolve_inside",
     "staged_output_dir",
     "terminate_as_interrupt",
+    "warn_if_degenerate",
 ]

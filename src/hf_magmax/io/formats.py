@@ -64,6 +64,16 @@ def expand_path(path: str | os.PathLike) -> Path:
         ) from None
 
 
+def input_identity(name: str | os.PathLike) -> str:
+    """What makes two inputs one: an existing local path resolved (relative, `~`, a trailing `/`, symbolic links),
+    any other name (a Hub repo id) as given."""
+    try:
+        path = expand_path(name)
+    except FileNotFoundError:  # `~nouser/x`: no local path here (the reader says so when it opens the input)
+        return os.fspath(name)
+    return os.path.realpath(path) if path.exists() else os.fspath(name)
+
+
 def is_hub_id(name: str) -> bool:
     """Whether `name` reads as a Hub repo id (`name` or `namespace/name`) rather than a local path."""
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-")) and ".." not in name

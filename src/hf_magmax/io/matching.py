@@ -9,6 +9,8 @@ name across the ways real checkpoints are saved.
   class's `base_model_prefix`, `bert.`), old LayerNorm names `gamma`/`beta` (transformers' "legacy" renames), tied
   weights stored once or twice, integer buffers (`position_ids`) only the base stores; tensors only the fine-tunes
   have (a new head) are an error naming them, or taken from the last model.
+- [`warn_if_degenerate`]: an input that is the base itself, or one named twice (a local path compared resolved), merges
+  without error but rarely as meant: a warning naming it (`hf-magmax merge` and `merge-lora` alike).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .formats import input_identity
 from .reading import CheckpointReader, model_class_for
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TensorPlan", "compare_configs", "plan_tensors"]
+__all__ = ["TensorPlan", "compare_configs", "plan_tensors", "warn_if_degenerate"]
 
 #: config keys that legitimately differ between a base model and its fine-tunes (never warned about).
 _BENIGN_CONFIG_KEYS = {
@@ -143,6 +146,44 @@ def compare_configs(base: CheckpointReader, model: CheckpointReader, strict: boo
                 message + ". If the difference is harmless, pass `strict_config=False` (--no-strict-config)."
             )
         logger.warning(message)
+
+
+def warn_if_degenerate(inputs: Sequence[str], field: str = "models", base: str | None = None) -> None:
+    """Warn about inputs that merge without error but are rarely what was meant: one that is the base itself (its task
+    vector is zero), one named twice (the same task vector merged twice). Local paths are compared resolved
+    ([`~hf_magmax.io.formats.input_identity`]: `a`, `./a/` and a link to `a` are one input), Hub repo ids as given.
+
+    Args:
+        inputs (`list[str]`): the merged inputs, in task order.
+        field (`str`, *optional*, defaults to `"models"`): the argument they were given as (`"models"`,
+            `"adapters"`), named in the warning.
+        base (`str`, *optional*): the base model (θ_0), for a merge of checkpoints.
+    """
+    noun = {"models": "fine-tuned model", "adapters": "adapter"}.get(field, "input")
+    base_identity = None if base is None else input_identity(base)
+    seen: dict[str, int] = {}
+    for task, name in enumerate(inputs, start=1):
+        identity = input_identity(name)
+        if identity == base_identity:
+            logger.warning(
+                "%s %d of `%s` (%r) is the base model itself: its task vector is zero, so it adds nothing to the "
+                "merge (and pulls average and TIES towards the base); pass a %s instead",
+                field.removesuffix("s"),
+                task,
+                field,
+                name,
+                noun,
+            )
+        elif identity in seen:
+            logger.warning(
+                "`%s` names %r twice (tasks %d and %d): the same task vector is merged twice; pass each %s once",
+                field,
+                name,
+                seen[identity],
+                task,
+                noun,
+            )
+        seen.setdefault(identity, task)
 
 
 def _model_class(checkpoints: Sequence[CheckpointReader]):

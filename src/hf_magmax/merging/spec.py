@@ -202,6 +202,14 @@ class MergeSpec:
         options = ", ".join(f"{k} {v}" for k, v in self.method_options.items())
         return self.merge_class.description + (f" ({options})" if options else "")
 
+    def pass_label(self, number: int, action: str = "") -> str:
+        """What a progress bar over pass `number` of a two-pass merge (`needs_model_stats`: opcm folds every tensor,
+        then rescales) adds to its label, e.g. `" (opcm, pass 2 of 2: rescale, write)"`; `""` for one-pass methods.
+        The streaming merge, `verify` and the LoRA merger label their bars with it."""
+        if not self.merge_class.needs_model_stats:
+            return ""
+        return f" ({self.method}, pass {number} of 2{': ' + action if action else ''})"
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain values (for `magmax_config.yaml`): λ is recorded as `null` when it is the default, so a
         re-run with another method takes that method's default."""

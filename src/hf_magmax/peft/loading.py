@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..io import input_identity
 from .deltas import PEFT_PREFIX, _base_model, _base_name, base_parameters
 from .refactor import _layout, _module_layouts
 
@@ -37,11 +38,6 @@ def _is_local_path(source: str) -> bool:
     from ..io import is_hub_id
 
     return os.path.exists(os.path.expanduser(source)) or not is_hub_id(source)
-
-
-def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two local paths name the same file or directory (compared resolved: relative, `~`, symlinks)."""
-    return Path(os.path.expanduser(os.fspath(a))).resolve() == Path(os.path.expanduser(os.fspath(b))).resolve()
 
 
 def check_output_not_input(output_dir: str | os.PathLike, inputs: Iterable[tuple[str, str]]) -> None:
@@ -199,10 +195,8 @@ def _check_fits_base(source: str, config: Any, weights: Mapping[str, Tensor], mo
     base = _base_model(model)
     expected = getattr(base, "name_or_path", None)
     made_for = config.base_model_name_or_path
-    if made_for and expected and made_for != expected:
-        both_local = os.path.exists(os.path.expanduser(made_for)) and os.path.exists(os.path.expanduser(expected))
-        if not (both_local and same_path(made_for, expected)):
-            logger.warning("adapter %s was made for %s, the base model is %s", source, made_for, expected)
+    if made_for and expected and input_identity(made_for) != input_identity(expected):
+        logger.warning("adapter %s was made for %s, the base model is %s", source, made_for, expected)
     modules = _module_layouts(model)
     params = base_parameters(model)
     hint = f"adapter {source!r} was made for another base model (its config names {made_for!r})"

@@ -11,6 +11,7 @@ peft is imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -20,7 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..io import FoldedStates, warn_if_degenerate
 from ..merging import MergeSpec, apply_merged
 from .deltas import (
     _base_model,
@@ -44,7 +47,6 @@ from .loading import (
     check_device,
     check_finite_tensors,
     load_adapter_onto,
-    same_path,
 )
 from .refactor import SVD_METHODS, LoraFactorization, _layout, _Refactorer, _to_lora_matrix
 
@@ -260,11 +262,7 @@ def _check_sources(adapters: Sequence[str | os.PathLike]) -> list[str]:
     if isinstance(adapters, str | os.PathLike) or len(adapters) == 0:
         raise ValueError("`adapters` must be a non-empty list of adapter names, directories or Hub repo ids.")
     sources = [os.fspath(a) for a in adapters]
-    for i, a in enumerate(sources):
-        for b in sources[:i]:
-            local = os.path.exists(os.path.expanduser(a)) and os.path.exists(os.path.expanduser(b))
-            if a == b or (local and same_path(a, b)):
-                raise ValueError(f"`adapters` lists the same adapter more than once: {b!r} and {a!r}.")
+    warn_if_degenerate(sources, "adapters")  # one named twice merges, with `hf-magmax merge`'s warning
     return sources
 
 
@@ -337,7 +335,9 @@ def merge_adapters(
             In task order: adapter names loaded on `model_or_base`, local adapter directories, or Hub repo ids.
         method (`str` or [`MergeSpec`], *optional*, defaults to `"magmax"`):
             `magmax`, `average`, `task_arithmetic`, `ties`, `random_mix` or `opcm`, or a whole spec. opcm (SVD
-            projection of each ΔW, one rescale over all modules) folds every module twice: once for the norms.
+            projection of each ΔW, one rescale over all modules) runs in two passes: the first folds every module
+            (one SVD per projected weight per adapter after the first) and keeps each running sum in a temporary file
+            ([`~hf_magmax.io.FoldedStates`], 4 bytes per merged parameter); the second rescales them.
         scaling_coef (`float`, *optional*):
             λ, finite and > 0. Defaults to the method's default ([`hf_magmax.DEFAULT_SCALING_COEFS`]).
         lora_output (`str`, *optional*):
@@ -495,23 +495,35 @@ def _merged_module(
     spec: MergeSpec,
     winners: dict[str, torch.Tensor] | None = None,
     model_scale: float | None = None,
+    folded: FoldedStates | None = None,
 ) -> dict:
     """ΔW_sel of one module: each adapter's ΔW folded into `spec.accumulator(tensor name)`, in task order.
 
     With `winners` (a dict), each tensor's winner map (which adapter's element was kept) is stored into it. opcm:
-    `model_scale` is the factor over every module ([`_model_scale`])."""
-    accumulators = _module_accumulators(info, names, spec, track=winners is not None)
+    `folded` holds the running sums of the first pass ([`_fold_modules`]), restored here instead of folded again, and
+    `model_scale` is their factor over every module."""
+    if folded is not None:
+        device = next(info.module.parameters()).device
+        accumulators = {key: spec.accumulator(key) for key in info.keys}
+        for key, accumulator in accumulators.items():
+            accumulator.load_state_dict(folded.get(key, device))
+    else:
+        accumulators = _module_accumulators(info, names, spec, track=winners is not None)
     if winners is not None:
         winners.update({key: accumulator.winners().cpu() for key, accumulator in accumulators.items()})
     return {key: accumulator.result(model_scale=model_scale) for key, accumulator in accumulators.items()}
 
 
-def _model_scale(infos: Sequence[_ModuleInfo], names: Sequence[str], spec: MergeSpec) -> float | None:
-    """opcm (`needs_model_stats`): the model-wide factor of the merged ΔW, from a first pass that folds every module
-    and keeps only each tensor's statistic (the merge then folds every module again); None for the other methods."""
-    if not spec.merge_class.needs_model_stats:
-        return None
-    stats = [acc.model_stat() for info in infos for acc in _module_accumulators(info, names, spec).values()]
+def _fold_modules(
+    infos: Sequence[_ModuleInfo], names: Sequence[str], spec: MergeSpec, folded: FoldedStates, disable: bool | None
+) -> float:
+    """opcm (`needs_model_stats`), pass 1: fold every module's ΔWs (one SVD per projected weight per adapter after
+    the first), spill each tensor's running sum to `folded`, and return the model-wide factor of the merged ΔW."""
+    stats = []
+    for info in tqdm(infos, desc=f"folding {len(names)} adapters{spec.pass_label(1)}", disable=disable):
+        for key, accumulator in _module_accumulators(info, names, spec).items():
+            stats.append(accumulator.model_stat())
+            folded.put(key, accumulator)
     return spec.merge_class.model_scale_from_stats(stats)
 
 
@@ -549,7 +561,6 @@ def _merge_loaded(
     """The merge proper, on a model with every adapter loaded (see [`merge_adapters`])."""
     from peft import get_peft_model
     from peft.utils import set_peft_model_state_dict
-    from tqdm.auto import tqdm
 
     spec, coef, merged_output = request.spec, request.coef, request.lora_output == "merged"
     task_types = {getattr(_peft_configs(model)[n], "task_type", None) for n in names}
@@ -563,37 +574,42 @@ def _merge_loaded(
     winners: dict[str, torch.Tensor] | None = {} if request.save_provenance else None
 
     disable = True if not request.show_progress else (len(infos) < 8 or None)
-    model_scale = _model_scale(infos, names, spec)
-    for info in tqdm(infos, desc=f"merging {len(names)} adapters ({spec.method})", disable=disable):
-        merged = _merged_module(info, names, spec, winners, model_scale)
-        if merged_output:
-            fold_deltas_into_base(model, merged, coef, dtype=request.dtype, allow_non_finite=request.allow_non_finite)
-        elif info.kind == "lora":
-            weight_delta = merged[f"{info.name}.weight"] * coef
-            bias = merged.get(f"{info.name}.bias")
-            if not torch.any(weight_delta) and bias is None:
-                continue
-            if isinstance(refactorer.rank, dict) and info.name not in refactorer.rank:
-                refactorer.rank[info.name] = _default_rank(info, names)
-            base_layer = info.module.get_base_layer()
-            refactorer.add_lora(
-                info.name,
-                _layout(base_layer),
-                weight_delta,
-                None if bias is None else bias * coef,
-                getattr(base_layer, "bias", None) is not None,
-            )
-        else:
-            full = {key: apply_merged(base_params[key].detach(), delta, coef) for key, delta in merged.items()}
-            if not request.allow_non_finite:
-                for key, value in full.items():
-                    check_finite_output(value, key, coef)
-            for p, t in [
-                *info.module.original_module.named_parameters(),
-                *info.module.original_module.named_buffers(),
-            ]:
-                full.setdefault(f"{info.name}.{p}", t.detach())
-            refactorer.add_full(info.name, full)
+    two_passes = spec.merge_class.needs_model_stats  # opcm: fold every module first, keep the sums, then rescale
+    with FoldedStates() if two_passes else contextlib.nullcontext() as folded:
+        model_scale = _fold_modules(infos, names, spec, folded, disable) if two_passes else None
+        label = spec.pass_label(2, "rescale") or f" ({spec.method})"
+        for info in tqdm(infos, desc=f"merging {len(names)} adapters{label}", disable=disable):
+            merged = _merged_module(info, names, spec, winners, model_scale, folded)
+            if merged_output:
+                fold_deltas_into_base(
+                    model, merged, coef, dtype=request.dtype, allow_non_finite=request.allow_non_finite
+                )
+            elif info.kind == "lora":
+                weight_delta = merged[f"{info.name}.weight"] * coef
+                bias = merged.get(f"{info.name}.bias")
+                if not torch.any(weight_delta) and bias is None:
+                    continue
+                if isinstance(refactorer.rank, dict) and info.name not in refactorer.rank:
+                    refactorer.rank[info.name] = _default_rank(info, names)
+                base_layer = info.module.get_base_layer()
+                refactorer.add_lora(
+                    info.name,
+                    _layout(base_layer),
+                    weight_delta,
+                    None if bias is None else bias * coef,
+                    getattr(base_layer, "bias", None) is not None,
+                )
+            else:
+                full = {key: apply_merged(base_params[key].detach(), delta, coef) for key, delta in merged.items()}
+                if not request.allow_non_finite:
+                    for key, value in full.items():
+                        check_finite_output(value, key, coef)
+                for p, t in [
+                    *info.module.original_module.named_parameters(),
+                    *info.module.original_module.named_buffers(),
+                ]:
+                    full.setdefault(f"{info.name}.{p}", t.detach())
+                refactorer.add_full(info.name, full)
 
     result = LoraMergeResult(
         lora_output=request.lora_output,

@@ -222,13 +222,21 @@ def test_deepspeed_zero2_lora_trainer_and_callback_fold_the_merged_delta_into_th
         assert result["world_size"] == 2 and result["zero_stage"] == 2
         assert result["model_class"] == "LlamaForCausalLM"  # lora_output="merged": a plain model, no adapter
         assert result["tasks_recorded"] == 2
-        assert result["base_moved"] == result["adapted"] == [
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.v_proj.weight",
-        ]
+        assert (
+            result["base_moved"]
+            == result["adapted"]
+            == [
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+            ]
+        )
         # θ_0 + λ · magmax(ΔW_t) of the adapters' ΔW at the end of each task, bit for bit
         assert result["merged_equal_reference"], "the merged weights differ from the merge of the tasks' ΔW"
         assert result["callback_equal"], "Trainer + MagMaxCallback ended with other weights than MagMaxTrainer"
+        assert result["callback_results_equal"]
+        # `evaluate()` after the run scores the merged model (the metric is minus the evaluation loss)
+        merged_row = result["continual_results"]["merged"]["matrix"][-1]
+        assert -result["eval_loss_after"] == pytest.approx(merged_row[1], abs=1e-6)
     rank0 = _results(out, "lora-")[0]
     assert rank0["saved_equal_model"], "save_model wrote other weights than the merged model the trainer holds"
     assert rank0["callback_saved_equal_model"], "the callback's trainer saved other weights than the merged model"

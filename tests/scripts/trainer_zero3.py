@@ -1,22 +1,31 @@
-"""Worker of tests/test_trainer_zero3.py: MagMaxTrainer and MagMaxCallback under DeepSpeed ZeRO-3 / ZeRO-2 on CPU
-(torchrun, 2 processes, gloo, `DS_ACCELERATOR=cpu`), against one process without DeepSpeed.
+"""Worker of tests/test_trainer_zero3.py: MagMaxTrainer, MagMaxSFTTrainer and MagMaxCallback under DeepSpeed ZeRO-3 /
+ZeRO-2 on CPU (torchrun, 2 processes, gloo, `DS_ACCELERATOR=cpu`), against one process without DeepSpeed.
 
 The DeepSpeed config goes through `TrainingArguments(deepspeed=...)`, as `--deepspeed ds.json` does; Accelerate builds
 one engine per task (`hf_magmax.trainer.deepspeed.fresh_engine`). `stage3_param_persistence_threshold: 100` keeps the
 small tensors (biases, LayerNorms, the head) gathered on every rank and partitions the matrices, so both kinds are
 written by the merge. The model is built before the config, so θ_0 is taken whole and cut down to each rank's
 partition at the first fold (a model that `from_pretrained` loads under `zero.Init` is partitioned from the start:
-tests/test_recipes.py runs that path through the TRACE recipe).
+tests/test_recipes_launch.py runs that path through the TRACE and Standard CL recipes).
 
-For ZeRO-3 the worker trains 2 tiny tasks with MagMaxTrainer (a checkpoint at the end of each), records each task's
-θ_t gathered (for the check only), saves the final model (`save_model`: the one consolidation; with `--push_to` also
-`push_to_hub`), resumes a fresh
-trainer from each checkpoint, then runs the same tasks with a plain `Trainer` + `MagMaxCallback`. It writes
-`result-rank<r>.json` and, on rank 0, `final-zero<stage>.safetensors` / `final-callback-zero<stage>.safetensors`.
-Without torchrun it writes the one-process reference `final-single.safetensors`.
+`--parts` chooses the runs (one launch, one process group, for all of them):
 
-    torchrun --nproc_per_node 2 tests/scripts/trainer_zero3.py --output_dir OUT --stage 3
-    python tests/scripts/trainer_zero3.py --output_dir OUT
+- `magmax`: MagMaxTrainer on 2 tiny classification tasks (a checkpoint at the end of each), each task's θ_t recorded
+  gathered (for the check only), the final model saved (`save_model`: the one consolidation; with `--push_to` also
+  `push_to_hub`); under ZeRO-3 a fresh trainer resumed from each checkpoint and the refusals; then the same tasks with
+  a plain `Trainer` + `MagMaxCallback`. Writes `result-rank<r>.json` and, on rank 0, `final-zero<stage>.safetensors`
+  / `final-callback-zero<stage>.safetensors`;
+- `sft`: MagMaxSFTTrainer (TRL's SFTTrainer) on 2 prompt-completion tasks of the tiny Llama, θ_t recorded gathered,
+  the final model saved; writes `result-sft-rank<r>.json`, `final-sft-zero<stage>.safetensors` and `sft/`;
+- `lora`: MagMaxTrainer with LoRA on 2 language-modelling tasks of the tiny Llama (ZeRO-2), each task's ΔW recorded,
+  the merged plain model saved and evaluated, then the same with a plain `Trainer` + `MagMaxCallback`; writes
+  `result-lora-rank<r>.json`, `final-lora-zero<stage>.safetensors` and `lora/`.
+
+Without torchrun each part writes its one-process reference `final[-sft|-lora]-single.safetensors`.
+
+    torchrun --nproc_per_node 2 tests/scripts/trainer_zero3.py --output_dir OUT --stage 3 --parts magmax sft
+    torchrun --nproc_per_node 2 tests/scripts/trainer_zero3.py --output_dir OUT --stage 2 --parts magmax lora
+    python tests/scripts/trainer_zero3.py --output_dir OUT --parts magmax sft lora
 """
 
 import argparse
@@ -324,6 +333,7 @@ def run_lora(cli):
     trainer.train()
     final = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
     trainer.save_model(os.path.join(out, "final"))
+    loss = trainer.evaluate(evaluation["y"])["eval_loss"]  # the merged model, as the last row of the matrix scored it
     rank = trainer.args.process_index
     if not distributed:
         save_file(final, os.path.join(cli.output_dir, "final-lora-single.safetensors"))
@@ -345,6 +355,7 @@ def run_lora(cli):
         and all(torch.equal(final[name], expected[name]) for name in expected),
         "base_moved": sorted(name for name in base if not torch.equal(final[name], base[name])),
         "continual_results": trainer.continual_results,
+        "eval_loss_after": loss,
     }
     # the same tasks with a plain Trainer around the PeftModel and MagMaxCallback, saved the same way
     from peft import get_peft_model
@@ -360,6 +371,7 @@ def run_lora(cli):
     result["callback_equal"] = callback_final.keys() == final.keys() and all(
         torch.equal(callback_final[name], final[name]) for name in final
     )
+    result["callback_results_equal"] = callback.results == trainer.continual_results
     plain.save_model(os.path.join(out, "final-callback"))
     if rank == 0:
         saved = load_file(os.path.join(out, "final-callback", "model.safetensors"))

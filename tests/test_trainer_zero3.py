@@ -200,6 +200,8 @@ def test_zero3_sft_trainer_merges_the_gathered_task_models_exactly(zero3):
         # θ_0 + λ · magmax(θ_t − θ_0) of the θ_t gathered at the end of each task, bit for bit
         assert result["merged_equal_reference"], "the merged weights differ from a whole-tensor merge of the θ_t"
         assert result["sequential_differs"]
+        # TRL's own SFTTrainer with MagMaxCallback: the same run, bit for bit
+        assert result["callback_sharded"] and result["callback_equal"] and result["callback_results_equal"]
     rank0 = _results(out, "sft-")[0]
     assert rank0["saved_names_missing"] == [], "save_model left out weights"
     assert rank0["saved_equal_gathered"], "save_model wrote other (or partitioned) weights than the model holds"

@@ -16,7 +16,7 @@ tests/test_recipes_launch.py runs that path through the TRACE and Standard CL re
   a plain `Trainer` + `MagMaxCallback`. Writes `result-rank<r>.json` and, on rank 0, `final-zero<stage>.safetensors`
   / `final-callback-zero<stage>.safetensors`;
 - `sft`: MagMaxSFTTrainer (TRL's SFTTrainer) on 2 prompt-completion tasks of the tiny Llama, θ_t recorded gathered,
-  the final model saved; writes `result-sft-rank<r>.json`, `final-sft-zero<stage>.safetensors` and `sft/`;
+  the final model saved, then the same tasks with a plain `SFTTrainer` + `MagMaxCallback`; writes `result-sft-rank<r>.json`, `final-sft-zero<stage>.safetensors` and `sft/`;
 - `lora`: MagMaxTrainer with LoRA on 2 language-modelling tasks of the tiny Llama (ZeRO-2), each task's ΔW recorded,
   the merged plain model saved and evaluated, then the same with a plain `Trainer` + `MagMaxCallback`; writes
   `result-lora-rank<r>.json`, `final-lora-zero<stage>.safetensors` and `lora/`.
@@ -284,6 +284,25 @@ def run_sft(cli):
         "sequential_differs": any(not torch.equal(final[n], record.thetas[-1][n]) for n in reference),
         "tasks_differ": any(not torch.equal(record.thetas[0][n], record.thetas[1][n]) for n in reference),
     }
+    # the same tasks with TRL's own SFTTrainer and MagMaxCallback (each task's raw `train_dataset` prepared by it)
+    from trl import SFTConfig, SFTTrainer
+
+    fields = SFTConfig.__dataclass_fields__
+    values = {k: getattr(args, k) for k in fields if fields[k].init and k in args.__dict__}
+    plain = SFTTrainer(
+        tiny_sft_llama(tokenizer),
+        SFTConfig(**{**values, "output_dir": os.path.join(out, "callback")}),
+        train_dataset=train["a"],
+        processing_class=tokenizer,
+    )
+    callback = MagMaxCallback(plain, eval_datasets=evaluation, merge_method=METHOD, scaling_coef=SCALING_COEF)
+    for dataset in train.values():
+        plain.train_dataset = dataset
+        plain.train()
+    callback_final = whole(plain.model)
+    result["callback_equal"] = all(torch.equal(callback_final[name], final[name]) for name in final)
+    result["callback_results_equal"] = callback.results == trainer.continual_results
+    result["callback_sharded"] = callback._run.state.sharded
     if rank == 0:
         saved = load_file(os.path.join(out, "final", "model.safetensors"))
         result["saved_names_missing"] = sorted(set(final) - set(saved))

@@ -190,7 +190,7 @@ def _matrices(directory):
     return results["sequential"]["matrix"], results["merged"]["matrix"]
 
 
-def test_zero3_sft_trainer_merges_the_gathered_task_models_exactly(zero3):
+def test_zero3_sft_trainer_merges_the_gathered_task_models_exactly_and_resumes(zero3):
     out = zero3[0]
     for result in _results(out, "sft-"):
         assert result["world_size"] == 2 and result["zero_stage"] == 3
@@ -200,6 +200,12 @@ def test_zero3_sft_trainer_merges_the_gathered_task_models_exactly(zero3):
         # θ_0 + λ · magmax(θ_t − θ_0) of the θ_t gathered at the end of each task, bit for bit
         assert result["merged_equal_reference"], "the merged weights differ from a whole-tensor merge of the θ_t"
         assert result["sequential_differs"]
+        first, last = result["checkpoint_files"]  # the end of each task
+        assert "magmax_merge_state.pt" in first and {
+            "magmax_merge_state-rank0.pt",
+            "magmax_merge_state-rank1.pt",
+        } <= set(last)
+        assert result["resume_equal"] == [True, True], "a resumed MagMaxSFTTrainer ends with other weights or results"
         # TRL's own SFTTrainer with MagMaxCallback: the same run, bit for bit
         assert result["callback_sharded"] and result["callback_equal"] and result["callback_results_equal"]
     rank0 = _results(out, "sft-")[0]

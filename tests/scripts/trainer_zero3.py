@@ -245,24 +245,29 @@ def run_sft(cli):
     tokenizer = tiny_sft_tokenizer()
     train, evaluation = sft_tasks("prompt_completion", 2)
     record = Record()
-    args = tiny_sft_config(
-        out,
-        per_device_train_batch_size=2 if distributed else 4,
-        per_device_eval_batch_size=2 if distributed else 4,
-        deepspeed=ds_config(cli.stage) if distributed else None,
-        average_tokens_across_devices=True,
-        save_strategy="no",
-        merge_method=METHOD,
-        scaling_coef=SCALING_COEF,
-    )
-    trainer = MagMaxSFTTrainer(
-        tiny_sft_llama(tokenizer),
-        args,
-        processing_class=tokenizer,
-        train_datasets=train,
-        eval_datasets=evaluation,
-        callbacks=[record],
-    )
+
+    def make_sft_trainer(callbacks=()):
+        args = tiny_sft_config(
+            out,
+            per_device_train_batch_size=2 if distributed else 4,
+            per_device_eval_batch_size=2 if distributed else 4,
+            deepspeed=ds_config(cli.stage) if distributed else None,
+            average_tokens_across_devices=True,
+            save_steps=4,  # a checkpoint at the end of each task
+            merge_method=METHOD,
+            scaling_coef=SCALING_COEF,
+        )
+        return MagMaxSFTTrainer(
+            tiny_sft_llama(tokenizer),
+            args,
+            processing_class=tokenizer,
+            train_datasets=train,
+            eval_datasets=evaluation,
+            callbacks=list(callbacks),
+        )
+
+    trainer = make_sft_trainer([record])
+    args = trainer.args
     theta_0 = whole(trainer.model)
     trainer.train()
     final = whole(trainer.model)
@@ -284,6 +289,19 @@ def run_sft(cli):
         "sequential_differs": any(not torch.equal(final[n], record.thetas[-1][n]) for n in reference),
         "tasks_differ": any(not torch.equal(record.thetas[0][n], record.thetas[1][n]) for n in reference),
     }
+    # `train(resume_from_checkpoint=)` from the end of task 1 and of task 2 (one merge-state file per rank): the same
+    # final weights and results, bit for bit
+    checkpoints = sorted(glob.glob(os.path.join(out, "task-*", "checkpoint-*")))
+    result["checkpoint_files"] = [sorted(os.listdir(c)) for c in checkpoints]
+    result["resume_equal"] = []
+    for checkpoint in checkpoints:
+        again = make_sft_trainer()
+        again.train(resume_from_checkpoint=checkpoint)
+        resumed = whole(again.model)
+        result["resume_equal"].append(
+            all(torch.equal(resumed[name], final[name]) for name in final)
+            and again.continual_results == trainer.continual_results
+        )
     # the same tasks with TRL's own SFTTrainer and MagMaxCallback (each task's raw `train_dataset` prepared by it)
     from trl import SFTConfig, SFTTrainer
 

@@ -96,14 +96,28 @@ def setup_logging(training_args) -> None:
 
 
 def check_launch(training_args) -> None:
-    """Refuse a launch where several processes run but no process group joins them (each would train alone and all
-    would write the same `output_dir`), e.g. an FSDP accelerate config on a machine without GPUs."""
+    """Refuse, before any data is read, a launch that would not train the way it was asked to:
+
+    - several processes launched but no process group joining them (each would train alone and all would write the
+      same `output_dir`);
+    - an FSDP accelerate config (`distributed_type: FSDP`, passed on by `accelerate launch` as `ACCELERATE_USE_FSDP`)
+      on CPU: Accelerate switches to FSDP only from a multi-accelerator state (`MULTI_GPU`, `MULTI_XPU`, ...: see
+      `AcceleratorState.__init__`); on CPU it keeps `MULTI_CPU`, and the run would silently train DDP, every rank
+      holding the whole model.
+    """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size != launched:
         raise RuntimeError(
             f"{launched} processes were launched but the training sees world size {training_args.world_size}: the "
-            "processes are not joined. On CPU, FSDP/DeepSpeed configs are not supported by accelerate; launch with "
-            "`torchrun --nproc_per_node N` (DDP over gloo) or use GPUs."
+            "processes are not joined. Launch with `torchrun --nproc_per_node N` (DDP over gloo on CPU), or use an "
+            "accelerate config that runs on this machine."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and training_args.device.type == "cpu":
+        raise RuntimeError(
+            "the accelerate config asks for FSDP, but Accelerate runs FSDP on GPUs (or other accelerators) only: on CPU "
+            "it would train DDP instead, every rank holding the whole model. Use GPUs, or on CPU launch with "
+            "`--config_file recipes/accelerate_configs/deepspeed_zero3.yaml` (weights partitioned, `DS_ACCELERATOR=cpu`) "
+            "or `torchrun --nproc_per_node N` (DDP)."
         )
 
 

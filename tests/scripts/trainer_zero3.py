@@ -1,22 +1,31 @@
-"""Worker of tests/test_trainer_zero3.py: MagMaxTrainer and MagMaxCallback under DeepSpeed ZeRO-3 / ZeRO-2 on CPU
-(torchrun, 2 processes, gloo, `DS_ACCELERATOR=cpu`), against one process without DeepSpeed.
+"""Worker of tests/test_trainer_zero3.py: MagMaxTrainer, MagMaxSFTTrainer and MagMaxCallback under DeepSpeed ZeRO-3 /
+ZeRO-2 on CPU (torchrun, 2 processes, gloo, `DS_ACCELERATOR=cpu`), against one process without DeepSpeed.
 
 The DeepSpeed config goes through `TrainingArguments(deepspeed=...)`, as `--deepspeed ds.json` does; Accelerate builds
 one engine per task (`hf_magmax.trainer.deepspeed.fresh_engine`). `stage3_param_persistence_threshold: 100` keeps the
 small tensors (biases, LayerNorms, the head) gathered on every rank and partitions the matrices, so both kinds are
 written by the merge. The model is built before the config, so θ_0 is taken whole and cut down to each rank's
 partition at the first fold (a model that `from_pretrained` loads under `zero.Init` is partitioned from the start:
-tests/test_recipes.py runs that path through the TRACE recipe).
+tests/test_recipes_launch.py runs that path through the TRACE and Standard CL recipes).
 
-For ZeRO-3 the worker trains 2 tiny tasks with MagMaxTrainer (a checkpoint at the end of each), records each task's
-θ_t gathered (for the check only), saves the final model (`save_model`: the one consolidation; with `--push_to` also
-`push_to_hub`), resumes a fresh
-trainer from each checkpoint, then runs the same tasks with a plain `Trainer` + `MagMaxCallback`. It writes
-`result-rank<r>.json` and, on rank 0, `final-zero<stage>.safetensors` / `final-callback-zero<stage>.safetensors`.
-Without torchrun it writes the one-process reference `final-single.safetensors`.
+`--parts` chooses the runs (one launch, one process group, for all of them):
 
-    torchrun --nproc_per_node 2 tests/scripts/trainer_zero3.py --output_dir OUT --stage 3
-    python tests/scripts/trainer_zero3.py --output_dir OUT
+- `magmax`: MagMaxTrainer on 2 tiny classification tasks (a checkpoint at the end of each), each task's θ_t recorded
+  gathered (for the check only), the final model saved (`save_model`: the one consolidation; with `--push_to` also
+  `push_to_hub`); under ZeRO-3 a fresh trainer resumed from each checkpoint and the refusals; then the same tasks with
+  a plain `Trainer` + `MagMaxCallback`. Writes `result-rank<r>.json` and, on rank 0, `final-zero<stage>.safetensors`
+  / `final-callback-zero<stage>.safetensors`;
+- `sft`: MagMaxSFTTrainer (TRL's SFTTrainer) on 2 prompt-completion tasks of the tiny Llama, θ_t recorded gathered,
+  the final model saved, then the same tasks with a plain `SFTTrainer` + `MagMaxCallback`; writes `result-sft-rank<r>.json`, `final-sft-zero<stage>.safetensors` and `sft/`;
+- `lora`: MagMaxTrainer with LoRA on 2 language-modelling tasks of the tiny Llama (ZeRO-2), each task's ΔW recorded,
+  the merged plain model saved and evaluated, then the same with a plain `Trainer` + `MagMaxCallback`; writes
+  `result-lora-rank<r>.json`, `final-lora-zero<stage>.safetensors` and `lora/`.
+
+Without torchrun each part writes its one-process reference `final[-sft|-lora]-single.safetensors`.
+
+    torchrun --nproc_per_node 2 tests/scripts/trainer_zero3.py --output_dir OUT --stage 3 --parts magmax sft
+    torchrun --nproc_per_node 2 tests/scripts/trainer_zero3.py --output_dir OUT --stage 2 --parts magmax lora
+    python tests/scripts/trainer_zero3.py --output_dir OUT --parts magmax sft lora
 """
 
 import argparse
@@ -126,8 +135,15 @@ def main() -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--stage", type=int, default=None, help="the ZeRO stage (torchrun); none: one process")
     parser.add_argument("--push_to", default=None, help="a Hub repo: push the final model (`push_to_hub`)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=["magmax"], help="the runs, in this order")
     cli = parser.parse_args()
     torch.set_num_threads(1)
+    for part in cli.parts:
+        PARTS[part](cli)
+
+
+def run_magmax(cli):
+    """MagMaxTrainer (full fine-tuning of the tiny BERT), its checkpoints and resume, MagMaxCallback, the refusals."""
     out = os.path.join(cli.output_dir, "magmax")
     if cli.stage is None:
         trainer = make_trainer(cli, out)
@@ -204,6 +220,210 @@ def main() -> None:
         json.dump(result, f, indent=1)
 
 
+def reference_merge(theta_0, thetas):
+    """The whole-tensor MagMax of the gathered θ_0 and θ_t: one process's merge state, fed in task order."""
+    reference = MergeState(MergeSpec(METHOD, scaling_coef=SCALING_COEF))
+    reference.snapshot(theta_0)
+    for task, theta in enumerate(thetas):
+        reference.fold(theta, task=str(task))
+    return {name: reference.merged_tensor(name, SCALING_COEF) for name in reference.base}
+
+
+def run_sft(cli):
+    """MagMaxSFTTrainer (TRL's SFTTrainer: prompt-completion data, completion-only loss, its fused LM head and token
+    accuracy) on the tiny Llama, 2 tasks; under ZeRO-3 (the LM head and the matrices partitioned) or in one process.
+
+    Under DDP/ZeRO each rank's batch is padded on its own and holds another number of completion tokens:
+    `average_tokens_across_devices=True` (SFTConfig's default) divides every rank's loss by the tokens of the global
+    batch, so the gradient is the one process's over the same 4 examples."""
+    from tiny_tasks import sft_tasks, tiny_sft_config, tiny_sft_llama, tiny_sft_tokenizer
+
+    from hf_magmax import MagMaxSFTTrainer
+
+    distributed = cli.stage is not None
+    out = os.path.join(cli.output_dir, "sft")
+    tokenizer = tiny_sft_tokenizer()
+    train, evaluation = sft_tasks("prompt_completion", 2)
+    record = Record()
+
+    def make_sft_trainer(callbacks=()):
+        args = tiny_sft_config(
+            out,
+            per_device_train_batch_size=2 if distributed else 4,
+            per_device_eval_batch_size=2 if distributed else 4,
+            deepspeed=ds_config(cli.stage) if distributed else None,
+            average_tokens_across_devices=True,
+            save_steps=4,  # a checkpoint at the end of each task
+            merge_method=METHOD,
+            scaling_coef=SCALING_COEF,
+        )
+        return MagMaxSFTTrainer(
+            tiny_sft_llama(tokenizer),
+            args,
+            processing_class=tokenizer,
+            train_datasets=train,
+            eval_datasets=evaluation,
+            callbacks=list(callbacks),
+        )
+
+    trainer = make_sft_trainer([record])
+    args = trainer.args
+    theta_0 = whole(trainer.model)
+    trainer.train()
+    final = whole(trainer.model)
+    trainer.save_model(os.path.join(out, "final"))  # under ZeRO-3: the one consolidation (rank 0 writes)
+    rank = trainer.args.process_index
+    if not distributed:
+        save_file(final, os.path.join(cli.output_dir, "final-sft-single.safetensors"))
+        return
+    reference = reference_merge(theta_0, record.thetas)
+    result = {
+        "world_size": trainer.args.world_size,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
+        "partitioned": {
+            name: getattr(p, "ds_tensor", None) is not None for name, p in trainer.model.named_parameters()
+        },
+        "sharded": trainer._magmax.state.sharded,
+        "tasks_recorded": len(record.thetas),
+        "merged_equal_reference": all(torch.equal(final[name], reference[name]) for name in reference),
+        "sequential_differs": any(not torch.equal(final[n], record.thetas[-1][n]) for n in reference),
+        "tasks_differ": any(not torch.equal(record.thetas[0][n], record.thetas[1][n]) for n in reference),
+    }
+    # `train(resume_from_checkpoint=)` from the end of task 1 and of task 2 (one merge-state file per rank): the same
+    # final weights and results, bit for bit
+    checkpoints = sorted(glob.glob(os.path.join(out, "task-*", "checkpoint-*")))
+    result["checkpoint_files"] = [sorted(os.listdir(c)) for c in checkpoints]
+    result["resume_equal"] = []
+    for checkpoint in checkpoints:
+        again = make_sft_trainer()
+        again.train(resume_from_checkpoint=checkpoint)
+        resumed = whole(again.model)
+        result["resume_equal"].append(
+            all(torch.equal(resumed[name], final[name]) for name in final)
+            and again.continual_results == trainer.continual_results
+        )
+    # the same tasks with TRL's own SFTTrainer and MagMaxCallback (each task's raw `train_dataset` prepared by it)
+    from trl import SFTConfig, SFTTrainer
+
+    fields = SFTConfig.__dataclass_fields__
+    values = {k: getattr(args, k) for k in fields if fields[k].init and k in args.__dict__}
+    plain = SFTTrainer(
+        tiny_sft_llama(tokenizer),
+        SFTConfig(**{**values, "output_dir": os.path.join(out, "callback")}),
+        train_dataset=train["a"],
+        processing_class=tokenizer,
+    )
+    callback = MagMaxCallback(plain, eval_datasets=evaluation, merge_method=METHOD, scaling_coef=SCALING_COEF)
+    for dataset in train.values():
+        plain.train_dataset = dataset
+        plain.train()
+    callback_final = whole(plain.model)
+    result["callback_equal"] = all(torch.equal(callback_final[name], final[name]) for name in final)
+    result["callback_results_equal"] = callback.results == trainer.continual_results
+    result["callback_sharded"] = callback._run.state.sharded
+    if rank == 0:
+        saved = load_file(os.path.join(out, "final", "model.safetensors"))
+        result["saved_names_missing"] = sorted(set(final) - set(saved))
+        result["saved_equal_gathered"] = all(
+            saved[name].shape == final[name].shape and torch.equal(saved[name], final[name]) for name in saved
+        )
+        save_file(final, os.path.join(cli.output_dir, f"final-sft-zero{cli.stage}.safetensors"))
+    with open(os.path.join(cli.output_dir, f"result-sft-rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+class RecordDeltas(TrainerCallback):
+    """The LoRA adapter's ΔW (whole: ZeRO-2 keeps the parameters whole) at the end of each task's training."""
+
+    def __init__(self):
+        self.deltas = []
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from hf_magmax.peft import lora_delta_state_dict
+
+        self.deltas.append({name: t.detach().clone() for name, t in lora_delta_state_dict(model).items()})
+
+
+def run_lora(cli):
+    """MagMaxTrainer with `peft_config` (LoRA r 2 on q_proj/v_proj of the tiny Llama), 2 tasks; under ZeRO-2 (the
+    optimizer states and gradients of the adapter partitioned, its weights whole on every rank) or in one process.
+    The run ends with the base model and the merged ΔW folded in (`lora_output="merged"`)."""
+    from peft import LoraConfig
+    from tiny_tasks import lm_task, tiny_llama
+
+    from hf_magmax import TaskVector, merge_task_vectors
+    from hf_magmax.peft import fold_deltas_into_base
+
+    distributed = cli.stage is not None
+    out = os.path.join(cli.output_dir, "lora")
+    record = RecordDeltas()
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = training_args(cli, out, merge_method=METHOD, scaling_coef=SCALING_COEF)
+    args.save_strategy, args.learning_rate = "no", 5e-2
+    train = {"x": lm_task(4, seed=1), "y": lm_task(10, seed=2)}
+    evaluation = {"x": lm_task(4, seed=3), "y": lm_task(10, seed=4)}
+    model = tiny_llama()
+    base = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    trainer = MagMaxTrainer(
+        model, args, train_datasets=train, eval_datasets=evaluation, callbacks=[record], peft_config=lora
+    )
+    trainer.train()
+    final = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
+    trainer.save_model(os.path.join(out, "final"))
+    loss = trainer.evaluate(evaluation["y"])["eval_loss"]  # the merged model, as the last row of the matrix scored it
+    rank = trainer.args.process_index
+    if not distributed:
+        save_file(final, os.path.join(cli.output_dir, "final-lora-single.safetensors"))
+        return
+    # the reference: θ_0 + λ · magmax(ΔW_t) (B starts at 0: ΔW at the start is 0, τ_t = ΔW_t), folded into the base
+    start = {name: torch.zeros_like(t) for name, t in record.deltas[0].items()}
+    vectors = [TaskVector.from_state_dicts(start, deltas) for deltas in record.deltas]
+    expected = tiny_llama()
+    expected.load_state_dict(base)
+    fold_deltas_into_base(expected, merge_task_vectors(vectors, METHOD, scaling_coef=SCALING_COEF).apply_to(start))
+    expected = expected.state_dict()
+    result = {
+        "world_size": trainer.args.world_size,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
+        "model_class": type(trainer.model).__name__,
+        "tasks_recorded": len(record.deltas),
+        "adapted": sorted(record.deltas[0]),
+        "merged_equal_reference": final.keys() == expected.keys()
+        and all(torch.equal(final[name], expected[name]) for name in expected),
+        "base_moved": sorted(name for name in base if not torch.equal(final[name], base[name])),
+        "continual_results": trainer.continual_results,
+        "eval_loss_after": loss,
+    }
+    # the same tasks with a plain Trainer around the PeftModel and MagMaxCallback, saved the same way
+    from peft import get_peft_model
+
+    args = training_args(cli, os.path.join(out, "callback"), config_class=TrainingArguments)
+    args.save_strategy, args.learning_rate = "no", 5e-2
+    plain = Trainer(get_peft_model(tiny_llama(), lora), args, train_dataset=train["x"])
+    callback = MagMaxCallback(plain, eval_datasets=evaluation, merge_method=METHOD, scaling_coef=SCALING_COEF)
+    for dataset in train.values():
+        plain.train_dataset = dataset
+        plain.train()
+    callback_final = plain.model.state_dict()
+    result["callback_equal"] = callback_final.keys() == final.keys() and all(
+        torch.equal(callback_final[name], final[name]) for name in final
+    )
+    result["callback_results_equal"] = callback.results == trainer.continual_results
+    plain.save_model(os.path.join(out, "final-callback"))
+    if rank == 0:
+        saved = load_file(os.path.join(out, "final-callback", "model.safetensors"))
+        result["callback_saved_equal_model"] = saved.keys() == final.keys() and all(
+            torch.equal(saved[name], final[name]) for name in saved
+        )
+        saved = load_file(os.path.join(out, "final", "model.safetensors"))
+        result["saved_equal_model"] = saved.keys() == final.keys() and all(
+            torch.equal(saved[name], final[name]) for name in saved
+        )
+        save_file(final, os.path.join(cli.output_dir, f"final-lora-zero{cli.stage}.safetensors"))
+    with open(os.path.join(cli.output_dir, f"result-lora-rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def refused(cli, out):
     """What is refused before any training under ZeRO-3 (the error message of each case; None: accepted)."""
     from peft import LoraConfig
@@ -235,6 +455,9 @@ def refused(cli, out):
     except ValueError as err:
         messages["callback_no_gather"] = str(err)
     return messages
+
+
+PARTS = {"magmax": run_magmax, "sft": run_sft, "lora": run_lora}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ all of them (formats, labels) belongs before the first step; resume needs the Ma
 only the trainer writes. [`~hf_magmax.MagMaxCallback`] works inside a plain `SFTTrainer` too (it prepares each new
 `train_dataset` the same way), for scripts that keep their own loop.
 
+Distributed training takes `MagMaxTrainer`'s paths (DDP, FSDP2, DeepSpeed ZeRO-2/3; LoRA under DDP or ZeRO-2). Under
+ZeRO-3 each rank folds its partitions of the weights (the LM head's too) and `save_model` consolidates the merged model
+once: tests/test_trainer_zero3.py runs MagMaxSFTTrainer so on 2 processes against one process. Keep
+`average_tokens_across_devices=True` (the default): every rank's loss is then divided by the completion tokens of the
+global batch, as one process would.
+
 Needs `trl` (`pip install "hf_magmax[trl]"`).
 """
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import MagMaxOptions, check_push_options
-from .deepspeed import check_deepspeed, fresh_engine
+from .deepspeed import check_deepspeed, fresh_engine, release_engine
 from .inputs import (
     check_datasets,
     freeze,
@@ -353,4 +353,5 @@ class MagMaxCallback(TrainerCallback):
             finished = self._run.finish_lora(self.trainer, model)
             if finished is not None and self.trainer is not None:
                 self.trainer.model = self.trainer.model_wrapped = finished
+                release_engine(self.trainer)  # DeepSpeed: no engine holds the new model
                 self._run.write_results(self.trainer)

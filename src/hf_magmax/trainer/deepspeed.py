@@ -12,6 +12,11 @@ already wrapped and skips `accelerator.prepare`, so no engine is built and the f
 (`'NoneType' object has no attribute 'backward'`). [`fresh_engine`] hands `train()` the bare model again: Accelerate
 then builds a new engine around the same (already partitioned) parameters, with the fresh optimizer and schedule
 that every task gets.
+
+After a LoRA run (ZeRO-1/2: ZeRO-3 refuses LoRA) the trainer's model is a new module that no engine holds: the base
+with the merged ΔW folded in, or a re-factored adapter. `Trainer.save_model` and `push_to_hub` would still ask the last
+task's engine for the weights (`model_wrapped.save_checkpoint`, `accelerator.get_state_dict(trainer.deepspeed)`: the
+adapter model before the merge); [`release_engine`] hands the trainer the new model as the plain, whole model it is.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 
-__all__ = ["check_deepspeed", "fresh_engine", "gathers_16bit_weights", "zero_stage"]
+__all__ = ["check_deepspeed", "fresh_engine", "gathers_16bit_weights", "release_engine", "zero_stage"]
 
 
 def zero_stage(trainer: Any) -> int | None:
@@ -88,3 +93,13 @@ def fresh_engine(trainer: Any) -> None:
     if getattr(trainer, "is_deepspeed_enabled", False) and trainer.model_wrapped is not trainer.model:
         trainer.model_wrapped = trainer.model
         trainer.deepspeed = None
+
+
+def release_engine(trainer: Any) -> None:
+    """After the run's model was replaced by a module that no DeepSpeed engine holds (the LoRA run's base with the
+    merged ΔW folded in, or its re-factored adapter; under ZeRO-1/2 its weights are whole on every rank): the trainer
+    stops treating it as DeepSpeed's, so that `save_model`, `push_to_hub` and `evaluate` use it as a plain model. A
+    no-op without DeepSpeed."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        trainer.deepspeed = None
+        trainer.is_deepspeed_enabled = False

@@ -25,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..task_vectors import shared_tensor_groups
 from .config import MagMaxConfig
-from .deepspeed import check_deepspeed, fresh_engine
+from .deepspeed import check_deepspeed, fresh_engine, release_engine
 from .inputs import (
     check_datasets,
     check_model_and_optimizers,
@@ -520,6 +520,7 @@ class MagMaxTrainer(Trainer):
         finished = self._magmax.finish_lora(self, self.model)
         if finished is not None:
             self.model = self.model_wrapped = finished
+            release_engine(self)  # DeepSpeed: no engine holds the new model
             self.lora_reconstruction_errors = self._magmax.lora_reconstruction_errors
             self._magmax.write_results(self)
 

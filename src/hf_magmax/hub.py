@@ -51,8 +51,11 @@ __all__ = [
     "model_card_text",
     "parse_model_card",
     "push_release",
+    "public_training_args",
+    "publishable_files",
     "push_to_hub",
     "render_model_card",
+    "upload_public_folder",
     "write_model_card",
 ]
 
@@ -587,19 +590,48 @@ def _branch_heads(api: Any, repo_id: str) -> dict[str, str]:
     return {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
 
 
-#: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights.
-_PATH_KEYS = {"_name_or_path", "name_or_path", "base_model_name_or_path", "base", "models", "adapters", "output_dir"}
+#: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights
+#: (`trainer_state.json`'s `best_model_checkpoint` included).
+_PATH_KEYS = {
+    "_name_or_path",
+    "name_or_path",
+    "base_model_name_or_path",
+    "base",
+    "models",
+    "adapters",
+    "output_dir",
+    "best_model_checkpoint",
+}
 _TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".csv", ".tsv")
+#: The pickle of `TrainingArguments` that `Trainer` writes beside the weights and pushes (`output_dir`, `hub_token`,
+#: the DeepSpeed config path...): published only as [`public_training_args`] re-serializes it.
+TRAINING_ARGS_NAME = "training_args.bin"
 
 
-def publishable_files(folder: str | os.PathLike) -> list[Any]:
+def publishable_files(
+    folder: str | os.PathLike,
+    *,
+    path_in_repo: str = "",
+    allow_patterns: str | Sequence[str] | None = None,
+    ignore_patterns: str | Sequence[str] | None = None,
+    training_args: bytes | None = None,
+) -> list[Any]:
     """The files of `folder` as they are published: `huggingface_hub.CommitOperationAdd`s, with every local path in
     the configs that transformers, PEFT and hf_magmax write (`config.json`'s `_name_or_path`, `adapter_config.json`'s
-    `base_model_name_or_path`, a tokenizer's `name_or_path`, `magmax_config.yaml`'s inputs and `output_dir`)
-    replaced by its last component ([`~hf_magmax.io.public_name`]). The folder itself is not changed (its
-    `magmax_config.yaml` still re-runs the merge here).
+    `base_model_name_or_path`, a tokenizer's `name_or_path`, `magmax_config.yaml`'s inputs and `output_dir`,
+    `trainer_state.json`'s `best_model_checkpoint`) replaced by its last component ([`~hf_magmax.io.public_name`]).
+    The folder itself is not changed (its `magmax_config.yaml` still re-runs the merge here).
 
-    Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`.
+    Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`, and what `allow_patterns` /
+    `ignore_patterns` leave out (matched on the path relative to `folder`, as `upload_folder` matches them).
+    `training_args.bin` (a pickle of `TrainingArguments`, which cannot be checked as text) is published as the bytes
+    `training_args` (see [`public_training_args`]), or left out (one INFO line) when they are not given.
+
+    Args:
+        folder (`str` or `os.PathLike`): the local directory.
+        path_in_repo (`str`, *optional*): the folder in the repo the files go to (defaults to the repo's root).
+        allow_patterns, ignore_patterns (`str` or `list[str]`, *optional*): as in `HfApi.upload_folder`.
+        training_args (`bytes`, *optional*): the public `training_args.bin`.
 
     Raises:
         `ValueError` when a file still holds a local path after that (the folder, its parent, the current or the home
@@ -607,19 +639,48 @@ def publishable_files(folder: str | os.PathLike) -> list[Any]:
     """
     from huggingface_hub import CommitOperationAdd
 
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
+    contents = _public_contents(Path(folder), allow_patterns, ignore_patterns, training_args)
+    return [CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=content) for name, content in contents]
+
+
+def _public_contents(
+    folder: Path,
+    allow_patterns: str | Sequence[str] | None = None,
+    ignore_patterns: str | Sequence[str] | None = None,
+    training_args: bytes | None = None,
+) -> list[tuple[str, bytes | Path]]:
+    """The checked, rewritten files of [`publishable_files`]: (path relative to `folder`, bytes or the file), before
+    anything is hashed."""
+    from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS  # what `upload_folder` never uploads
+    from huggingface_hub.utils import filter_repo_objects
+
     from .io import link_roots, resolve_inside
 
-    folder = Path(folder)
     roots = link_roots(folder)
     markers = _local_path_markers(folder)
-    operations = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if ".git" in rel.parts or rel.as_posix().startswith(".cache/huggingface/") or path.is_dir():
+    listed = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if not p.is_dir()}
+    ignored = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+    kept = filter_repo_objects(listed, allow_patterns=allow_patterns, ignore_patterns=[*ignored, *DEFAULT_IGNORE_PATTERNS])
+    contents: list[tuple[str, bytes | Path]] = []
+    for rel in kept:
+        path = listed[rel]
+        if ".git" in path.relative_to(folder).parts:
             continue
         resolved = resolve_inside(path, folder, roots)
         content: bytes | Path = resolved
-        if path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
+        if path.name == TRAINING_ARGS_NAME:
+            if training_args is None:
+                logger.info(
+                    "%s is left out of the push: a pickle of the TrainingArguments (output_dir, hub_token, ...) "
+                    "cannot be checked for local paths.",
+                    path,
+                )
+                continue
+            if any(re.search(re.escape(local.encode()) + rb"(?![\w.-])", training_args) for local, _ in markers):
+                raise ValueError(f"the public {rel} still holds a local path of {folder}.")
+            content = training_args
+        elif path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
             text = resolved.read_text(encoding="utf-8", errors="replace")
             public = _public_text(text, path.suffix)
             for local, marker in markers:
@@ -631,8 +692,99 @@ def publishable_files(folder: str | os.PathLike) -> list[Any]:
                     )
             if public != text:
                 content = public.encode("utf-8")
-        operations.append(CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=content))
-    return operations
+        contents.append((rel, content))
+    return contents
+
+
+def public_training_args(args: Any) -> bytes:
+    """`training_args.bin` as it is published: `torch.save` of a copy of the `TrainingArguments` `args` whose local
+    paths (`output_dir`, a DeepSpeed config file, `resume_from_checkpoint`, ... in any attribute, lists and dicts
+    included) are replaced by their last component ([`~hf_magmax.io.public_name`]) and whose tokens (`hub_token`,
+    any `*_token`) are `None`. `args` itself is not changed; `torch.load(..., weights_only=False)` reads the copy as
+    `Trainer` reads its own.
+    """
+    import copy
+    import io
+
+    import torch
+
+    public = copy.copy(args)
+    for key, value in vars(args).items():
+        public.__dict__[key] = None if key.endswith("_token") else _public_deep(value)
+    buffer = io.BytesIO()
+    torch.save(public, buffer)
+    return buffer.getvalue()
+
+
+def _public_deep(value: Any) -> Any:
+    """`value` with every local path in it (strings, in lists, tuples and dict values) replaced by its public name."""
+    if isinstance(value, str):
+        return _public_value(value)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_public_deep(v) for v in value)
+    if isinstance(value, dict):
+        return {key: _public_deep(v) for key, v in value.items()}
+    return value
+
+
+def upload_public_folder(
+    api: Any,
+    *,
+    repo_id: str,
+    folder_path: str | os.PathLike,
+    path_in_repo: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool | None = None,
+    parent_commit: str | None = None,
+    allow_patterns: str | Sequence[str] | None = None,
+    ignore_patterns: str | Sequence[str] | None = None,
+    run_as_future: bool = False,
+    repo_type: str | None = None,
+    training_args: bytes | None = None,
+) -> Any:
+    """`HfApi.upload_folder` (same arguments, on `api`), through the rules of [`publishable_files`]: local paths
+    rewritten to public names, `training_args.bin` published as `training_args` (or left out), and a file that still
+    holds a local path or a link out of `folder_path` refused *before any request*. What `Trainer.push_to_hub` and the
+    Trainer's checkpoint pushes call, within [`hf_magmax.trainer.run_folders_kept_local`].
+
+    The files are listed, checked and read (text files) when this function is called; with `run_as_future=True` only
+    the hashing and the commit run in the background, as `upload_folder` runs them.
+
+    Returns:
+        The `CommitInfo` of the commit, or with `run_as_future=True` a `concurrent.futures.Future` of it.
+
+    Raises:
+        [`HubPushError`] naming the file that refused the push (nothing was uploaded); errors of the commit itself as
+        `upload_folder` raises them.
+    """
+    folder = _check_folder(folder_path)
+    try:
+        contents = _public_contents(folder, allow_patterns, ignore_patterns, training_args)
+    except ValueError as err:
+        message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
+        raise HubPushError(message, folder) from None
+    prefix = f"{(path_in_repo or '').strip('/')}/" if (path_in_repo or "").strip("/") else ""
+
+    def commit() -> Any:
+        from huggingface_hub import CommitOperationAdd
+
+        operations = [CommitOperationAdd(path_in_repo=prefix + rel, path_or_fileobj=c) for rel, c in contents]
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or "Upload folder using huggingface_hub",
+            commit_description=commit_description,
+            token=token,
+            repo_type=repo_type,
+            revision=revision,
+            create_pr=create_pr,
+            parent_commit=parent_commit,
+        )
+
+    return api.run_as_future(commit) if run_as_future else commit()
 
 
 def _publishable(folder: Path, repo_id: str) -> list[Any]:

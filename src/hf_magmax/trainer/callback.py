@@ -227,11 +227,11 @@ class MagMaxCallback(TrainerCallback):
                 f.write(text)
 
         def _push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-            with run_folders_kept_local():  # per-task checkpoints and θ_0 stay local
+            with run_folders_kept_local(self.args):  # per-task checkpoints and θ_0 stay local, no local path
                 return push_to_hub(*args, **kwargs)
 
         def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-            with run_folders_kept_local():
+            with run_folders_kept_local(self.args, background=True):
                 push_from_checkpoint(checkpoint_folder)
 
         trainer.train = types.MethodType(_train, trainer)

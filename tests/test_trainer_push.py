@@ -1,0 +1,162 @@
+# Copyright 2026 The hf_magmax Authors. Licensed under the Apache License, Version 2.0.
+"""The Trainer's Hub pushes never publish a local path: `MagMaxTrainer.push_to_hub`, its checkpoint pushes
+(`hub_strategy`), `MagMaxSFTTrainer`, `MagMaxCallback` on a plain `Trainer` and the per-task revisions all upload
+through the rules of `hf_magmax.hub.publishable_files`. Every file of every commit that arrives on the loopback fake
+Hub is read, byte by byte, for the local folders of the run (pretrained model loaded from an absolute folder)."""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_tasks import classification_tasks, tiny_bert
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from hf_magmax import HubPushError
+from hf_magmax.trainer import MagMaxCallback, MagMaxConfig, MagMaxTrainer
+
+
+REPO = "me/continual"
+
+
+def _args(output_dir, token, cls=MagMaxConfig, **kwargs):
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=2,
+        disable_tqdm=True,
+        seed=0,
+        push_to_hub=True,
+        hub_model_id=REPO,
+        hub_token=token,
+    )
+    values.update(kwargs)
+    return cls(**values)
+
+
+@pytest.fixture
+def local_model(tmp_path):
+    """A pretrained model loaded from an absolute local folder: its `config._name_or_path` is that folder."""
+    folder = tmp_path / "models" / "tiny-bert-pretrained"
+    tiny_bert().save_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert model.config._name_or_path == str(folder)
+    return model, folder
+
+
+def _local_paths(output_dir: Path, model_folder: Path) -> list[str]:
+    return [str(output_dir), str(output_dir.parent), str(model_folder), os.getcwd(), str(Path.home())]
+
+
+def _arrived(fake_hub) -> list[tuple[str, str, bytes]]:
+    """Every file of every commit on the fake Hub: (revision, path, bytes)."""
+    return [(c.revision, name, data) for repo in fake_hub.repos.values() for c in repo.commits for name, data in c.files.items()]
+
+
+def _leaks(fake_hub, secrets: list[str]) -> str:
+    """One line per (revision, file, secret) found on the Hub; empty when nothing leaked."""
+    leaks = [
+        (revision, name, secret)
+        for revision, name, data in _arrived(fake_hub)
+        for secret in secrets
+        if secret.encode() in data
+    ]
+    return "\n".join(map(str, sorted(set(leaks))))
+
+
+def _published_args(data: bytes) -> TrainingArguments:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+@pytest.mark.parametrize("hub_strategy", ["every_save", "checkpoint", "all_checkpoints"])
+def test_a_trainer_run_pushed_to_the_hub_holds_no_local_path(hub_strategy, tmp_path, local_model, fake_hub):  # noqa: F811
+    model, folder = local_model
+    output_dir = tmp_path / "runs" / "continual"
+    train, evaluation = classification_tasks()
+    # the best checkpoint is tracked: trainer_state.json names its local folder (`best_model_checkpoint`)
+    best = dict(eval_strategy="steps", eval_steps=2, metric_for_best_model="a_loss")
+    args = _args(output_dir, fake_hub.token, hub_strategy=hub_strategy, push_every_task=True, **best)
+    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    trainer.push_to_hub()
+
+    repo = fake_hub.repos[REPO]
+    arrived = _arrived(fake_hub)
+    names = {name for _, name, _ in arrived}
+    # the checkpoint pushes, the per-task revisions and the final push all arrived ...
+    assert {"model.safetensors", "config.json", "README.md", "continual_results.json", "training_args.bin"} <= names
+    assert {"after-task-1", "after-task-2"} <= set(repo.branches)
+    if hub_strategy == "checkpoint":
+        assert "last-checkpoint/trainer_state.json" in names
+        state = json.loads(repo.files["last-checkpoint/trainer_state.json"])
+        assert state["best_model_checkpoint"] == "checkpoint-2", state["best_model_checkpoint"]
+    if hub_strategy == "all_checkpoints":
+        assert any(n.startswith("checkpoint-") and n.endswith("trainer_state.json") for n in names), sorted(names)
+    # ... the run's own folders stayed local ...
+    assert not [n for n in names if n.startswith(("task-", "magmax_base", "magmax_releases"))], sorted(names)
+    # ... and not one byte of them names a local folder, nor the token
+    assert _leaks(fake_hub, [*_local_paths(output_dir, folder), fake_hub.token]) == ""
+    # the local run keeps what transformers wrote; the Hub has the public names
+    assert str(output_dir).encode() in (output_dir / "training_args.bin").read_bytes()
+    published = _published_args(repo.files["training_args.bin"])
+    assert type(published) is MagMaxConfig and published.output_dir == "continual"
+    assert published.hub_token is None and published.learning_rate == args.learning_rate
+
+
+def test_a_link_out_of_output_dir_refuses_the_push_before_any_upload(tmp_path, local_model, fake_hub, caplog):  # noqa: F811
+    model, _ = local_model
+    output_dir = tmp_path / "runs" / "continual"
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("private key")
+    train, evaluation = classification_tasks()
+    args = _args(output_dir, fake_hub.token, save_strategy="no")
+    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    commits = len(fake_hub.repos[REPO].commits)
+    (output_dir / "notes.txt").symlink_to(secret)
+    with pytest.raises(HubPushError, match=r"notes.txt.*symbolic link"):
+        trainer.push_to_hub()
+    assert len(fake_hub.repos[REPO].commits) == commits  # nothing uploaded
+    assert _leaks(fake_hub, ["private key"]) == ""
+
+
+def test_a_file_holding_a_local_path_refuses_the_push_naming_it(tmp_path, local_model, fake_hub):  # noqa: F811
+    model, _ = local_model
+    output_dir = tmp_path / "runs" / "continual"
+    train, evaluation = classification_tasks()
+    args = _args(output_dir, fake_hub.token, save_strategy="no")
+    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    (output_dir / "notes.md").write_text(f"trained in {output_dir}\n")
+    with pytest.raises(HubPushError, match=r"notes.md holds the local path"):
+        trainer.push_to_hub()
+    assert REPO not in fake_hub.repos or not fake_hub.repos[REPO].commits
+
+
+def test_the_callback_on_a_plain_trainer_publishes_no_local_path(tmp_path, local_model, fake_hub):  # noqa: F811
+    model, folder = local_model
+    output_dir = tmp_path / "runs" / "callback"
+    train, evaluation = classification_tasks()
+    args = _args(output_dir, fake_hub.token, cls=TrainingArguments, hub_strategy="checkpoint")
+    trainer = Trainer(model, args, train_dataset=train["a"])
+    MagMaxCallback(trainer, eval_datasets=evaluation, scaling_coef=0.5)
+    for dataset in train.values():
+        trainer.train_dataset = dataset
+        trainer.train()
+    trainer.push_to_hub()
+
+    names = {name for _, name, _ in _arrived(fake_hub)}
+    assert {"model.safetensors", "continual_results.json", "training_args.bin"} <= names
+    assert "last-checkpoint/trainer_state.json" in names
+    assert not [n for n in names if n.startswith(("task-", "magmax_base"))], sorted(names)
+    assert _leaks(fake_hub, [*_local_paths(output_dir, folder), fake_hub.token]) == ""
+    published = _published_args(fake_hub.repos[REPO].files["training_args.bin"])
+    assert type(published) is TrainingArguments and published.output_dir == "callback"

@@ -57,7 +57,12 @@ def _local_paths(output_dir: Path, model_folder: Path) -> list[str]:
 
 def _arrived(fake_hub) -> list[tuple[str, str, bytes]]:
     """Every file of every commit on the fake Hub: (revision, path, bytes)."""
-    return [(c.revision, name, data) for repo in fake_hub.repos.values() for c in repo.commits for name, data in c.files.items()]
+    return [
+        (c.revision, name, data)
+        for repo in fake_hub.repos.values()
+        for c in repo.commits
+        for name, data in c.files.items()
+    ]
 
 
 def _leaks(fake_hub, secrets: list[str]) -> str:
@@ -160,3 +165,110 @@ def test_the_callback_on_a_plain_trainer_publishes_no_local_path(tmp_path, local
     assert _leaks(fake_hub, [*_local_paths(output_dir, folder), fake_hub.token]) == ""
     published = _published_args(fake_hub.repos[REPO].files["training_args.bin"])
     assert type(published) is TrainingArguments and published.output_dir == "callback"
+
+
+def test_the_sft_trainer_publishes_no_local_path(tmp_path, fake_hub):  # noqa: F811
+    pytest.importorskip("trl")
+    from tiny_tasks import sft_tasks, tiny_sft_config, tiny_sft_llama, tiny_sft_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_magmax import MagMaxSFTConfig, MagMaxSFTTrainer
+
+    folder = tmp_path / "models" / "tiny-llama-pretrained"
+    tokenizer = tiny_sft_tokenizer()
+    tiny_sft_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    output_dir = tmp_path / "runs" / "sft"
+    train, evaluation = sft_tasks("prompt_completion", 2)
+    hub = dict(push_to_hub=True, hub_model_id=REPO, hub_token=fake_hub.token, hub_strategy="checkpoint")
+    trainer = MagMaxSFTTrainer(
+        AutoModelForCausalLM.from_pretrained(folder),
+        tiny_sft_config(output_dir, **hub),
+        processing_class=AutoTokenizer.from_pretrained(folder),
+        train_datasets=train,
+        eval_datasets=evaluation,
+    )
+    trainer.train()
+    trainer.push_to_hub()
+
+    names = {name for _, name, _ in _arrived(fake_hub)}
+    assert {"model.safetensors", "tokenizer.json", "continual_results.json", "training_args.bin"} <= names
+    assert "last-checkpoint/trainer_state.json" in names
+    assert not [n for n in names if n.startswith(("task-", "magmax_base"))], sorted(names)
+    assert _leaks(fake_hub, [*_local_paths(output_dir, folder), fake_hub.token]) == ""
+    published = _published_args(fake_hub.repos[REPO].files["training_args.bin"])
+    assert type(published) is MagMaxSFTConfig and published.output_dir == "sft" and published.max_length == 32
+
+
+def test_a_refused_checkpoint_push_is_a_warning_and_training_goes_on(tmp_path, local_model, fake_hub, caplog):  # noqa: F811
+    """transformers pushes checkpoints in the background during training: a refused one is skipped with one warning
+    naming the file (a continual run can take days); the final `push_to_hub()` refuses the same way."""
+    model, _ = local_model
+    output_dir = tmp_path / "runs" / "continual"
+    output_dir.mkdir(parents=True)
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("private key")
+    (output_dir / "notes.txt").symlink_to(secret)
+    train, evaluation = classification_tasks()
+    trainer = MagMaxTrainer(model, _args(output_dir, fake_hub.token), train_datasets=train, eval_datasets=evaluation)
+    with caplog.at_level("WARNING", logger="hf_magmax.trainer.trainer"):
+        trainer.train()
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Checkpoint push skipped")]
+    assert len(skipped) == 4 and all("notes.txt" in m and "symbolic link" in m for m in skipped), skipped
+    assert trainer.continual_results["task_names"] == ["a", "b"]  # the run finished
+    with pytest.raises(HubPushError, match=r"notes.txt.*symbolic link"):
+        trainer.push_to_hub()
+    assert fake_hub.repos[REPO].commits == [] and _leaks(fake_hub, ["private key"]) == ""
+
+
+def test_hf_magmax_push_leaves_a_training_args_pickle_out(tmp_path, fake_hub, caplog):  # noqa: F811
+    """Outside a Trainer there are no in-memory args to re-serialize: `training_args.bin`, a pickle that cannot be
+    checked for local paths, is left out of the push with one line saying why."""
+    from hf_magmax import push_to_hub
+
+    folder = tmp_path / "run"
+    tiny_bert().save_pretrained(folder)
+    torch.save(TrainingArguments(output_dir=str(folder), hub_token="hf_secret"), folder / "training_args.bin")
+    with caplog.at_level("INFO", logger="hf_magmax.hub"):
+        push_to_hub(folder, "me/run")
+    assert set(fake_hub.repos["me/run"].files) == {"config.json", "model.safetensors"}
+    assert any("training_args.bin is left out of the push" in r.getMessage() for r in caplog.records)
+
+
+def test_public_training_args_replaces_every_local_path_and_token(tmp_path):
+    from hf_magmax.hub import public_training_args
+
+    ds_config = tmp_path / "configs" / "zero3.json"
+    args = TrainingArguments(output_dir=str(tmp_path / "runs" / "out"), hub_token="hf_secret", report_to="none")
+    args.deepspeed = str(ds_config)  # as `deepspeed=` leaves it (a path), without needing DeepSpeed here
+    args.fsdp_config = {"xla": False, "dump_dir": [str(tmp_path / "dumps")], "min_num_params": 0}
+    public = _published_args(public_training_args(args))
+    assert public.output_dir == "out" and public.deepspeed == "zero3.json" and public.hub_token is None
+    assert public.fsdp_config == {"xla": False, "dump_dir": ["dumps"], "min_num_params": 0}
+    assert public.report_to == args.report_to and public.learning_rate == args.learning_rate
+    assert args.output_dir == str(tmp_path / "runs" / "out") and args.hub_token == "hf_secret"  # args unchanged
+
+
+def test_training_args_that_still_hold_a_local_path_are_left_out(tmp_path, caplog):
+    """A path in an attribute that is not rewritten (inside another object): the file is left out, with one warning
+    naming it; the model does not need it, so the rest of the push goes on."""
+    import types
+
+    from hf_magmax.hub import public_training_args, publishable_files
+
+    folder = tmp_path / "runs" / "out"
+    tiny_bert().save_pretrained(folder)
+    args = TrainingArguments(output_dir=str(folder), report_to="none")
+    torch.save(args, folder / "training_args.bin")
+    assert [op.path_in_repo for op in publishable_files(folder, training_args=public_training_args(args))] == [
+        "config.json",
+        "model.safetensors",
+        "training_args.bin",
+    ]
+    args.plugin = types.SimpleNamespace(cache_dir=str(folder / "cache"))
+    with caplog.at_level("WARNING", logger="hf_magmax.hub"):
+        operations = publishable_files(folder, training_args=public_training_args(args))
+    assert [op.path_in_repo for op in operations] == ["config.json", "model.safetensors"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "training_args.bin is left out of the push" in line and repr(str(folder)) in line

@@ -625,7 +625,8 @@ def publishable_files(
     Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`, and what `allow_patterns` /
     `ignore_patterns` leave out (matched on the path relative to `folder`, as `upload_folder` matches them).
     `training_args.bin` (a pickle of `TrainingArguments`, which cannot be checked as text) is published as the bytes
-    `training_args` (see [`public_training_args`]), or left out (one INFO line) when they are not given.
+    `training_args` (see [`public_training_args`]), or left out with one log line when they are not given or still
+    hold a local path.
 
     Args:
         folder (`str` or `os.PathLike`): the local directory.
@@ -661,7 +662,9 @@ def _public_contents(
     markers = _local_path_markers(folder)
     listed = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if not p.is_dir()}
     ignored = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-    kept = filter_repo_objects(listed, allow_patterns=allow_patterns, ignore_patterns=[*ignored, *DEFAULT_IGNORE_PATTERNS])
+    kept = filter_repo_objects(
+        listed, allow_patterns=allow_patterns, ignore_patterns=[*ignored, *DEFAULT_IGNORE_PATTERNS]
+    )
     contents: list[tuple[str, bytes | Path]] = []
     for rel in kept:
         path = listed[rel]
@@ -670,16 +673,9 @@ def _public_contents(
         resolved = resolve_inside(path, folder, roots)
         content: bytes | Path = resolved
         if path.name == TRAINING_ARGS_NAME:
-            if training_args is None:
-                logger.info(
-                    "%s is left out of the push: a pickle of the TrainingArguments (output_dir, hub_token, ...) "
-                    "cannot be checked for local paths.",
-                    path,
-                )
+            content = _public_training_args_file(path, training_args, markers)
+            if content is None:
                 continue
-            if any(re.search(re.escape(local.encode()) + rb"(?![\w.-])", training_args) for local, _ in markers):
-                raise ValueError(f"the public {rel} still holds a local path of {folder}.")
-            content = training_args
         elif path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
             text = resolved.read_text(encoding="utf-8", errors="replace")
             public = _public_text(text, path.suffix)
@@ -694,6 +690,31 @@ def _public_contents(
                 content = public.encode("utf-8")
         contents.append((rel, content))
     return contents
+
+
+def _public_training_args_file(
+    path: Path, training_args: bytes | None, markers: list[tuple[str, re.Pattern]]
+) -> bytes | None:
+    """What is published of the `training_args.bin` at `path`: `training_args`, or `None` (left out, one log line)
+    when they are not given or still hold a local path (in an attribute [`public_training_args`] does not rewrite:
+    the model does not need the file, so it is left out rather than refusing the push)."""
+    if training_args is None:
+        logger.info(
+            "%s is left out of the push: a pickle of the TrainingArguments (output_dir, hub_token, ...) cannot be "
+            "checked for local paths.",
+            path,
+        )
+        return None
+    for local, _ in markers:
+        if re.search(re.escape(local.encode()) + rb"(?![\w.-])", training_args):
+            logger.warning(
+                "%s is left out of the push: re-serialized with public names, the TrainingArguments still hold the "
+                "local path %r (in an attribute hf_magmax does not rewrite).",
+                path,
+                local,
+            )
+            return None
+    return training_args
 
 
 def public_training_args(args: Any) -> bytes:

@@ -9,6 +9,10 @@
 - [`render_model_card`] / [`write_model_card`] / [`parse_model_card`]: a `README.md` with YAML metadata.
 - [`MAGMAX_CITATION`]: the BibTeX entry of the MagMax paper.
 - [`push_to_hub`]: create the repo (if needed) and upload a folder through `huggingface_hub` (to `main` or a branch).
+- [`publishable_files`]: what a push publishes of a folder (local paths replaced by public names; a file that would
+  still publish one, or a link out of the folder, refused). [`upload_public_folder`]: `HfApi.upload_folder` through
+  those rules, what the Trainer's pushes call; [`public_training_args`]: `training_args.bin` without local paths or
+  tokens.
 - [`push_release`]: one revision of a continual release: the folder becomes `main`'s new commit and a branch
   (`after-task-<k>`) points at that very commit; [`hub_branches`] lists a repo's branches and their commits.
 - [`check_branch_name`], [`check_revision_pattern`], [`format_revision`]: valid git branch names, and the
@@ -50,9 +54,9 @@ __all__ = [
     "model_card_tags",
     "model_card_text",
     "parse_model_card",
-    "push_release",
     "public_training_args",
     "publishable_files",
+    "push_release",
     "push_to_hub",
     "render_model_card",
     "upload_public_folder",
@@ -769,7 +773,7 @@ def upload_public_folder(
     """`HfApi.upload_folder` (same arguments, on `api`), through the rules of [`publishable_files`]: local paths
     rewritten to public names, `training_args.bin` published as `training_args` (or left out), and a file that still
     holds a local path or a link out of `folder_path` refused *before any request*. What `Trainer.push_to_hub` and the
-    Trainer's checkpoint pushes call, within [`hf_magmax.trainer.run_folders_kept_local`].
+    Trainer's checkpoint pushes call, within [`hf_magmax.trainer.trainer.public_hub_uploads`].
 
     The files are listed, checked and read (text files) when this function is called; with `run_as_future=True` only
     the hashing and the commit run in the background, as `upload_folder` runs them.

@@ -527,13 +527,13 @@ class MagMaxTrainer(Trainer):
     # -- Hub ---------------------------------------------------------------------------------------------------------
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.push_to_hub`, published as `hf-magmax push` publishes: see [`run_folders_kept_local`] (the run's
+        """`Trainer.push_to_hub`, published as `hf-magmax push` publishes: see [`public_hub_uploads`] (the run's
         own folders stay local, no local path is published, a file that would publish one refuses the push)."""
-        with run_folders_kept_local(self.args):
+        with public_hub_uploads(self.args):
             return super().push_to_hub(*args, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        with run_folders_kept_local(self.args, background=True):
+        with public_hub_uploads(self.args, background=True):
             super()._push_from_checkpoint(checkpoint_folder)
 
     # -- model card ----------------------------------------------------------------------------------------------------
@@ -586,7 +586,7 @@ RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*", f"{RELEASES_DIR}*")
 
 
 @contextlib.contextmanager
-def run_folders_kept_local(args: Any = None, background: bool = False) -> Iterator[None]:
+def public_hub_uploads(args: Any = None, background: bool = False) -> Iterator[None]:
     """Within the block, Hub uploads through transformers' shared `HfApi` (what `Trainer.push_to_hub` and the
     checkpoint pushes of `hub_strategy` call) publish as `hf-magmax push` does, through
     [`hf_magmax.hub.upload_public_folder`]: [`RUN_FOLDER_PATTERNS`] are not uploaded, the local paths in the configs

@@ -133,14 +133,17 @@ def test_a_link_out_of_output_dir_refuses_the_push_before_any_upload(tmp_path, l
     assert _leaks(fake_hub, ["private key"]) == ""
 
 
-def test_a_file_holding_a_local_path_refuses_the_push_naming_it(tmp_path, local_model, fake_hub):  # noqa: F811
-    model, _ = local_model
+@pytest.mark.parametrize("where", ["output_dir", "model folder"])
+def test_a_file_holding_a_local_path_refuses_the_push_naming_it(where, tmp_path, local_model, fake_hub):  # noqa: F811
+    """Free text cannot be rewritten: a file naming the output folder, or the folder the model was loaded from (not
+    under the output's parent here), stops the push before any upload."""
+    model, folder = local_model
     output_dir = tmp_path / "runs" / "continual"
     train, evaluation = classification_tasks()
     args = _args(output_dir, fake_hub.token, save_strategy="no")
     trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation)
     trainer.train()
-    (output_dir / "notes.md").write_text(f"trained in {output_dir}\n")
+    (output_dir / "notes.md").write_text(f"trained in {output_dir if where == 'output_dir' else folder}\n")
     with pytest.raises(HubPushError, match=r"notes.md holds the local path"):
         trainer.push_to_hub()
     assert REPO not in fake_hub.repos or not fake_hub.repos[REPO].commits
@@ -272,3 +275,23 @@ def test_training_args_that_still_hold_a_local_path_are_left_out(tmp_path, caplo
     assert [op.path_in_repo for op in operations] == ["config.json", "model.safetensors"]
     (line,) = [r.getMessage() for r in caplog.records]
     assert "training_args.bin is left out of the push" in line and repr(str(folder)) in line
+
+
+def test_local_paths_under_known_keys_are_rewritten_at_any_depth(tmp_path):
+    """A recipe's `results.json` records the TrainingArguments and the script arguments nested: their local paths are
+    published by folder name; Hub ids and other strings (a tokenizer's `/`-tokens) are left as they are."""
+    from hf_magmax.hub import publishable_files
+
+    folder = tmp_path / "runs" / "out"
+    folder.mkdir(parents=True)
+    results = {
+        "training_args": {"output_dir": str(folder), "deepspeed": {"zero_optimization": {"stage": 3}}},
+        "script_args": {"model_name_or_path": str(tmp_path / "models" / "bert"), "tasks": [{"dataset": "./data/a"}]},
+        "hub": {"model_name_or_path": "org/bert", "merges": ["/ h", "/home"]},
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    (operation,) = publishable_files(folder)
+    public = json.loads(operation.path_or_fileobj)
+    assert public["training_args"] == {"output_dir": "out", "deepspeed": {"zero_optimization": {"stage": 3}}}
+    assert public["script_args"] == {"model_name_or_path": "bert", "tasks": [{"dataset": "a"}]}
+    assert public["hub"] == results["hub"]

@@ -594,17 +594,24 @@ def _branch_heads(api: Any, repo_id: str) -> dict[str, str]:
     return {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
 
 
-#: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights
-#: (`trainer_state.json`'s `best_model_checkpoint` included).
+#: Keys whose values are local paths in files that transformers, PEFT, hf_magmax and the recipes write beside the
+#: weights (at any depth of a JSON/YAML file: `trainer_state.json`'s `best_model_checkpoint`, a recipe's
+#: `results.json` with the `TrainingArguments` and script arguments, ...).
 _PATH_KEYS = {
     "_name_or_path",
     "name_or_path",
     "base_model_name_or_path",
+    "model_name_or_path",
     "base",
     "models",
     "adapters",
     "output_dir",
+    "logging_dir",
     "best_model_checkpoint",
+    "resume_from_checkpoint",
+    "deepspeed",
+    "dataset",
+    "data_path",
 }
 _TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".csv", ".tsv")
 #: The pickle of `TrainingArguments` that `Trainer` writes beside the weights and pushes (`output_dir`, `hub_token`,
@@ -654,16 +661,17 @@ def _public_contents(
     allow_patterns: str | Sequence[str] | None = None,
     ignore_patterns: str | Sequence[str] | None = None,
     training_args: bytes | None = None,
+    local_paths: Sequence[str | os.PathLike] = (),
 ) -> list[tuple[str, bytes | Path]]:
     """The checked, rewritten files of [`publishable_files`]: (path relative to `folder`, bytes or the file), before
-    anything is hashed."""
+    anything is hashed. `local_paths`: more local folders that no file may name (e.g. the model's)."""
     from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS  # what `upload_folder` never uploads
     from huggingface_hub.utils import filter_repo_objects
 
     from .io import link_roots, resolve_inside
 
     roots = link_roots(folder)
-    markers = _local_path_markers(folder)
+    markers = _local_path_markers(folder, local_paths)
     listed = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if not p.is_dir()}
     ignored = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
     kept = filter_repo_objects(
@@ -769,10 +777,12 @@ def upload_public_folder(
     run_as_future: bool = False,
     repo_type: str | None = None,
     training_args: bytes | None = None,
+    local_paths: Sequence[str | os.PathLike] = (),
 ) -> Any:
     """`HfApi.upload_folder` (same arguments, on `api`), through the rules of [`publishable_files`]: local paths
     rewritten to public names, `training_args.bin` published as `training_args` (or left out), and a file that still
-    holds a local path or a link out of `folder_path` refused *before any request*. What `Trainer.push_to_hub` and the
+    holds a local path (of `folder_path`, its parent, the current or home directory, or one of `local_paths`, e.g.
+    the folder the model was loaded from) or a link out of `folder_path` refused *before any request*. What `Trainer.push_to_hub` and the
     Trainer's checkpoint pushes call, within [`hf_magmax.trainer.trainer.public_hub_uploads`].
 
     The files are listed, checked and read (text files) when this function is called; with `run_as_future=True` only
@@ -787,7 +797,7 @@ def upload_public_folder(
     """
     folder = _check_folder(folder_path)
     try:
-        contents = _public_contents(folder, allow_patterns, ignore_patterns, training_args)
+        contents = _public_contents(folder, allow_patterns, ignore_patterns, training_args, local_paths)
     except ValueError as err:
         message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
         raise HubPushError(message, folder) from None
@@ -820,10 +830,11 @@ def _publishable(folder: Path, repo_id: str) -> list[Any]:
         raise HubPushError(message, folder) from None
 
 
-def _local_path_markers(folder: Path) -> list[tuple[str, re.Pattern]]:
-    """Local paths that must not appear in a published file: the folder, its parent, the current and home dirs
-    (each only when it is at least two levels deep, or the home directory of a named user)."""
+def _local_path_markers(folder: Path, local_paths: Sequence[str | os.PathLike] = ()) -> list[tuple[str, re.Pattern]]:
+    """Local paths that must not appear in a published file: the folder, its parent, the current and home dirs and
+    `local_paths` (each only when it is at least two levels deep, or the home directory of a named user)."""
     candidates = {folder.resolve(), folder.resolve().parent, Path.cwd().resolve(), Path.home()}
+    candidates |= {Path(path).expanduser().resolve() for path in local_paths}
     markers = []
     for path in sorted(candidates, key=lambda p: -len(str(p))):
         text = str(path)
@@ -864,11 +875,21 @@ def _public_text(text: str, suffix: str) -> str:
 
 
 def _public_mapping(data: Any) -> dict[str, Any] | None:
-    """`data` (a parsed config) with the local paths under `_PATH_KEYS` replaced, or `None` when nothing changes."""
-    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+    """`data` (a parsed config) with the local paths under `_PATH_KEYS` (at any depth) replaced, or `None` when
+    nothing changes."""
+    if not isinstance(data, dict):
         return None
-    public = {key: _public_value(value) if key in _PATH_KEYS else value for key, value in data.items()}
+    public = _public_tree(data)
     return None if public == data else public
+
+
+def _public_tree(value: Any) -> Any:
+    """`value` (nested dicts and lists) with the values under `_PATH_KEYS` replaced by their public names."""
+    if isinstance(value, dict):
+        return {key: _public_value(v) if key in _PATH_KEYS else _public_tree(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_public_tree(v) for v in value]
+    return value
 
 
 def _public_value(value: Any) -> Any:
@@ -881,7 +902,7 @@ def _public_value(value: Any) -> Any:
         return value
     if isinstance(value, list):
         return [_public_value(v) for v in value]
-    return value
+    return _public_tree(value)
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

@@ -227,11 +227,11 @@ class MagMaxCallback(TrainerCallback):
                 f.write(text)
 
         def _push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-            with public_hub_uploads(self.args):  # per-task checkpoints and θ_0 stay local, no local path
+            with public_hub_uploads(self):  # per-task checkpoints and θ_0 stay local, no local path
                 return push_to_hub(*args, **kwargs)
 
         def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-            with public_hub_uploads(self.args, background=True):
+            with public_hub_uploads(self, background=True):
                 push_from_checkpoint(checkpoint_folder)
 
         trainer.train = types.MethodType(_train, trainer)

@@ -529,11 +529,11 @@ class MagMaxTrainer(Trainer):
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.push_to_hub`, published as `hf-magmax push` publishes: see [`public_hub_uploads`] (the run's
         own folders stay local, no local path is published, a file that would publish one refuses the push)."""
-        with public_hub_uploads(self.args):
+        with public_hub_uploads(self):
             return super().push_to_hub(*args, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        with public_hub_uploads(self.args, background=True):
+        with public_hub_uploads(self, background=True):
             super()._push_from_checkpoint(checkpoint_folder)
 
     # -- model card ----------------------------------------------------------------------------------------------------
@@ -586,12 +586,13 @@ RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*", f"{RELEASES_DIR}*")
 
 
 @contextlib.contextmanager
-def public_hub_uploads(args: Any = None, background: bool = False) -> Iterator[None]:
+def public_hub_uploads(trainer: Trainer, background: bool = False) -> Iterator[None]:
     """Within the block, Hub uploads through transformers' shared `HfApi` (what `Trainer.push_to_hub` and the
     checkpoint pushes of `hub_strategy` call) publish as `hf-magmax push` does, through
     [`hf_magmax.hub.upload_public_folder`]: [`RUN_FOLDER_PATTERNS`] are not uploaded, the local paths in the configs
-    are replaced by public names, `training_args.bin` is re-serialized from `args` without local paths nor tokens
-    ([`hf_magmax.hub.public_training_args`]; left out without `args`), and a file that still holds a local path, or a
+    are replaced by public names, `training_args.bin` is re-serialized from `trainer.args` without local paths nor
+    tokens ([`hf_magmax.hub.public_training_args`]), and a file that still holds a local path (of the output folder,
+    its parent, the current or home directory, or the local folder the model or the tokenizer was loaded from), or a
     link out of the folder, refuses the upload before any request.
 
     A refused foreground push raises [`~hf_magmax.hub.HubPushError`] naming the file. A refused checkpoint push
@@ -606,10 +607,13 @@ def public_hub_uploads(args: Any = None, background: bool = False) -> Iterator[N
 
     def upload_public(*, ignore_patterns: Any = None, **kwargs: Any) -> Any:
         patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-        training_args = public_training_args(args) if args is not None else None
         try:
             return upload_public_folder(
-                api, ignore_patterns=[*patterns, *RUN_FOLDER_PATTERNS], training_args=training_args, **kwargs
+                api,
+                ignore_patterns=[*patterns, *RUN_FOLDER_PATTERNS],
+                training_args=public_training_args(trainer.args),
+                local_paths=_loaded_from(trainer),
+                **kwargs,
             )
         except HubPushError as err:
             if not background:
@@ -624,6 +628,17 @@ def public_hub_uploads(args: Any = None, background: bool = False) -> Iterator[N
         yield
     finally:
         del api.upload_folder
+
+
+def _loaded_from(trainer: Trainer) -> list[str]:
+    """The local folders the model (its base, for a PeftModel) and the tokenizer/processor were loaded from, and
+    their parents (where the other local inputs of a run usually sit)."""
+    model = unwrap(trainer.model)
+    base = model.get_base_model() if is_peft_model(model) else model
+    names = [getattr(getattr(base, "config", None), "_name_or_path", None)]
+    names.append(getattr(getattr(trainer, "processing_class", None), "name_or_path", None))
+    folders = [os.path.abspath(name) for name in names if isinstance(name, str) and name and os.path.isdir(name)]
+    return [*folders, *(os.path.dirname(folder) for folder in folders)]
 
 
 def _model_card(

@@ -295,3 +295,24 @@ def test_local_paths_under_known_keys_are_rewritten_at_any_depth(tmp_path):
     assert public["training_args"] == {"output_dir": "out", "deepspeed": {"zero_optimization": {"stage": 3}}}
     assert public["script_args"] == {"model_name_or_path": "bert", "tasks": [{"dataset": "a"}]}
     assert public["hub"] == results["hub"]
+
+
+def test_a_run_whose_revision_pushes_failed_is_pushed_without_its_local_records(tmp_path, local_model, fake_hub):  # noqa: F811
+    """`continual_results.json` records a failed per-task push with the kept folder and the command that pushes it
+    (local paths inside `output_dir`): the final push names them relative to the run's folder."""
+    model, folder = local_model
+    output_dir = tmp_path / "runs" / "continual"
+    train, evaluation = classification_tasks()
+    args = _args(output_dir, fake_hub.token, save_strategy="no", push_every_task=True)
+    trainer = MagMaxTrainer(model, args, train_datasets=train, eval_datasets=evaluation)
+    fake_hub.fail_commits = True
+    trainer.train()
+    records = trainer.continual_results["hub_revisions"]
+    assert [r["status"] for r in records] == ["failed", "failed"] and str(output_dir) in records[0]["retry"]
+    fake_hub.fail_commits = False
+    trainer.push_to_hub()
+
+    assert _leaks(fake_hub, [*_local_paths(output_dir, folder), fake_hub.token]) == ""
+    published = json.loads(fake_hub.repos[REPO].files["continual_results.json"])["hub_revisions"]
+    assert published[0]["folder"] == "continual/magmax_releases/after-task-1"
+    assert "continual/magmax_releases/after-task-1" in published[0]["retry"]

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -690,7 +690,7 @@ def _public_contents(
                 continue
         elif path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
             text = resolved.read_text(encoding="utf-8", errors="replace")
-            public = _public_text(text, path.suffix)
+            public = _public_text(text, path.suffix, folder)
             for local, marker in markers:
                 if marker.search(public):
                     raise ValueError(
@@ -846,14 +846,17 @@ def _local_path_markers(folder: Path, local_paths: Sequence[str | os.PathLike] =
     return markers
 
 
-def _public_text(text: str, suffix: str) -> str:
-    """`text` of a `.json` or `.yaml` file with the local paths under `_PATH_KEYS` replaced by their last component
-    (rewritten only when one is replaced); any other text as it is."""
+def _public_text(text: str, suffix: str, folder: Path | None = None) -> str:
+    """`text` of a `.json` or `.yaml` file with the local paths under `_PATH_KEYS` (at any depth) replaced by their
+    last component and, in any other string, a path inside `folder` named from the folder's name
+    (`/home/alice/runs/out/magmax_releases/after-task-1` -> `out/magmax_releases/after-task-1`); rewritten only when
+    something is replaced. Any other text as it is."""
+    inside = _inside_folder(folder) if folder is not None else None
     if suffix == ".json":
         import json
 
         try:
-            public = _public_mapping(json.loads(text))
+            public = _public_mapping(json.loads(text), inside)
         except ValueError:
             return text
         return text if public is None else json.dumps(public, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -863,7 +866,7 @@ def _public_text(text: str, suffix: str) -> str:
         from .config import PUBLIC_CONFIG_NOTE
 
         try:
-            public = _public_mapping(yaml.safe_load(text))
+            public = _public_mapping(yaml.safe_load(text), inside)
         except yaml.YAMLError:
             return text
         return (
@@ -874,25 +877,39 @@ def _public_text(text: str, suffix: str) -> str:
     return text
 
 
-def _public_mapping(data: Any) -> dict[str, Any] | None:
-    """`data` (a parsed config) with the local paths under `_PATH_KEYS` (at any depth) replaced, or `None` when
-    nothing changes."""
+def _inside_folder(folder: Path) -> Callable[[str], str]:
+    """A function that names the paths inside `folder` in a string from the folder's name (its last component)."""
+    from .io import public_name
+
+    roots = sorted({str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(root) for root in roots) + r"(?![\w.-])")
+    name = public_name(roots[0])
+    return lambda text: pattern.sub(lambda _: name, text)
+
+
+def _public_mapping(data: Any, inside: Callable[[str], str] | None = None) -> dict[str, Any] | None:
+    """`data` (a parsed config) made public as [`_public_text`] says, or `None` when nothing changes."""
     if not isinstance(data, dict):
         return None
-    public = _public_tree(data)
+    public = _public_tree(data, inside)
     return None if public == data else public
 
 
-def _public_tree(value: Any) -> Any:
-    """`value` (nested dicts and lists) with the values under `_PATH_KEYS` replaced by their public names."""
+def _public_tree(value: Any, inside: Callable[[str], str] | None = None) -> Any:
+    """`value` (nested dicts and lists) with the values under `_PATH_KEYS` replaced by their public names, and the
+    paths inside the pushed folder in other strings named by `inside`."""
     if isinstance(value, dict):
-        return {key: _public_value(v) if key in _PATH_KEYS else _public_tree(v) for key, v in value.items()}
+        return {
+            key: _public_value(v, inside) if key in _PATH_KEYS else _public_tree(v, inside) for key, v in value.items()
+        }
     if isinstance(value, list):
-        return [_public_tree(v) for v in value]
+        return [_public_tree(v, inside) for v in value]
+    if isinstance(value, str) and inside is not None:
+        return inside(value)
     return value
 
 
-def _public_value(value: Any) -> Any:
+def _public_value(value: Any, inside: Callable[[str], str] | None = None) -> Any:
     from .io import public_name
 
     if isinstance(value, str):
@@ -901,8 +918,8 @@ def _public_value(value: Any) -> Any:
             return public_name(value)
         return value
     if isinstance(value, list):
-        return [_public_value(v) for v in value]
-    return _public_tree(value)
+        return [_public_value(v, inside) for v in value]
+    return _public_tree(value, inside)
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

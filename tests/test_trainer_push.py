@@ -81,7 +81,7 @@ def _published_args(data: bytes) -> TrainingArguments:
 
 
 @pytest.mark.parametrize("hub_strategy", ["every_save", "checkpoint", "all_checkpoints"])
-def test_a_trainer_run_pushed_to_the_hub_holds_no_local_path(hub_strategy, tmp_path, local_model, fake_hub):  # noqa: F811
+def test_a_pushed_trainer_run_holds_no_local_path(hub_strategy, tmp_path, local_model, fake_hub):  # noqa: F811
     model, folder = local_model
     output_dir = tmp_path / "runs" / "continual"
     train, evaluation = classification_tasks()
@@ -297,7 +297,7 @@ def test_local_paths_under_known_keys_are_rewritten_at_any_depth(tmp_path):
     assert public["hub"] == results["hub"]
 
 
-def test_a_run_whose_revision_pushes_failed_is_pushed_without_its_local_records(tmp_path, local_model, fake_hub):  # noqa: F811
+def test_a_run_whose_revision_pushes_failed_is_pushed_without_local_paths(tmp_path, local_model, fake_hub):  # noqa: F811
     """`continual_results.json` records a failed per-task push with the kept folder and the command that pushes it
     (local paths inside `output_dir`): the final push names them relative to the run's folder."""
     model, folder = local_model

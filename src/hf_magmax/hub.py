@@ -752,7 +752,8 @@ def public_training_args(args: Any) -> bytes:
 def _public_deep(value: Any) -> Any:
     """`value` with every local path in it (strings, in lists, tuples and dict values) replaced by its public name."""
     if isinstance(value, str):
-        return _public_value(value)
+        public = _public_value(value)
+        return value if public == value else public  # an enum that is a `str` stays the enum
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(_public_deep(v) for v in value)
     if isinstance(value, dict):
@@ -782,8 +783,9 @@ def upload_public_folder(
     """`HfApi.upload_folder` (same arguments, on `api`), through the rules of [`publishable_files`]: local paths
     rewritten to public names, `training_args.bin` published as `training_args` (or left out), and a file that still
     holds a local path (of `folder_path`, its parent, the current or home directory, or one of `local_paths`, e.g.
-    the folder the model was loaded from) or a link out of `folder_path` refused *before any request*. What `Trainer.push_to_hub` and the
-    Trainer's checkpoint pushes call, within [`hf_magmax.trainer.trainer.public_hub_uploads`].
+    the folder the model was loaded from) or a link out of `folder_path` refused *before any request*. What
+    `Trainer.push_to_hub` and the Trainer's checkpoint pushes call, within
+    [`hf_magmax.trainer.trainer.public_hub_uploads`].
 
     The files are listed, checked and read (text files) when this function is called; with `run_as_future=True` only
     the hashing and the commit run in the background, as `upload_folder` runs them.

@@ -205,13 +205,21 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def args_to_dict(*objs) -> dict:
-    """Dataclass arguments as a JSON-friendly dict (for the results file)."""
+    """Dataclass arguments as a JSON-friendly dict (for the results file). A field given as a JSON list or mapping
+    (`tasks`) is recorded parsed, so that a push names its local datasets by folder name only (the Hub rewrites the
+    local paths under known keys such as `dataset`, never inside a string)."""
     out = {}
     for obj in objs:
         if hasattr(obj, "to_dict"):
             out.update(obj.to_dict())
         else:
             out.update(dataclasses.asdict(obj))
+    for key, value in out.items():
+        if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                pass
     return out
 
 

@@ -512,6 +512,16 @@ def test_text_recipe_pushes_to_the_hub(assets, tmp_path, fake_hub):  # noqa: F81
     repo = fake_hub.repos["me/tiny-text-magmax"]
     assert "model.safetensors" in repo.files and "config.json" in repo.files
     assert b"magmax" in repo.files["README.md"]
+    # no file of any commit names the run's or the inputs' local folders (results.json records them by name)
+    local = [str(tmp_path), os.path.dirname(assets["bert"])]
+    leaks = [
+        (name, path) for c in repo.commits for name, data in c.files.items() for path in local if path.encode() in data
+    ]
+    assert leaks == []
+    results = json.loads(repo.files["results.json"])
+    assert results["script_args"]["model_name_or_path"] == os.path.basename(assets["bert"])
+    assert results["training_args"]["output_dir"] == "push"
+    assert [task["dataset"] for task in results["script_args"]["tasks"]] == ["sentiment", "topic"]
 
 
 def test_trace_recipe_learns_a_task(assets, tmp_path):

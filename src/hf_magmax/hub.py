@@ -9,6 +9,10 @@
 - [`render_model_card`] / [`write_model_card`] / [`parse_model_card`]: a `README.md` with YAML metadata.
 - [`MAGMAX_CITATION`]: the BibTeX entry of the MagMax paper.
 - [`push_to_hub`]: create the repo (if needed) and upload a folder through `huggingface_hub` (to `main` or a branch).
+- [`publishable_files`]: what a push publishes of a folder (local paths replaced by public names; a file that would
+  still publish one, or a link out of the folder, refused). [`upload_public_folder`]: `HfApi.upload_folder` through
+  those rules, what the Trainer's pushes call; [`public_training_args`]: `training_args.bin` without local paths or
+  tokens.
 - [`push_release`]: one revision of a continual release: the folder becomes `main`'s new commit and a branch
   (`after-task-<k>`) points at that very commit; [`hub_branches`] lists a repo's branches and their commits.
 - [`check_branch_name`], [`check_revision_pattern`], [`format_revision`]: valid git branch names, and the
@@ -25,7 +29,7 @@ import logging
 import os
 import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +54,12 @@ __all__ = [
     "model_card_tags",
     "model_card_text",
     "parse_model_card",
+    "public_training_args",
+    "publishable_files",
     "push_release",
     "push_to_hub",
     "render_model_card",
+    "upload_public_folder",
     "write_model_card",
 ]
 
@@ -587,19 +594,56 @@ def _branch_heads(api: Any, repo_id: str) -> dict[str, str]:
     return {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
 
 
-#: Keys whose values are local paths in files that transformers, PEFT and hf_magmax write beside the weights.
-_PATH_KEYS = {"_name_or_path", "name_or_path", "base_model_name_or_path", "base", "models", "adapters", "output_dir"}
+#: Keys whose values are local paths in files that transformers, PEFT, hf_magmax and the recipes write beside the
+#: weights (at any depth of a JSON/YAML file: `trainer_state.json`'s `best_model_checkpoint`, a recipe's
+#: `results.json` with the `TrainingArguments` and script arguments, ...).
+_PATH_KEYS = {
+    "_name_or_path",
+    "name_or_path",
+    "base_model_name_or_path",
+    "model_name_or_path",
+    "base",
+    "models",
+    "adapters",
+    "output_dir",
+    "logging_dir",
+    "best_model_checkpoint",
+    "resume_from_checkpoint",
+    "deepspeed",
+    "dataset",
+    "data_path",
+}
 _TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja", ".py", ".cfg", ".csv", ".tsv")
+#: The pickle of `TrainingArguments` that `Trainer` writes beside the weights and pushes (`output_dir`, `hub_token`,
+#: the DeepSpeed config path...): published only as [`public_training_args`] re-serializes it.
+TRAINING_ARGS_NAME = "training_args.bin"
 
 
-def publishable_files(folder: str | os.PathLike) -> list[Any]:
+def publishable_files(
+    folder: str | os.PathLike,
+    *,
+    path_in_repo: str = "",
+    allow_patterns: str | Sequence[str] | None = None,
+    ignore_patterns: str | Sequence[str] | None = None,
+    training_args: bytes | None = None,
+) -> list[Any]:
     """The files of `folder` as they are published: `huggingface_hub.CommitOperationAdd`s, with every local path in
     the configs that transformers, PEFT and hf_magmax write (`config.json`'s `_name_or_path`, `adapter_config.json`'s
-    `base_model_name_or_path`, a tokenizer's `name_or_path`, `magmax_config.yaml`'s inputs and `output_dir`)
-    replaced by its last component ([`~hf_magmax.io.public_name`]). The folder itself is not changed (its
-    `magmax_config.yaml` still re-runs the merge here).
+    `base_model_name_or_path`, a tokenizer's `name_or_path`, `magmax_config.yaml`'s inputs and `output_dir`,
+    `trainer_state.json`'s `best_model_checkpoint`) replaced by its last component ([`~hf_magmax.io.public_name`]).
+    The folder itself is not changed (its `magmax_config.yaml` still re-runs the merge here).
 
-    Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`.
+    Skipped as `upload_folder` skips them: `.git/` and `.cache/huggingface/`, and what `allow_patterns` /
+    `ignore_patterns` leave out (matched on the path relative to `folder`, as `upload_folder` matches them).
+    `training_args.bin` (a pickle of `TrainingArguments`, which cannot be checked as text) is published as the bytes
+    `training_args` (see [`public_training_args`]), or left out with one log line when they are not given or still
+    hold a local path.
+
+    Args:
+        folder (`str` or `os.PathLike`): the local directory.
+        path_in_repo (`str`, *optional*): the folder in the repo the files go to (defaults to the repo's root).
+        allow_patterns, ignore_patterns (`str` or `list[str]`, *optional*): as in `HfApi.upload_folder`.
+        training_args (`bytes`, *optional*): the public `training_args.bin`.
 
     Raises:
         `ValueError` when a file still holds a local path after that (the folder, its parent, the current or the home
@@ -607,21 +651,46 @@ def publishable_files(folder: str | os.PathLike) -> list[Any]:
     """
     from huggingface_hub import CommitOperationAdd
 
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
+    contents = _public_contents(Path(folder), allow_patterns, ignore_patterns, training_args)
+    return [CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=content) for name, content in contents]
+
+
+def _public_contents(
+    folder: Path,
+    allow_patterns: str | Sequence[str] | None = None,
+    ignore_patterns: str | Sequence[str] | None = None,
+    training_args: bytes | None = None,
+    local_paths: Sequence[str | os.PathLike] = (),
+) -> list[tuple[str, bytes | Path]]:
+    """The checked, rewritten files of [`publishable_files`]: (path relative to `folder`, bytes or the file), before
+    anything is hashed. `local_paths`: more local folders that no file may name (e.g. the model's)."""
+    from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS  # what `upload_folder` never uploads
+    from huggingface_hub.utils import filter_repo_objects
+
     from .io import link_roots, resolve_inside
 
-    folder = Path(folder)
     roots = link_roots(folder)
-    markers = _local_path_markers(folder)
-    operations = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if ".git" in rel.parts or rel.as_posix().startswith(".cache/huggingface/") or path.is_dir():
+    markers = _local_path_markers(folder, local_paths)
+    listed = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if not p.is_dir()}
+    ignored = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+    kept = filter_repo_objects(
+        listed, allow_patterns=allow_patterns, ignore_patterns=[*ignored, *DEFAULT_IGNORE_PATTERNS]
+    )
+    contents: list[tuple[str, bytes | Path]] = []
+    for rel in kept:
+        path = listed[rel]
+        if ".git" in path.relative_to(folder).parts:
             continue
         resolved = resolve_inside(path, folder, roots)
         content: bytes | Path = resolved
-        if path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
+        if path.name == TRAINING_ARGS_NAME:
+            content = _public_training_args_file(path, training_args, markers)
+            if content is None:
+                continue
+        elif path.suffix in _TEXT_SUFFIXES and resolved.stat().st_size < 64 * 2**20:
             text = resolved.read_text(encoding="utf-8", errors="replace")
-            public = _public_text(text, path.suffix)
+            public = _public_text(text, path.suffix, folder)
             for local, marker in markers:
                 if marker.search(public):
                     raise ValueError(
@@ -631,8 +700,128 @@ def publishable_files(folder: str | os.PathLike) -> list[Any]:
                     )
             if public != text:
                 content = public.encode("utf-8")
-        operations.append(CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=content))
-    return operations
+        contents.append((rel, content))
+    return contents
+
+
+def _public_training_args_file(
+    path: Path, training_args: bytes | None, markers: list[tuple[str, re.Pattern]]
+) -> bytes | None:
+    """What is published of the `training_args.bin` at `path`: `training_args`, or `None` (left out, one log line)
+    when they are not given or still hold a local path (in an attribute [`public_training_args`] does not rewrite:
+    the model does not need the file, so it is left out rather than refusing the push)."""
+    if training_args is None:
+        logger.info(
+            "%s is left out of the push: a pickle of the TrainingArguments (output_dir, hub_token, ...) cannot be "
+            "checked for local paths.",
+            path,
+        )
+        return None
+    for local, _ in markers:
+        if re.search(re.escape(local.encode()) + rb"(?![\w.-])", training_args):
+            logger.warning(
+                "%s is left out of the push: re-serialized with public names, the TrainingArguments still hold the "
+                "local path %r (in an attribute hf_magmax does not rewrite).",
+                path,
+                local,
+            )
+            return None
+    return training_args
+
+
+def public_training_args(args: Any) -> bytes:
+    """`training_args.bin` as it is published: `torch.save` of a copy of the `TrainingArguments` `args` whose local
+    paths (`output_dir`, a DeepSpeed config file, `resume_from_checkpoint`, ... in any attribute, lists and dicts
+    included) are replaced by their last component ([`~hf_magmax.io.public_name`]) and whose tokens (`hub_token`,
+    any `*_token`) are `None`. `args` itself is not changed; `torch.load(..., weights_only=False)` reads the copy as
+    `Trainer` reads its own.
+    """
+    import copy
+    import io
+
+    import torch
+
+    public = copy.copy(args)
+    for key, value in vars(args).items():
+        public.__dict__[key] = None if key.endswith("_token") else _public_deep(value)
+    buffer = io.BytesIO()
+    torch.save(public, buffer)
+    return buffer.getvalue()
+
+
+def _public_deep(value: Any) -> Any:
+    """`value` with every local path in it (strings, in lists, tuples and dict values) replaced by its public name."""
+    if isinstance(value, str):
+        public = _public_value(value)
+        return value if public == value else public  # an enum that is a `str` stays the enum
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_public_deep(v) for v in value)
+    if isinstance(value, dict):
+        return {key: _public_deep(v) for key, v in value.items()}
+    return value
+
+
+def upload_public_folder(
+    api: Any,
+    *,
+    repo_id: str,
+    folder_path: str | os.PathLike,
+    path_in_repo: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool | None = None,
+    parent_commit: str | None = None,
+    allow_patterns: str | Sequence[str] | None = None,
+    ignore_patterns: str | Sequence[str] | None = None,
+    run_as_future: bool = False,
+    repo_type: str | None = None,
+    training_args: bytes | None = None,
+    local_paths: Sequence[str | os.PathLike] = (),
+) -> Any:
+    """`HfApi.upload_folder` (same arguments, on `api`), through the rules of [`publishable_files`]: local paths
+    rewritten to public names, `training_args.bin` published as `training_args` (or left out), and a file that still
+    holds a local path (of `folder_path`, its parent, the current or home directory, or one of `local_paths`, e.g.
+    the folder the model was loaded from) or a link out of `folder_path` refused *before any request*. What
+    `Trainer.push_to_hub` and the Trainer's checkpoint pushes call, within
+    [`hf_magmax.trainer.trainer.public_hub_uploads`].
+
+    The files are listed, checked and read (text files) when this function is called; with `run_as_future=True` only
+    the hashing and the commit run in the background, as `upload_folder` runs them.
+
+    Returns:
+        The `CommitInfo` of the commit, or with `run_as_future=True` a `concurrent.futures.Future` of it.
+
+    Raises:
+        [`HubPushError`] naming the file that refused the push (nothing was uploaded); errors of the commit itself as
+        `upload_folder` raises them.
+    """
+    folder = _check_folder(folder_path)
+    try:
+        contents = _public_contents(folder, allow_patterns, ignore_patterns, training_args, local_paths)
+    except ValueError as err:
+        message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
+        raise HubPushError(message, folder) from None
+    prefix = f"{(path_in_repo or '').strip('/')}/" if (path_in_repo or "").strip("/") else ""
+
+    def commit() -> Any:
+        from huggingface_hub import CommitOperationAdd
+
+        operations = [CommitOperationAdd(path_in_repo=prefix + rel, path_or_fileobj=c) for rel, c in contents]
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or "Upload folder using huggingface_hub",
+            commit_description=commit_description,
+            token=token,
+            repo_type=repo_type,
+            revision=revision,
+            create_pr=create_pr,
+            parent_commit=parent_commit,
+        )
+
+    return api.run_as_future(commit) if run_as_future else commit()
 
 
 def _publishable(folder: Path, repo_id: str) -> list[Any]:
@@ -643,10 +832,11 @@ def _publishable(folder: Path, repo_id: str) -> list[Any]:
         raise HubPushError(message, folder) from None
 
 
-def _local_path_markers(folder: Path) -> list[tuple[str, re.Pattern]]:
-    """Local paths that must not appear in a published file: the folder, its parent, the current and home dirs
-    (each only when it is at least two levels deep, or the home directory of a named user)."""
+def _local_path_markers(folder: Path, local_paths: Sequence[str | os.PathLike] = ()) -> list[tuple[str, re.Pattern]]:
+    """Local paths that must not appear in a published file: the folder, its parent, the current and home dirs and
+    `local_paths` (each only when it is at least two levels deep, or the home directory of a named user)."""
     candidates = {folder.resolve(), folder.resolve().parent, Path.cwd().resolve(), Path.home()}
+    candidates |= {Path(path).expanduser().resolve() for path in local_paths}
     markers = []
     for path in sorted(candidates, key=lambda p: -len(str(p))):
         text = str(path)
@@ -658,14 +848,17 @@ def _local_path_markers(folder: Path) -> list[tuple[str, re.Pattern]]:
     return markers
 
 
-def _public_text(text: str, suffix: str) -> str:
-    """`text` of a `.json` or `.yaml` file with the local paths under `_PATH_KEYS` replaced by their last component
-    (rewritten only when one is replaced); any other text as it is."""
+def _public_text(text: str, suffix: str, folder: Path | None = None) -> str:
+    """`text` of a `.json` or `.yaml` file with the local paths under `_PATH_KEYS` (at any depth) replaced by their
+    last component and, in any other string, a path inside `folder` named from the folder's name
+    (`/home/alice/runs/out/magmax_releases/after-task-1` -> `out/magmax_releases/after-task-1`); rewritten only when
+    something is replaced. Any other text as it is."""
+    inside = _inside_folder(folder) if folder is not None else None
     if suffix == ".json":
         import json
 
         try:
-            public = _public_mapping(json.loads(text))
+            public = _public_mapping(json.loads(text), inside)
         except ValueError:
             return text
         return text if public is None else json.dumps(public, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -675,7 +868,7 @@ def _public_text(text: str, suffix: str) -> str:
         from .config import PUBLIC_CONFIG_NOTE
 
         try:
-            public = _public_mapping(yaml.safe_load(text))
+            public = _public_mapping(yaml.safe_load(text), inside)
         except yaml.YAMLError:
             return text
         return (
@@ -686,15 +879,39 @@ def _public_text(text: str, suffix: str) -> str:
     return text
 
 
-def _public_mapping(data: Any) -> dict[str, Any] | None:
-    """`data` (a parsed config) with the local paths under `_PATH_KEYS` replaced, or `None` when nothing changes."""
-    if not isinstance(data, dict) or not _PATH_KEYS & set(data):
+def _inside_folder(folder: Path) -> Callable[[str], str]:
+    """A function that names the paths inside `folder` in a string from the folder's name (its last component)."""
+    from .io import public_name
+
+    roots = sorted({str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(root) for root in roots) + r"(?![\w.-])")
+    name = public_name(roots[0])
+    return lambda text: pattern.sub(lambda _: name, text)
+
+
+def _public_mapping(data: Any, inside: Callable[[str], str] | None = None) -> dict[str, Any] | None:
+    """`data` (a parsed config) made public as [`_public_text`] says, or `None` when nothing changes."""
+    if not isinstance(data, dict):
         return None
-    public = {key: _public_value(value) if key in _PATH_KEYS else value for key, value in data.items()}
+    public = _public_tree(data, inside)
     return None if public == data else public
 
 
-def _public_value(value: Any) -> Any:
+def _public_tree(value: Any, inside: Callable[[str], str] | None = None) -> Any:
+    """`value` (nested dicts and lists) with the values under `_PATH_KEYS` replaced by their public names, and the
+    paths inside the pushed folder in other strings named by `inside`."""
+    if isinstance(value, dict):
+        return {
+            key: _public_value(v, inside) if key in _PATH_KEYS else _public_tree(v, inside) for key, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_public_tree(v, inside) for v in value]
+    if isinstance(value, str) and inside is not None:
+        return inside(value)
+    return value
+
+
+def _public_value(value: Any, inside: Callable[[str], str] | None = None) -> Any:
     from .io import public_name
 
     if isinstance(value, str):
@@ -703,8 +920,8 @@ def _public_value(value: Any) -> Any:
             return public_name(value)
         return value
     if isinstance(value, list):
-        return [_public_value(v) for v in value]
-    return value
+        return [_public_value(v, inside) for v in value]
+    return _public_tree(value, inside)
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

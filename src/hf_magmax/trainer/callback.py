@@ -173,7 +173,7 @@ class MagMaxCallback(TrainerCallback):
 
     def _hook(self, trainer: Trainer) -> None:
         """Per-task checkpoint directories and the MagMax model card on `trainer` (this instance only)."""
-        from .trainer import MagMaxTrainer, run_folders_kept_local
+        from .trainer import MagMaxTrainer, public_hub_uploads
 
         if isinstance(trainer, MagMaxTrainer) or getattr(trainer, "_magmax_callback", None) is self:
             return
@@ -227,11 +227,11 @@ class MagMaxCallback(TrainerCallback):
                 f.write(text)
 
         def _push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-            with run_folders_kept_local():  # per-task checkpoints and θ_0 stay local
+            with public_hub_uploads(self):  # per-task checkpoints and θ_0 stay local, no local path
                 return push_to_hub(*args, **kwargs)
 
         def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-            with run_folders_kept_local():
+            with public_hub_uploads(self, background=True):
                 push_from_checkpoint(checkpoint_folder)
 
         trainer.train = types.MethodType(_train, trainer)

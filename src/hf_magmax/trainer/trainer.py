@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -527,12 +528,13 @@ class MagMaxTrainer(Trainer):
     # -- Hub ---------------------------------------------------------------------------------------------------------
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.push_to_hub`, without the run's own folders (per-task checkpoints, θ_0): see [`run_folders_kept_local`]."""
-        with run_folders_kept_local():
+        """`Trainer.push_to_hub`, published as `hf-magmax push` publishes: see [`public_hub_uploads`] (the run's
+        own folders stay local, no local path is published, a file that would publish one refuses the push)."""
+        with public_hub_uploads(self):
             return super().push_to_hub(*args, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        with run_folders_kept_local():
+        with public_hub_uploads(self, background=True):
             super()._push_from_checkpoint(checkpoint_folder)
 
     # -- model card ----------------------------------------------------------------------------------------------------
@@ -585,23 +587,59 @@ RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*", f"{RELEASES_DIR}*")
 
 
 @contextlib.contextmanager
-def run_folders_kept_local() -> Iterator[None]:
+def public_hub_uploads(trainer: Trainer, background: bool = False) -> Iterator[None]:
     """Within the block, Hub uploads through transformers' shared `HfApi` (what `Trainer.push_to_hub` and the
-    checkpoint pushes use) also ignore [`RUN_FOLDER_PATTERNS`]."""
+    checkpoint pushes of `hub_strategy` call) publish as `hf-magmax push` does, through
+    [`hf_magmax.hub.upload_public_folder`]: [`RUN_FOLDER_PATTERNS`] are not uploaded, the local paths in the configs
+    are replaced by public names, `training_args.bin` is re-serialized from `trainer.args` without local paths nor
+    tokens ([`hf_magmax.hub.public_training_args`]), and a file that still holds a local path (of the output folder,
+    its parent, the current or home directory, or the local folder the model or the tokenizer was loaded from), or a
+    link out of the folder, refuses the upload before any request.
+
+    A refused foreground push raises [`~hf_magmax.hub.HubPushError`] naming the file. A refused checkpoint push
+    (`background=True`: transformers pushes checkpoints in the background while training goes on) is one warning
+    naming the file; nothing of it is uploaded and training goes on (the final `push_to_hub()` refuses the same way).
+    """
     from transformers.utils.hub import hf_api
 
+    from ..hub import HubPushError, public_training_args, upload_public_folder
+
     api = hf_api()
-    upload_folder = api.upload_folder
 
-    def upload_without_run_folders(*args: Any, ignore_patterns: Any = None, **kwargs: Any) -> Any:
+    def upload_public(*, ignore_patterns: Any = None, **kwargs: Any) -> Any:
         patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-        return upload_folder(*args, ignore_patterns=[*patterns, *RUN_FOLDER_PATTERNS], **kwargs)
+        try:
+            return upload_public_folder(
+                api,
+                ignore_patterns=[*patterns, *RUN_FOLDER_PATTERNS],
+                training_args=public_training_args(trainer.args),
+                local_paths=_loaded_from(trainer),
+                **kwargs,
+            )
+        except HubPushError as err:
+            if not background:
+                raise
+            logger.warning("Checkpoint push skipped: %s", err)
+            refused: Future = Future()  # what transformers tracks of a background push (`PushInProgress`)
+            refused.set_exception(err)
+            return refused
 
-    api.upload_folder = upload_without_run_folders  # this instance only, for this block
+    api.upload_folder = upload_public  # this instance only, for this block
     try:
         yield
     finally:
         del api.upload_folder
+
+
+def _loaded_from(trainer: Trainer) -> list[str]:
+    """The local folders the model (its base, for a PeftModel) and the tokenizer/processor were loaded from, and
+    their parents (where the other local inputs of a run usually sit)."""
+    model = unwrap(trainer.model)
+    base = model.get_base_model() if is_peft_model(model) else model
+    names = [getattr(getattr(base, "config", None), "_name_or_path", None)]
+    names.append(getattr(getattr(trainer, "processing_class", None), "name_or_path", None))
+    folders = [os.path.abspath(name) for name in names if isinstance(name, str) and name and os.path.isdir(name)]
+    return [*folders, *(os.path.dirname(folder) for folder in folders)]
 
 
 def _model_card(

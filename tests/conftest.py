@@ -9,8 +9,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+# Ctrl-C as a user's terminal delivers it, however the suite is launched: a shell starts background jobs
+# (`pytest ... &`, nohup) with SIGINT ignored, and hf_magmax keeps an ignored SIGINT ignored (`terminate_as_interrupt`),
+# so the Ctrl-C tests, in this process and in the merges it starts (a caught signal is reset to its default at exec),
+# would test that instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

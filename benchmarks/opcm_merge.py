@@ -21,7 +21,8 @@ waited for a core) and its peak anonymous memory (RssAnon of the process tree), 
 
 OPCM costs one SVD per 2-D weight (not embeddings) per task after the first; the report counts them and times them
 alone (`torch.linalg.svd` of random matrices of the same shapes, as many, in a fresh subprocess): the floor of any
-exact OPCM on the machine.
+exact OPCM on the machine; then the whole projections the same way (`opcm_project`: the SVDs and the matrix
+products), so that the rest of OPCM's time (reading, norms, the two passes, writing) shows too.
 
 Run (on a shared machine, one thread per run keeps the runs from stalling on busy cores):
 
@@ -73,22 +74,30 @@ def svd_count(base: Path, num_tasks: int) -> tuple[int, int]:
     return projected, projected * max(0, num_tasks - 1)
 
 
-#: run in a fresh interpreter by `--svd-floor`: the SVDs of one OPCM merge alone, on random matrices of the projected
-#: shapes (the same LAPACK call as `opcm_project`, wide matrices transposed as it does): no exact OPCM on this machine
-#: can take less
+#: run in a fresh interpreter: the SVDs of one OPCM merge alone (`svd`), or its whole projections (`project`:
+#: `opcm_project`, the SVD and the matrix products), on random matrices of the projected shapes (wide matrices
+#: transposed, as `opcm_project` does): no exact OPCM on this machine can take less than the first
 SVD_FLOOR = """
 import sys, torch
 from safetensors import safe_open
-from hf_magmax.merging import opcm_projects
-base, projections = sys.argv[1], int(sys.argv[2])
+from hf_magmax.merging import opcm_project, opcm_projects
+base, projections, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with safe_open(base, framework="pt") as f:
     shapes = [tuple(f.get_slice(n).get_shape()) for n in f.keys() if opcm_projects(n, f.get_slice(n).get_shape())]
 generator = torch.Generator().manual_seed(0)
 for shape in shapes:
     matrix = torch.randn(max(shape), min(shape), generator=generator)
+    task_vector = torch.randn(max(shape), min(shape), generator=generator)
     for _ in range(projections):
-        torch.linalg.svd(matrix, full_matrices=False)
+        if mode == "svd":
+            torch.linalg.svd(matrix, full_matrices=False)
+        else:
+            opcm_project(matrix, task_vector, 0.5)
 """
+
+
+SVD_ROW = "SVDs of one OPCM merge alone (the floor)"
+PROJECT_ROW = "its projections alone (SVDs + matrix products)"
 
 
 def fusionbench_run(args, base: Path, models: list[Path], out: Path, env: dict, logs: Path) -> tuple[tuple, dict]:
@@ -202,12 +211,15 @@ def main() -> None:
         rows.append((label, method, seconds, peak, cpu, ""))
         print(f"{label:50s} {seconds:8.2f} s  CPU {cpu:8.2f} s  {peak:7.0f} MiB", file=sys.stderr)
     floor_cmd = [sys.executable, "-c", SVD_FLOOR, str(base / "model.safetensors")]
-    start_s, _, start_cpu = measure([*floor_cmd, "0"], work / "logs" / "svd-floor-0.log", env)  # start-up alone
-    seconds, peak, cpu = measure([*floor_cmd, str(max(0, len(models) - 1))], work / "logs" / "svd-floor.log", env)
-    seconds, cpu = seconds - start_s, cpu - start_cpu
-    note = f"random matrices, same shapes; start-up ({start_cpu:.2f} s CPU) subtracted"
-    rows.append(("SVDs of one OPCM merge alone (the floor)", "-", seconds, peak, cpu, note))
-    print(f"{'SVD floor':50s} {seconds:8.2f} s  CPU {cpu:8.2f} s", file=sys.stderr)
+    for mode, label in [("svd", SVD_ROW), ("project", PROJECT_ROW)]:
+        start_s, _, start_cpu = measure([*floor_cmd, "0", mode], work / "logs" / f"{mode}-floor-0.log", env)
+        seconds, peak, cpu = measure(
+            [*floor_cmd, str(max(0, len(models) - 1)), mode], work / "logs" / f"{mode}-floor.log", env
+        )
+        seconds, cpu = seconds - start_s, cpu - start_cpu  # start-up alone subtracted
+        note = f"random matrices, same shapes; start-up ({start_cpu:.2f} s CPU) subtracted"
+        rows.append((label, "-", seconds, peak, cpu, note))
+        print(f"{label:50s} {seconds:8.2f} s  CPU {cpu:8.2f} s", file=sys.stderr)
     fusionbench_out, fusionbench_match = outs / "fusionbench_opcm", None
     if args.fusionbench_python.is_file():
         try:
@@ -251,12 +263,14 @@ def main() -> None:
             f"| {note} |"
         )
     opcm_wall, opcm_cpu = seconds["hf_magmax opcm"]
-    floor_cpu = seconds["SVDs of one OPCM merge alone (the floor)"][1]
+    floor_cpu, project_cpu = seconds[SVD_ROW][1], seconds[PROJECT_ROW][1]
     lines += [
         "",
         f"- OPCM within 3x of TIES: {opcm_cpu / ties_cpu:.1f}x in CPU time, {opcm_wall / ties_wall:.1f}x wall "
         f"({'met' if opcm_cpu <= 3 * ties_cpu else 'NOT met'}); its {svds} SVDs alone take {floor_cpu:.1f} s of CPU "
-        f"time ({floor_cpu / ties_cpu:.1f}x TIES, {floor_cpu / opcm_cpu:.0%} of OPCM's)",
+        f"time ({floor_cpu / ties_cpu:.1f}x TIES, {floor_cpu / opcm_cpu:.0%} of OPCM's); the whole projections "
+        f"(SVDs + the matrix products of `opcm_project`) {project_cpu:.1f} s ({project_cpu / opcm_cpu:.0%}), so "
+        f"{opcm_cpu - project_cpu:.1f} s for the rest (reading, norms, the two passes, writing)",
     ]
     if fusionbench_match is not None:
         fb_wall, fb_cpu = seconds[rows[-1][0]]

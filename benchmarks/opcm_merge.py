@@ -145,7 +145,7 @@ def compare_to_fusionbench(ours: Path, theirs: Path, base: Path) -> dict[str, fl
     mine, fb, zero = files(ours), files(theirs), files(base)
     if set(mine) != set(fb):
         return {"error": f"tensor names differ: {sorted(set(mine) ^ set(fb))[:4]}"}
-    sums = {"diff": [], "floor": [], "tv": []}
+    sums = {"diff": [], "floor": [], "tv": [], "dot": [], "ours": [], "scaled": []}
     out = {"max_abs": 0.0, "floor_max_abs": 0.0, "equal": 0, "total": 0}
     for name in mine:
         a = tensor(mine, name)
@@ -154,7 +154,10 @@ def compare_to_fusionbench(ours: Path, theirs: Path, base: Path) -> dict[str, fl
         a = a.double()
         sums["diff"].append(float(((a - b) ** 2).sum()))
         sums["floor"].append(float(((rounded - b) ** 2).sum()))
-        sums["tv"].append(float(((b - tensor(zero, name).double()) ** 2).sum()))
+        theta_0 = tensor(zero, name).double()
+        sums["tv"].append(float(((b - theta_0) ** 2).sum()))
+        sums["dot"].append(float(((b - theta_0) * (a - theta_0)).sum()))
+        sums["ours"].append(float(((a - theta_0) ** 2).sum()))
         out["max_abs"] = max(out["max_abs"], float((a - b).abs().max()))
         out["floor_max_abs"] = max(out["floor_max_abs"], float((rounded - b).abs().max()))
         out["equal"] += int((a == rounded).sum())
@@ -162,6 +165,8 @@ def compare_to_fusionbench(ours: Path, theirs: Path, base: Path) -> dict[str, fl
     tv = math.sqrt(math.fsum(sums["tv"]))
     out["rel_fro"] = math.sqrt(math.fsum(sums["diff"])) / tv
     out["floor_rel_fro"] = math.sqrt(math.fsum(sums["floor"])) / tv
+    # the least-squares factor c with θ_fb − θ_0 ≈ c · (θ_ours − θ_0): a model-wide rescale that differs shows here
+    out["scale"] = math.fsum(sums["dot"]) / math.fsum(sums["ours"])
     return out
 
 
@@ -283,7 +288,8 @@ def main() -> None:
                 else f"hf_magmax's {args.dtype} output vs FusionBench's fp32 one: max |Δ| {m['max_abs']:.3g}, relative "
                 f"Frobenius error of the merged task vector {m['rel_fro']:.3g}; FusionBench's output rounded to "
                 f"{args.dtype} alone: max |Δ| {m['floor_max_abs']:.3g}, relative {m['floor_rel_fro']:.3g}; "
-                f"{m['equal'] / m['total']:.2%} of hf_magmax's elements equal that rounding"
+                f"{m['equal'] / m['total']:.2%} of hf_magmax's elements equal that rounding; least-squares factor "
+                f"c in θ_fb − θ_0 ≈ c · (θ_ours − θ_0): {m['scale']:.6f}"
             )
         )
     before = [label for label in seconds if "before" in label]

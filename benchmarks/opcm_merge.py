@@ -98,6 +98,7 @@ for shape in shapes:
 
 SVD_ROW = "SVDs of one OPCM merge alone (the floor)"
 PROJECT_ROW = "its projections alone (SVDs + matrix products)"
+FB_ROW = "FusionBench opcm (opcm_general.OPCM)"
 
 
 def fusionbench_run(args, base: Path, models: list[Path], out: Path, env: dict, logs: Path) -> tuple[tuple, dict]:
@@ -122,7 +123,7 @@ def fusionbench_run(args, base: Path, models: list[Path], out: Path, env: dict, 
             f"STOPPED at the cap (`--fusionbench-timeout {args.fusionbench_timeout:g}` CPU s) after {done} of "
             f"{len(models) - 1} projected tasks: the times are of the part it ran; {per_task}"
         )
-    return ("FusionBench opcm (opcm_general.OPCM)", "opcm", seconds, peak, cpu, note), record
+    return (FB_ROW, "opcm", seconds, peak, cpu, note), record
 
 
 def compare_to_fusionbench(ours: Path, theirs: Path, base: Path) -> dict[str, float]:
@@ -225,20 +226,27 @@ def main() -> None:
         note = f"random matrices, same shapes; start-up ({start_cpu:.2f} s CPU) subtracted"
         rows.append((label, "-", seconds, peak, cpu, note))
         print(f"{label:50s} {seconds:8.2f} s  CPU {cpu:8.2f} s", file=sys.stderr)
-    fusionbench_out, fusionbench_match = outs / "fusionbench_opcm", None
+    fusionbench_out, fusionbench_match, fp32_match = outs / "fusionbench_opcm", None, None
     if args.fusionbench_python.is_file():
         try:
             row, record = fusionbench_run(args, base, models, fusionbench_out, env, work / "logs")
         except RuntimeError as err:  # its failure is a result: the row says so, the log has it
-            rows.append(("FusionBench opcm (opcm_general.OPCM)", "opcm", None, None, None, f"FAILED: {err}"))
+            rows.append((FB_ROW, "opcm", None, None, None, f"FAILED: {err}"))
         else:
             rows.append(row)
             print(f"{row[0]:50s} {row[2]:8.2f} s  CPU {row[4]:8.2f} s  {row[3]:7.0f} MiB", file=sys.stderr)
             if record["completed"]:
                 fusionbench_match = compare_to_fusionbench(outs / "hf_magmax_opcm", fusionbench_out, base)
+                if args.dtype != "float32":  # the same merge written in fp32: compared without the output rounding
+                    out32 = outs / "hf_magmax_opcm-fp32"
+                    cmd = [*hf_magmax_cmd(base, models, out32, "opcm"), "--dtype", "float32"]
+                    s32, peak32, cpu32 = measure(cmd, work / "logs" / f"{out32.name}.log", env)
+                    note = "`--dtype float32`: compared with FusionBench's fp32 output"
+                    rows.append(("hf_magmax opcm, fp32 output", "opcm", s32, peak32, cpu32, note))
+                    fp32_match = compare_to_fusionbench(out32, fusionbench_out, base)
     else:
         note = f"not run: no fusion-bench environment at {args.fusionbench_python} (`--fusionbench-python`)"
-        rows.append(("FusionBench opcm (opcm_general.OPCM)", "opcm", None, None, None, note))
+        rows.append((FB_ROW, "opcm", None, None, None, note))
     load_after = os.getloadavg()
 
     seconds = {label: (s, cpu) for label, _, s, _, cpu, _ in rows if s is not None}
@@ -278,7 +286,7 @@ def main() -> None:
         f"{opcm_cpu - project_cpu:.1f} s for the rest (reading, norms, the two passes, writing)",
     ]
     if fusionbench_match is not None:
-        fb_wall, fb_cpu = seconds[rows[-1][0]]
+        fb_wall, fb_cpu = seconds[FB_ROW]
         m = fusionbench_match
         lines.append(
             f"- FusionBench's OPCM: {fb_cpu / opcm_cpu:.2f}x hf_magmax's CPU time ({fb_wall / opcm_wall:.2f}x wall). "
@@ -291,6 +299,13 @@ def main() -> None:
                 f"{m['equal'] / m['total']:.2%} of hf_magmax's elements equal that rounding; least-squares factor "
                 f"c in θ_fb − θ_0 ≈ c · (θ_ours − θ_0): {m['scale']:.6f}"
             )
+        )
+    if fp32_match is not None and "error" not in fp32_match:
+        m = fp32_match
+        lines.append(
+            f"- hf_magmax's fp32 output (`--dtype float32`) vs FusionBench's: max |Δ| {m['max_abs']:.3g}, relative "
+            f"Frobenius error of the merged task vector {m['rel_fro']:.3g}, {m['equal'] / m['total']:.2%} of the "
+            f"elements equal; least-squares factor c in θ_fb − θ_0 ≈ c · (θ_ours − θ_0): {m['scale']:.6f}"
         )
     before = [label for label in seconds if "before" in label]
     if before:

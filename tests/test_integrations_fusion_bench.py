@@ -1,9 +1,12 @@
 """`hf_magmax.integrations.fusion_bench.HfMagMaxAlgorithm`: built from a FusionBench config `_target_`, run on
 FusionBench's own model pools and program; bit for bit `hf-magmax merge` (fp32, bf16) and FusionBench's own MagMax
-(fp32)."""
+(fp32); FusionBench's own general OPCM to rounding (fp32, fp64)."""
 
+import importlib
 import re
 import shlex
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,65 @@ def test_magmax_equals_fusion_benchs_own_magmax_in_fp32(tmp_path):
     ours = HfMagMaxAlgorithm(method="magmax", scaling_coef=0.5).run(_pool(base, models, "float32")).state_dict()
     theirs = MagMaxAlgorithm(scaling_factor=0.5).run(_pool(base, models, "float32")).state_dict()
     _assert_equal_state(ours, theirs)
+
+
+def _fusion_bench_opcm():
+    """FusionBench's general OPCM (`fusion_bench/method/opcm/opcm_general.py`, config `method/opcm/opcm_general`),
+    unchanged. Its package `__init__` imports the CLIP variants, which import a name transformers 5 removed
+    (`CLIPVisionTransformer`): there the module is loaded from its file without the package `__init__`."""
+    try:
+        from fusion_bench.method.opcm.opcm_general import OPCM
+    except ImportError:
+        import fusion_bench.method
+
+        package = types.ModuleType("fusion_bench.method.opcm")
+        package.__path__ = [str(Path(fusion_bench.method.__file__).parent / "opcm")]
+        sys.modules["fusion_bench.method.opcm"] = package
+        OPCM = importlib.import_module("fusion_bench.method.opcm.opcm_general").OPCM
+    return OPCM
+
+
+def _any_pool(kind, base, models, dtype):
+    if kind == "llama":
+        return _pool(base, models, dtype)
+    from transformers import AutoModelForSequenceClassification
+
+    paths = {"_pretrained_": base, **{f"task{t}": path for t, path in enumerate(models)}}
+    load = AutoModelForSequenceClassification.from_pretrained
+    return BaseModelPool({name: load(path, dtype=getattr(torch, dtype)) for name, path in paths.items()})
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, tolerance",
+    [("llama", "float32", 1e-4), ("llama", "float64", 1e-12), ("bert", "float32", 1e-4), ("bert", "float64", 1e-12)],
+)
+def test_opcm_equals_fusion_benchs_own_general_opcm(tmp_path, kind, dtype, tolerance):
+    """hf_magmax's OPCM (`merge_checkpoints`, and the FusionBench algorithm, bit for bit the same) is FusionBench's own
+    general `OPCM` (tasks in order: `shuffle_order=False`; no saving, no evaluation) up to rounding, on a Llama
+    (untied `lm_head`, projected as FusionBench projects every `nn.Linear`) and a BERT classifier (embeddings,
+    LayerNorms, biases added unprojected; the pooler and the 3 × 16 classifier projected), 4 tasks, α = 0.5.
+
+    Tolerance, per tensor, on `max |θ_fb − θ_ours| / max |θ_fb − θ_0|` (the difference relative to the merged task
+    vector). Measured: fp32, 1.2e-5 (Llama) and 6.1e-6 (BERT), the largest in the projected weights; fp64, 1.5e-14 and
+    1.6e-14, so the two compute the same matrix and the fp32 gap is rounding: FusionBench takes a full SVD of the
+    rescaled merged task vector and forms `U P′ Vᵀ`, hf_magmax a thin SVD of the running sum and subtracts the removed
+    entries (`opcm_project`), and the singular vectors of these small random matrices (close singular values) move
+    by about eps / gap. Bounds: 1e-4 (fp32) and 1e-12 (fp64). A change of definition is far above them: the
+    diagonal left in or a split one direction off moves the weights by 1e-2 to 1e-1 of the task vector."""
+    OPCM = _fusion_bench_opcm()
+    base, models = make_family(tmp_path, kind, num_tasks=4, dtype=getattr(torch, dtype))
+    options = {"shuffle_order": False, "save_on_every_step": False, "evaluate_on_every_step": False}
+    theirs = OPCM(alpha=0.5, **options).run(_any_pool(kind, base, models, dtype)).state_dict()
+    ours = load_dir(merge_checkpoints(base, models, tmp_path / "hf", method="opcm", alpha=0.5, show_progress=False))
+    integration = HfMagMaxAlgorithm(method="opcm", alpha=0.5).run(_any_pool(kind, base, models, dtype)).state_dict()
+    _assert_equal_state({name: integration[name] for name in ours}, ours)
+    assert sorted(ours) == sorted(theirs)
+    theta_0 = load_dir(base)
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == tensor.dtype, name
+        difference = float((theirs[name] - tensor).abs().max())
+        task_vector = float((theirs[name] - theta_0[name]).abs().max())
+        assert difference <= tolerance * task_vector, f"{name}: {difference:.3g} vs task vector {task_vector:.3g}"
 
 
 @pytest.mark.parametrize("method", ["opcm", "magmax"])

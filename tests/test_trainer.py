@@ -466,6 +466,34 @@ def test_push_to_hub_leaves_the_run_folders_local(tmp_path, fake_hub):  # noqa: 
     assert not [name for name in pushed if name.startswith(("task-", "magmax_base"))], sorted(pushed)
 
 
+def test_hf_magmax_push_of_a_run_leaves_the_run_folders_local_too(tmp_path, fake_hub, caplog):  # noqa: F811
+    """`hf-magmax push OUTPUT_DIR` after a run uploads what `trainer.push_to_hub()` uploads (less the
+    `training_args.bin` pickle it cannot check), not the per-task checkpoints nor θ_0; a folder that is not a run's
+    keeps its `task-*` folders."""
+    from hf_magmax.cli import main
+
+    train, evaluation = classification_tasks()
+    args = make_args(
+        tmp_path, hub_model_id="me/magmax-run", hub_token=fake_hub.token, save_strategy="steps", save_steps=2
+    )
+    trainer = MagMaxTrainer(tiny_bert(), args, train_datasets=train, eval_datasets=evaluation)
+    trainer.train()
+    trainer.push_to_hub()
+    with caplog.at_level("INFO", logger="hf_magmax.hub"):
+        assert main(["push", args.output_dir, "--to-hub", "me/magmax-run-cli", "--no-progress"]) == 0
+    by_trainer = set(fake_hub.repos["me/magmax-run"].files)
+    by_cli = set(fake_hub.repos["me/magmax-run-cli"].files)
+    assert by_cli == by_trainer - {"training_args.bin"}, sorted(by_cli ^ by_trainer)
+    assert any("left out of the push" in r.getMessage() and "magmax_base/" in r.getMessage() for r in caplog.records)
+
+    other = tmp_path / "not-a-run"
+    tiny_bert().save_pretrained(other)
+    (other / "task-notes").mkdir()
+    (other / "task-notes" / "notes.txt").write_text("kept")
+    assert main(["push", str(other), "--to-hub", "me/not-a-run", "--no-progress"]) == 0
+    assert "task-notes/notes.txt" in fake_hub.repos["me/not-a-run"].files
+
+
 # -- the evaluation leaves the trainer as it was ------------------------------------------------------------------
 
 

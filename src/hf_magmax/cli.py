@@ -616,7 +616,9 @@ examples:
   hf-magmax push merged --to-hub me/my-merge --private
 
 What is uploaded is what `merge --push-to-hub` uploads: every file of DIR, with local paths in the configs and card
-replaced by folder names; a symbolic link out of DIR or a text file holding a local path refuses the push.
+replaced by folder names; a symbolic link out of DIR or a text file holding a local path refuses the push. The
+output_dir of a continual run (MagMaxTrainer) is pushed as `trainer.push_to_hub()` pushes it: without its task-*/,
+magmax_base/ and magmax_releases/ folders.
 """
 
 

@@ -347,6 +347,10 @@ def push_to_hub(
 ) -> str:
     """Upload `folder` (a merged model with its card) to the Hub repo `repo_id`, creating the repo if needed.
 
+    What is uploaded is [`publishable_files`]`(folder)`; the `output_dir` of a continual run (`MagMaxTrainer`,
+    `MagMaxCallback`) is pushed without the run's own folders ([`~hf_magmax.io.continual_run_folders`]: per-task
+    checkpoints, θ_0, kept revision folders), as `trainer.push_to_hub()` pushes it.
+
     Uses `HfApi.create_repo(exist_ok=True)` and `HfApi.upload_folder`; the endpoint is `HF_ENDPOINT` (read when this
     function runs) or huggingface_hub's default.
 
@@ -825,8 +829,18 @@ def upload_public_folder(
 
 
 def _publishable(folder: Path, repo_id: str) -> list[Any]:
+    from .io import continual_run_folders
+
+    run_folders = continual_run_folders(folder)
+    if run_folders:
+        logger.info(
+            "%s is the output_dir of a continual run: its own folders (%s) are left out of the push, as "
+            "`MagMaxTrainer.push_to_hub` leaves them out.",
+            folder,
+            ", ".join(f"{name}/" for name in run_folders),
+        )
     try:
-        return publishable_files(folder)
+        return publishable_files(folder, ignore_patterns=[f"{name}/*" for name in run_folders])
     except ValueError as err:
         message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
         raise HubPushError(message, folder) from None

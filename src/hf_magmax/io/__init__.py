@@ -44,9 +44,13 @@ from .formats import (
 from .gguf import GGUFCheckpointReader, find_gguf_file
 from .matching import warn_if_degenerate
 from .output import (
+    BASE_DIR_NAME,
+    RELEASES_DIR,
+    RUN_FOLDER_PATTERNS,
     Terminated,
     check_output_dir,
     check_output_path,
+    continual_run_folders,
     remove_stale_staging_dirs,
     staged_output_dir,
     terminate_as_interrupt,
@@ -77,6 +81,7 @@ from .writing import (
 
 
 __all__ = [
+    "BASE_DIR_NAME",
     "CheckpointReader",
     "FLOATING",
     "FoldedStates",
@@ -84,6 +89,8 @@ __all__ = [
     "ITEMSIZE",
     "InputChangedError",
     "PinnedFiles",
+    "RELEASES_DIR",
+    "RUN_FOLDER_PATTERNS",
     "SAFE_WEIGHTS_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
     "ST_DTYPES",
@@ -96,6 +103,7 @@ __all__ = [
     "absolute_name",
     "check_output_dir",
     "check_output_path",
+    "continual_run_folders",
     "copy_non_weight_files",
     "copy_side_file",
     "expand_path",

@@ -27,6 +27,36 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the entries of a continual run's output_dir that are the run's own, not the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: A continual run's copy of θ_0 (`MagMaxTrainer`, `MagMaxCallback`): `output_dir/magmax_base/`, as large as the model.
+BASE_DIR_NAME = "magmax_base"
+#: Where a run writes the folders of its per-task Hub revisions, under `output_dir` (kept only when their push failed).
+RELEASES_DIR = "magmax_releases"
+#: `output_dir` entries of a continual run that no push uploads: the per-task checkpoint folders, the run's copy of
+#: θ_0 and the folders of the per-task Hub revisions kept after a failed push. `Trainer` itself only leaves out
+#: `checkpoint-*` and `_*`.
+RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*", f"{RELEASES_DIR}*")
+
+
+def continual_run_folders(folder: str | os.PathLike) -> list[str]:
+    """The run's own folders in `folder` ([`RUN_FOLDER_PATTERNS`], top-level directories) when `folder` is the
+    `output_dir` of a continual run (it holds `magmax_base/` or a `task-*/checkpoint-*` folder); `[]` for any other
+    folder, whose entries are all its own."""
+    import fnmatch
+
+    folder = Path(folder)
+    if not (folder / BASE_DIR_NAME).is_dir() and not any(p.is_dir() for p in folder.glob("task-*/checkpoint-*")):
+        return []
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.is_dir() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RUN_FOLDER_PATTERNS)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # signals: SIGTERM and SIGHUP handled like Ctrl-C
 # ---------------------------------------------------------------------------------------------------------------------
 

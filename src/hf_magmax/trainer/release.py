@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from ..io.output import RELEASES_DIR
 from .state import unwrap
 
 
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RELEASES_DIR", "HubReleases"]
 
-#: Where the revisions' folders are written, under `output_dir` (kept only when their push failed).
-RELEASES_DIR = "magmax_releases"
 #: Record statuses: pushed by this run, found on the Hub (not pushed again), or a failed push.
 PUSHED, ON_HUB, FAILED = "pushed", "on_hub", "failed"
 

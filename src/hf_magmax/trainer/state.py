@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..io.output import BASE_DIR_NAME
 from ..merging import MergeSpec, OnlineMerge, apply_merged
 from ..task_vectors import shared_tensor_groups, subtract
 
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 #: θ_0 of a run, written once: `output_dir/magmax_base/model.safetensors` and the sha256 of that file.
-BASE_DIR_NAME = "magmax_base"
 BASE_WEIGHTS_NAME = "magmax_base/model.safetensors"
 BASE_HASH_NAME = "magmax_base/sha256"
 #: A θ_0 taken from shards or partitions (the model was loaded sharded): every rank's part, in `magmax_base/`.

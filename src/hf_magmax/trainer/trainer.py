@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from ..io import RUN_FOLDER_PATTERNS
 from ..task_vectors import shared_tensor_groups
 from .config import MagMaxConfig
 from .deepspeed import check_deepspeed, fresh_engine, release_engine
@@ -40,9 +41,8 @@ from .inputs import (
     task_dir_name,
 )
 from .matrices import RESULTS_NAME
-from .release import RELEASES_DIR
 from .run import ContinualRun
-from .state import BASE_DIR_NAME, CheckpointError, unwrap
+from .state import CheckpointError, unwrap
 
 
 logger = logging.getLogger(__name__)
@@ -580,17 +580,11 @@ class MagMaxTrainer(Trainer):
         return _model_card(self._magmax, self.model, self.args, extra_tags=extra_tags, **metadata)
 
 
-#: `output_dir` entries of a continual run that a push must not upload: the per-task checkpoint folders, the run's
-#: copy of θ_0 (`magmax_base/`, as large as the model) and the folders of the per-task Hub revisions kept after a
-#: failed push (`magmax_releases/`). `Trainer` itself only leaves out `checkpoint-*` and `_*`.
-RUN_FOLDER_PATTERNS = ("task-*", f"{BASE_DIR_NAME}*", f"{RELEASES_DIR}*")
-
-
 @contextlib.contextmanager
 def public_hub_uploads(trainer: Trainer, background: bool = False) -> Iterator[None]:
     """Within the block, Hub uploads through transformers' shared `HfApi` (what `Trainer.push_to_hub` and the
     checkpoint pushes of `hub_strategy` call) publish as `hf-magmax push` does, through
-    [`hf_magmax.hub.upload_public_folder`]: [`RUN_FOLDER_PATTERNS`] are not uploaded, the local paths in the configs
+    [`hf_magmax.hub.upload_public_folder`]: [`~hf_magmax.io.RUN_FOLDER_PATTERNS`] are not uploaded, the local paths in the configs
     are replaced by public names, `training_args.bin` is re-serialized from `trainer.args` without local paths nor
     tokens ([`hf_magmax.hub.public_training_args`]), and a file that still holds a local path (of the output folder,
     its parent, the current or home directory, or the local folder the model or the tokenizer was loaded from), or a

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_tasks import classification_tasks, tiny_bert
+from tiny_tasks import classification_tasks, tiny_bert, tiny_config
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from hf_magmax import HubPushError
@@ -22,23 +22,9 @@ REPO = "me/continual"
 
 
 def _args(output_dir, token, cls=MagMaxConfig, **kwargs):
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="steps",
-        save_steps=2,
-        disable_tqdm=True,
-        seed=0,
-        push_to_hub=True,
-        hub_model_id=REPO,
-        hub_token=token,
-    )
-    values.update(kwargs)
-    return cls(**values)
+    """The tiny trainer tests' config (3 steps, learning rate 5e-3), pushing to `REPO` with `token`."""
+    values = dict(max_steps=3, learning_rate=5e-3, push_to_hub=True, hub_model_id=REPO, hub_token=token)
+    return tiny_config(output_dir, config_class=cls, **{**values, **kwargs})
 
 
 @pytest.fixture

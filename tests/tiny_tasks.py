@@ -11,9 +11,10 @@ NUM_LABELS = 4
 SEQ_LEN = 8
 
 
-def tiny_config(output_dir, **kwargs):
+def tiny_config(output_dir, config_class=None, **kwargs):
     """The `MagMaxConfig` of the tiny trainer tests: 4 steps per task of batch 4, a checkpoint every 2 steps, CPU,
-    seeded, no reports; `kwargs` override any field."""
+    seeded, no reports; `kwargs` override any field. `config_class`: another arguments class (`TrainingArguments`,
+    `MagMaxSFTConfig`) with the same values."""
     from hf_magmax import MagMaxConfig
 
     defaults = dict(
@@ -28,7 +29,7 @@ def tiny_config(output_dir, **kwargs):
         disable_tqdm=True,
         seed=0,
     )
-    return MagMaxConfig(**{**defaults, **kwargs})
+    return (config_class or MagMaxConfig)(**{**defaults, **kwargs})
 
 
 def tiny_bert(num_labels: int = NUM_LABELS, seed: int = 0) -> BertForSequenceClassification:

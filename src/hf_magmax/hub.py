@@ -653,10 +653,16 @@ def publishable_files(
         `ValueError` when a file still holds a local path after that (the folder, its parent, the current or the home
         directory: the push would publish it), naming the file; or for a symbolic link out of `folder`.
     """
+    contents = _public_contents(Path(folder), allow_patterns, ignore_patterns, training_args)
+    return _commit_operations(contents, path_in_repo)
+
+
+def _commit_operations(contents: list[tuple[str, bytes | Path]], path_in_repo: str | None = "") -> list[Any]:
+    """The `CommitOperationAdd`s of [`_public_contents`] under `path_in_repo` (each hashes its content)."""
     from huggingface_hub import CommitOperationAdd
 
-    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
-    contents = _public_contents(Path(folder), allow_patterns, ignore_patterns, training_args)
+    folder = (path_in_repo or "").strip("/")
+    prefix = f"{folder}/" if folder else ""
     return [CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=content) for name, content in contents]
 
 
@@ -802,20 +808,12 @@ def upload_public_folder(
         `upload_folder` raises them.
     """
     folder = _check_folder(folder_path)
-    try:
-        contents = _public_contents(folder, allow_patterns, ignore_patterns, training_args, local_paths)
-    except ValueError as err:
-        message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
-        raise HubPushError(message, folder) from None
-    prefix = f"{(path_in_repo or '').strip('/')}/" if (path_in_repo or "").strip("/") else ""
+    contents = _public_or_refused(folder, repo_id, allow_patterns, ignore_patterns, training_args, local_paths)
 
     def commit() -> Any:
-        from huggingface_hub import CommitOperationAdd
-
-        operations = [CommitOperationAdd(path_in_repo=prefix + rel, path_or_fileobj=c) for rel, c in contents]
         return api.create_commit(
             repo_id=repo_id,
-            operations=operations,
+            operations=_commit_operations(contents, path_in_repo),
             commit_message=commit_message or "Upload folder using huggingface_hub",
             commit_description=commit_description,
             token=token,
@@ -839,8 +837,14 @@ def _publishable(folder: Path, repo_id: str) -> list[Any]:
             folder,
             ", ".join(f"{name}/" for name in run_folders),
         )
+    return _commit_operations(_public_or_refused(folder, repo_id, ignore_patterns=[f"{n}/*" for n in run_folders]))
+
+
+def _public_or_refused(folder: Path, repo_id: str, *args: Any, **kwargs: Any) -> list[tuple[str, bytes | Path]]:
+    """[`_public_contents`]`(folder, ...)`, its refusal (a local path, a link out) raised as one [`HubPushError`]
+    naming `repo_id` and the folder that is kept."""
     try:
-        return publishable_files(folder, ignore_patterns=[f"{name}/*" for name in run_folders])
+        return _public_contents(folder, *args, **kwargs)
     except ValueError as err:
         message = f"nothing was pushed to {repo_id!r}: {err} The local output is kept at {folder}."
         raise HubPushError(message, folder) from None

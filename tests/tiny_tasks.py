@@ -32,6 +32,17 @@ def tiny_config(output_dir, config_class=None, **kwargs):
     return (config_class or MagMaxConfig)(**{**defaults, **kwargs})
 
 
+def close_process_group() -> None:
+    """The end of a torchrun worker script: every rank done, then the process group destroyed. A gloo group left to
+    the interpreter's exit can abort a rank after all its work (`terminate called without an active exception`,
+    exit code -6, seen once in CI on the ZeRO-2 launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def tiny_bert(num_labels: int = NUM_LABELS, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny_tasks
-from tiny_tasks import classification_tasks, tiny_bert  # noqa: E402
+from tiny_tasks import classification_tasks, close_process_group, tiny_bert  # noqa: E402
 
 from hf_magmax import MagMaxConfig, MagMaxTrainer  # noqa: E402
 from hf_magmax.merging import MergeSpec  # noqa: E402
@@ -177,6 +177,7 @@ def main() -> None:
     fsdp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for method in METHODS:
         run(method, cli, fsdp)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny_tasks
-from tiny_tasks import classification_tasks, tiny_bert  # noqa: E402
+from tiny_tasks import classification_tasks, close_process_group, tiny_bert  # noqa: E402
 
 from hf_magmax import MagMaxCallback, MagMaxConfig, MagMaxTrainer  # noqa: E402
 from hf_magmax.merging import MergeSpec  # noqa: E402
@@ -140,6 +140,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for part in cli.parts:
         PARTS[part](cli)
+    close_process_group()
 
 
 def run_magmax(cli):

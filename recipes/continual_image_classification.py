@@ -37,6 +37,7 @@ from recipe_common import (
     check_columns,
     check_launch,
     dataset_features,
+    end_launch,
     finish_run,
     load_split,
     parse_recipe_args,
@@ -277,3 +278,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_launch()

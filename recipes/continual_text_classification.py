@@ -40,6 +40,7 @@ from recipe_common import (
     check_columns,
     check_launch,
     dataset_features,
+    end_launch,
     finish_run,
     load_split,
     parse_json_list,
@@ -288,3 +289,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_launch()

@@ -53,7 +53,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from recipe_common import args_to_dict, check_launch, parse_recipe_args, setup_logging, write_json
+from recipe_common import args_to_dict, check_launch, end_launch, parse_recipe_args, setup_logging, write_json
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_magmax.extras.generation import run_continual_generation
@@ -278,3 +278,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_launch()

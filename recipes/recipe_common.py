@@ -95,6 +95,17 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
+def end_launch() -> None:
+    """The end of a recipe's process (after `main()`): every rank done, then the process group destroyed, as
+    Accelerate's `Accelerator.end_training` does. Left to the interpreter's exit, the gloo group of a CPU launch can
+    abort a rank after all its work (`terminate called without an active exception`, exit code -6)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def check_launch(training_args) -> None:
     """Refuse, before any data is read, a launch that would not train the way it was asked to:
 

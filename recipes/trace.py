@@ -46,7 +46,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from recipe_common import check_launch, finish_run, parse_recipe_args, resume_argument, setup_logging, write_json
+from recipe_common import (
+    check_launch,
+    end_launch,
+    finish_run,
+    parse_recipe_args,
+    resume_argument,
+    setup_logging,
+    write_json,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_magmax.extras.generation import TASK_COLUMN, GenerationMagMaxTrainer
@@ -224,3 +232,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_launch()
